@@ -1,0 +1,298 @@
+"""The ``moas`` command: train, generate, make-data, eval (and the original ``--train``/``--generate``).
+
+User errors end in one sentence on stderr and a non-zero exit; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from moas.errors import MoasError
+
+log = logging.getLogger("moas")
+
+EPILOG_TRAIN = """examples:
+  moas train --data_dir data/demo/train --profile cpu_tiny          # the demo on a CPU
+  moas train --data_dir ./data/train --epochs 260 --profile rtx3060_12gb
+  moas train --data_dir ./data/train --auto_resume                  # continue after a crash
+  moas train --profile original --dry-run                          # print the resolved config and exit
+Settings resolve as: profile < --config FILE < MOAS_<SECTION>_<FIELD> variables (.env) < flags."""
+
+EPILOG_GENERATE = """examples:
+  moas generate --model models/best_model.pt --prompt "1girl, red hair, blue eyes, forest" --output result.png
+  moas generate --prompt "1girl, pink hair, beach" --num_images 4 --seed 7 --sampler euler_a
+Same seed, prompt and settings → the same image. Settings are stored in the PNG (A1111 'parameters')."""
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data_dir",
+        help="folder of training images (+ .txt captions with the same stem), searched recursively",
+    )
+    p.add_argument("--val_dir", help="optional folder of validation images")
+    p.add_argument(
+        "--epochs", type=int, help="passes over the data (the schedule's warm-up and restarts scale with it)"
+    )
+    p.add_argument("--batch_size", type=int, help="images per optimizer micro-step")
+    p.add_argument("--lr", type=float, help="peak learning rate after warm-up")
+    p.add_argument("--resolution", type=int, help="training image side in pixels (multiple of 8)")
+    p.add_argument(
+        "--save_path", help="where the final model for generation is written (default models/best_model.pt)"
+    )
+    p.add_argument("--checkpoint_dir", help="folder for epoch checkpoints (default checkpoints/)")
+    p.add_argument(
+        "--auto_resume",
+        action="store_true",
+        help="continue from the newest valid checkpoint in --checkpoint_dir",
+    )
+    p.add_argument("--profile", help="hardware profile from configs/: cpu_tiny, rtx3060_12gb or original")
+    p.add_argument("--config", help="a TOML file whose values override the profile")
+    p.add_argument("--seed", type=int, help="seed for Python, NumPy and torch")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (for smoke tests)")
+    p.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print the resolved config and exit",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="models/best_model.pt",
+        help="model file written by training (default models/best_model.pt)",
+    )
+    p.add_argument(
+        "--prompt", help="what to draw; Danbooru-style tags work best, e.g. '1girl, red hair, forest'"
+    )
+    p.add_argument(
+        "--negative_prompt", default="", help="what to steer away from (replaces the null prompt in guidance)"
+    )
+    p.add_argument(
+        "--output",
+        default="result.png",
+        help="PNG path; with --num_images > 1 files are numbered result_000.png…",
+    )
+    p.add_argument("--num_images", type=int, default=1, help="how many images (seeds seed, seed+1, …)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="sampler steps (default from the model's config, 20)"
+    )
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale; 1 turns guidance off",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument(
+        "--sampler",
+        choices=["dpmsolver++", "ddim", "ddpm", "euler_a"],
+        default=None,
+        help="sampler (default dpmsolver++)",
+    )
+    p.add_argument("--width", type=int, help="output width in pixels (default: the model's resolution)")
+    p.add_argument("--height", type=int, help="output height in pixels (default: the model's resolution)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moas",
+        description="Multiverse Origin Studio: train an anime/manga text-to-image model from scratch on your images, then generate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'moas COMMAND --help' for the flags of each command. The original spellings "
+        "'moas --train ...' and 'moas --generate ...' also work.",
+    )
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+    _add_train(
+        sub.add_parser(
+            "train", help="train a model on a folder of images", epilog=EPILOG_TRAIN, formatter_class=fmt
+        )
+    )
+    _add_generate(
+        sub.add_parser(
+            "generate", help="generate images from a prompt", epilog=EPILOG_GENERATE, formatter_class=fmt
+        )
+    )
+    m = sub.add_parser(
+        "make-data", help="draw the built-in demo data set (anime characters with tag captions)"
+    )
+    m.add_argument("--out", default="data/demo", help="output folder (images go to OUT/train/<artist>/)")
+    m.add_argument("--n_images", type=int, default=1200, help="number of images")
+    m.add_argument("--size", type=int, default=64, help="image side in pixels")
+    m.add_argument("--seed", type=int, default=0, help="seed (same seed → identical files)")
+    e = sub.add_parser(
+        "eval", help="measure prompt adherence on the demo data's seen and held-out combinations"
+    )
+    e.add_argument("--model", default="models/best_model.pt", help="model file to evaluate")
+    e.add_argument("--data_dir", default="data/demo", help="demo data folder (with manifest.json)")
+    e.add_argument("--n", type=int, default=48, help="images per split (held-out and seen)")
+    e.add_argument("--steps", type=int, default=None, help="sampler steps (default from the model's config)")
+    e.add_argument(
+        "--guidance_scale", type=float, default=None, help="guidance scale (default from the model's config)"
+    )
+    e.add_argument("--sampler", choices=["dpmsolver++", "ddim", "ddpm", "euler_a"], default=None)
+    e.add_argument("--seed", type=int, default=1234, help="seed for the evaluation prompts and images")
+    e.add_argument("--json", help="write the full result here (default: eval.json next to the model)")
+    e.add_argument("--save_images", help="also write every evaluated image to this folder")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def translate_original_flags(argv: list[str]) -> list[str]:
+    """``moas --train ...`` → ``moas train ...`` (the original system's spelling)."""
+    for flag, cmd in (("--train", "train"), ("--generate", "generate")):
+        if flag in argv:
+            rest = [a for a in argv if a != flag]
+            return [cmd, *rest]
+    return argv
+
+
+def _train_overrides(a: argparse.Namespace) -> dict:
+    o: dict = {}
+
+    def put(section: str, key: str, value) -> None:
+        if value is not None:
+            o.setdefault(section, {})[key] = value
+
+    put("data", "data_dir", a.data_dir)
+    put("data", "val_dir", a.val_dir)
+    put("data", "resolution", a.resolution)
+    put("train", "epochs", a.epochs)
+    put("train", "batch_size", a.batch_size)
+    put("train", "lr", a.lr)
+    put("train", "save_path", a.save_path)
+    put("train", "checkpoint_dir", a.checkpoint_dir)
+    put("train", "seed", a.seed)
+    put("train", "max_steps", a.max_steps)
+    if a.auto_resume:
+        put("train", "auto_resume", True)
+    put("resources", "device", a.device)
+    return o
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from moas.config import load_config
+
+    cfg = load_config(a.profile, a.config, _train_overrides(a))
+    if a.dry_run:
+        print(cfg.to_toml())
+        return 0
+    from moas.runtime import setup_logging
+    from moas.train.loop import train
+
+    setup_logging(cfg.train.log_dir, a.verbose)
+    result = train(cfg, progress=not a.quiet)
+    print(
+        f"Trained {result.epochs_done} epochs ({result.global_step} steps); model: {result.model_path}; "
+        f"TensorBoard: tensorboard --logdir {Path(cfg.train.run_dir)}"
+    )
+    return 0
+
+
+def _load_pipeline(model: str, device: str):
+    from moas.pipeline import Pipeline
+    from moas.runtime import resolve_device
+
+    return Pipeline.from_file(model, resolve_device(device))
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from moas.generate import GenerateRequest, generate, validate_request
+
+    req = GenerateRequest(
+        prompt=a.prompt or "",
+        negative_prompt=a.negative_prompt,
+        num_images=a.num_images,
+        steps=a.steps or 20,
+        guidance_scale=3.0 if a.guidance_scale is None else a.guidance_scale,
+        seed=a.seed,
+        sampler=a.sampler or "dpmsolver++",
+        width=a.width,
+        height=a.height,
+    )
+    validate_request(req)  # fail fast, before loading anything
+    pipe = _load_pipeline(a.model, a.device)
+    sc = pipe.sample_defaults
+    req.steps = a.steps or sc.get("steps", 20)
+    req.guidance_scale = a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0)
+    req.sampler = a.sampler or sc.get("sampler", "dpmsolver++")
+    paths = generate(pipe, req, a.output, Path(a.model).stem, progress=not a.quiet)
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_make_data(a: argparse.Namespace) -> int:
+    from moas.data.synthetic import generate_demo_dataset
+
+    if a.n_images < 1:
+        raise MoasError("--n_images must be at least 1.")
+    manifest = generate_demo_dataset(a.out, n_images=a.n_images, size=a.size, seed=a.seed)
+    print(
+        f"wrote {manifest['n_images']} images to {Path(a.out) / 'train'} and {Path(a.out) / 'manifest.json'}"
+    )
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from moas.evaluate import run_eval, summary, write_json
+
+    if a.n < 1:
+        raise MoasError("--n must be at least 1.")
+    pipe = _load_pipeline(a.model, a.device)
+    sc = pipe.sample_defaults
+    result = run_eval(
+        pipe,
+        a.data_dir,
+        n_per_split=a.n,
+        steps=a.steps or sc.get("steps", 20),
+        guidance_scale=a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0),
+        sampler=a.sampler or sc.get("sampler", "dpmsolver++"),
+        seed=a.seed,
+        progress=not a.quiet,
+        image_dir=a.save_images,
+    )
+    out = Path(a.json) if a.json else Path(a.model).with_name("eval.json")
+    write_json(result, out)
+    print(summary(result))
+    print(f"full result: {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "make-data": cmd_make_data, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    argv = translate_original_flags(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    if a.command != "train":
+        from moas.runtime import setup_logging
+
+        setup_logging(None, a.verbose)
+    try:
+        return COMMANDS[a.command](a)
+    except MoasError as e:
+        print(f"moas: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("moas: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,380 @@
+"""Configuration: nested dataclasses, TOML profiles, ``MOAS_*`` environment variables, CLI overrides.
+
+Resolution order (later wins): dataclass defaults → profile ``configs/<profile>.toml`` → ``--config FILE``
+→ ``MOAS_<SECTION>_<FIELD>`` variables (also read from ``.env``) → command-line flags. Builders read the
+config; components take plain typed arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moas.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PROFILES = ("cpu_tiny", "rtx3060_12gb", "original")
+DEFAULT_PROFILE = "cpu_tiny"
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = (
+        "data/train"  # folder of images (+ optional .txt captions paired by stem), searched recursively
+    )
+    val_dir: str | None = None  # optional validation folder
+    resolution: int = 32  # training side length in pixels (square centre crop); the U-Net's base resolution
+    cache_dir: str = "cache/preprocessed"  # content-keyed tensor cache of decoded, resized pixels
+    num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+    max_bad_fraction: float = 0.5  # stop before epoch 1 if more than this fraction of files is unreadable
+
+    def __post_init__(self) -> None:
+        _check(
+            self.resolution >= 16 and self.resolution % 8 == 0,
+            "data.resolution must be a multiple of 8, at least 16",
+        )
+        _check(self.num_workers >= 0, "data.num_workers must be 0 or more")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1")
+
+
+@dataclass
+class TextConfig:
+    model_name: str = (
+        "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"  # used when available locally
+    )
+    max_tokens: int = 77  # per-token context is truncated here
+    use_tags: bool = True  # add one context token per comma-separated tag (order-free, compositional)
+    use_tokens: bool = True  # add the transformer's per-token embeddings to the context
+
+    def __post_init__(self) -> None:
+        _check(self.max_tokens >= 2, "text.max_tokens must be at least 2")
+        _check(self.use_tags or self.use_tokens, "text.use_tags and text.use_tokens cannot both be false")
+
+
+@dataclass
+class ModelConfig:
+    block_channels: list[int] = field(default_factory=lambda: [64, 128, 192])  # U-Net width per level
+    cross_attention: list[bool] = field(
+        default_factory=lambda: [False, True, True]
+    )  # cross-attn at each level
+    layers_per_block: int = 1
+    attention_head_dim: int = 32  # channels per attention head
+    cross_attention_dim: int = 768  # text/context width (the original's 768)
+    norm_num_groups: int = 32
+    conditioning_layers: int = 1  # zero-initialised residual MLP blocks in the ConditioningEncoder
+    patch_size: int = 1  # fold p×p pixel patches into channels before the U-Net (p² cheaper top level)
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.block_channels) == len(self.cross_attention),
+            "model.block_channels and model.cross_attention need the same length",
+        )
+        _check(
+            any(self.cross_attention),
+            "model.cross_attention must enable cross-attention at one level at least",
+        )
+        _check(
+            all(c % self.norm_num_groups == 0 for c in self.block_channels),
+            "model.block_channels must be multiples of model.norm_num_groups",
+        )
+        _check(self.patch_size in (1, 2, 4), "model.patch_size must be 1, 2 or 4")
+        _check(
+            self.cross_attention_dim == 768,
+            "model.cross_attention_dim must be 768 (the text encoder's width)",
+        )
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule name
+    prediction_type: str = "v_prediction"  # "v_prediction" or "epsilon"
+    min_snr_gamma: float = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023); 0 disables
+    cond_dropout: float = 0.1  # probability of training on the null prompt (enables classifier-free guidance)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.prediction_type in ("v_prediction", "epsilon"),
+            "diffusion.prediction_type must be v_prediction or epsilon",
+        )
+        _check(
+            self.beta_schedule in ("linear", "scaled_linear", "squaredcos_cap_v2"),
+            "diffusion.beta_schedule must be linear, scaled_linear or squaredcos_cap_v2",
+        )
+        _check(0.0 <= self.cond_dropout < 1.0, "diffusion.cond_dropout must be in [0, 1)")
+        _check(self.min_snr_gamma >= 0, "diffusion.min_snr_gamma must be 0 or more")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 32
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-5
+    eps: float = 1e-8
+    amsgrad: bool = True
+    warmup_fraction: float = 0.17  # the original's 44 of 260 epochs
+    restart_fraction: float = 0.25  # CosineAnnealingWarmRestarts T_0 as a fraction of the run (65 of 260)
+    restart_mult: int = 2  # T_mult
+    eta_min: float = 1e-8
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 0.5
+    loss_clamp: float = 50.0  # NaN/Inf guard: clamp the loss here; skip the batch if still not finite
+    ema_decay: float = 0.999  # upper bound; early steps use (1 + n) / (10 + n)
+    mixed_precision: str = (
+        "auto"  # auto (bf16 if supported, else fp16 + GradScaler; fp32 on CPU) | bf16 | fp16 | no
+    )
+    save_every: int = 5  # epochs between checkpoints (the final epoch is always saved)
+    keep_last: int = 30
+    sample_every: int = 5  # epochs between TensorBoard sample grids
+    seed: int = 0
+    checkpoint_dir: str = "checkpoints"
+    save_path: str = (
+        "models/best_model.pt"  # the model for generation (EMA weights + config), written at the end
+    )
+    auto_resume: bool = False
+    run_dir: str = "runs"
+    log_dir: str = "logs"
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit; for tests and benchmarks)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs must be at least 1")
+        _check(self.batch_size >= 1, "train.batch_size must be at least 1")
+        _check(self.lr > 0, "train.lr must be positive")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas must be two numbers in [0, 1)",
+        )
+        _check(0.0 <= self.warmup_fraction < 1.0, "train.warmup_fraction must be in [0, 1)")
+        _check(0.0 < self.restart_fraction <= 1.0, "train.restart_fraction must be in (0, 1]")
+        _check(self.restart_mult >= 1, "train.restart_mult must be at least 1")
+        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+        _check(
+            self.mixed_precision in ("auto", "bf16", "fp16", "no"),
+            "train.mixed_precision must be auto, bf16, fp16 or no",
+        )
+        _check(self.save_every >= 1 and self.sample_every >= 0, "train.save_every must be at least 1")
+        _check(self.keep_last >= 1, "train.keep_last must be at least 1")
+        _check(self.max_steps >= 0, "train.max_steps must be 0 or more")
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "dpmsolver++"  # dpmsolver++ | ddim | ddpm | euler_a
+    steps: int = 20
+    guidance_scale: float = 3.0  # classifier-free guidance scale (1 = off)
+    negative_prompt: str = ""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from moas.diffusion.sampling import SAMPLERS
+
+        _check(self.sampler in SAMPLERS, f"sample.sampler must be one of {', '.join(SAMPLERS)}")
+        _check(1 <= self.steps <= 1000, "sample.steps must be between 1 and 1000")
+        _check(self.guidance_scale >= 0, "sample.guidance_scale must be 0 or more")
+
+
+@dataclass
+class ResourceConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_ram_gb: float = 14.4  # the original's budget: 16 GB - 1.6 GB OS reserve
+    max_vram_gb: float = 11.4  # 12 GB - 0.6 GB reserve
+    cpu_threads: int = 10  # torch intra-op threads (capped at the machine's cores)
+    loader_workers: int = 8  # upper bound for DataLoader workers
+
+    def __post_init__(self) -> None:
+        _check(self.cpu_threads >= 1 and self.loader_workers >= 0, "resources.cpu_threads must be at least 1")
+
+
+@dataclass
+class MoasConfig:
+    profile: str = DEFAULT_PROFILE
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dict_to_toml(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoasConfig:
+        return _build(cls, d, "")
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(MoasConfig) if f.name != "profile"}
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message + ".")
+
+
+def _section_classes() -> dict[str, type]:
+    return {
+        "data": DataConfig,
+        "text": TextConfig,
+        "model": ModelConfig,
+        "diffusion": DiffusionConfig,
+        "train": TrainConfig,
+        "sample": SampleConfig,
+        "resources": ResourceConfig,
+    }
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(
+            f"Unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(sorted(where + k for k in unknown))}."
+        )
+    kwargs = {}
+    sections = _section_classes() if cls is MoasConfig else {}
+    for k, v in d.items():
+        if k in sections:
+            if not isinstance(v, dict):
+                raise ConfigError(f"Config section [{k}] must be a table.")
+            kwargs[k] = _build(sections[k], v, f"{k}.")
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def profile_dirs() -> list[Path]:
+    """Where profiles are looked up: ./configs, then the configs/ folder beside the package."""
+    return [Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"]
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"Config file {path} is not valid TOML ({e}).") from None
+
+
+def profile_path(profile: str) -> Path:
+    for d in profile_dirs():
+        p = d / f"{profile}.toml"
+        if p.is_file():
+            return p
+    known = sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.toml")})
+    raise ConfigError(f"Unknown profile '{profile}'; known profiles: {', '.join(known) or 'none found'}.")
+
+
+def _coerce(value: str, default: Any, name: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, list):
+            return json.loads(value)
+        if value.lower() in ("", "none", "null"):
+            return None
+        return value
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"Environment variable {name}={value!r} has the wrong type.") from None
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Collect ``MOAS_<SECTION>_<FIELD>`` variables (e.g. ``MOAS_TRAIN_LR=3e-4``) into a nested dict."""
+    environ = dict(os.environ if environ is None else environ)
+    out: dict[str, Any] = {}
+    defaults = MoasConfig()
+    for section, cls in _section_classes().items():
+        sec_default = getattr(defaults, section)
+        for f in dataclasses.fields(cls):
+            name = f"MOAS_{section.upper()}_{f.name.upper()}"
+            if name in environ:
+                out.setdefault(section, {})[f.name] = _coerce(
+                    environ[name], getattr(sec_default, f.name), name
+                )
+    return out
+
+
+def load_dotenv_file() -> None:
+    """Load ``.env`` from the working directory into the environment (existing variables win)."""
+    try:
+        from dotenv import load_dotenv
+    except ImportError:  # pragma: no cover - python-dotenv is a declared dependency
+        return
+    load_dotenv(Path.cwd() / ".env", override=False)
+
+
+def load_config(
+    profile: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    use_env: bool = True,
+) -> MoasConfig:
+    if use_env:
+        load_dotenv_file()
+    profile = profile or (os.environ.get("MOAS_PROFILE") if use_env else None) or DEFAULT_PROFILE
+    merged: dict[str, Any] = {"profile": profile}
+    merged = deep_merge(merged, read_toml(profile_path(profile)))
+    if config_file:
+        merged = deep_merge(merged, read_toml(Path(config_file)))
+    if use_env:
+        merged = deep_merge(merged, env_overrides())
+    if overrides:
+        merged = deep_merge(merged, overrides)
+    merged["profile"] = profile
+    return MoasConfig.from_dict(merged)
+
+
+def dict_to_toml(d: dict[str, Any]) -> str:
+    """Write a two-level dict of plain values as TOML (enough for MoasConfig)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    top = [f"{k} = {fmt(v)}" for k, v in d.items() if not isinstance(v, dict) and v is not None]
+    lines = top + [""] if top else []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"[{k}]")
+            lines += [f"{kk} = {fmt(vv)}" for kk, vv in v.items() if vv is not None]
+            lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Samplers (diffusers schedulers) with classifier-free guidance and per-image seeds.
+
+Every sampler is built from the training scheduler's config, so the noise schedule and prediction type
+always match the trained network. Each image has its own ``torch.Generator`` for the initial noise and
+for ancestral noise, so an image depends on its seed only — not on the batch it was drawn in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+)
+from tqdm.auto import tqdm
+
+SAMPLERS: dict[str, Callable] = {
+    "dpmsolver++": lambda cfg: DPMSolverMultistepScheduler.from_config(
+        cfg, algorithm_type="dpmsolver++", solver_order=2
+    ),
+    "ddim": lambda cfg: DDIMScheduler.from_config(cfg),
+    "ddpm": lambda cfg: DDPMScheduler.from_config(cfg),
+    "euler_a": lambda cfg: EulerAncestralDiscreteScheduler.from_config(cfg),
+}
+
+
+def make_sampler(name: str, train_config: dict):
+    try:
+        return SAMPLERS[name](train_config)
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}") from None
+
+
+def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One standard-normal image per seed, drawn on the CPU so the same seed gives the same image anywhere."""
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    ).to(device)
+
+
+@torch.no_grad()
+def sample(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    seeds: list[int],
+    shape: tuple[int, int, int],
+    steps: int,
+    guidance_scale: float,
+    device: torch.device,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run the reverse process and return images in [-1, 1], shape (B, C, H, W).
+
+    ``model_fn(x, t)`` returns the guided prediction for the whole batch (see ``guided``). The ancestral
+    noise of stochastic samplers is drawn from per-image generators.
+    """
+    scheduler.set_timesteps(steps, device=device)
+    x = initial_noise(seeds, shape, device) * scheduler.init_noise_sigma
+    # CPU generators: diffusers draws one noise tensor per generator, so each image keeps its own stream.
+    step_kwargs = {}
+    if isinstance(scheduler, (DDPMScheduler, EulerAncestralDiscreteScheduler)):
+        step_kwargs["generator"] = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        x_in = scheduler.scale_model_input(x, t)
+        tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+        pred = model_fn(x_in, tt)
+        x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
+    return x.clamp(-1, 1)
+
+
+def guided(
+    denoise: Callable[[torch.Tensor, torch.Tensor, dict], torch.Tensor],
+    cond: dict[str, torch.Tensor],
+    uncond: dict[str, torch.Tensor],
+    guidance_scale: float,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Classifier-free guidance: pred = u + s·(c − u), with u from the negative/null prompt.
+
+    ``cond``/``uncond`` are text-encoding dicts padded to the same length; conditional and unconditional
+    passes run as one batch of 2B.
+    """
+    if guidance_scale == 1.0:
+        return lambda x, t: denoise(x, t, cond)
+    both = {k: torch.cat([uncond[k], cond[k]], 0) for k in cond}
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        u, c = denoise(torch.cat([x, x], 0), torch.cat([t, t], 0), both).chunk(2)
+        return u + guidance_scale * (c - u)
+
+    return fn

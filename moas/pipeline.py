@@ -1,0 +1,113 @@
+"""Text → image with a trained generator: the text encoder, the sampler and classifier-free guidance.
+
+Used by ``moas generate``, ``moas eval`` and the training run's sample grids.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from moas.config import DiffusionConfig
+from moas.data.dataset import to_uint8
+from moas.diffusion.sampling import guided, make_sampler, sample
+from moas.diffusion.schedule import make_train_scheduler
+from moas.errors import CheckpointError
+from moas.models.generator import MoasGenerator
+from moas.text import TextEncoder
+from moas.train.checkpoint import load_checkpoint, short_hash
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        model: MoasGenerator,
+        encoder: TextEncoder,
+        diffusion: DiffusionConfig,
+        device: torch.device,
+        model_hash: str = "",
+        sample_defaults: dict | None = None,
+    ) -> None:
+        self.model = model.eval().to(device)
+        self.encoder = encoder
+        self.diffusion = diffusion
+        self.device = device
+        self.model_hash = model_hash
+        self.sample_defaults = dict(sample_defaults or {})  # the model config's [sample] section
+        self.train_config = dict(make_train_scheduler(diffusion).config)
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, device: torch.device, text_model_name: str | None = None
+    ) -> Pipeline:
+        """Load a model file (or a training checkpoint); its EMA weights are used."""
+        state = load_checkpoint(path, map_location="cpu")
+        try:
+            args, cfg = state["model_args"], state["config"]
+            weights = state["ema"]["model"] if "ema" in state else state["model"]
+            encoder_id = state["text_encoder"]
+        except (KeyError, TypeError):
+            raise CheckpointError(
+                f"{path} is a moas file but not a model (no generator weights in it)."
+            ) from None
+        model = MoasGenerator(**args)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError:
+            raise CheckpointError(
+                f"{path} does not match this version of moas (its weights do not fit the model)."
+            ) from None
+        encoder = TextEncoder(
+            text_model_name or cfg["text"]["model_name"],
+            max_tokens=cfg["text"]["max_tokens"],
+            require_id=encoder_id,
+        )
+        return cls(
+            model, encoder, DiffusionConfig(**cfg["diffusion"]), device, short_hash(path), cfg.get("sample")
+        )
+
+    @property
+    def resolution(self) -> int:
+        return self.model.resolution
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.encoder.encode(prompts)
+        return {"tokens": enc.tokens, "mask": enc.mask, "tags": enc.tags, "tag_mask": enc.tag_mask}
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        negative_prompt: str = "",
+        steps: int = 20,
+        guidance_scale: float = 3.0,
+        sampler: str = "dpmsolver++",
+        progress: bool = False,
+        batch_size: int = 16,
+    ) -> torch.Tensor:
+        """Images as uint8 (B, 3, H, W) at the model's base resolution."""
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
+            both = self.encode(p + [negative_prompt] * len(p))  # padded to one length
+            both = {k: v.to(self.device) for k, v in both.items()}
+            cond = {k: v[: len(p)] for k, v in both.items()}
+            uncond = {k: v[len(p) :] for k, v in both.items()}
+            fn = guided(lambda x, t, text: self.model(x, t, text).float(), cond, uncond, guidance_scale)
+            x = sample(
+                fn,
+                make_sampler(sampler, self.train_config),
+                s,
+                (3, self.resolution, self.resolution),
+                steps,
+                guidance_scale,
+                self.device,
+                progress=progress,
+            )
+            out.append(to_uint8(x).cpu())
+        return torch.cat(out, 0)

@@ -1,0 +1,52 @@
+"""Shared fixtures: offline Hugging Face, a fixed seed, one text encoder per session, tiny demo data."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+torch.set_num_threads(2)
+
+TESTS = Path(__file__).parent
+TINY_CONFIG = TESTS / "tiny.toml"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    from moas.text import TextEncoder
+
+    return TextEncoder()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """A small demo data set (shared, read-only for tests)."""
+    from moas.data.synthetic import generate_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(out, n_images=24, size=32, seed=3, progress=False)
+    return out
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run inside an empty folder so runs/, checkpoints/, cache/ land in tmp."""
+    monkeypatch.chdir(tmp_path)
+    for k in list(os.environ):
+        if k.startswith("MOAS_"):
+            monkeypatch.delenv(k)
+    return tmp_path

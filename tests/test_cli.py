@@ -1,0 +1,249 @@
+"""End-to-end: the real CLI on a tiny model — make-data, train, resume, generate, eval, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from moas.cli import main
+from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint, verify_checkpoint
+
+from .conftest import TINY_CONFIG
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str) -> int:
+    return main([*args])
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if line.startswith("moas: error:")]
+    assert len(errors) == 1, err
+    assert not any("Traceback" in line for line in err)
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """make-data + a two-epoch tiny training run, shared by the tests below."""
+    root = tmp_path_factory.mktemp("e2e")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert run("make-data", "--out", "data/demo", "--n_images", "16", "--size", "32", "--seed", "1") == 0
+        assert run("train", "--config", str(TINY_CONFIG), "--data_dir", "data/demo/train", "--quiet") == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_train_writes_checkpoints_model_and_tensorboard(trained):
+    ckpts = sorted((trained / "checkpoints").glob("epoch_*.pt"))
+    assert [p.name for p in ckpts] == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert all(verify_checkpoint(p) for p in ckpts)
+    state = load_checkpoint(trained / "checkpoints" / "epoch_0002.pt")
+    for key in (
+        "model",
+        "ema",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "global_step",
+        "rng",
+        "config",
+        "text_encoder",
+    ):
+        assert key in state
+    assert state["epoch"] == 2 and state["text_encoder"] == "st:all-MiniLM-L6-v2"
+    assert verify_checkpoint(trained / "models" / "best_model.pt")
+    run_dir = next((trained / "runs").iterdir())
+    assert (run_dir / "config.toml").is_file() and (run_dir / "samples" / "epoch_0002.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run_dir))
+    ea.Reload()
+    assert {"loss/total", "lr", "perf/images_per_sec"} <= set(ea.Tags()["scalars"])
+    assert "samples" in ea.Tags()["images"]
+    assert "config/text_summary" in ea.Tags()["tensors"]
+
+
+def test_generate_is_deterministic_and_numbered(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    assert (
+        run("generate", "--prompt", "1girl, red hair, forest", "--output", "a.png", "--seed", "5", "--quiet")
+        == 0
+    )
+    assert (
+        run(
+            "--generate", "--prompt", "1girl, red hair, forest", "--output", "b.png", "--seed", "5", "--quiet"
+        )
+        == 0
+    )
+    assert Image.open("a.png").tobytes() == Image.open("b.png").tobytes()
+    params = Image.open("a.png").text["parameters"]
+    assert params.startswith("1girl, red hair, forest\n") and "Seed: 5" in params and "Size: 16x16" in params
+    assert (
+        run(
+            "generate",
+            "--prompt",
+            "1girl",
+            "--output",
+            "n.png",
+            "--num_images",
+            "2",
+            "--seed",
+            "5",
+            "--width",
+            "32",
+            "--height",
+            "24",
+            "--sampler",
+            "ddim",
+            "--quiet",
+        )
+        == 0
+    )
+    assert Image.open("n_000.png").size == (32, 24) and Path("n_001.png").is_file()
+    assert "Seed: 6" in Image.open("n_001.png").text["parameters"]
+
+
+def test_eval_reports_accuracy_table_and_json(trained, monkeypatch, capsys):
+    monkeypatch.chdir(trained)
+    assert (
+        run(
+            "eval",
+            "--model",
+            "models/best_model.pt",
+            "--data_dir",
+            "data/demo",
+            "--n",
+            "2",
+            "--steps",
+            "2",
+            "--quiet",
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "held_out" in out and "hair_color" in out
+    result = json.loads(Path("models/eval.json").read_text())
+    assert 0.0 <= result["held_out"]["mean"] <= 1.0 and result["n"]["held_out"] == 2
+
+
+def test_auto_resume_continues_from_the_last_checkpoint(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    assert (
+        run(
+            "train",
+            "--config",
+            str(TINY_CONFIG),
+            "--data_dir",
+            "data/demo/train",
+            "--epochs",
+            "3",
+            "--auto_resume",
+            "--quiet",
+        )
+        == 0
+    )
+    state = load_checkpoint(find_latest_checkpoint(Path("checkpoints")))
+    assert state["epoch"] == 3
+    assert state["global_step"] == 3 * load_checkpoint(Path("checkpoints/epoch_0001.pt"))["global_step"]
+
+
+def test_dry_run_prints_resolved_config(capsys, workdir):
+    assert run("train", "--profile", "original", "--epochs", "11", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert 'profile = "original"' in out and "epochs = 11" in out and "lr = 5e-06" in out
+
+
+def test_bad_input_gives_one_sentence_and_nonzero_exit(trained, workdir, capsys):
+    assert run("train", "--data_dir", "nope", "--config", str(TINY_CONFIG)) != 0
+    assert "does not exist" in one_error_line(capsys)
+    (workdir / "empty").mkdir()
+    assert run("train", "--data_dir", "empty", "--config", str(TINY_CONFIG)) != 0
+    assert "No images found" in one_error_line(capsys)
+    (workdir / "texts").mkdir()
+    (workdir / "texts" / "a.png").write_text("<html>404</html>")
+    (workdir / "texts" / "b.txt").write_text("hello")
+    assert run("train", "--data_dir", "texts", "--config", str(TINY_CONFIG)) != 0
+    assert "could be read" in one_error_line(capsys)
+    model = trained / "models" / "best_model.pt"
+    assert run("generate", "--model", str(model), "--prompt", "") != 0
+    assert "prompt is empty" in one_error_line(capsys)
+    assert run("generate", "--model", "missing.pt", "--prompt", "1girl") != 0
+    assert "No model file" in one_error_line(capsys)
+    bad = workdir / "bad.pt"
+    bad.write_bytes(model.read_bytes()[:5000])
+    assert run("generate", "--model", str(bad), "--prompt", "1girl") != 0
+    assert "bad.pt" in one_error_line(capsys)
+    assert run("eval", "--model", str(model), "--data_dir", str(workdir / "empty")) != 0
+    assert "manifest" in one_error_line(capsys)
+
+
+def test_a_corrupt_image_among_good_ones_is_skipped(demo_dir, workdir, caplog):
+    data = workdir / "mixed"
+    data.mkdir()
+    for i, p in enumerate(sorted((demo_dir / "train").rglob("*.png"))[:6]):
+        (data / f"{i}.png").write_bytes(p.read_bytes())
+    (data / "broken.png").write_bytes((data / "0.png").read_bytes()[:60])
+    assert run("train", "--data_dir", "mixed", "--config", str(TINY_CONFIG), "--epochs", "1", "--quiet") == 0
+    assert "broken.png" in caplog.text
+
+
+def test_kill_9_then_auto_resume(demo_dir, workdir):
+    """SIGKILL mid-training never leaves a half-written checkpoint; --auto_resume continues from the last one."""
+    args = [
+        sys.executable,
+        "-m",
+        "moas",
+        "train",
+        "--config",
+        str(TINY_CONFIG),
+        "--data_dir",
+        str(demo_dir / "train"),
+        "--epochs",
+        "40",
+        "--quiet",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and len(list((workdir / "checkpoints").glob("epoch_*.pt.json"))) < 2:
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = sorted((workdir / "checkpoints").glob("epoch_*.pt"))
+    assert len(ckpts) >= 2
+    latest = find_latest_checkpoint(workdir / "checkpoints")
+    done = load_checkpoint(latest)["epoch"]
+    assert all(verify_checkpoint(p) for p in ckpts if p.with_name(p.name + ".json").exists())
+    resumed = subprocess.run(
+        [*args[:-3], "--epochs", str(done + 1), "--auto_resume", "--quiet"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (
+        f"Resumed from {latest.relative_to(workdir) if latest.is_relative_to(workdir) else latest}"
+        in resumed.stderr
+        or "Resumed from" in resumed.stderr
+    )
+    assert load_checkpoint(find_latest_checkpoint(workdir / "checkpoints"))["epoch"] == done + 1
