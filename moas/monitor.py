@@ -59,6 +59,7 @@ class RunMonitor:
             "step_time": "perf/step_time_s",
             "data_time": "perf/data_wait_s",
             "grad_norm": "train/grad_norm",
+            "val_loss": "val/loss",
         }
         for k, v in scalars.items():
             self.writer.add_scalar(names.get(k, k), v, step)

@@ -72,6 +72,7 @@ class ArtDataset(Dataset):
         self.resolution = resolution
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.skipped: list[tuple[Path, str]] = []
+        self._keys: dict[Path, tuple[int, int, str]] = {}  # path → (mtime_ns, size, cache key)
 
     def validate(self, max_bad_fraction: float = 0.5, progress: bool = True) -> None:
         """Drop unreadable files (each logged with its reason); stop if nothing usable remains."""

@@ -39,6 +39,7 @@ from moas.train.checkpoint import (
 )
 from moas.train.ema import EMA
 from moas.train.schedule import WarmupCosineRestarts
+from moas.train.validate import validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,12 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
         max_tokens=cfg.text.max_tokens,
         require_id=resume["text_encoder"] if resume else None,
     )
-    bank = TextBank(encoder, dataset.captions(), progress=progress)
+    val_set = None
+    if cfg.data.val_dir:
+        val_set = ArtDataset(cfg.data.val_dir, cfg.data.resolution, cfg.data.cache_dir)
+        val_set.validate(cfg.data.max_bad_fraction, progress=progress)
+        log.info("Validation: %d images in %s.", len(val_set), cfg.data.val_dir)
+    bank = TextBank(encoder, dataset.captions() + (val_set.captions() if val_set else []), progress=progress)
 
     # Model, EMA, optimizer, schedule.
     model = MoasGenerator(cfg.data.resolution, asdict(cfg.model), asdict(cfg.text)).to(device)
@@ -142,7 +148,7 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
         "Generator: %.1fM parameters; %d steps/epoch × %d epochs.", n_params / 1e6, steps_per_epoch, tc.epochs
     )
 
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, train_seconds_before = 0, 0, 0.0
     if resume is not None:
         try:
             model.load_state_dict(resume["model"])
@@ -155,6 +161,7 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
                 f"Checkpoint {resume_path} does not match this configuration; resume with the settings it was trained with."
             ) from None
         start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
+        train_seconds_before = float(resume.get("train_seconds", 0.0))
         restore_rng_state(resume["rng"])
         shuffle_gen.set_state(resume["shuffle_rng"])
         log.info("Resumed from %s at epoch %d, step %d.", resume_path, start_epoch, global_step)
@@ -165,8 +172,15 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
     monitor = RunMonitor(run_dir, cfg, dataset.captions(), encoder, schedule_device=device)
     milestones = milestone_epochs(tc.epochs)
 
+    t_start = time.perf_counter()
+
+    def train_seconds() -> float:
+        """Wall time spent in the training loop, summed over resumed sessions."""
+        return train_seconds_before + time.perf_counter() - t_start
+
     def save(epoch: int) -> Path:
         state = {
+            "train_seconds": train_seconds(),
             "kind": "checkpoint",
             "model": model.state_dict(),
             "ema": ema.state_dict(),
@@ -261,6 +275,10 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
             ips,
         )
         if done % tc.save_every == 0 or last or done in milestones:
+            if val_set is not None:
+                val = validation_loss(ema.model, val_set, bank, schedule, device, batch_size, tc.seed)
+                monitor.log_step(global_step, val_loss=val)
+                log.info("Validation loss (EMA weights) after epoch %d: %.4f.", done, val)
             path = save(done)
             log.info("Saved checkpoint %s.", path)
         if tc.sample_every and (done % tc.sample_every == 0 or last):
