@@ -2,6 +2,7 @@
 
     python bench/learning.py                       # cpu_tiny, the README demo settings
     python bench/learning.py --epochs 20 --save_every 4 --n 48
+    python bench/learning.py --set train.lr=5e-6 --final_only --out bench/ablation_lr5e-6.json   # an ablation
 
 Trains once (saving a checkpoint every --save_every epochs; each checkpoint records its cumulative
 training seconds), then evaluates every checkpoint's EMA weights with ``moas eval``'s measurement and
@@ -23,12 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from moas.config import load_config  # noqa: E402
+from moas.config import load_config, tomllib  # noqa: E402
 from moas.data.synthetic import generate_demo_dataset  # noqa: E402
 from moas.evaluate import run_eval  # noqa: E402
 from moas.pipeline import Pipeline  # noqa: E402
 from moas.runtime import setup_logging  # noqa: E402
-from moas.train.checkpoint import read_sidecar  # noqa: E402
+from moas.train.checkpoint import load_checkpoint, read_sidecar  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 
 
@@ -41,6 +42,9 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=48, help="eval images per split")
     ap.add_argument("--n_images", type=int, default=1200, help="demo images")
     ap.add_argument("--out", default="bench/learning.json")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="config override, TOML value syntax (repeatable), e.g. diffusion.prediction_type=\"epsilon\"")
+    ap.add_argument("--final_only", action="store_true", help="evaluate only the last checkpoint")
     a = ap.parse_args()
 
     work = Path(a.workdir).resolve()
@@ -50,10 +54,21 @@ def main() -> int:
     setup_logging(None)
     if not Path("data/demo/manifest.json").is_file():
         generate_demo_dataset("data/demo", n_images=a.n_images, size=64, seed=0)
-    overrides = {"data": {"data_dir": "data/demo/train"},
-                 "train": {"save_every": a.save_every, "keep_last": 1000, "checkpoint_dir": "checkpoints", "sample_every": 0}}
+    overrides = {
+        "data": {"data_dir": "data/demo/train"},
+        "train": {
+            "save_every": a.save_every,
+            "keep_last": 1000,
+            "checkpoint_dir": "checkpoints",
+            "sample_every": 0,
+        },
+    }
     if a.epochs:
         overrides["train"]["epochs"] = a.epochs
+    for item in a.set:
+        key, _, value = item.partition("=")
+        section, _, field = key.partition(".")
+        overrides.setdefault(section, {})[field] = tomllib.loads(f"v = {value}")["v"]
     cfg = load_config(a.profile, overrides=overrides, use_env=False)
     for old in Path("checkpoints").glob("epoch_*"):
         old.unlink()
@@ -62,21 +77,51 @@ def main() -> int:
     wall = time.perf_counter() - t0
 
     rows = []
-    for ckpt in sorted(Path("checkpoints").glob("epoch_*.pt")):
+    ckpts = sorted(Path("checkpoints").glob("epoch_*.pt"))
+    for ckpt in ckpts[-1:] if a.final_only else ckpts:
         meta = read_sidecar(ckpt) or {}
+        if "train_seconds" not in meta:  # older checkpoints keep it only inside the state
+            meta["train_seconds"] = float(load_checkpoint(ckpt).get("train_seconds", 0.0))
         pipe = Pipeline.from_file(ckpt, torch.device("cpu"))
-        r = run_eval(pipe, "data/demo", n_per_split=a.n, steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale,
-                     sampler=cfg.sample.sampler, progress=False)
-        rows.append({"epoch": meta.get("epoch"), "train_seconds": meta.get("train_seconds"),
-                     "held_out": {k: v for k, v in r["held_out"].items()}, "seen": {k: v for k, v in r["seen"].items()}})
+        r = run_eval(
+            pipe,
+            "data/demo",
+            n_per_split=a.n,
+            steps=cfg.sample.steps,
+            guidance_scale=cfg.sample.guidance_scale,
+            sampler=cfg.sample.sampler,
+            progress=False,
+        )
+        rows.append(
+            {
+                "epoch": meta.get("epoch"),
+                "train_seconds": meta.get("train_seconds"),
+                "held_out": {k: v for k, v in r["held_out"].items()},
+                "seen": {k: v for k, v in r["seen"].items()},
+            }
+        )
         h = r["held_out"]
-        print(f"epoch {meta.get('epoch'):>3}  train {meta.get('train_seconds', 0) / 60:5.1f} min  held-out mean {h['mean']:.3f} "
-              f"(hair {h['hair_color']:.2f}, eyes {h['eye_color']:.2f}, bg {h['background']:.2f})  seen mean {r['seen']['mean']:.3f}",
-              flush=True)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": psutil.cpu_count(), "threads_used": torch.get_num_threads(),
-               "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "torch": torch.__version__, "python": sys.version.split()[0]}
-    report = {"profile": a.profile, "epochs": cfg.train.epochs, "total_train_wall_s": round(wall, 1),
-              "images_per_sec_last": round(result.images_per_sec, 1), "machine": machine, "rows": rows}
+        print(
+            f"epoch {meta.get('epoch'):>3}  train {meta.get('train_seconds', 0) / 60:5.1f} min  held-out mean {h['mean']:.3f} "
+            f"(hair {h['hair_color']:.2f}, eyes {h['eye_color']:.2f}, bg {h['background']:.2f})  seen mean {r['seen']['mean']:.3f}",
+            flush=True,
+        )
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": psutil.cpu_count(),
+        "threads_used": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    report = {
+        "profile": a.profile,
+        "epochs": cfg.train.epochs,
+        "total_train_wall_s": round(wall, 1),
+        "images_per_sec_last": round(result.images_per_sec, 1),
+        "machine": machine,
+        "rows": rows,
+    }
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0

@@ -278,6 +278,8 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "make-data": cmd_make_
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if not sys.stderr.isatty():  # a log file: redraw progress bars rarely (read by tqdm at import)
+        os.environ.setdefault("TQDM_MININTERVAL", "15")
     argv = translate_original_flags(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     a = parser.parse_args(argv)

@@ -10,13 +10,13 @@ from moas.models.generator import MoasGenerator
 from moas.models.unet import DiffusionModel
 
 
-def _text(b=2, l=5, g=3):
-    mask = torch.ones(b, l, dtype=torch.bool)
+def _text(b=2, n_tok=5, g=3):
+    mask = torch.ones(b, n_tok, dtype=torch.bool)
     mask[0, 3:] = False
     tag_mask = torch.ones(b, g, dtype=torch.bool)
     tag_mask[1, 2:] = False
     return {
-        "tokens": torch.randn(b, l, 768),
+        "tokens": torch.randn(b, n_tok, 768),
         "mask": mask,
         "tags": torch.randn(b, g, 768),
         "tag_mask": tag_mask,

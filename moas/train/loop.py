@@ -196,7 +196,9 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
             "text_encoder": encoder.encoder_id,
         }
         path = save_checkpoint(
-            ckpt_dir / epoch_checkpoint_name(epoch), state, {"epoch": epoch, "global_step": global_step}
+            ckpt_dir / epoch_checkpoint_name(epoch),
+            state,
+            {"epoch": epoch, "global_step": global_step, "train_seconds": round(state["train_seconds"], 2)},
         )
         rotate_checkpoints(
             ckpt_dir, keep=tc.keep_last, protect={epoch_checkpoint_name(m) for m in milestones}
