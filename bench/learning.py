@@ -42,8 +42,13 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=48, help="eval images per split")
     ap.add_argument("--n_images", type=int, default=1200, help="demo images")
     ap.add_argument("--out", default="bench/learning.json")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                    help="config override, TOML value syntax (repeatable), e.g. diffusion.prediction_type=\"epsilon\"")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help='config override, TOML value syntax (repeatable), e.g. diffusion.prediction_type="epsilon"',
+    )
     ap.add_argument("--final_only", action="store_true", help="evaluate only the last checkpoint")
     a = ap.parse_args()
 

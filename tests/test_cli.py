@@ -153,6 +153,8 @@ def test_auto_resume_continues_from_the_last_checkpoint(trained, monkeypatch):
             "--epochs",
             "3",
             "--auto_resume",
+            "--val_dir",
+            "data/demo/train",
             "--quiet",
         )
         == 0
@@ -160,6 +162,13 @@ def test_auto_resume_continues_from_the_last_checkpoint(trained, monkeypatch):
     state = load_checkpoint(find_latest_checkpoint(Path("checkpoints")))
     assert state["epoch"] == 3
     assert state["global_step"] == 3 * load_checkpoint(Path("checkpoints/epoch_0001.pt"))["global_step"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list(Path("runs").iterdir())) == 1  # the resumed run continues in its TensorBoard folder
+    ea = EventAccumulator(str(next(Path("runs").iterdir())))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("val/loss")] == [state["global_step"]]  # the resumed epoch, validated
+    assert ea.Scalars("loss/total")[-1].step == state["global_step"]
 
 
 def test_dry_run_prints_resolved_config(capsys, workdir):

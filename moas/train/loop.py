@@ -149,6 +149,7 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
     )
 
     start_epoch, global_step, train_seconds_before = 0, 0, 0.0
+    previous_run = Path()
     if resume is not None:
         try:
             model.load_state_dict(resume["model"])
@@ -165,9 +166,12 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
         restore_rng_state(resume["rng"])
         shuffle_gen.set_state(resume["shuffle_rng"])
         log.info("Resumed from %s at epoch %d, step %d.", resume_path, start_epoch, global_step)
+        previous_run = Path(resume.get("run_dir", ""))
         del resume
 
-    run_dir = new_run_dir(tc.run_dir, cfg.profile)
+    # A resumed run keeps writing to its TensorBoard folder, so its curves continue.
+    resumed_run = start_epoch > 0 and previous_run.name and previous_run.is_dir()
+    run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
     (run_dir / "config.toml").write_text(cfg.to_toml())
     monitor = RunMonitor(run_dir, cfg, dataset.captions(), encoder, schedule_device=device)
     milestones = milestone_epochs(tc.epochs)
@@ -194,6 +198,7 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
             "config": cfg.to_dict(),
             "model_args": model.init_args,
             "text_encoder": encoder.encoder_id,
+            "run_dir": str(run_dir),
         }
         path = save_checkpoint(
             ckpt_dir / epoch_checkpoint_name(epoch),
