@@ -37,7 +37,6 @@ class RunMonitor:
         cfg: MoasConfig,
         captions: list[str],
         encoder: TextEncoder,
-        schedule_device: torch.device,
         log_every: int = 1,
     ) -> None:
         self.run_dir = Path(run_dir)

@@ -108,7 +108,8 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
         val_set = ArtDataset(cfg.data.val_dir, cfg.data.resolution, cfg.data.cache_dir)
         val_set.validate(cfg.data.max_bad_fraction, progress=progress)
         log.info("Validation: %d images in %s.", len(val_set), cfg.data.val_dir)
-    bank = TextBank(encoder, dataset.captions() + (val_set.captions() if val_set else []), progress=progress)
+    captions = dataset.captions()
+    bank = TextBank(encoder, captions + (val_set.captions() if val_set else []), progress=progress)
 
     # Model, EMA, optimizer, schedule.
     model = MoasGenerator(cfg.data.resolution, asdict(cfg.model), asdict(cfg.text)).to(device)
@@ -173,7 +174,7 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
     resumed_run = start_epoch > 0 and previous_run.name and previous_run.is_dir()
     run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
     (run_dir / "config.toml").write_text(cfg.to_toml())
-    monitor = RunMonitor(run_dir, cfg, dataset.captions(), encoder, schedule_device=device)
+    monitor = RunMonitor(run_dir, cfg, captions, encoder)
     milestones = milestone_epochs(tc.epochs)
 
     t_start = time.perf_counter()
