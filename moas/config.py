@@ -36,6 +36,14 @@ class DataConfig:
     cache_dir: str = "cache/preprocessed"  # content-keyed tensor cache of decoded, resized pixels
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
     max_bad_fraction: float = 0.5  # stop before epoch 1 if more than this fraction of files is unreadable
+    bucketing: bool = False  # aspect-ratio buckets (area ≈ resolution²) instead of the square centre crop
+    bucket_max_aspect: float = 2.0  # most elongated bucket allowed (long side / short side)
+    keep_tokens: int = 0  # leading caption tags never shuffled or dropped (e.g. the character name)
+    shuffle_tags: bool = False  # shuffle the other comma-separated tags every epoch
+    tag_dropout: float = 0.0  # per-epoch probability of dropping each non-kept tag
+    caption_dropout: float = 0.0  # per-epoch probability of training an image on the empty caption
+    extract_style: bool = False  # style fingerprints per artist folder → one extra conditioning token
+    style_dropout: float = 0.1  # probability of hiding the style token in a training step
 
     def __post_init__(self) -> None:
         _check(
@@ -44,6 +52,10 @@ class DataConfig:
         )
         _check(self.num_workers >= 0, "data.num_workers must be 0 or more")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1")
+        _check(self.bucket_max_aspect >= 1.0, "data.bucket_max_aspect must be at least 1")
+        _check(self.keep_tokens >= 0, "data.keep_tokens must be 0 or more")
+        for name in ("tag_dropout", "caption_dropout", "style_dropout"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"data.{name} must be in [0, 1)")
 
 
 @dataclass

@@ -1,147 +1,368 @@
-"""ArtDataset (first cut): lazy image folder + paired captions + content-keyed pixel cache.
+"""ArtDataset: lazy image folder + paired captions + the content-keyed tensor cache.
 
-``__init__`` stores paths only. The first access to an image decodes it safely (``moas.data.images``),
-centre-crops and resizes it to the training resolution and writes a tensors-only ``.pt`` entry under
-``cache/preprocessed/``; later accesses load that entry with ``weights_only=True``. The cache key covers
-the file's content hash and the preprocessing settings, so editing an image or changing the resolution
-builds a new entry, and a truncated or corrupt entry is rebuilt with a warning.
+``__init__`` stores paths only. :meth:`ArtDataset.validate` (run once, in the main process, before
+training) decodes every image safely (``moas.data.images``), skips unusable files with their reason,
+writes the dataset report to ``logs/``, builds each missing cache entry (pixels at the training size,
+768-d image-statistics embedding, style fingerprint and — given a text encoder — the caption's pooled
+text embedding), picks each image's aspect bucket and builds the artist style database. Items then come
+straight from the cache: after validation no image file is opened again unless its entry is damaged.
+Without validation, the first access to an item builds its entry lazily. The text encoder never runs in
+DataLoader workers; it is only used inside ``validate``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
-from moas.data.images import load_image, scan_image_files, validate_images
+from moas.data.buckets import make_buckets, nearest_bucket
+from moas.data.cache import cache_key, entry_path, load_entry, save_entry
+from moas.data.captions import CAPTION_SUFFIXES, read_caption
+from moas.data.embeddings import _create_image_stat_embedding
+from moas.data.images import load_image, scan_image_files
+from moas.data.sampler import sample_weights
+from moas.data.style import STYLE_DIM, ArtistStyleDatabase, StyleAnalyzer, style_key
 from moas.errors import DataError, ImageDecodeError
-from moas.train.checkpoint import atomic_write_bytes
+from moas.train.checkpoint import atomic_write_bytes, clean_stray_temp_files
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the preprocessing changes meaning
-CAPTION_SUFFIXES = (".txt", ".caption")
+__all__ = ["CAPTION_SUFFIXES", "ArtDataset", "collate", "read_caption", "smart_collate_fn"]
 
 
-def read_caption(image_path: Path) -> str:
-    """The caption paired by file stem (``image.png`` → ``image.txt``), or "" when there is none."""
-    for suffix in CAPTION_SUFFIXES:
-        p = image_path.with_suffix(suffix)
-        if p.is_file():
-            raw = p.read_bytes()
-            try:
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError:
-                log.warning("%s is not UTF-8; decoding it as Latin-1.", p.name)
-                text = raw.decode("latin-1")
-            return " ".join(text.split())
-    return ""
-
-
-def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
+def center_crop_resize(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+    """Crop the largest centred region with the target's aspect ratio, then resize (Lanczos)."""
+    tw, th = (size, size) if isinstance(size, int) else size
     w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return img.crop((left, top, left + s, top + s)).resize((size, size), Image.Resampling.LANCZOS)
+    if w * th > h * tw:  # too wide
+        cw, ch = max(1, round(h * tw / th)), h
+    else:
+        cw, ch = w, max(1, round(w * th / tw))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return img.crop((left, top, left + cw, top + ch)).resize((tw, th), Image.Resampling.LANCZOS)
 
 
-def content_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _oriented_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height after EXIF orientation, from the header only; None if the header is unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except Exception:
+        return None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()  # (3,H,W)
 
 
 class ArtDataset(Dataset):
-    """Images (+ captions) under ``root``; items are ``{"pixels": uint8 [3,H,W], "caption": str, "index": int}``."""
+    """Images (+ captions) under ``root`` (see module docstring).
+
+    Items: ``pixels`` uint8 [3, H, W], ``caption`` str, ``index`` int, ``image_embed`` float32 [768],
+    ``style`` float32 [STYLE_DIM] with ``has_style`` bool, and ``text_embed`` float32 [768] when cached.
+    """
 
     def __init__(
-        self, root: str | Path, resolution: int, cache_dir: str | Path | None = "cache/preprocessed"
+        self,
+        root: str | Path,
+        resolution: int,
+        cache_dir: str | Path | None = "cache/preprocessed",
+        *,
+        bucketing: bool = False,
+        divisor: int = 1,
+        max_aspect: float = 2.0,
+        extract_style: bool = False,
     ) -> None:
         self.root = Path(root)
         if not self.root.exists():
             raise DataError(f"Data folder {self.root} does not exist.")
+        if not self.root.is_dir():
+            raise DataError(f"Data folder {self.root} is not a directory.")
         self.paths = scan_image_files(self.root)
         self.resolution = resolution
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.bucketing = bucketing
+        self.buckets = make_buckets(resolution, divisor, max_aspect) if bucketing else [(resolution,) * 2]
+        self.extract_style = extract_style
+        self.analyzer = StyleAnalyzer()
+        self.encoder_id = "none"
         self.skipped: list[tuple[Path, str]] = []
-        self._keys: dict[Path, tuple[int, int, str]] = {}  # path → (mtime_ns, size, cache key)
+        self.skipped_detail: list[str] = []
+        self.bucket_ids: list[int] = [0] * len(self.paths)
+        self.style_keys: list[str | None] = []
+        self.style_db = ArtistStyleDatabase()
+        self._style_vecs: dict[str, torch.Tensor] = {}
+        self._entries: list[Path | None] | None = None  # known entry files after validate()
+        self._captions: list[str] | None = None
+        self.rebuilt = 0  # entries (re)built by this process, for tests and the report
 
-    def validate(self, max_bad_fraction: float = 0.5, progress: bool = True) -> None:
-        """Drop unreadable files (each logged with its reason); stop if nothing usable remains."""
+    # ---- the original's disabled fallback -------------------------------------------------------
+
+    def _create_dummy_samples(self, n: int = 0) -> None:
+        raise ValueError(
+            "ArtDataset does not invent training data: put real images (PNG, JPEG, WEBP or BMP, with "
+            "optional .txt captions of the same name) in the data folder, or run 'moas make-data' for "
+            "the procedural demo set."
+        )
+
+    # ---- validation / cache building ------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return "bucket" if self.bucketing else "square"
+
+    def _target(self, size: tuple[int, int]) -> int:
+        return nearest_bucket(size[0], size[1], self.buckets) if self.bucketing else 0
+
+    def _key_entry(
+        self, path: Path, data: bytes, size: tuple[int, int], caption: str
+    ) -> tuple[int, Path | None]:
+        b = self._target(size)
+        if self.cache_dir is None:
+            return b, None
+        key = cache_key(
+            hashlib.sha256(data).hexdigest(), self.buckets[b], self.mode, caption, self.encoder_id
+        )
+        return b, entry_path(self.cache_dir, path, key)
+
+    def _build(self, img: Image.Image, bucket: int, caption: str) -> dict[str, torch.Tensor]:
+        px = _to_tensor(center_crop_resize(img, self.buckets[bucket]))  # (3, H, W)
+        return {"pixels": px, "image_embed": _create_image_stat_embedding(px), "style": self.analyzer(px)}
+
+    def validate(
+        self,
+        max_bad_fraction: float = 0.5,
+        progress: bool = True,
+        report_dir: str | Path | None = None,
+        encoder=None,
+    ) -> dict:
+        """Check every image, build missing cache entries, write the report; stop if too much is bad."""
         if not self.paths:
             raise DataError(
                 f"No images found in {self.root} (looked for .png, .jpg, .jpeg, .webp, .bmp files, recursively)."
             )
-        good, bad = validate_images(self.paths, progress=progress)
-        self.paths, self.skipped = good, bad
-        total = len(good) + len(bad)
+        if encoder is not None:
+            self.encoder_id = encoder.encoder_id
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            clean_stray_temp_files(self.cache_dir)
+        good, entries, buckets, captions, fingerprints = [], [], [], [], []
+        skipped, details = [], []
+        bar = tqdm(
+            self.paths, desc="checking images", unit="img", disable=not progress or len(self.paths) < 50
+        )
+        for path in bar:
+            try:
+                caption = read_caption(path)
+                data = path.read_bytes()
+                size = _oriented_size(data)
+                entry, b, ep = None, 0, None
+                if size is not None:
+                    b, ep = self._key_entry(path, data, size, caption)
+                    entry = load_entry(ep, self.buckets[b]) if ep is not None else None
+                if entry is None:
+                    img = load_image(path)  # full decode: the safe-intake checks and their reasons
+                    b, ep = self._key_entry(path, data, img.size, caption)
+                    entry = self._build(img, b, caption)
+                    if ep is not None:
+                        save_entry(ep, entry)
+                        self.rebuilt += 1
+            except ImageDecodeError as exc:
+                skipped.append((path, getattr(exc, "reason", "unreadable")))
+                details.append(getattr(exc, "detail", str(exc)))
+                log.warning("Skipping image %s: %s", path, getattr(exc, "detail", exc))
+                continue
+            except OSError as exc:
+                skipped.append((path, "unreadable"))
+                details.append(f"cannot read file ({exc.strerror or exc})")
+                log.warning("Skipping image %s: %s", path, exc)
+                continue
+            good.append(path)
+            entries.append(ep)
+            buckets.append(b)
+            captions.append(caption)
+            fingerprints.append(entry["style"])
+        self.paths, self.skipped, self.skipped_detail = good, skipped, details
+        self._entries, self.bucket_ids, self._captions = entries, buckets, captions
+        report = self.report()
+        if report_dir is not None:
+            self.write_report(report_dir, report)
+        total = len(good) + len(skipped)
         if not good:
             raise DataError(f"None of the {total} image files in {self.root} could be read.")
-        if len(bad) / total > max_bad_fraction:
+        if len(skipped) / total > max_bad_fraction:
             raise DataError(
-                f"{len(bad)} of {total} image files in {self.root} are unreadable "
-                f"(more than the allowed {max_bad_fraction:.0%}); see the warnings above."
+                f"{len(skipped)} of {total} image files in {self.root} are unreadable "
+                f"(more than the allowed {max_bad_fraction:.0%}); see the dataset report and warnings above."
             )
+        if encoder is not None and self.cache_dir is not None:
+            self._fill_text_embeddings(encoder, progress)
+        self.style_keys = [style_key(p, self.root) for p in good]
+        if self.extract_style:
+            self.style_db = ArtistStyleDatabase()
+            for key, fp in zip(self.style_keys, fingerprints, strict=True):
+                if key is not None:
+                    self.style_db.add(key, fp)
+            self._style_vecs = {k: self.style_db.get(k) for k in self.style_db.names()}
+        return report
+
+    def _fill_text_embeddings(self, encoder, progress: bool, chunk: int = 128) -> None:
+        assert self._entries is not None and self._captions is not None
+        todo = []
+        for i, ep in enumerate(self._entries):
+            entry = load_entry(ep, self.buckets[self.bucket_ids[i]]) if ep is not None else None
+            if entry is not None and "text_embed" not in entry:
+                todo.append(i)
+        bar = tqdm(
+            total=len(todo), desc="caching text embeddings", unit="cap", disable=not progress or not todo
+        )
+        for k in range(0, len(todo), chunk):
+            part = todo[k : k + chunk]
+            pooled = encoder.encode([self._captions[i] for i in part]).pooled  # (n, 768)
+            for j, i in enumerate(part):
+                ep = self._entries[i]
+                entry = load_entry(ep, self.buckets[self.bucket_ids[i]])
+                if entry is not None:
+                    save_entry(ep, {**entry, "text_embed": pooled[j].float().contiguous()})
+            bar.update(len(part))
+        bar.close()
+
+    def report(self) -> dict:
+        reasons = Counter(r for _, r in self.skipped)
+        return {
+            "root": str(self.root),
+            "total": len(self.paths) + len(self.skipped),
+            "valid": len(self.paths),
+            "skipped": len(self.skipped),
+            "by_reason": dict(sorted(reasons.items())),
+            "buckets": {f"{w}x{h}": self.bucket_ids.count(i) for i, (w, h) in enumerate(self.buckets)},
+        }
+
+    def write_report(self, report_dir: str | Path, report: dict | None = None) -> Path:
+        """``dataset_report.json`` (counts per reason) and ``dataset_skipped.jsonl`` (one line per file)."""
+        d = Path(report_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(d / "dataset_report.json", json.dumps(report or self.report(), indent=2).encode())
+        lines = [
+            json.dumps({"path": str(p), "reason": r, "detail": det})
+            for (p, r), det in zip(self.skipped, self.skipped_detail, strict=True)
+        ]
+        atomic_write_bytes(d / "dataset_skipped.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+        return d / "dataset_report.json"
+
+    # ---- access --------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def captions(self) -> list[str]:
-        return [read_caption(p) for p in self.paths]
+        return list(self._captions) if self._captions is not None else [read_caption(p) for p in self.paths]
 
-    def _cache_path(self, path: Path) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        key = hashlib.sha256(
-            f"{content_hash(path)}|res={self.resolution}|v={CACHE_VERSION}".encode()
-        ).hexdigest()
-        return self.cache_dir / f"{path.stem[:40]}-{key[:24]}.pt"
+    def weights(self) -> list[float]:
+        """Per-image sample weights: ``N_name`` repeat folders × ``multiply.txt`` values."""
+        return sample_weights(self.paths, self.root)
 
-    def load_pixels(self, path: Path) -> torch.Tensor:
-        cache = self._cache_path(path)
-        if cache is not None and cache.is_file():
-            try:
-                entry = torch.load(cache, map_location="cpu", weights_only=True)
-                px = entry["pixels"]
-                if px.dtype == torch.uint8 and tuple(px.shape) == (3, self.resolution, self.resolution):
-                    return px
-                raise ValueError("unexpected shape")
-            except Exception as e:  # any unreadable entry is rebuilt from the image
-                log.warning("Cache entry %s is corrupt (%s); rebuilding it.", cache.name, type(e).__name__)
-        img = center_crop_resize(load_image(path), self.resolution)
-        px = (
-            torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-        )  # (3, H, W)
-        if cache is not None:
-            buf = io.BytesIO()
-            torch.save({"pixels": px, "version": CACHE_VERSION}, buf)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(cache, buf.getvalue())
-        return px
+    def _load_entry(self, index: int) -> dict[str, torch.Tensor]:
+        path = self.paths[index]
+        b = self.bucket_ids[index]
+        ep = self._entries[index] if self._entries is not None else None
+        if ep is not None:
+            entry = load_entry(ep, self.buckets[b])
+            if entry is not None:
+                return entry
+        # Lazy path: not validated yet, no cache, or a damaged entry.
+        caption = self._captions[index] if self._captions is not None else read_caption(path)
+        data = path.read_bytes()
+        size = _oriented_size(data)
+        if self._entries is None and size is not None:
+            b, ep = self._key_entry(path, data, size, caption)
+            self.bucket_ids[index] = b
+            entry = load_entry(ep, self.buckets[b]) if ep is not None else None
+            if entry is not None:
+                return entry
+        img = load_image(path)
+        if self._entries is None:
+            b, ep = self._key_entry(path, data, img.size, caption)
+            self.bucket_ids[index] = b
+        entry = self._build(img, b, caption)
+        if ep is not None:
+            save_entry(ep, entry)
+            self.rebuilt += 1
+        return entry
 
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         try:
-            px = self.load_pixels(path)
-        except ImageDecodeError as e:  # a file that changed since validation
+            entry = self._load_entry(index)
+        except (ImageDecodeError, OSError) as e:  # a file that changed since validation
             raise DataError(f"Image {path} became unreadable during training: {e}") from None
-        return {"pixels": px, "caption": read_caption(path), "index": index}
+        key = self.style_keys[index] if self.style_keys else None
+        has_style = self.extract_style and key in self._style_vecs
+        item = {
+            "pixels": entry["pixels"],
+            "caption": self._captions[index] if self._captions is not None else read_caption(path),
+            "index": index,
+            "image_embed": entry["image_embed"],
+            "style": self._style_vecs[key] if has_style else torch.zeros(STYLE_DIM),
+            "has_style": has_style,
+        }
+        if "text_embed" in entry:
+            item["text_embed"] = entry["text_embed"]
+        return item
 
 
-def collate(items: list[dict]) -> dict:
-    return {
+def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(1, max(s.shape[0] for s in seqs))
+    out = seqs[0].new_zeros((len(seqs), n, *seqs[0].shape[1:]))
+    mask = torch.zeros(len(seqs), n, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return out, mask  # (B, N, ...), (B, N)
+
+
+def smart_collate_fn(items: list[dict]) -> dict:
+    """Batch dataset items: stack images and fixed-size vectors, zero-pad variable-length embeddings.
+
+    ``pixels`` must share one size (the bucket sampler guarantees it). ``text_embed`` may be pooled
+    [768] or per-token [L, 768]; per-token sequences are padded to the batch maximum with a
+    ``text_embed_mask`` (True = real). Style fingerprints are stacked separately with ``has_style``.
+    """
+    shapes = {tuple(it["pixels"].shape) for it in items}
+    if len(shapes) > 1:
+        raise ValueError(f"a batch mixes image sizes {sorted(shapes)}; use the bucket batch sampler")
+    batch = {
         "pixels": torch.stack([it["pixels"] for it in items]),  # (B, 3, H, W) uint8
         "captions": [it["caption"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
     }
+    if all("image_embed" in it for it in items):
+        batch["image_embed"] = torch.stack([it["image_embed"] for it in items])  # (B, 768)
+    if all("style" in it for it in items):
+        batch["style"] = torch.stack([it["style"] for it in items])  # (B, STYLE_DIM)
+        batch["has_style"] = torch.tensor([bool(it.get("has_style", True)) for it in items])  # (B,)
+    if all("text_embed" in it for it in items):
+        seqs = [it["text_embed"] for it in items]
+        if seqs[0].ndim == 1:
+            batch["text_embed"] = torch.stack(seqs)  # (B, 768)
+        else:
+            batch["text_embed"], batch["text_embed_mask"] = _pad(seqs)  # (B, L, 768), (B, L)
+    return batch
+
+
+collate = smart_collate_fn
 
 
 def to_model_range(pixels: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,16 @@ class TextBank:
             bar.update(len(part))
         bar.close()
 
-    def batch(self, captions: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def batch(
+        self, captions: list[str], device: torch.device | str = "cpu", cache: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """Padded text tensors; ``cache=False`` encodes unknown captions without keeping them (for
+        per-epoch shuffled / dropped-out captions, which would otherwise grow the bank every epoch)."""
+        if not cache:
+            missing = [c for c in dict.fromkeys(captions) if c not in self.entries]
+            if missing:
+                enc = self.encoder.encode(missing)
+                return _merge(self, captions, missing, enc, device)
         self.add([c for c in captions if c not in self.entries])
         toks = [self.entries[c][0] for c in captions]
         tags = [self.entries[c][1] for c in captions]
@@ -48,6 +57,21 @@ class TextBank:
             "tags": tag_t.to(device),
             "tag_mask": tag_mask.to(device),
         }
+
+
+def _merge(bank: TextBank, captions: list[str], missing: list[str], enc, device) -> dict[str, torch.Tensor]:
+    fresh = {
+        c: (enc.tokens[j][enc.mask[j]], enc.tags[j][enc.tag_mask[j]]) for j, c in enumerate(missing)
+    }  # (L_j, 768), (G_j, 768)
+    pick = [fresh[c] if c in fresh else bank.entries[c] for c in captions]
+    tokens, mask = _pad([p[0] for p in pick])
+    tags, tag_mask = _pad([p[1] for p in pick])
+    return {
+        "tokens": tokens.to(device),
+        "mask": mask.to(device),
+        "tags": tags.to(device),
+        "tag_mask": tag_mask.to(device),
+    }
 
 
 def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,9 +97,14 @@ class ConditioningEncoder(nn.Module):
         )
 
     def forward(
-        self, tokens: torch.Tensor, mask: torch.Tensor, tags: torch.Tensor, tag_mask: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        tags: torch.Tensor,
+        tag_mask: torch.Tensor,
+        **extra: torch.Tensor,  # inputs of later-registered stages, e.g. style / style_mask
     ) -> dict[str, torch.Tensor]:
-        out = self.flow(tokens=tokens, mask=mask, tags=tags, tag_mask=tag_mask)
+        out = self.flow(tokens=tokens, mask=mask, tags=tags, tag_mask=tag_mask, **extra)
         context, context_mask = out["context"], out["context_mask"]
         extra = [k for k in out if k.endswith(".extra_context")]
         for key in extra:  # contributions of later-registered stages

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from moas.config import MoasConfig
-from moas.data.dataset import ArtDataset, collate, to_model_range
+from moas.data.dataset import to_model_range
+from moas.data.loader import build_dataset, build_loader, caption_augment, save_style_db, style_inputs
+from moas.data.style import STYLE_DIM
 from moas.data.textbank import TextBank
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.errors import CheckpointError
@@ -62,10 +63,17 @@ def milestone_epochs(epochs: int) -> set[int]:
 
 
 def model_file_state(
-    model: MoasGenerator, ema: EMA, cfg: MoasConfig, encoder_id: str, epoch: int, step: int
+    model: MoasGenerator,
+    ema: EMA,
+    cfg: MoasConfig,
+    encoder_id: str,
+    epoch: int,
+    step: int,
+    style_db: dict | None = None,
 ) -> dict:
     """What generation needs: the EMA weights, the constructor arguments, config and text-encoder identity."""
     return {
+        **({"style_db": style_db} if style_db else {}),
         "kind": "model",
         "model_args": model.init_args,
         "ema": {"model": ema.model.state_dict()},
@@ -88,8 +96,12 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
         log.info("--auto_resume: no valid checkpoint in %s; starting from scratch.", ckpt_dir)
 
     # Data.
-    dataset = ArtDataset(cfg.data.data_dir, cfg.data.resolution, cfg.data.cache_dir)
-    dataset.validate(cfg.data.max_bad_fraction, progress=progress)
+    encoder = TextEncoder(
+        cfg.text.model_name,
+        max_tokens=cfg.text.max_tokens,
+        require_id=resume["text_encoder"] if resume else None,
+    )
+    dataset = build_dataset(cfg, cfg.data.data_dir, encoder, progress)
     log.info(
         "Data: %d images in %s (%d skipped); device %s, %d threads.",
         len(dataset),
@@ -98,21 +110,16 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
         device,
         threads,
     )
-    encoder = TextEncoder(
-        cfg.text.model_name,
-        max_tokens=cfg.text.max_tokens,
-        require_id=resume["text_encoder"] if resume else None,
-    )
     val_set = None
     if cfg.data.val_dir:
-        val_set = ArtDataset(cfg.data.val_dir, cfg.data.resolution, cfg.data.cache_dir)
-        val_set.validate(cfg.data.max_bad_fraction, progress=progress)
+        val_set = build_dataset(cfg, cfg.data.val_dir, encoder, progress)
         log.info("Validation: %d images in %s.", len(val_set), cfg.data.val_dir)
     captions = dataset.captions()
     bank = TextBank(encoder, captions + (val_set.captions() if val_set else []), progress=progress)
 
     # Model, EMA, optimizer, schedule.
-    model = MoasGenerator(cfg.data.resolution, asdict(cfg.model), asdict(cfg.text)).to(device)
+    style_dim = STYLE_DIM if cfg.data.extract_style else 0
+    model = MoasGenerator(cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), style_dim).to(device)
     ema = EMA(model, tc.ema_decay)
     opt = torch.optim.AdamW(
         model.parameters(),
@@ -124,17 +131,8 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
     )
     batch_size = min(tc.batch_size, len(dataset))
     shuffle_gen = torch.Generator().manual_seed(tc.seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        generator=shuffle_gen,
-        drop_last=True,
-        collate_fn=collate,
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=cfg.data.num_workers > 0,
-    )
+    loader, batch_sampler = build_loader(cfg, dataset, batch_size, device)
+    augment = caption_augment(cfg)
     steps_per_epoch = math.ceil(len(loader) / tc.grad_accum_steps)
     sched = WarmupCosineRestarts(
         opt, tc.epochs, steps_per_epoch, tc.warmup_fraction, tc.restart_fraction, tc.restart_mult, tc.eta_min
@@ -174,6 +172,7 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
     resumed_run = start_epoch > 0 and previous_run.name and previous_run.is_dir()
     run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
     (run_dir / "config.toml").write_text(cfg.to_toml())
+    save_style_db(dataset, run_dir)
     monitor = RunMonitor(run_dir, cfg, captions, encoder)
     milestones = milestone_epochs(tc.epochs)
 
@@ -215,6 +214,7 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
     last_loss, ips, skipped = float("nan"), 0.0, 0
     stop = False
     for epoch in range(start_epoch, tc.epochs):
+        batch_sampler.set_epoch(epoch)
         bar = tqdm(
             loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not progress, leave=False
         )
@@ -225,8 +225,13 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
             x0 = to_model_range(batch["pixels"]).to(device)  # (B, 3, H, W)
             b = x0.shape[0]
             drop = torch.rand(b) < cfg.diffusion.cond_dropout
-            captions = ["" if d else c for c, d in zip(batch["captions"], drop.tolist(), strict=True)]
-            text = bank.batch(captions, device)
+            captions = [
+                augment(c, tc.seed, epoch, int(j))
+                for c, j in zip(batch["captions"], batch["index"], strict=True)
+            ]
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+            text = bank.batch(captions, device, cache=not augment.active)
+            text.update(style_inputs(batch, cfg.data.style_dropout, device))
             t = torch.randint(0, schedule.num_timesteps, (b,), device=device)
             noise = torch.randn_like(x0)
             x_t = schedule.add_noise(x0, noise, t)
@@ -298,7 +303,15 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
     model_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
         model_path,
-        model_file_state(model, ema, cfg, encoder.encoder_id, done, global_step),
+        model_file_state(
+            model,
+            ema,
+            cfg,
+            encoder.encoder_id,
+            done,
+            global_step,
+            dataset.style_db.to_dict() if cfg.data.extract_style else None,
+        ),
         {"epoch": done, "global_step": global_step, "kind": "model"},
     )
     monitor.close()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from moas.data.dataset import ArtDataset, collate, to_model_range
+from moas.data.sampler import BucketBatchSampler
 from moas.data.textbank import TextBank
 from moas.diffusion.schedule import NoiseSchedule
 
@@ -30,7 +31,11 @@ def validation_loss(
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+    # One image size per batch (aspect buckets); every image exactly once, in order.
+    order = BucketBatchSampler(
+        dataset.bucket_ids, [1.0] * len(dataset), batch_size, shuffle=False, fill=False
+    )
+    for batch in DataLoader(dataset, batch_sampler=order, collate_fn=collate):
         x0 = to_model_range(batch["pixels"]).to(device)  # (B, 3, H, W)
         text = bank.batch(batch["captions"], device)
         for step in TIMESTEPS:
