@@ -101,6 +101,55 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, help="output width in pixels (default: the model's resolution)")
     p.add_argument("--height", type=int, help="output height in pixels (default: the model's resolution)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--style",
+        help="artist style learned from a data folder (model trained with data.extract_style = true)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+EPILOG_PREPARE = """examples:
+  moas prepare --data_dir data/train                                # report only
+  moas prepare --data_dir data/train --move_rejects data/rejected   # move rejects (+ captions) away
+Checks (the original's thresholds): long edge >= 512, short edge >= 256, aspect 0.33-3.0, colour std > 15,
+Laplacian variance > 30, contrast > 20, > 100 colours when near black/white, MD5 duplicates, unreadable
+files. Originals are never deleted."""
+
+EPILOG_DOWNLOAD = """examples:
+  moas download --tags "1girl solo" --out data/danbooru             # up to 3,500 filtered images
+  moas download --tags "landscape" --out data/bg --target 500 --min_score 10
+Credentials (optional) come from .env: DANBOORU_LOGIN and DANBOORU_API_KEY. Rerun the same command to
+resume after an interruption; a full folder is skipped, an over-full one is trimmed into OUT/.trimmed/."""
+
+
+def _add_quality_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min_long_edge", type=int, default=512, help="minimum long edge in pixels (512)")
+    p.add_argument("--min_short_edge", type=int, default=256, help="minimum short edge in pixels (256)")
+
+
+def _add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data_dir", required=True, help="folder of images to check (searched recursively)")
+    p.add_argument("--move_rejects", help="move rejected images and their captions into this folder")
+    p.add_argument("--report", help="JSON report path (default logs/prepare_report.json)")
+    _add_quality_flags(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_download(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tags", default="", help="Danbooru tag query, e.g. '1girl solo'")
+    p.add_argument("--out", default="data/danbooru", help="output folder (images + .txt captions)")
+    p.add_argument("--target", type=int, default=3500, help="images wanted in the folder (3500)")
+    p.add_argument("--min_score", type=int, default=5, help="minimum Danbooru score (5)")
+    p.add_argument("--max_pages", type=int, default=1000, help="stop after this many API pages")
+    p.add_argument(
+        "--base_url", default="https://danbooru.donmai.us", help="API root (a mirror or a local test server)"
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="read timeout per request in seconds")
+    p.add_argument("--retries", type=int, default=5, help="retries per request (421/429/5xx, timeouts)")
+    p.add_argument("--max_file_mb", type=float, default=50.0, help="largest file accepted, in MB")
+    p.add_argument("--no_anime_check", action="store_true", help="skip the anime-validation keyword filter")
+    p.add_argument("--report", help="JSON report path (default logs/download_report.json)")
+    _add_quality_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -132,6 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n_images", type=int, default=1200, help="number of images")
     m.add_argument("--size", type=int, default=64, help="image side in pixels")
     m.add_argument("--seed", type=int, default=0, help="seed (same seed → identical files)")
+    _add_prepare(
+        sub.add_parser(
+            "prepare",
+            help="run the quality filters over a local image folder",
+            epilog=EPILOG_PREPARE,
+            formatter_class=fmt,
+        )
+    )
+    _add_download(
+        sub.add_parser(
+            "download",
+            help="download filtered, captioned training images from Danbooru",
+            epilog=EPILOG_DOWNLOAD,
+            formatter_class=fmt,
+        )
+    )
     e = sub.add_parser(
         "eval", help="measure prompt adherence on the demo data's seen and held-out combinations"
     )
@@ -222,6 +287,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         sampler=a.sampler or "dpmsolver++",
         width=a.width,
         height=a.height,
+        style=a.style,
     )
     validate_request(req)  # fail fast, before loading anything
     pipe = _load_pipeline(a.model, a.device)
@@ -272,7 +338,73 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "make-data": cmd_make_data, "eval": cmd_eval}
+def _thresholds(a: argparse.Namespace):
+    from moas.data.filters import QualityThresholds
+
+    if a.min_long_edge < 1 or a.min_short_edge < 1:
+        raise MoasError("--min_long_edge and --min_short_edge must be at least 1.")
+    return QualityThresholds(min_long_edge=a.min_long_edge, min_short_edge=a.min_short_edge)
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from moas.data.filters import prepare_folder
+
+    report_path = Path(a.report or "logs/prepare_report.json")
+    r = prepare_folder(a.data_dir, a.move_rejects, report_path, _thresholds(a), progress=not a.quiet)
+    reasons = ", ".join(f"{k} {v}" for k, v in r["by_reason"].items()) or "none"
+    moved = f"; rejects moved to {a.move_rejects}" if a.move_rejects else ""
+    print(f"{r['kept']} of {r['total']} images pass; rejected: {reasons}{moved}; report: {report_path}")
+    return 0
+
+
+def cmd_download(a: argparse.Namespace) -> int:
+    from moas.data.download import DanbooruDownloader, DownloadSettings
+
+    if a.target < 1 or a.max_pages < 1 or a.retries < 0 or a.timeout <= 0 or a.max_file_mb <= 0:
+        raise MoasError(
+            "--target and --max_pages must be at least 1, --retries 0 or more, --timeout and --max_file_mb positive."
+        )
+    settings = DownloadSettings(
+        tags=a.tags,
+        target=a.target,
+        base_url=a.base_url,
+        min_score=a.min_score,
+        require_anime_keyword=not a.no_anime_check,
+        max_pages=a.max_pages,
+        timeout=(min(10.0, a.timeout), a.timeout),
+        retries=a.retries,
+        max_file_bytes=int(a.max_file_mb * 1024 * 1024),
+        thresholds=_thresholds(a),
+    )
+    dl = DanbooruDownloader(a.out, settings)
+    report_path = Path(a.report or "logs/download_report.json")
+    try:
+        rep = dl.run(progress=not a.quiet)
+    finally:
+        dl.write_report(report_path)
+    if rep.skipped_run:
+        print(
+            f"{a.out} already meets the target of {a.target} images"
+            + (f"; trimmed {rep.trimmed}" if rep.trimmed else "")
+            + "."
+        )
+        return 0
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(rep.failures.items())) or "none"
+    print(
+        f"examined {rep.total} posts: {rep.downloaded} downloaded, {rep.present} already present, "
+        f"{sum(rep.failures.values())} skipped ({reasons}); report: {report_path}"
+    )
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "generate": cmd_generate,
+    "make-data": cmd_make_data,
+    "eval": cmd_eval,
+    "prepare": cmd_prepare,
+    "download": cmd_download,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ class GenerateRequest:
     sampler: str = "dpmsolver++"
     width: int | None = None
     height: int | None = None
+    style: str | None = None  # artist style from the model's style database (--style)
 
 
 def validate_request(req: GenerateRequest) -> None:
@@ -56,7 +57,9 @@ def parameters_text(
         lines.append(f"Negative prompt: {req.negative_prompt}")
     lines.append(
         f"Steps: {req.steps}, Sampler: {SAMPLER_LABELS.get(req.sampler, req.sampler)}, CFG scale: {req.guidance_scale:g}, "
-        f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model_name}, Version: moas"
+        f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model_name}, "
+        + (f"Style: {req.style}, " if req.style else "")
+        + "Version: moas"
     )
     return "\n".join(lines)
 
@@ -100,6 +103,7 @@ def generate(
     validate_request(req)
     paths = output_paths(output, req.num_images)
     seeds = [req.seed + i for i in range(req.num_images)]
+    pipe.set_style(req.style)
     images = pipe(
         [req.prompt] * req.num_images,
         seeds=seeds,

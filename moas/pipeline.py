@@ -14,7 +14,7 @@ from moas.config import DiffusionConfig
 from moas.data.dataset import to_uint8
 from moas.diffusion.sampling import guided, make_sampler, sample
 from moas.diffusion.schedule import make_train_scheduler
-from moas.errors import CheckpointError
+from moas.errors import CheckpointError, MoasError
 from moas.models.generator import MoasGenerator
 from moas.text import TextEncoder
 from moas.train.checkpoint import load_checkpoint, short_hash
@@ -39,6 +39,21 @@ class Pipeline:
         self.model_hash = model_hash
         self.sample_defaults = dict(sample_defaults or {})  # the model config's [sample] section
         self.train_config = dict(make_train_scheduler(diffusion).config)
+        self.style_db: dict | None = None  # the artist style database saved with the model (issue 4)
+        self.style: torch.Tensor | None = None  # fingerprint used by __call__ (set_style)
+
+    def set_style(self, name: str | None) -> None:
+        """Condition on the style ``name`` from the model's style database (None: no style)."""
+        from moas.data.style import ArtistStyleDatabase
+
+        if name is None:
+            self.style = None
+            return
+        if not self.style_db or not getattr(self.model, "style_dim", 0):
+            raise MoasError(
+                "This model was trained without styles (set data.extract_style = true to train them)."
+            )
+        self.style = ArtistStyleDatabase.from_dict(self.style_db).get(name)
 
     @classmethod
     def from_file(
@@ -66,9 +81,11 @@ class Pipeline:
             max_tokens=cfg["text"]["max_tokens"],
             require_id=encoder_id,
         )
-        return cls(
+        pipe = cls(
             model, encoder, DiffusionConfig(**cfg["diffusion"]), device, short_hash(path), cfg.get("sample")
         )
+        pipe.style_db = state.get("style_db")
+        return pipe
 
     @property
     def resolution(self) -> int:
@@ -98,6 +115,9 @@ class Pipeline:
             both = {k: v.to(self.device) for k, v in both.items()}
             cond = {k: v[: len(p)] for k, v in both.items()}
             uncond = {k: v[len(p) :] for k, v in both.items()}
+            if self.style is not None:  # the style token joins the conditional branch only
+                cond["style"] = self.style.to(self.device).expand(len(p), -1)  # (B, S)
+                cond["style_mask"] = torch.ones(len(p), dtype=torch.bool, device=self.device)
             fn = guided(lambda x, t, text: self.model(x, t, text).float(), cond, uncond, guidance_scale)
             x = sample(
                 fn,

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -55,9 +56,11 @@ def center_crop_resize(img: Image.Image, size: int | tuple[int, int]) -> Image.I
 def _oriented_size(data: bytes) -> tuple[int, int] | None:
     """Width and height after EXIF orientation, from the header only; None if the header is unreadable."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # load_image names the reason
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                orientation = im.getexif().get(0x0112, 1)
     except Exception:
         return None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -314,6 +314,8 @@ def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
         ),
         {"epoch": done, "global_step": global_step, "kind": "model"},
     )
+    if cfg.data.extract_style:  # also beside the model file, readable without torch
+        dataset.style_db.save(model_path.with_name(model_path.stem + ".styles.json"))
     monitor.close()
     log.info("Model for generation saved to %s (run folder %s).", model_path, run_dir)
     return TrainResult(run_dir, model_path, done, global_step, last_loss, ips)
