@@ -27,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from tqdm.auto import tqdm
 from urllib3.util import Retry
@@ -120,6 +121,14 @@ class DownloadReport:
             "trimmed": self.trimmed,
             "skipped_run": self.skipped_run,
         }
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """True for timeouts, also when urllib3 reports them wrapped as 'max retries exceeded'."""
+    if isinstance(exc, requests.Timeout):
+        return True
+    inner = exc.args[0] if exc.args else None
+    return isinstance(getattr(inner, "reason", None), TimeoutError | urllib3.exceptions.TimeoutError)
 
 
 def credentials() -> tuple[str, str] | None:
@@ -256,10 +265,8 @@ class DanbooruDownloader:
                         if written > self.s.max_file_bytes:
                             return "too_large"
                         f.write(chunk)
-        except requests.Timeout:
-            return "timeout"
-        except requests.RequestException:
-            return "network_error"
+        except requests.RequestException as e:
+            return "timeout" if _is_timeout(e) else "network_error"
         return None
 
     def _process(self, post: dict) -> str | None:
