@@ -3,9 +3,10 @@
 :class:`BucketBatchSampler` builds a whole epoch's batches of dataset indices as a pure, deterministic
 function of (seed, epoch, weights, buckets, batch size): no global RNG. Weights are kohya-style
 ``N_name`` repeat folders times EveryDream-style ``multiply.txt`` values. An image with weight 2.4 appears
-twice every epoch plus once more in some epochs: per bucket, ``round(Σ fractional parts)`` extra copies are
-drawn each epoch without replacement with probability ∝ fractional part, from a generator seeded by
-(seed, epoch). Every batch comes from one bucket; an incomplete last batch is filled by re-drawing from
+twice every epoch plus once more in some epochs: per bucket, ``Σ fractional parts`` extra copies
+(stochastically rounded, so the expected count is exact) are drawn each epoch without replacement with
+probability ∝ fractional part, from a generator seeded by (seed, epoch). The number of batches can
+therefore differ by one per bucket between epochs. Every batch comes from one bucket; an incomplete last batch is filled by re-drawing from
 the same bucket, so no image is dropped. Use it as ``DataLoader(dataset, batch_sampler=sampler)`` and call
 ``set_epoch(epoch)`` before each epoch.
 """
@@ -112,7 +113,8 @@ class BucketBatchSampler:
                 items += [i] * whole
                 fracs.append(self.weights[i] - whole)
             frac = torch.tensor(fracs, dtype=torch.float64)
-            extra = int(round(float(frac.sum())))
+            total = float(frac.sum())
+            extra = int(total) + int(torch.rand((), generator=gen, dtype=torch.float64) < total - int(total))
             if extra > 0:
                 picks = torch.multinomial(frac, extra, replacement=False, generator=gen)
                 items += [idx[int(j)] for j in picks]
