@@ -116,8 +116,10 @@ class Pipeline:
             cond = {k: v[: len(p)] for k, v in both.items()}
             uncond = {k: v[len(p) :] for k, v in both.items()}
             if self.style is not None:  # the style token joins the conditional branch only
-                cond["style"] = self.style.to(self.device).expand(len(p), -1)  # (B, S)
-                cond["style_mask"] = torch.ones(len(p), dtype=torch.bool, device=self.device)
+                style = self.style.to(self.device).expand(len(p), -1)  # (B, S)
+                cond["style"], uncond["style"] = style, style
+                cond["style_mask"] = torch.ones(len(p), dtype=torch.bool, device=self.device)  # (B,)
+                uncond["style_mask"] = torch.zeros_like(cond["style_mask"])
             fn = guided(lambda x, t, text: self.model(x, t, text).float(), cond, uncond, guidance_scale)
             x = sample(
                 fn,
