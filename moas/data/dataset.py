@@ -161,7 +161,7 @@ class ArtDataset(Dataset):
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             clean_stray_temp_files(self.cache_dir)
-        good, entries, buckets, captions, fingerprints = [], [], [], [], []
+        good, entries, buckets, captions, fingerprints, no_text = [], [], [], [], [], []
         skipped, details = [], []
         bar = tqdm(
             self.paths, desc="checking images", unit="img", disable=not progress or len(self.paths) < 50
@@ -197,6 +197,8 @@ class ArtDataset(Dataset):
             buckets.append(b)
             captions.append(caption)
             fingerprints.append(entry["style"])
+            if ep is not None and "text_embed" not in entry:
+                no_text.append(len(good) - 1)
         self.paths, self.skipped, self.skipped_detail = good, skipped, details
         self._entries, self.bucket_ids, self._captions = entries, buckets, captions
         report = self.report()
@@ -211,7 +213,7 @@ class ArtDataset(Dataset):
                 f"(more than the allowed {max_bad_fraction:.0%}); see the dataset report and warnings above."
             )
         if encoder is not None and self.cache_dir is not None:
-            self._fill_text_embeddings(encoder, progress)
+            self._fill_text_embeddings(encoder, no_text, progress)
         self.style_keys = [style_key(p, self.root) for p in good]
         if self.extract_style:
             self.style_db = ArtistStyleDatabase()
@@ -221,13 +223,9 @@ class ArtDataset(Dataset):
             self._style_vecs = {k: self.style_db.get(k) for k in self.style_db.names()}
         return report
 
-    def _fill_text_embeddings(self, encoder, progress: bool, chunk: int = 128) -> None:
+    def _fill_text_embeddings(self, encoder, todo: list[int], progress: bool, chunk: int = 128) -> None:
+        """Add the pooled caption embedding to the entries ``todo`` (main process only)."""
         assert self._entries is not None and self._captions is not None
-        todo = []
-        for i, ep in enumerate(self._entries):
-            entry = load_entry(ep, self.buckets[self.bucket_ids[i]]) if ep is not None else None
-            if entry is not None and "text_embed" not in entry:
-                todo.append(i)
         bar = tqdm(
             total=len(todo), desc="caching text embeddings", unit="cap", disable=not progress or not todo
         )
