@@ -6,7 +6,8 @@
 Both paths produce identical items (uint8 pixels at 512×512, the 768-d image-statistics embedding and
 the style fingerprint). "decode" uses ``ArtDataset`` without a cache, so every epoch reads, decodes,
 crops, resizes and analyses each file; "cached" loads the ``.pt`` entries written by the first pass.
-Epochs alternate (decode, cached, decode, cached, …) so a busy shared machine slows both alike; the
+"decode_resize_only" times just read + decode + crop + resize
+(no embeddings), the least any uncached loader must do. Epochs alternate (decode, cached, bare, …) so a busy shared machine slows both alike; the
 load average is recorded with the numbers. Peak RAM is the process's maximum resident set size.
 """
 
@@ -27,7 +28,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moas.data.dataset import ArtDataset  # noqa: E402
+from moas.data.dataset import ArtDataset, center_crop_resize  # noqa: E402
+from moas.data.images import load_image  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> None:
@@ -58,6 +60,14 @@ def epoch(ds: ArtDataset) -> float:
     return len(ds) / (time.perf_counter() - t0)
 
 
+def decode_only_epoch(ds: ArtDataset) -> float:
+    """Read + decode + crop/resize only (no embeddings): the least any uncached loader must do."""
+    t0 = time.perf_counter()
+    for p in ds.paths:
+        center_crop_resize(load_image(p), ds.resolution)
+    return len(ds) / (time.perf_counter() - t0)
+
+
 def peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 if sys.platform != "darwin" else kb / 1024 / 1024
@@ -82,10 +92,11 @@ def main() -> int:
         first_pass = a.n / (time.perf_counter() - t0)
         plain = ArtDataset(data, a.resolution, None)
         plain.validate(progress=False)
-        decode_ips, cached_ips = [], []
+        decode_ips, cached_ips, bare_ips = [], [], []
         for _ in range(a.rounds):
             decode_ips.append(epoch(plain))
             cached_ips.append(epoch(cached))
+            bare_ips.append(decode_only_epoch(plain))
         entry_mb = sum(p.stat().st_size for p in (Path(tmp) / "cache").glob("*.pt")) / a.n / 2**20
     result = {
         "images": a.n,
@@ -94,7 +105,11 @@ def main() -> int:
         "first_pass_img_s": round(first_pass, 2),
         "decode_img_s": [round(x, 2) for x in decode_ips],
         "cached_img_s": [round(x, 2) for x in cached_ips],
+        "decode_resize_only_img_s": [round(x, 2) for x in bare_ips],
         "speedup_median": round(float(np.median(np.array(cached_ips) / np.array(decode_ips))), 2),
+        "speedup_vs_decode_resize_only": round(
+            float(np.median(np.array(cached_ips) / np.array(bare_ips))), 2
+        ),
         "cache_entry_mb": round(entry_mb, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_before_mb": round(rss_start, 1),

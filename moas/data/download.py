@@ -229,7 +229,7 @@ class DanbooruDownloader:
             return "not_anime"
         md5 = str(post.get("md5", "")).lower()
         if not _MD5.match(md5) or not isinstance(post.get("id"), int):
-            return "no_file_url"
+            return "bad_metadata"  # no usable md5 / id: a safe file name cannot be derived
         url = post.get("file_url")
         if not url or not isinstance(url, str):
             return "no_file_url"

@@ -25,6 +25,7 @@ COLOR_FEATURES = 24
 EDGE_FEATURES = 20
 GRAM_FEATURES = 21
 STYLE_DIM = COLOR_FEATURES + EDGE_FEATURES + GRAM_FEATURES  # 65
+ANALYSIS_SIDE = 128  # images are box-downsampled by an integer factor to at most about this side
 _REPEAT_PREFIX = re.compile(r"^\d+_")
 
 
@@ -65,6 +66,10 @@ class StyleAnalyzer:
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels``: uint8 [3, H, W] → float32 [STYLE_DIM]."""
         rgb = pixels.numpy().astype(np.float64) / 255.0  # (3, H, W)
+        factor = -(-max(rgb.shape[1:]) // ANALYSIS_SIDE)
+        if factor > 1:  # analyse at most ~128 px: style statistics, not detail; 10-20x cheaper at 512 px
+            h, w = rgb.shape[1] // factor * factor, rgb.shape[2] // factor * factor
+            rgb = rgb[:, :h, :w].reshape(3, h // factor, factor, w // factor, factor).mean((2, 4))
         r, g, b = rgb
         luma = 0.299 * r + 0.587 * g + 0.114 * b  # (H, W)
         mx, mn = rgb.max(0), rgb.min(0)
