@@ -224,3 +224,35 @@ def test_dataset_style_keys_buckets_and_dummy_samples(tmp_path):
     assert torch.equal(d[0]["style"], d[1]["style"]) and not torch.equal(d[0]["style"], d[2]["style"])
     with pytest.raises(ValueError, match="real images"):
         d._create_dummy_samples()
+
+
+def test_pipeline_style_selection_errors():
+    from dataclasses import asdict
+
+    from moas.config import DiffusionConfig, TextConfig
+    from moas.models.generator import MoasGenerator
+    from moas.pipeline import Pipeline
+    from moas.text import TextEncoder
+
+    model_args = dict(block_channels=[32, 32], cross_attention=[False, True], attention_head_dim=16)
+    enc = TextEncoder(None, allow_bundled=False)
+    plain = Pipeline(
+        MoasGenerator(16, model_args, asdict(TextConfig())), enc, DiffusionConfig(), torch.device("cpu")
+    )
+    with pytest.raises(MoasError, match="trained without styles"):
+        plain.set_style("alice")
+    styled = Pipeline(
+        MoasGenerator(16, model_args, asdict(TextConfig()), STYLE_DIM),
+        enc,
+        DiffusionConfig(),
+        torch.device("cpu"),
+    )
+    db = ArtistStyleDatabase()
+    db.add("alice", torch.ones(STYLE_DIM))
+    styled.style_db = db.to_dict()
+    styled.set_style("alice")
+    assert torch.equal(styled.style, torch.ones(STYLE_DIM))
+    imgs = styled(["1girl"], [0], steps=2)
+    assert imgs.shape == (1, 3, 16, 16)
+    styled.set_style(None)
+    assert styled.style is None
