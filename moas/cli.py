@@ -55,6 +55,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (for smoke tests)")
     p.add_argument(
+        "--save_every_steps",
+        type=int,
+        help="also write checkpoint_<step>.pt every N optimizer steps (0 = only per epoch)",
+    )
+    p.add_argument(
         "--dry-run",
         "--dry_run",
         dest="dry_run",
@@ -174,6 +179,29 @@ def build_parser() -> argparse.ArgumentParser:
             "generate", help="generate images from a prompt", epilog=EPILOG_GENERATE, formatter_class=fmt
         )
     )
+    _add_train(
+        sub.add_parser(
+            "doctor",
+            help="check devices, memory, disk, data, text encoder and checkpoints (writes logs/diagnosis.log)",
+            epilog="examples:\n  moas doctor --profile rtx3060_12gb --data_dir ./data/train",
+            formatter_class=fmt,
+        )
+    )
+    t = sub.add_parser(
+        "tune",
+        help="search lr, batch size, weight decay and betas with short trainings",
+        epilog="examples:\n  moas tune --data_dir ./data/train --val_dir ./data/val --trials 20 --budget_minutes 120\n"
+        "  moas tune --data_dir data/demo/train --trials 3 --steps 20 --best_config configs/tuned.toml",
+        formatter_class=fmt,
+    )
+    _add_train(t)
+    t.add_argument("--trials", type=int, default=10, help="number of trials (the first 5 are random)")
+    t.add_argument(
+        "--budget_minutes", type=float, default=60.0, help="start no trial after this many minutes"
+    )
+    t.add_argument("--steps", type=int, default=50, help="optimizer steps per trial")
+    t.add_argument("--out", default="tune", help="folder for the trials and tune_results.json")
+    t.add_argument("--best_config", default="configs/tuned.toml", help="where the best settings are written")
     m = sub.add_parser(
         "make-data", help="draw the built-in demo data set (anime characters with tag captions)"
     )
@@ -242,6 +270,7 @@ def _train_overrides(a: argparse.Namespace) -> dict:
     put("train", "checkpoint_dir", a.checkpoint_dir)
     put("train", "seed", a.seed)
     put("train", "max_steps", a.max_steps)
+    put("train", "save_every_steps", a.save_every_steps)
     if a.auto_resume:
         put("train", "auto_resume", True)
     put("resources", "device", a.device)
@@ -255,11 +284,21 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.dry_run:
         print(cfg.to_toml())
         return 0
+    from moas.doctor import run_checks
     from moas.runtime import setup_logging
+    from moas.train.distributed import context_from_env, shutdown_distributed
     from moas.train.loop import train
 
-    setup_logging(cfg.train.log_dir, a.verbose)
-    result = train(cfg, progress=not a.quiet)
+    main_rank = context_from_env().is_main
+    setup_logging(cfg.train.log_dir if main_rank else None, a.verbose, quiet_console=not main_rank)
+    if main_rank:
+        run_checks(cfg, quick=True)  # writes logs/diagnosis.log; problems are warnings here
+    try:
+        result = train(cfg, progress=not a.quiet)
+    finally:
+        shutdown_distributed()
+    if not main_rank:
+        return 0
     print(
         f"Trained {result.epochs_done} epochs ({result.global_step} steps); model: {result.model_path}; "
         f"TensorBoard: tensorboard --logdir {Path(cfg.train.run_dir)}"
@@ -397,7 +436,34 @@ def cmd_download(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(a: argparse.Namespace) -> int:
+    from moas.config import load_config
+    from moas.runtime import setup_logging
+    from moas.train.hpo import results_table, tune
+
+    cfg = load_config(a.profile, a.config, _train_overrides(a))
+    setup_logging(cfg.train.log_dir, a.verbose)
+    opt = tune(cfg, a.trials, a.budget_minutes, a.steps, a.out, a.best_config, a.seed or 0, progress=False)
+    print(results_table(opt))
+    print(f"best settings: {a.best_config} (use: moas train --config {a.best_config}); all trials: {a.out}")
+    return 0
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from moas.config import load_config
+    from moas.doctor import format_table, run_checks
+    from moas.runtime import setup_logging
+
+    cfg = load_config(a.profile, a.config, _train_overrides(a))
+    setup_logging(cfg.train.log_dir, a.verbose)
+    results = run_checks(cfg)
+    print(format_table(results))
+    return 1 if any(c.status == "fail" for c in results) else 0
+
+
 COMMANDS = {
+    "tune": cmd_tune,
+    "doctor": cmd_doctor,
     "train": cmd_train,
     "generate": cmd_generate,
     "make-data": cmd_make_data,
@@ -418,13 +484,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.command is None:
         parser.print_help()
         return 2
-    if a.command != "train":
+    if a.command not in ("train", "doctor", "tune"):
         from moas.runtime import setup_logging
 
         setup_logging(None, a.verbose)
     try:
         return COMMANDS[a.command](a)
     except MoasError as e:
+        if getattr(e, "signum", None):  # a graceful stop on SIGINT/SIGTERM, not a failure
+            print(f"moas: {e}", file=sys.stderr)
+            return e.exit_code
         print(f"moas: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -147,7 +147,12 @@ class TrainConfig:
         "auto"  # auto (bf16 if supported, else fp16 + GradScaler; fp32 on CPU) | bf16 | fp16 | no
     )
     save_every: int = 5  # epochs between checkpoints (the final epoch is always saved)
-    keep_last: int = 30
+    save_every_steps: int = 0  # also write checkpoint_<step>.pt every N optimizer steps (0 = off)
+    keep_last: int = 30  # epoch_*.pt (and checkpoint_*.pt) files kept; milestones are never deleted
+    keep_optimizer_last: int = 3  # only the newest N epoch/step checkpoints keep optimizer state (0 = all)
+    min_batch_size: int = 1  # out-of-memory recovery stops below this micro-batch (the original's 2)
+    adaptive_lr: bool = False  # AdaptiveTrainingSystem: scale the lr from the recent loss curve
+    adaptive_window: int = 10  # optimizer steps per AdaptiveTrainingSystem decision
     sample_every: int = 5  # epochs between TensorBoard sample grids
     seed: int = 0
     checkpoint_dir: str = "checkpoints"
@@ -178,6 +183,10 @@ class TrainConfig:
         )
         _check(self.save_every >= 1 and self.sample_every >= 0, "train.save_every must be at least 1")
         _check(self.keep_last >= 1, "train.keep_last must be at least 1")
+        _check(self.save_every_steps >= 0, "train.save_every_steps must be 0 or more")
+        _check(self.keep_optimizer_last >= 0, "train.keep_optimizer_last must be 0 or more")
+        _check(self.min_batch_size >= 1, "train.min_batch_size must be at least 1")
+        _check(self.adaptive_window >= 4, "train.adaptive_window must be at least 4")
         _check(self.max_steps >= 0, "train.max_steps must be 0 or more")
 
 

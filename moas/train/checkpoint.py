@@ -26,18 +26,18 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
 
 from moas.errors import CheckpointError
+from moas.train.rng import capture_rng_state, nonfinite_tensor, restore_rng_state  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ CHECKPOINT_PATTERNS = (
 _SIDECAR_RESERVED = frozenset({"format", "sha256", "size"})
 _TMP_RE = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
 _CHUNK = 1 << 20
+# Test hook for the kill-during-save fault tests: seconds to wait with the temp file fully written but not
+# yet renamed, so a test can SIGKILL the process mid-save. Zero (no wait) unless the variable is set.
+_SAVE_DELAY_S = float(os.environ.get("MOAS_INJECT_SAVE_DELAY", "0") or 0)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -105,6 +108,8 @@ def atomic_open(
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
+            if _SAVE_DELAY_S:
+                time.sleep(_SAVE_DELAY_S)
             os.fsync(f.fileno())
         if before_replace is not None:
             before_replace()
@@ -401,17 +406,21 @@ def _recorded_checkpoints(directory: Path, patterns: tuple[str, ...]) -> list[tu
     return list(found.items())
 
 
-def find_latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+def find_latest_checkpoint(directory: str | os.PathLike[str], resumable_only: bool = True) -> Path | None:
     """Return the verified checkpoint with the highest global_step (then epoch, then mtime).
 
     Incomplete or corrupt checkpoints are skipped with a warning; stray temp files from dead
-    writers are removed. Returns None if the directory is missing or holds no valid checkpoint.
+    writers are removed. With ``resumable_only`` (the default), checkpoints whose optimizer state was
+    dropped by :func:`thin_optimizer_states` (sidecar ``"resumable": false``) are skipped too.
+    Returns None if the directory is missing or holds no such checkpoint.
     """
     d = Path(directory)
     if not d.is_dir():
         return None
     clean_stray_temp_files(d)
     candidates = _recorded_checkpoints(d, CHECKPOINT_PATTERNS)
+    if resumable_only:
+        candidates = [(p, r) for p, r in candidates if r.get("resumable") is not False]
     candidates.sort(key=lambda item: _order_key(*item), reverse=True)
     # Hash only until the newest good one is found: hashing every multi-GB file would be slow.
     for p, _record in candidates:
@@ -421,6 +430,39 @@ def find_latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
             "Ignoring checkpoint %s: checksum does not match its record (corrupt or incomplete).", p
         )
     return None
+
+
+def thin_optimizer_states(
+    directory: str | os.PathLike[str],
+    keep: int,
+    patterns: tuple[str, ...] = ("epoch_*.pt", "checkpoint_*.pt"),
+) -> list[Path]:
+    """Drop the optimizer state from all but the newest ``keep`` checkpoints (0 = keep it everywhere).
+
+    The optimizer state (AdamW/AMSGrad: three tensors per weight) is most of a checkpoint's size and only
+    needed to resume, which uses the newest checkpoints. A thinned checkpoint keeps weights, EMA and all
+    other state, is rewritten atomically with ``"resumable": false`` in its sidecar, and is skipped by
+    :func:`find_latest_checkpoint`. Returns the thinned paths.
+    """
+    if keep <= 0:
+        return []
+    d = Path(directory)
+    found = [(p, r) for p, r in _recorded_checkpoints(d, patterns) if r.get("resumable") is not False]
+    found.sort(key=lambda item: _order_key(*item), reverse=True)
+    thinned = []
+    for p, record in found[keep:]:
+        try:
+            state = load_checkpoint(p)
+        except CheckpointError as exc:
+            logger.warning("Not thinning %s: %s", p, exc)
+            continue
+        state.pop("moas_format", None)
+        state.pop("optimizer", None)
+        state["resumable"] = False
+        meta = {k: v for k, v in record.items() if k not in _SIDECAR_RESERVED}
+        save_checkpoint(p, state, {**meta, "resumable": False})
+        thinned.append(p)
+    return thinned
 
 
 def rotate_checkpoints(
@@ -456,87 +498,3 @@ def rotate_checkpoints(
             continue
         deleted.append(p)
     return deleted
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Capture Python, NumPy, torch CPU and CUDA RNG states as tensors and plain values.
-
-    The result survives a ``save_checkpoint`` / weights-only ``load_checkpoint`` round trip.
-    """
-    version, internal, gauss_next = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    return {
-        "python": {
-            "version": int(version),
-            "state": torch.tensor(internal, dtype=torch.int64),
-            "gauss_next": gauss_next,
-        },
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached),
-        },
-        "torch_cpu": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-    }
-
-
-def _ints(t: Any, what: str) -> list[int]:
-    if not (isinstance(t, torch.Tensor) and t.dim() == 1 and not (t.is_floating_point() or t.is_complex())):
-        raise ValueError(f"malformed RNG state: {what} must be a 1-D integer tensor")
-    return t.detach().cpu().tolist()
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore states from :func:`capture_rng_state`.
-
-    Every part is first applied to a throwaway generator, so a malformed state raises ValueError
-    before any global generator changes.
-    """
-    try:
-        py, npy, cpu, cuda = state["python"], state["numpy"], state["torch_cpu"], state["cuda"]
-        py_state = (py["version"], tuple(_ints(py["state"], "python state")), py["gauss_next"])
-        if py_state[2] is not None and type(py_state[2]) is not float:
-            raise ValueError("python gauss_next must be a float or None")
-        pos = npy["pos"]
-        if type(pos) is not int or not 0 <= pos <= 624:
-            raise ValueError(f"numpy pos {pos!r} out of range")
-        np_keys = np.asarray(_ints(npy["keys"], "numpy keys"), dtype=np.uint32)
-        np_state = (npy["kind"], np_keys, pos, int(npy["has_gauss"]), float(npy["cached_gaussian"]))
-        if not (isinstance(cpu, torch.Tensor) and cpu.dtype == torch.uint8):
-            raise ValueError("torch_cpu must be a uint8 tensor")
-        if not (
-            isinstance(cuda, list | tuple)
-            and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)
-        ):
-            raise ValueError("cuda must be a list of uint8 tensors")
-        cpu = cpu.detach().cpu()
-        # Dry runs: the generators' own setters are the authority on what a valid state is.
-        random.Random().setstate(py_state)
-        np.random.RandomState().set_state(np_state)
-        torch.Generator().set_state(cpu)
-    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as exc:
-        raise ValueError(f"malformed RNG state: {exc}") from exc
-
-    random.setstate(py_state)
-    np.random.set_state(np_state)
-    torch.set_rng_state(cpu)
-    if not cuda:
-        return
-    if not torch.cuda.is_available():
-        logger.warning(
-            "Checkpoint has CUDA RNG states but CUDA is not available; GPU randomness is not restored."
-        )
-        return
-    count = torch.cuda.device_count()
-    if count != len(cuda):
-        logger.warning(
-            "Checkpoint has CUDA RNG states for %d devices but %d are visible; restoring the first %d.",
-            len(cuda),
-            count,
-            min(count, len(cuda)),
-        )
-    for i, t in enumerate(cuda[:count]):
-        torch.cuda.set_rng_state(t.detach().cpu(), device=i)

@@ -1,8 +1,16 @@
 """The training run: data → text bank → generator + EMA → AdamW/AMSGrad → checkpoints, TensorBoard.
 
-One function, ``train(cfg)``, reads top to bottom. The step is min-SNR-weighted v-prediction (or ε) with
-10 % null-prompt dropout for classifier-free guidance; AMP (bf16, else fp16 + GradScaler) on CUDA, fp32 on
-CPU; gradient accumulation, clipping and a NaN/Inf guard; EMA weights are what generation uses.
+``Trainer(cfg).run()`` reads top to bottom: ``__init__`` builds everything (and restores a checkpoint with
+``--auto_resume``), ``run`` loops over epochs and micro-batches, ``_micro_step`` is one forward/backward,
+``_optimizer_step`` applies an accumulated step, ``save`` writes a checkpoint. The step is
+min-SNR-weighted v-prediction (or ε) with null-prompt dropout for classifier-free guidance; AMP (bf16,
+else fp16 + GradScaler) on CUDA, fp32 on CPU; gradient accumulation, clipping and a NaN/Inf guard.
+
+Exact resume: everything random in a step (condition dropout, t, noise) comes from ``self.gen``, a
+``torch.Generator`` whose state is checkpointed; the batch order is a pure function of (seed, epoch)
+(``moas.train.batches``); so the position in the epoch is (epoch, batch index). Checkpoints are only taken
+at optimizer-step boundaries, and the *boundary* snapshot (position + generator state) is what is saved,
+also by the emergency paths (out of memory, signals, crashes), so every checkpoint continues bit-identically.
 """
 
 from __future__ import annotations
@@ -16,33 +24,51 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from moas.config import MoasConfig
-from moas.data.dataset import to_model_range
-from moas.data.loader import build_dataset, build_loader, caption_augment, save_style_db, style_inputs
+from moas.data.dataset import smart_collate_fn, to_model_range
+from moas.data.loader import build_dataset, caption_augment, loader_kwargs, loader_workers, save_style_db
+from moas.data.sampler import BucketBatchSampler
 from moas.data.style import STYLE_DIM
 from moas.data.textbank import TextBank
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
-from moas.errors import CheckpointError
+from moas.errors import CheckpointError, MoasError
 from moas.models.generator import MoasGenerator
 from moas.monitor import RunMonitor
+from moas.resources import EnhancedResourceManager
 from moas.runtime import autocast_dtype, new_run_dir, resolve_device, seed_everything, set_threads
 from moas.text import TextEncoder
+from moas.train import faults
+from moas.train.adaptive import AdaptiveTrainingSystem
+from moas.train.batches import ResumableBatchSampler, batches_per_epoch
 from moas.train.checkpoint import (
-    capture_rng_state,
     epoch_checkpoint_name,
     find_latest_checkpoint,
     load_checkpoint,
-    restore_rng_state,
+    nonfinite_tensor,
     rotate_checkpoints,
     save_checkpoint,
+    thin_optimizer_states,
 )
+from moas.train.distributed import DistContext, init_distributed
 from moas.train.ema import EMA
+from moas.train.oom import is_oom, recover_from_oom
 from moas.train.schedule import WarmupCosineRestarts
+from moas.train.signals import GracefulStop, TrainingInterrupted
+from moas.train.state import (
+    emergency_save,
+    model_file_state,
+    restore_training_state,
+    step_checkpoint_name,
+    training_state,
+)
 from moas.train.validate import validation_loss
 
 log = logging.getLogger(__name__)
+perf_log = logging.getLogger("moas.performance")
+error_log = logging.getLogger("moas.errors")
 
 MILESTONES_260 = (40, 80, 120, 160, 200, 230, 260)  # the original's milestone epochs of a 260-epoch run
 
@@ -55,6 +81,9 @@ class TrainResult:
     global_step: int
     final_loss: float
     images_per_sec: float
+    skipped_steps: int = 0
+    micro_batch: int = 0
+    grad_accum: int = 0
 
 
 def milestone_epochs(epochs: int) -> set[int]:
@@ -62,260 +91,463 @@ def milestone_epochs(epochs: int) -> set[int]:
     return {max(1, round(m * epochs / 260)) for m in MILESTONES_260}
 
 
-def model_file_state(
-    model: MoasGenerator,
-    ema: EMA,
-    cfg: MoasConfig,
-    encoder_id: str,
-    epoch: int,
-    step: int,
-    style_db: dict | None = None,
-) -> dict:
-    """What generation needs: the EMA weights, the constructor arguments, config and text-encoder identity."""
-    return {
-        **({"style_db": style_db} if style_db else {}),
-        "kind": "model",
-        "model_args": model.init_args,
-        "ema": {"model": ema.model.state_dict()},
-        "config": cfg.to_dict(),
-        "text_encoder": encoder_id,
-        "epoch": epoch,
-        "global_step": step,
-    }
+class _OOMSignal(Exception):
+    """Raised inside the batch loop to leave it and recover from an out-of-memory error."""
 
 
-def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
-    tc = cfg.train
-    device = resolve_device(cfg.resources.device)
-    threads = set_threads(cfg.resources.cpu_threads)
-    seed_everything(tc.seed)
-    ckpt_dir = Path(tc.checkpoint_dir)
-    resume_path = find_latest_checkpoint(ckpt_dir) if tc.auto_resume else None
-    resume = load_checkpoint(resume_path) if resume_path else None
-    if tc.auto_resume and resume is None:
-        log.info("--auto_resume: no valid checkpoint in %s; starting from scratch.", ckpt_dir)
+class Trainer:
+    def __init__(self, cfg: MoasConfig, progress: bool = True, dist_ctx: DistContext | None = None) -> None:
+        tc = self.tc = cfg.train
+        self.cfg, self.progress = cfg, progress
+        if dist_ctx is None:
+            dist_ctx, device_name = init_distributed(cfg.resources.device)
+        else:
+            device_name = cfg.resources.device
+        self.dist = dist_ctx
+        self.device = device = resolve_device(device_name)
+        self.threads = set_threads(cfg.resources.cpu_threads)
+        seed_everything(tc.seed)
+        self.faults = faults.FaultInjector()
+        self.resources = EnhancedResourceManager.from_config(cfg.resources, device)
+        self.ckpt_dir = Path(tc.checkpoint_dir)
+        self.resume_path = find_latest_checkpoint(self.ckpt_dir) if tc.auto_resume else None
+        if tc.auto_resume and self.resume_path is None:
+            light = find_latest_checkpoint(self.ckpt_dir, resumable_only=False)
+            if light is not None:
+                raise CheckpointError(
+                    f"No checkpoint with optimizer state in {self.ckpt_dir} verifies; {light.name} holds weights "
+                    "only. Move the folder aside to start over, or restore a newer checkpoint."
+                )
+        resume = load_checkpoint(self.resume_path) if self.resume_path else None
+        if tc.auto_resume and resume is None:
+            log.info("--auto_resume: no valid checkpoint in %s; starting from scratch.", self.ckpt_dir)
 
-    # Data.
-    encoder = TextEncoder(
-        cfg.text.model_name,
-        max_tokens=cfg.text.max_tokens,
-        require_id=resume["text_encoder"] if resume else None,
-    )
-    dataset = build_dataset(cfg, cfg.data.data_dir, encoder, progress)
-    log.info(
-        "Data: %d images in %s (%d skipped); device %s, %d threads.",
-        len(dataset),
-        cfg.data.data_dir,
-        len(dataset.skipped),
-        device,
-        threads,
-    )
-    val_set = None
-    if cfg.data.val_dir:
-        val_set = build_dataset(cfg, cfg.data.val_dir, encoder, progress)
-        log.info("Validation: %d images in %s.", len(val_set), cfg.data.val_dir)
-    captions = dataset.captions()
-    bank = TextBank(encoder, captions + (val_set.captions() if val_set else []), progress=progress)
-
-    # Model, EMA, optimizer, schedule.
-    style_dim = STYLE_DIM if cfg.data.extract_style else 0
-    model = MoasGenerator(cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), style_dim).to(device)
-    ema = EMA(model, tc.ema_decay)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=tc.lr,
-        betas=tuple(tc.betas),
-        weight_decay=tc.weight_decay,
-        eps=tc.eps,
-        amsgrad=tc.amsgrad,
-    )
-    batch_size = min(tc.batch_size, len(dataset))
-    shuffle_gen = torch.Generator().manual_seed(tc.seed)
-    loader, batch_sampler = build_loader(cfg, dataset, batch_size, device)
-    augment = caption_augment(cfg)
-    steps_per_epoch = math.ceil(len(loader) / tc.grad_accum_steps)
-    sched = WarmupCosineRestarts(
-        opt, tc.epochs, steps_per_epoch, tc.warmup_fraction, tc.restart_fraction, tc.restart_mult, tc.eta_min
-    )
-    amp_dtype = autocast_dtype(device, tc.mixed_precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    schedule = NoiseSchedule(
-        make_train_scheduler(cfg.diffusion), cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        "Generator: %.1fM parameters; %d steps/epoch × %d epochs.", n_params / 1e6, steps_per_epoch, tc.epochs
-    )
-
-    start_epoch, global_step, train_seconds_before = 0, 0, 0.0
-    previous_run = Path()
-    if resume is not None:
-        try:
-            model.load_state_dict(resume["model"])
-            ema.load_state_dict(resume["ema"])
-            opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])
-            scaler.load_state_dict(resume["scaler"])
-        except (KeyError, RuntimeError, ValueError):
-            raise CheckpointError(
-                f"Checkpoint {resume_path} does not match this configuration; resume with the settings it was trained with."
-            ) from None
-        start_epoch, global_step = int(resume["epoch"]), int(resume["global_step"])
-        train_seconds_before = float(resume.get("train_seconds", 0.0))
-        restore_rng_state(resume["rng"])
-        shuffle_gen.set_state(resume["shuffle_rng"])
-        log.info("Resumed from %s at epoch %d, step %d.", resume_path, start_epoch, global_step)
-        previous_run = Path(resume.get("run_dir", ""))
-        del resume
-
-    # A resumed run keeps writing to its TensorBoard folder, so its curves continue.
-    resumed_run = start_epoch > 0 and previous_run.name and previous_run.is_dir()
-    run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
-    (run_dir / "config.toml").write_text(cfg.to_toml())
-    save_style_db(dataset, run_dir)
-    monitor = RunMonitor(run_dir, cfg, captions, encoder)
-    milestones = milestone_epochs(tc.epochs)
-
-    t_start = time.perf_counter()
-
-    def train_seconds() -> float:
-        """Wall time spent in the training loop, summed over resumed sessions."""
-        return train_seconds_before + time.perf_counter() - t_start
-
-    def save(epoch: int) -> Path:
-        state = {
-            "train_seconds": train_seconds(),
-            "kind": "checkpoint",
-            "model": model.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "global_step": global_step,
-            "rng": capture_rng_state(),
-            "shuffle_rng": shuffle_gen.get_state(),
-            "config": cfg.to_dict(),
-            "model_args": model.init_args,
-            "text_encoder": encoder.encoder_id,
-            "run_dir": str(run_dir),
-        }
-        path = save_checkpoint(
-            ckpt_dir / epoch_checkpoint_name(epoch),
-            state,
-            {"epoch": epoch, "global_step": global_step, "train_seconds": round(state["train_seconds"], 2)},
+        # Data (the text encoder first: validation can embed captions with it).
+        self.encoder = TextEncoder(
+            cfg.text.model_name,
+            max_tokens=cfg.text.max_tokens,
+            require_id=resume["text_encoder"] if resume else None,
         )
-        rotate_checkpoints(
-            ckpt_dir, keep=tc.keep_last, protect={epoch_checkpoint_name(m) for m in milestones}
+        self.dataset = build_dataset(cfg, cfg.data.data_dir, self.encoder, progress)
+        log.info(
+            "Data: %d images in %s (%d skipped); device %s, %d threads.",
+            len(self.dataset),
+            cfg.data.data_dir,
+            len(self.dataset.skipped),
+            device,
+            self.threads,
+        )
+        self.val_set = None
+        if cfg.data.val_dir:
+            self.val_set = build_dataset(cfg, cfg.data.val_dir, self.encoder, progress)
+            log.info("Validation: %d images in %s.", len(self.val_set), cfg.data.val_dir)
+        self.captions = self.dataset.captions()
+        val_captions = self.val_set.captions() if self.val_set else []
+        self.bank = TextBank(self.encoder, self.captions + val_captions, progress=progress)
+        self.augment = caption_augment(cfg)  # a pure function of (seed, epoch, index): resumable
+
+        # Model, EMA, optimizer, schedule.
+        style_dim = STYLE_DIM if cfg.data.extract_style else 0
+        self.model = MoasGenerator(cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), style_dim).to(
+            device
+        )
+        self.ema = EMA(self.model, tc.ema_decay)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=tc.lr,
+            betas=tuple(tc.betas),
+            weight_decay=tc.weight_decay,
+            eps=tc.eps,
+            amsgrad=tc.amsgrad,
+        )
+        per_rank = max(1, len(self.dataset) // self.dist.world_size)
+        self.micro_batch = min(tc.batch_size, per_rank)
+        self.grad_accum = tc.grad_accum_steps
+        batches = batches_per_epoch(self._plan(), self.dist.world_size)
+        if batches < 1:
+            raise MoasError(
+                f"No full batch can be formed from {self.dataset.root} for {self.dist.world_size} process(es) "
+                "(too few images, or every sample weight is 0 — check multiply.txt files)."
+            )
+        self.steps_per_epoch = math.ceil(batches / self.grad_accum)
+        self.sched = WarmupCosineRestarts(
+            self.opt,
+            tc.epochs,
+            self.steps_per_epoch,
+            tc.warmup_fraction,
+            tc.restart_fraction,
+            tc.restart_mult,
+            tc.eta_min,
+        )
+        self.amp_dtype = autocast_dtype(device, tc.mixed_precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.schedule = NoiseSchedule(
+            make_train_scheduler(cfg.diffusion), cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma
+        )
+        self.adaptive = AdaptiveTrainingSystem(tc.adaptive_window, max_lr=1e-3) if tc.adaptive_lr else None
+        # The step's own random stream; each rank draws different noise.
+        self.gen = torch.Generator().manual_seed(tc.seed + 1_000_003 * self.dist.rank)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "Generator: %.1fM parameters; %d steps/epoch × %d epochs; micro-batch %d × accumulation %d%s.",
+            n_params / 1e6,
+            self.steps_per_epoch,
+            tc.epochs,
+            self.micro_batch,
+            self.grad_accum,
+            f" × {self.dist.world_size} processes" if self.dist.enabled else "",
+        )
+
+        snap = self.resources.snapshot()
+        log.info(
+            "Resources: RAM %.1f GB available (process %.1f GB, page cache %.1f GB)%s; "
+            "resolution-table batch at %d px: %d.",
+            snap.ram_available_gb,
+            snap.process_rss_gb,
+            snap.page_cache_gb,
+            f", VRAM {snap.vram_free_gb:.1f} of {snap.vram_total_gb:.1f} GB free"
+            if self.resources.cuda
+            else "",
+            cfg.data.resolution,
+            self.resources.resolution_batch(tc.batch_size, cfg.data.resolution),
+        )
+        self.epoch, self.batch_pos, self.global_step = 0, 0, 0
+        self.skipped_steps, self.train_seconds_before = 0, 0.0
+        previous_run = Path()
+        if resume is not None:
+            previous_run = restore_training_state(self, resume)
+            del resume
+        self._mark_boundary()
+        self.ddp_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+
+        # A resumed run keeps writing to its TensorBoard folder, so its curves continue.
+        self.monitor = None
+        self.run_dir = previous_run
+        if self.dist.is_main:
+            resumed_run = self.global_step > 0 and previous_run.name and previous_run.is_dir()
+            self.run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
+            (self.run_dir / "config.toml").write_text(cfg.to_toml())
+            save_style_db(self.dataset, self.run_dir)
+            self.monitor = RunMonitor(self.run_dir, cfg, self.captions, self.encoder)
+        self.milestones = milestone_epochs(tc.epochs)
+        self.t_start = time.perf_counter()
+        self.last_loss, self.ips = float("nan"), 0.0
+        self.last_val_loss: float | None = None
+        self.oom_error: BaseException | None = None
+        self.group_bad = False
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _mark_boundary(self) -> None:
+        """Remember the last optimizer-step boundary: what every checkpoint (also emergencies) records."""
+        self.boundary = (self.epoch, self.batch_pos, self.gen.get_state())
+
+    def train_seconds(self) -> float:
+        """Wall time spent in the training loop, summed over resumed sessions."""
+        return self.train_seconds_before + time.perf_counter() - self.t_start
+
+    def _gather_gen_states(self) -> list[torch.Tensor]:
+        state = self.boundary[2]
+        if not self.dist.enabled:
+            return [state]
+        import torch.distributed as dist
+
+        out: list = [None] * self.dist.world_size
+        dist.all_gather_object(out, state)
+        return out
+
+    def save(self, name: str, kind: str = "checkpoint") -> Path | None:
+        """Write ``name`` in the checkpoint folder from the last step boundary (rank 0; collective)."""
+        epoch, batch_pos, _ = self.boundary
+        gens = self._gather_gen_states()  # every rank takes part; only rank 0 writes
+        if not self.dist.is_main:
+            return None
+        bad = nonfinite_tensor({"model": self.model.state_dict(), "ema": self.ema.state_dict()})
+        if bad:
+            raise CheckpointError(
+                f"Refusing to save {name}: {bad} holds NaN/Inf values; the previous checkpoints are kept."
+            )
+        state = training_state(self, kind, gens)
+        if delay := self.faults.save_delay():
+            time.sleep(delay)
+        meta = {
+            "epoch": epoch,
+            "batch_in_epoch": batch_pos,
+            "global_step": self.global_step,
+            "kind": kind,
+            "train_seconds": round(state["train_seconds"], 2),
+        }
+        path = save_checkpoint(self.ckpt_dir / name, state, meta)
+        # Rotation only now that the new checkpoint (and its sidecar) is complete.
+        protect = {epoch_checkpoint_name(m) for m in self.milestones}
+        rotate_checkpoints(self.ckpt_dir, keep=self.tc.keep_last, protect=protect)
+        rotate_checkpoints(self.ckpt_dir, keep=self.tc.keep_last, pattern="checkpoint_*.pt")
+        thin_optimizer_states(self.ckpt_dir, self.tc.keep_optimizer_last)
+        log.info(
+            "Saved checkpoint %s (epoch %d, batch %d, step %d).", path, epoch, batch_pos, self.global_step
         )
         return path
 
-    model.train()
-    last_loss, ips, skipped = float("nan"), 0.0, 0
-    stop = False
-    for epoch in range(start_epoch, tc.epochs):
-        batch_sampler.set_epoch(epoch)
-        bar = tqdm(
-            loader, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not progress, leave=False
+    # ----------------------------------------------------------------------------------- the loop
+    def run(self) -> TrainResult:
+        with GracefulStop() as stopper:
+            self.stopper = stopper
+            try:
+                while self.epoch < self.tc.epochs:
+                    try:
+                        finished = self._run_epoch()
+                    except _OOMSignal:
+                        recover_from_oom(self)
+                        continue
+                    if finished:
+                        break
+            except (MoasError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                emergency_save(self, exc)
+                raise
+        return self._finish()
+
+    def _plan(self) -> BucketBatchSampler:
+        """The batch plan: aspect buckets and sample weights (issue 4), a pure function of (seed, epoch)."""
+        return BucketBatchSampler(
+            self.dataset.bucket_ids, self.dataset.weights(), self.micro_batch, seed=self.tc.seed
         )
+
+    def _run_epoch(self) -> bool:
+        """Train from the current position to the end of the epoch; True when the run should stop."""
+        tc, cfg = self.tc, self.cfg
+        sampler = ResumableBatchSampler(
+            self._plan(), self.epoch, self.batch_pos, self.dist.rank, self.dist.world_size
+        )
+        n_batches = len(sampler.batches)
+        kw = loader_kwargs(loader_workers(cfg.data.num_workers, cfg.resources.loader_workers), self.device)
+        kw["persistent_workers"] = False  # a new loader per epoch (and after an out-of-memory recovery)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=smart_collate_fn, **kw)
+        bar = tqdm(
+            loader,
+            desc=f"epoch {self.epoch + 1}/{tc.epochs}",
+            unit="batch",
+            disable=not self.progress or not self.dist.is_main,
+            leave=False,
+            initial=self.batch_pos,
+            total=n_batches,
+        )
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        self.group_bad = False
+        stop = False
         t_data = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        for i, batch in enumerate(bar):
+        for batch in bar:
             t0 = time.perf_counter()
-            x0 = to_model_range(batch["pixels"]).to(device)  # (B, 3, H, W)
-            b = x0.shape[0]
-            drop = torch.rand(b) < cfg.diffusion.cond_dropout
-            captions = [
-                augment(c, tc.seed, epoch, int(j))
-                for c, j in zip(batch["captions"], batch["index"], strict=True)
-            ]
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-            text = bank.batch(captions, device, cache=not augment.active)
-            text.update(style_inputs(batch, cfg.data.style_dropout, device))
-            t = torch.randint(0, schedule.num_timesteps, (b,), device=device)
-            noise = torch.randn_like(x0)
-            x_t = schedule.add_noise(x0, noise, t)
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                pred = model(x_t, t, text)
-            per_sample = F.mse_loss(pred.float(), schedule.target(x0, noise, t), reduction="none").mean(
-                (1, 2, 3)
-            )
-            loss = (per_sample * schedule.loss_weight(t)).mean()
-            loss = loss.clamp(max=tc.loss_clamp)  # NaN/Inf guard, part 1: bound the loss
-            if not torch.isfinite(loss):  # part 2: never step on a non-finite loss
-                skipped += 1
-                log.warning("Non-finite loss at step %d; batch skipped (%d so far).", global_step, skipped)
-                opt.zero_grad(set_to_none=True)
+            i = self.batch_pos
+            try:
+                self.faults.next_batch()
+                loss = self._micro_step(
+                    batch, last_of_group=(i + 1) % self.grad_accum == 0 or i + 1 == n_batches
+                )
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                self.oom_error = exc
+                bar.close()
+                raise _OOMSignal from None
+            self.batch_pos += 1
+            if (i + 1) % self.grad_accum and i + 1 != n_batches:
                 continue
-            scaler.scale(loss / tc.grad_accum_steps).backward()
-            if (i + 1) % tc.grad_accum_steps == 0 or i + 1 == len(loader):
-                scaler.unscale_(opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                ema.update(model)
-                global_step += 1
-                last_loss = loss.item()
-                step_time = time.perf_counter() - t0
-                ips = b * tc.grad_accum_steps / max(time.perf_counter() - t_data, 1e-9)
-                monitor.log_step(
-                    global_step,
-                    loss=last_loss,
-                    lr=sched.get_last_lr()[0],
-                    images_per_sec=ips,
-                    step_time=step_time,
-                    data_time=t0 - t_data,
-                    grad_norm=float(grad_norm),
-                )
-                bar.set_postfix(
-                    loss=f"{last_loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", img_s=f"{ips:.1f}"
-                )
-                if tc.max_steps and global_step >= tc.max_steps:
-                    stop = True
-                    break
+            self._optimizer_step(loss, batch["pixels"].shape[0], t0, t_data, bar)
+            stop = self._at_boundary()
+            if stop:
+                break
             t_data = time.perf_counter()
         bar.close()
-        done = epoch + 1
+        if self.batch_pos >= n_batches:  # the epoch is complete
+            self._end_epoch(stop)
+            return stop or self.epoch >= tc.epochs
+        self.save(step_checkpoint_name(self.global_step))  # max_steps mid-epoch
+        return True
+
+    def _micro_step(self, batch: dict, last_of_group: bool) -> float:
+        """Forward + backward of one micro-batch; returns its loss (NaN when it was not finite)."""
+        device, gen, schedule = self.device, self.gen, self.schedule
+        x0 = to_model_range(batch["pixels"]).to(device)  # (B, 3, H, W)
+        b = x0.shape[0]
+        drop = torch.rand(b, generator=gen) < self.cfg.diffusion.cond_dropout  # (B,)
+        captions = [
+            self.augment(c, self.tc.seed, self.epoch, int(j))
+            for c, j in zip(batch["captions"], batch["index"], strict=True)
+        ]
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        text = self.bank.batch(captions, device, cache=not self.augment.active)
+        if "style" in batch:  # issue 4's style token, hidden for style_dropout of the rows
+            keep = batch["has_style"] & (torch.rand(b, generator=gen) >= self.cfg.data.style_dropout)  # (B,)
+            text.update({"style": batch["style"].to(device), "style_mask": keep.to(device)})
+        t = torch.randint(0, schedule.num_timesteps, (b,), generator=gen).to(device)  # (B,)
+        noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, 3, H, W)
+        x_t = schedule.add_noise(x0, noise, t)
+        sync = nullcontext() if last_of_group or not self.dist.enabled else self.ddp_model.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+                pred = self.ddp_model(x_t, t, text)  # (B, 3, H, W)
+            per_sample = F.mse_loss(pred.float(), schedule.target(x0, noise, t), reduction="none").mean(
+                (1, 2, 3)
+            )  # (B,)
+            loss = (per_sample * schedule.loss_weight(t)).mean()
+            loss = loss.clamp(max=self.tc.loss_clamp)  # NaN/Inf guard, part 1: bound the loss
+            if self.faults.fires("nan_loss"):
+                loss = loss * float("nan")
+            if not torch.isfinite(loss):  # part 2: never learn from a non-finite loss
+                self.group_bad = True
+                log.warning("Non-finite loss at step %d; the step will be skipped.", self.global_step + 1)
+                loss = pred.sum() * 0.0  # keeps DDP's collective backward in step on every rank
+            self.scaler.scale(loss / self.grad_accum).backward()
+        if self.faults.fires("inf_grad"):
+            next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return float("nan") if self.group_bad else loss.item()
+
+    def _optimizer_step(self, loss: float, b: int, t0: float, t_data: float, bar) -> None:
+        tc, opt = self.tc, self.opt
+        self.scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+        bad = self.dist.all_max(float(self.group_bad or not torch.isfinite(grad_norm)))
+        self.group_bad = False
+        if bad:  # NaN/Inf guard, part 3: no optimizer, schedule or EMA update from this step
+            if self.scaler.is_enabled():
+                self.scaler.update()  # lowers the fp16 loss scale
+            opt.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            log.warning(
+                "Skipped an optimizer step (non-finite loss or gradient; %d so far).", self.skipped_steps
+            )
+            return
+        self.scaler.step(opt)
+        self.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.global_step += 1
+        self.last_loss = self.dist.all_mean(loss)
+        if self.adaptive is not None:
+            lr = self.adaptive.observe(self.last_loss, self.sched.get_last_lr()[0])
+            for g in opt.param_groups:
+                g["lr"] = lr
+        self.ema.update(self.model)
+        now = time.perf_counter()
+        step_time = now - t0
+        self.ips = b * self.grad_accum * self.dist.world_size / max(now - t_data, 1e-9)
+        lr = opt.param_groups[0]["lr"]
+        if self.monitor is not None:
+            self.monitor.log_step(
+                self.global_step,
+                loss=self.last_loss,
+                lr=lr,
+                images_per_sec=self.ips,
+                step_time=step_time,
+                data_time=t0 - t_data,
+                grad_norm=float(grad_norm),
+            )
+            perf_log.info(
+                "step=%d epoch=%d batch=%d micro=%d accum=%d step_s=%.4f data_s=%.4f img_s=%.2f %s",
+                self.global_step,
+                self.epoch + 1,
+                self.batch_pos,
+                self.micro_batch,
+                self.grad_accum,
+                step_time,
+                t0 - t_data,
+                self.ips,
+                self.resources.brief(),
+            )
+        bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.ips:.1f}")
+
+    def _at_boundary(self) -> bool:
+        """After each optimizer step: remember the boundary, react to signals, periodic saves, max_steps."""
+        self._mark_boundary()
+        signum = int(self.dist.all_max(self.stopper.signum or 0))
+        if signum:
+            path = self.save(step_checkpoint_name(self.global_step), kind="signal")
+            raise TrainingInterrupted(
+                f"Stopped by signal {signum} at step {self.global_step}; checkpoint {path or self.ckpt_dir} "
+                "was saved; rerun the same command with --auto_resume to continue.",
+                signum,
+            )
+        if self.tc.save_every_steps and self.global_step % self.tc.save_every_steps == 0:
+            self.save(step_checkpoint_name(self.global_step))
+        self.resources.maybe_cleanup()
+        return bool(self.tc.max_steps and self.global_step >= self.tc.max_steps)
+
+    def _end_epoch(self, stop: bool) -> None:
+        tc = self.tc
+        self.epoch += 1
+        self.batch_pos = 0
+        self._mark_boundary()
+        done = self.epoch
         last = done == tc.epochs or stop
         log.info(
             "Epoch %d/%d: loss %.4f, lr %.2e, %.1f img/s.",
             done,
             tc.epochs,
-            last_loss,
-            sched.get_last_lr()[0],
-            ips,
+            self.last_loss,
+            self.opt.param_groups[0]["lr"],
+            self.ips,
         )
-        if done % tc.save_every == 0 or last or done in milestones:
-            if val_set is not None:
-                val = validation_loss(ema.model, val_set, bank, schedule, device, batch_size, tc.seed)
-                monitor.log_step(global_step, val_loss=val)
+        if done % tc.save_every == 0 or last or done in self.milestones:
+            if self.val_set is not None and self.monitor is not None:
+                val = validation_loss(
+                    self.ema.model,
+                    self.val_set,
+                    self.bank,
+                    self.schedule,
+                    self.device,
+                    self.micro_batch,
+                    tc.seed,
+                )
+                self.monitor.log_step(self.global_step, val_loss=val)
                 log.info("Validation loss (EMA weights) after epoch %d: %.4f.", done, val)
-            path = save(done)
-            log.info("Saved checkpoint %s.", path)
-        if tc.sample_every and (done % tc.sample_every == 0 or last):
-            monitor.sample_grid(ema.model, done, global_step, device)
-        if stop:
-            break
+                self.last_val_loss = val
+            self.save(epoch_checkpoint_name(done), kind="epoch")
+        if self.monitor is not None and tc.sample_every and (done % tc.sample_every == 0 or last):
+            self.monitor.sample_grid(self.ema.model, done, self.global_step, self.device)
 
-    model_path = Path(tc.save_path)
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(
-        model_path,
-        model_file_state(
-            model,
-            ema,
-            cfg,
-            encoder.encoder_id,
-            done,
-            global_step,
-            dataset.style_db.to_dict() if cfg.data.extract_style else None,
-        ),
-        {"epoch": done, "global_step": global_step, "kind": "model"},
-    )
-    if cfg.data.extract_style:  # also beside the model file, readable without torch
-        dataset.style_db.save(model_path.with_name(model_path.stem + ".styles.json"))
-    monitor.close()
-    log.info("Model for generation saved to %s (run folder %s).", model_path, run_dir)
-    return TrainResult(run_dir, model_path, done, global_step, last_loss, ips)
+    def _finish(self) -> TrainResult:
+        tc = self.tc
+        model_path = Path(tc.save_path)
+        if self.dist.is_main:
+            model_path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(
+                model_path,
+                model_file_state(
+                    self.model,
+                    self.ema,
+                    self.cfg,
+                    self.encoder.encoder_id,
+                    self.epoch,
+                    self.global_step,
+                    self.dataset.style_db.to_dict() if self.cfg.data.extract_style else None,
+                ),
+                {"epoch": self.epoch, "global_step": self.global_step, "kind": "model"},
+            )
+            if self.cfg.data.extract_style:  # also beside the model file, readable without torch
+                self.dataset.style_db.save(model_path.with_name(model_path.stem + ".styles.json"))
+            self.monitor.close()
+            log.info("Model for generation saved to %s (run folder %s).", model_path, self.run_dir)
+        self.dist.barrier()
+        return TrainResult(
+            self.run_dir,
+            model_path,
+            self.epoch,
+            self.global_step,
+            self.last_loss,
+            self.ips,
+            self.skipped_steps,
+            self.micro_batch,
+            self.grad_accum,
+        )
+
+
+def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
+    """Train (or, with ``train.auto_resume``, continue) the run described by ``cfg``."""
+    return Trainer(cfg, progress).run()
