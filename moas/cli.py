@@ -67,6 +67,21 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         help="print the resolved config and exit",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_brain_flags(p)
+
+
+def _add_brain_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--conditioning",
+        choices=["moas", "text"],
+        help="moas: the full conditioning brain (default); text: text-only conditioning, for ablation",
+    )
+    p.add_argument(
+        "--gnn_version",
+        type=int,
+        choices=[1, 2, 3, 4],
+        help="which EnhancedGNN is registered as the active graph module (default 4)",
+    )
 
 
 def _add_generate(p: argparse.ArgumentParser) -> None:
@@ -111,6 +126,17 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
         help="artist style learned from a data folder (model trained with data.extract_style = true)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the brain's routing weight per expert, the top emotions and the detected language",
+    )
+
+
+EPILOG_INSPECT = """examples:
+  moas inspect --profile rtx3060_12gb            # parameter count of every component
+  moas inspect --model models/best_model.pt --graph   # a trained model, with its DataFlow graph
+  moas inspect --profile cpu_tiny --conditioning text"""
 
 
 EPILOG_PREPARE = """examples:
@@ -241,6 +267,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save_images", help="also write every evaluated image to this folder")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    i = sub.add_parser(
+        "inspect",
+        help="parameter counts of every component and the DataFlow graph",
+        epilog=EPILOG_INSPECT,
+        formatter_class=fmt,
+    )
+    i.add_argument("--model", help="a model file or checkpoint to inspect (instead of a profile)")
+    i.add_argument("--profile", help="hardware profile from configs/ (default cpu_tiny)")
+    i.add_argument("--config", help="a TOML file whose values override the profile")
+    i.add_argument("--graph", action="store_true", help="also print the DataFlow graph in execution order")
+    _add_brain_flags(i)
     return parser
 
 
@@ -274,6 +311,8 @@ def _train_overrides(a: argparse.Namespace) -> dict:
     if a.auto_resume:
         put("train", "auto_resume", True)
     put("resources", "device", a.device)
+    put("brain", "conditioning", a.conditioning)
+    put("brain", "gnn_version", a.gnn_version)
     return o
 
 
@@ -330,6 +369,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     )
     validate_request(req)  # fail fast, before loading anything
     pipe = _load_pipeline(a.model, a.device)
+    if a.explain:
+        print(pipe.explain(req.prompt))
     sc = pipe.sample_defaults
     req.steps = a.steps or sc.get("steps", 20)
     req.guidance_scale = a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0)
@@ -461,6 +502,28 @@ def cmd_doctor(a: argparse.Namespace) -> int:
     return 1 if any(c.status == "fail" for c in results) else 0
 
 
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from moas.system import MultiverseOriginStudioAI
+
+    if a.model:
+        if a.profile or a.config or a.conditioning or a.gnn_version:
+            raise MoasError(
+                "--model cannot be combined with --profile, --config, --conditioning or --gnn_version."
+            )
+        system = MultiverseOriginStudioAI.from_file(a.model)
+    else:
+        from moas.config import load_config
+
+        o: dict = {}
+        if a.conditioning:
+            o.setdefault("brain", {})["conditioning"] = a.conditioning
+        if a.gnn_version:
+            o.setdefault("brain", {})["gnn_version"] = a.gnn_version
+        system = MultiverseOriginStudioAI.from_config(load_config(a.profile, a.config, o))
+    print(system.describe(graph=a.graph))
+    return 0
+
+
 COMMANDS = {
     "tune": cmd_tune,
     "doctor": cmd_doctor,
@@ -470,6 +533,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "prepare": cmd_prepare,
     "download": cmd_download,
+    "inspect": cmd_inspect,
 }
 
 

@@ -219,6 +219,59 @@ class ResourceConfig:
 
 
 @dataclass
+class BrainConfig:
+    """The conditioning brain (EnhancedMoE, GNN, understanding systems, experts). Defaults = the original's sizes."""
+
+    conditioning: str = "moas"  # moas = the full brain; text = text-only conditioning (ablation, old models)
+    expert_dim: int = 512  # width of the 14 experts, the GNN and the structure/art experts
+    router_hidden: list[int] = field(default_factory=lambda: [1024, 512])  # router 768→1024→512→14
+    hidden_dim: int = 1536  # wide MLP width in the emotion/understanding/compression systems
+    expert_heads: int = 8  # heads of each expert's context attention
+    cross_expert_heads: int = 16  # heads of the pass-2 cross-expert attention
+    gnn_version: int = 4  # which EnhancedGNN is registered as `gnn` (1-4; the others stay built)
+    gnn_layers: int = 6  # message-passing layers
+    gnn_heads: int = 8  # attention heads per v4 layer
+    understanding_layers: int = 6  # DeepUnderstandingSystem TransformerEncoder depth
+    understanding_heads: int = 12  # its attention heads (d_model is 768)
+    understanding_ff: int = 3072  # its feed-forward width
+    expert_context: bool = True  # experts attend to the text tokens (the original's optional context)
+    dropout: float = 0.1
+    load_balance_weight: float = 0.01  # weight of the MoE load-balance loss E·Σp̄²−1
+    compression: bool = False  # AdvancedCompressionSystem on the pooled text (adds its reconstruction loss)
+    compression_ratio: float = 0.5  # 768 → 384
+    continuous_learning: bool = (
+        True  # AdvancedContinuousLearning adjusts routing bias/expert weights per epoch
+    )
+    continuous_rate: float = 0.5  # its step size (logit units per unit of relative load imbalance)
+    placement: str = "original"  # original: compression on the CPU when CUDA is used; single: one device
+
+    def __post_init__(self) -> None:
+        _check(self.conditioning in ("moas", "text"), "brain.conditioning must be moas or text")
+        _check(self.gnn_version in (1, 2, 3, 4), "brain.gnn_version must be 1, 2, 3 or 4")
+        _check(self.expert_dim >= 16, "brain.expert_dim must be at least 16")
+        _check(
+            self.expert_dim % self.expert_heads == 0
+            and self.expert_dim % self.cross_expert_heads == 0
+            and self.expert_dim % self.gnn_heads == 0,
+            "brain.expert_dim must be divisible by expert_heads, cross_expert_heads and gnn_heads",
+        )
+        _check(768 % self.understanding_heads == 0, "brain.understanding_heads must divide 768")
+        _check(
+            len(self.router_hidden) == 2 and min(self.router_hidden) >= 1,
+            "brain.router_hidden must be two widths",
+        )
+        _check(
+            self.gnn_layers >= 1 and self.understanding_layers >= 1, "brain layer counts must be at least 1"
+        )
+        _check(self.hidden_dim >= 1 and self.understanding_ff >= 1, "brain widths must be positive")
+        _check(0.0 <= self.dropout < 1.0, "brain.dropout must be in [0, 1)")
+        _check(self.load_balance_weight >= 0, "brain.load_balance_weight must be 0 or more")
+        _check(0.0 < self.compression_ratio < 1.0, "brain.compression_ratio must be in (0, 1)")
+        _check(self.continuous_rate >= 0, "brain.continuous_rate must be 0 or more")
+        _check(self.placement in ("original", "single"), "brain.placement must be original or single")
+
+
+@dataclass
 class MoasConfig:
     profile: str = DEFAULT_PROFILE
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,6 +281,7 @@ class MoasConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
+    brain: BrainConfig = field(default_factory=BrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,6 +311,7 @@ def _section_classes() -> dict[str, type]:
         "train": TrainConfig,
         "sample": SampleConfig,
         "resources": ResourceConfig,
+        "brain": BrainConfig,
     }
 
 

@@ -64,6 +64,28 @@ class RunMonitor:
             self.writer.add_scalar(names.get(k, k), v, step)
         perf_log.debug("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
 
+    def log_brain(self, step: int, model) -> None:
+        """Histograms of routing weights per expert and of emotion scores, per-expert stats (moas brain)."""
+        model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        moe = model.stage("moe") if hasattr(model, "stage") else None
+        if moe is not None:
+            rows = moe.recent_routing(getattr(self, "_routing_seen", 0))  # (N, 14) since the last call
+            self._routing_seen = moe.routing_calls
+            for i, name in enumerate(moe.names):
+                if len(rows):
+                    self.writer.add_histogram(f"routing/{name}", rows[:, i], step)
+                for k, v in moe.expert_stats()[name].items():
+                    self.writer.add_scalar(f"experts/{name}/{k}", v, step)
+            self.writer.add_scalar("experts/temperature", float(moe.temperature.detach()), step)
+        emotion = model.stage("emotion") if moe is not None else None
+        if emotion is not None and emotion.score_history:
+            from moas.models.understanding import EMOTIONS
+
+            scores = torch.stack(list(emotion.score_history))  # (N, 10)
+            for i, name in enumerate(EMOTIONS):
+                self.writer.add_histogram(f"emotion/{name}", scores[:, i], step)
+                self.writer.add_scalar(f"emotion_mean/{name}", float(scores[:, i].mean()), step)
+
     @torch.no_grad()
     def sample_grid(self, model, epoch: int, step: int, device: torch.device) -> Path:
         """Render the fixed prompts with fixed seeds (EMA weights) into TensorBoard and ``samples/``."""

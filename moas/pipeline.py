@@ -15,6 +15,7 @@ from moas.data.dataset import to_uint8
 from moas.diffusion.sampling import guided, make_sampler, sample
 from moas.diffusion.schedule import make_train_scheduler
 from moas.errors import CheckpointError, MoasError
+from moas.models.experts import language_batch
 from moas.models.generator import MoasGenerator
 from moas.text import TextEncoder
 from moas.train.checkpoint import load_checkpoint, short_hash
@@ -32,7 +33,7 @@ class Pipeline:
         model_hash: str = "",
         sample_defaults: dict | None = None,
     ) -> None:
-        self.model = model.eval().to(device)
+        self.model = model.eval().place(device)
         self.encoder = encoder
         self.diffusion = diffusion
         self.device = device
@@ -93,7 +94,29 @@ class Pipeline:
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.encoder.encode(prompts)
-        return {"tokens": enc.tokens, "mask": enc.mask, "tags": enc.tags, "tag_mask": enc.tag_mask}
+        text = {"tokens": enc.tokens, "mask": enc.mask, "tags": enc.tags, "tag_mask": enc.tag_mask}
+        return text | language_batch(prompts)
+
+    @torch.no_grad()
+    def explain(self, prompt: str) -> str:
+        """What the brain makes of a prompt: routing weight per expert, top emotions, detected language."""
+        from moas.models.experts import LANGUAGES
+        from moas.models.moe import describe_routing
+        from moas.models.understanding import EMOTIONS
+
+        if self.model.conditioning != "moas":
+            return (
+                "This model uses text-only conditioning (no expert routing or emotion analysis to explain)."
+            )
+        text = {k: v.to(self.device) for k, v in self.encode([prompt]).items()}
+        cond = self.model.condition(text)
+        moe = self.model.stage("moe")
+        lines = [f"Prompt language: {LANGUAGES[int(text['language'][0])]}", "Expert routing weights:"]
+        lines.append(describe_routing(cond["routing"][0], moe.names))
+        top = cond["emotion_scores"][0].float().cpu().topk(3)
+        pairs = zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        lines.append("Top emotions: " + ", ".join(f"{EMOTIONS[i]} {v:.3f}" for v, i in pairs))
+        return "\n".join(lines)
 
     @torch.no_grad()
     def __call__(

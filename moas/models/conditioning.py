@@ -88,6 +88,8 @@ class ConditioningEncoder(nn.Module):
 
     def __init__(self, layers: int = 1, use_tags: bool = True, use_tokens: bool = True) -> None:
         super().__init__()
+        # Auxiliary losses produced by stages ("module.key" -> weight), summed into ``aux_loss``.
+        self.aux_weights: dict[str, float] = {}
         self.flow = DataFlow()
         self.flow.register_module(
             "text_context",
@@ -102,7 +104,7 @@ class ConditioningEncoder(nn.Module):
         mask: torch.Tensor,
         tags: torch.Tensor,
         tag_mask: torch.Tensor,
-        **extra: torch.Tensor,  # inputs of later-registered stages, e.g. style / style_mask
+        **extra: torch.Tensor,  # inputs of later-registered stages, e.g. style / style_mask, language
     ) -> dict[str, torch.Tensor]:
         out = self.flow(tokens=tokens, mask=mask, tags=tags, tag_mask=tag_mask, **extra)
         context, context_mask = out["context"], out["context_mask"]
@@ -115,4 +117,10 @@ class ConditioningEncoder(nn.Module):
                 f"{module}.extra_context_mask", torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
             )
             context_mask = torch.cat([context_mask, m], 1)
-        return {**out, "context": context, "context_mask": context_mask}
+        pooled = out["pooled"]
+        for key in [k for k in out if k.endswith(".pooled_delta")]:  # zero-initialised residuals
+            pooled = pooled + out[key].to(pooled.dtype)
+        aux = sum(
+            (out[k].float() * w for k, w in self.aux_weights.items() if k in out), context.new_zeros(())
+        )
+        return {**out, "context": context, "context_mask": context_mask, "pooled": pooled, "aux_loss": aux}

@@ -1,38 +1,61 @@
 """MoasGenerator: the trainable text-to-image network = conditioning brain + U-Net.
 
 ``forward(x_t, t, text)`` takes the text encoding as a dict of tensors (``tokens``, ``mask``, ``tags``,
-``tag_mask``) so batches stay plain dicts; the constructor arguments are saved with the weights so the
-network can be rebuilt from a model file alone.
+``tag_mask``, optionally ``language`` and inputs added by other stages) so batches stay plain dicts; the
+constructor arguments are saved with the weights so the network can be rebuilt from a model file alone.
+
+``brain`` (the ``[brain]`` config section) selects the conditioning: ``conditioning = "moas"`` installs
+the full brain (``moas.models.brain``) on the ConditioningEncoder's DataFlow; ``"text"`` — or a model file
+saved before the brain existed, whose arguments have no ``brain`` — is the text-only model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
-from moas.config import ModelConfig, TextConfig
+from moas.config import BrainConfig, ModelConfig, TextConfig
+from moas.models.brain import BrainArgs, install_brain
 from moas.models.conditioning import ConditioningEncoder
 from moas.models.style import DesignStyleSupportSystem
 from moas.models.unet import DiffusionModel
 
 TEXT_KEYS = ("tokens", "mask", "tags", "tag_mask")
 STYLE_OUTPUTS = ["extra_context", "extra_context_mask"]
+CPU_PLACED = ("compression",)  # the original keeps these on the CPU to save VRAM
 
 
 class MoasGenerator(nn.Module):
     def __init__(
-        self, resolution: int, model: dict[str, Any], text: dict[str, Any], style_dim: int = 0
+        self,
+        resolution: int,
+        model: dict[str, Any],
+        text: dict[str, Any],
+        style_dim: int = 0,
+        brain: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         m, tx = ModelConfig(**model), TextConfig(**text)
+        bc = BrainConfig(**brain) if brain is not None else BrainConfig(conditioning="text")
         self.init_args = {"resolution": resolution, "model": asdict(m), "text": asdict(tx)}
         if style_dim:  # issue 4: optional style token (moas.models.style)
             self.init_args["style_dim"] = style_dim
+        if brain is not None:
+            self.init_args["brain"] = asdict(bc)
         self.resolution = resolution
+        self.conditioning = bc.conditioning
+        self.placement = bc.placement
         self.brain = ConditioningEncoder(m.conditioning_layers, tx.use_tags, tx.use_tokens)
+        self.brain_extras: nn.ModuleDict | None = None
+        if bc.conditioning == "moas":
+            names = {f.name for f in dataclasses.fields(BrainArgs)}
+            self.brain_extras = install_brain(
+                self.brain, BrainArgs(**{k: v for k, v in asdict(bc).items() if k in names})
+            )
         self.unet = DiffusionModel(
             resolution=resolution,
             block_channels=m.block_channels,
@@ -48,15 +71,41 @@ class MoasGenerator(nn.Module):
             self.brain.flow.register_module(
                 "style", DesignStyleSupportSystem(style_dim), ["style", "style_mask"], STYLE_OUTPUTS
             )
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def stage(self, name: str) -> nn.Module | None:
+        """A registered brain module (``moe``, ``gnn``, ``emotion``, …), or None if it is not registered."""
+        return self.brain.flow.get_module(name) if name in self.brain.flow else None
+
+    def place(self, device: torch.device) -> MoasGenerator:
+        """Move to ``device``; with the original placement, CPU_PLACED modules stay on the CPU under CUDA."""
+        self.to(device)
+        if self.placement == "original" and device.type == "cuda":
+            for name in CPU_PLACED:
+                mod = self.stage(name)
+                if mod is not None:
+                    mod.to("cpu")
+        return self
 
     def condition(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not self.style_dim:
-            return self.brain(**{k: text[k] for k in TEXT_KEYS})
+        # Inputs other than the text streams pass through to the DataFlow untouched (unused ones are ignored).
+        extra = {k: v for k, v in text.items() if k not in TEXT_KEYS}
         b, dev = text["tokens"].shape[0], text["tokens"].device
-        style = text.get("style", torch.zeros(b, self.style_dim, device=dev))  # (B, S); absent = no style
-        style_mask = text.get("style_mask", torch.zeros(b, dtype=torch.bool, device=dev))  # (B,)
-        return self.brain(**{k: text[k] for k in TEXT_KEYS}, style=style, style_mask=style_mask)
+        if self.conditioning == "moas" and "language" not in extra:
+            extra["language"] = torch.zeros(b, dtype=torch.long, device=dev)  # English
+        if self.style_dim:
+            extra.setdefault("style", torch.zeros(b, self.style_dim, device=dev))  # (B, S); absent = no style
+            extra.setdefault("style_mask", torch.zeros(b, dtype=torch.bool, device=dev))  # (B,)
+        return self.brain(**{k: text[k] for k in TEXT_KEYS}, **extra)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
         cond = self.condition(text)
-        return self.unet(x_t, t, cond["context"], cond["context_mask"], cond["pooled"])
+        self.last_aux_loss = cond["aux_loss"]
+        return self.unet(x_t, t, cond["context"], cond["context_mask"], cond["pooled"].to(x_t.dtype))
+
+
+def brain_aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """The brain's auxiliary loss (load balance + compression) of the last forward; 0 if it has none."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    aux = getattr(inner, "last_aux_loss", None)
+    return 0.0 if aux is None else aux

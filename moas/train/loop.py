@@ -35,7 +35,8 @@ from moas.data.style import STYLE_DIM
 from moas.data.textbank import TextBank
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.errors import CheckpointError, MoasError
-from moas.models.generator import MoasGenerator
+from moas.models.experts import language_batch
+from moas.models.generator import MoasGenerator, brain_aux_loss
 from moas.monitor import RunMonitor
 from moas.resources import EnhancedResourceManager
 from moas.runtime import autocast_dtype, new_run_dir, resolve_device, seed_everything, set_threads
@@ -52,6 +53,7 @@ from moas.train.checkpoint import (
     save_checkpoint,
     thin_optimizer_states,
 )
+from moas.train.continuous import AdvancedContinuousLearning
 from moas.train.distributed import DistContext, init_distributed
 from moas.train.ema import EMA
 from moas.train.oom import is_oom, recover_from_oom
@@ -148,9 +150,12 @@ class Trainer:
 
         # Model, EMA, optimizer, schedule.
         style_dim = STYLE_DIM if cfg.data.extract_style else 0
-        self.model = MoasGenerator(cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), style_dim).to(
-            device
-        )
+        brain = asdict(cfg.brain)
+        self.model = MoasGenerator(
+            cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), style_dim, brain=brain
+        ).place(device)
+        bc = cfg.brain
+        self.continuous = AdvancedContinuousLearning(bc.continuous_rate) if bc.continuous_learning else None
         self.ema = EMA(self.model, tc.ema_decay)
         self.opt = torch.optim.AdamW(
             self.model.parameters(),
@@ -383,6 +388,7 @@ class Trainer:
         ]
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         text = self.bank.batch(captions, device, cache=not self.augment.active)
+        text.update(language_batch(captions, device))  # the story expert's language
         if "style" in batch:  # issue 4's style token, hidden for style_dropout of the rows
             keep = batch["has_style"] & (torch.rand(b, generator=gen) >= self.cfg.data.style_dropout)  # (B,)
             text.update({"style": batch["style"].to(device), "style_mask": keep.to(device)})
@@ -396,7 +402,7 @@ class Trainer:
             per_sample = F.mse_loss(pred.float(), schedule.target(x0, noise, t), reduction="none").mean(
                 (1, 2, 3)
             )  # (B,)
-            loss = (per_sample * schedule.loss_weight(t)).mean()
+            loss = (per_sample * schedule.loss_weight(t)).mean() + brain_aux_loss(self.model)
             loss = loss.clamp(max=self.tc.loss_clamp)  # NaN/Inf guard, part 1: bound the loss
             if self.faults.fires("nan_loss"):
                 loss = loss * float("nan")
@@ -485,6 +491,12 @@ class Trainer:
         self.batch_pos = 0
         self._mark_boundary()
         done = self.epoch
+        moe = self.model.stage("moe")
+        if self.continuous is not None and moe is not None:  # between epochs, no gradients
+            self.continuous.update(moe)
+            self.ema.model.stage("moe").balance_bias.copy_(moe.balance_bias)  # keep the last adjustment
+        if self.monitor is not None:
+            self.monitor.log_brain(self.global_step, self.model)
         last = done == tc.epochs or stop
         log.info(
             "Epoch %d/%d: loss %.4f, lr %.2e, %.1f img/s.",

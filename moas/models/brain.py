@@ -1,0 +1,190 @@
+"""Build the conditioning brain: register every module on the ConditioningEncoder's DataFlow and wire it.
+
+The graph (``moas inspect --graph`` prints it)::
+
+    text_context ─ pooled, context ─┬─ [compression] ─ pooled'
+                                    ├─ emotion        (pooled')               → emotion_embedding, emotion_scores, artistic
+                                    ├─ understanding  (pooled', context)      → understanding
+                                    ├─ moe            (pooled', context)      → moe_output, expert_states, routing, balance_loss
+                                    │    └─ gnn       (expert_states)         → graph_features
+                                    │         ├─ dim_bridge (moe_output ⊕ graph_features, 1024→512) → embedding
+                                    │         └─ structure  (embedding ← gnn.graph_features)         → structure
+                                    │              ├─ line_art, background, camera (embedding, structure)
+                                    │              └─ color (embedding, emotion_scores)
+                                    └─ story          (pooled', language)     → story
+    bridge (every module output → one zero-initialised 768-d token each) → extra_context, pooled_delta
+
+GNN versions 1–3 are built too (``gnn_v1`` … ``gnn_v3`` attributes of the generator's ``brain_extras``)
+so they can be swapped in; ``gnn_version`` picks the one registered as ``gnn``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from moas.models.bridge import ContextBridge, DimensionBridge
+from moas.models.compression import AdvancedCompressionSystem
+from moas.models.conditioning import CONTEXT_DIM, ConditioningEncoder
+from moas.models.experts import (
+    AdvancedCameraExpert,
+    AdvancedColorExpert,
+    AdvancedLineArtExpert,
+    BackgroundExpert,
+    MultiLanguageStorySystem,
+    StructureGenerator,
+)
+from moas.models.gnn import GNN_VERSIONS, EnhancedGNN
+from moas.models.moe import EnhancedMoE
+from moas.models.understanding import DeepUnderstandingSystem, EmotionalArtisticUnderstanding
+
+
+@dataclass
+class BrainArgs:
+    """Plain constructor arguments of the brain (the ``[brain]`` config section minus run-time switches)."""
+
+    expert_dim: int = 512
+    router_hidden: list[int] = field(default_factory=lambda: [1024, 512])
+    hidden_dim: int = 1536
+    expert_heads: int = 8
+    cross_expert_heads: int = 16
+    gnn_version: int = 4
+    gnn_layers: int = 6
+    gnn_heads: int = 8
+    understanding_layers: int = 6
+    understanding_heads: int = 12
+    understanding_ff: int = 3072
+    expert_context: bool = True
+    dropout: float = 0.1
+    load_balance_weight: float = 0.01
+    compression: bool = False
+    compression_ratio: float = 0.5
+
+
+# Outputs turned into context tokens, with their widths as functions of the arguments.
+def _token_widths(a: BrainArgs) -> dict[str, int]:
+    d = a.expert_dim
+    return {
+        "emotion_embedding": CONTEXT_DIM,
+        "artistic": CONTEXT_DIM,
+        "understanding": CONTEXT_DIM,
+        "moe_output": d,
+        "expert_states": d,
+        "graph_features": d,
+        "structure": d,
+        "line_art": d,
+        "background": d,
+        "color": d,
+        "camera": d,
+        "story": d,
+    }
+
+
+def build_gnn(a: BrainArgs, version: int) -> EnhancedGNN:
+    # The nodes are the 14 expert states, so node_embedding reads the expert width (the original: 768).
+    return EnhancedGNN(version, a.expert_dim, a.expert_dim, a.gnn_layers, 14, a.gnn_heads, a.dropout)
+
+
+def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
+    """Register the brain on ``enc.flow``; returns the GNN versions not registered (kept for ablation)."""
+    flow, d = enc.flow, a.expert_dim
+    if a.gnn_version not in GNN_VERSIONS:
+        raise ValueError(f"gnn_version must be one of {GNN_VERSIONS}")
+    if a.compression:
+        flow.register_module(
+            "compression",
+            AdvancedCompressionSystem(CONTEXT_DIM, a.compression_ratio, a.hidden_dim),
+            inputs=["pooled"],
+            outputs=["pooled_compressed", "compression_loss"],
+        )
+        enc.aux_weights["compression.compression_loss"] = 1.0
+    ctx = ["context", "context_mask"] if a.expert_context else []
+    flow.register_module(
+        "emotion",
+        EmotionalArtisticUnderstanding(CONTEXT_DIM, a.hidden_dim, a.dropout),
+        inputs=["pooled"],
+        outputs=["emotion_embedding", "emotion_scores", "artistic"],
+    )
+    flow.register_module(
+        "understanding",
+        DeepUnderstandingSystem(
+            CONTEXT_DIM,
+            a.hidden_dim,
+            a.understanding_layers,
+            a.understanding_heads,
+            a.understanding_ff,
+            4,
+            a.dropout,
+        ),
+        inputs=["pooled", "context", "context_mask"],
+        outputs=["understanding"],
+    )
+    flow.register_module(
+        "moe",
+        EnhancedMoE(
+            CONTEXT_DIM,
+            d,
+            tuple(a.router_hidden),
+            14,
+            a.expert_heads,
+            a.cross_expert_heads,
+            a.dropout,
+            CONTEXT_DIM if a.expert_context else None,
+        ),
+        inputs=["pooled", *ctx],
+        outputs=["moe_output", "expert_states", "routing", "balance_loss"],
+    )
+    enc.aux_weights["moe.balance_loss"] = a.load_balance_weight
+    flow.register_module(
+        "gnn",
+        build_gnn(a, a.gnn_version),
+        inputs=["expert_states"],
+        outputs=["graph_features", "node_features"],
+    )
+    flow.register_module(
+        "dim_bridge",
+        DimensionBridge(2 * d, d),
+        inputs=["moe_output", "graph_features"],
+        outputs=["embedding"],
+    )
+    flow.register_module(
+        "structure", StructureGenerator(d, a.dropout), inputs=["embedding"], outputs=["structure"]
+    )
+    flow.connect("gnn", "graph_features", "structure", "embedding")
+    flow.register_module(
+        "line_art",
+        AdvancedLineArtExpert(d, a.dropout),
+        inputs=["embedding", "structure"],
+        outputs=["line_art"],
+    )
+    flow.register_module(
+        "background",
+        BackgroundExpert(d, a.dropout),
+        inputs=["embedding", "structure"],
+        outputs=["background"],
+    )
+    flow.register_module(
+        "color",
+        AdvancedColorExpert(d, 10, a.dropout),
+        inputs=["embedding", "emotion_scores"],
+        outputs=["color"],
+    )
+    flow.register_module(
+        "camera", AdvancedCameraExpert(d, a.dropout), inputs=["embedding", "structure"], outputs=["camera"]
+    )
+    flow.register_module(
+        "story",
+        MultiLanguageStorySystem(CONTEXT_DIM, d, a.dropout),
+        inputs=["pooled", "language"],
+        outputs=["story"],
+    )
+    if a.compression:
+        for dst in ("emotion", "understanding", "moe", "story"):
+            flow.connect("compression", "pooled_compressed", dst, "pooled")
+    widths = _token_widths(a)
+    bridge = ContextBridge(widths, CONTEXT_DIM, "moe_output")
+    flow.register_module(
+        "bridge", bridge, inputs=list(widths), outputs=["extra_context", "extra_context_mask", "pooled_delta"]
+    )
+    return nn.ModuleDict({f"gnn_v{v}": build_gnn(a, v) for v in GNN_VERSIONS if v != a.gnn_version})

@@ -1,0 +1,117 @@
+"""MultiverseOriginStudioAI: the top-level orchestrator that builds, wires and places every subsystem.
+
+It builds the generator (conditioning brain on its DataFlow + U-Net), the VisionEncoder (inference only,
+for image inputs) and the continuous-learning controller, and places them as the original does:
+
+* GPU (when CUDA is used): the brain — EnhancedGNN v1–v4, EnhancedMoE, EmotionalArtisticUnderstanding,
+  DeepUnderstandingSystem, the structure/art/camera/story experts — the U-Net and the VisionEncoder;
+* CPU: AdvancedCompressionSystem (when enabled). The original's QualityEnhancer and
+  DesignStyleSupportSystem are CPU-placed too; they are not part of this build yet.
+
+``placement = "single"`` puts everything on one device. On a CPU-only machine everything is on the CPU.
+Modules on different devices exchange tensors explicitly (each CPU-placed module moves its inputs in and
+its outputs back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moas.config import MoasConfig
+from moas.errors import CheckpointError
+from moas.models.generator import CPU_PLACED, MoasGenerator
+from moas.models.vision import VisionEncoder
+from moas.train.continuous import AdvancedContinuousLearning
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class MultiverseOriginStudioAI:
+    def __init__(
+        self, generator: MoasGenerator, device: torch.device | str = "cpu", continuous_rate: float = 0.5
+    ) -> None:
+        self.device = torch.device(device)
+        self.generator = generator
+        self.vision_encoder = VisionEncoder()
+        self.continuous_learning = AdvancedContinuousLearning(continuous_rate)
+        self.place(self.device)
+
+    @classmethod
+    def from_config(cls, cfg: MoasConfig, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
+        gen = MoasGenerator(cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), asdict(cfg.brain))
+        return cls(gen, device, cfg.brain.continuous_rate)
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
+        from moas.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path, map_location="cpu")
+        try:
+            args = state["model_args"]
+            weights = state["ema"]["model"] if "ema" in state else state["model"]
+        except (KeyError, TypeError):
+            raise CheckpointError(
+                f"{path} is a moas file but not a model (no generator weights in it)."
+            ) from None
+        gen = MoasGenerator(**args)
+        try:
+            gen.load_state_dict(weights)
+        except RuntimeError:
+            raise CheckpointError(
+                f"{path} does not match this version of moas (its weights do not fit the model)."
+            ) from None
+        return cls(gen, device)
+
+    def place(self, device: torch.device) -> None:
+        self.generator.place(device)
+        self.vision_encoder.to(device)
+
+    def placement(self) -> dict[str, str]:
+        """Component → device it lives on."""
+        out = {}
+        for name in self.generator.brain.flow.modules_in_order():
+            mod = self.generator.stage(name)
+            p = next(mod.parameters(), None)
+            out[name] = str(p.device) if p is not None else "-"
+        out["unet"] = str(next(self.generator.unet.parameters()).device)
+        out["vision_encoder"] = str(next(self.vision_encoder.parameters()).device)
+        return out
+
+    def parameter_counts(self) -> list[tuple[str, int]]:
+        """(component, parameters) for every brain module in DataFlow order, the spare GNNs, U-Net, vision."""
+        g = self.generator
+        rows = [(name, count(g.stage(name))) for name in g.brain.flow.modules_in_order()]
+        if g.brain_extras is not None:
+            rows += [(f"{k} (spare, for ablation)", count(m)) for k, m in g.brain_extras.items()]
+        rows.append(("unet (DiffusionModel)", count(g.unet)))
+        rows.append(("generator total", count(g)))
+        rows.append(("vision_encoder (inference only)", count(self.vision_encoder)))
+        return rows
+
+    def describe(self, graph: bool = False) -> str:
+        g = self.generator
+        place = self.placement()
+        lines = [f"MultiverseOriginStudioAI — conditioning: {g.conditioning}, placement: {g.placement}", ""]
+        width = max(len(n) for n, _ in self.parameter_counts())
+        lines.append(f"{'component':<{width}}  {'parameters':>12}  device")
+        for name, n in self.parameter_counts():
+            key = name.split(" ")[0]
+            lines.append(f"{name:<{width}}  {n:>12,}  {place.get(key, '')}")
+        if graph:
+            lines += ["", g.brain.flow.describe()]
+        cpu = [n for n in CPU_PLACED if n in g.brain.flow]
+        if cpu:
+            lines += ["", f"CPU-placed under CUDA with the original placement: {', '.join(cpu)}"]
+        return "\n".join(lines)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """VisionEncoder on caller-provided images [B,3,H,W] in [-1,1] (inference only, never in workers)."""
+        self.vision_encoder.eval()
+        return self.vision_encoder(images.to(self.device))
