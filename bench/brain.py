@@ -1,0 +1,228 @@
+"""The conditioning brain's cost and effect: ``--conditioning moas`` against ``text``.
+
+    python bench/brain.py steps                        # step time + FLOPs, cpu_tiny and rtx3060_12gb sizes
+    python bench/brain.py steps --profiles cpu_tiny --iters 8
+    python bench/brain.py routing --model models/best_model.pt --data_dir data/demo   # mean routing per expert
+    python bench/brain.py compare --moas bench/brain_demo_moas.json --text bench/learning.json --steps bench/brain_steps.json
+
+``steps`` builds both generators in one process and times full training steps (forward, backward, AdamW)
+*interleaved* — text, moas, text, moas … — so machine load from other processes hits both alike. It
+records wall time and process CPU time, and counts FLOPs per step with ``torch.utils.flop_counter`` (exact
+and load-independent). The rtx3060_12gb size runs on this CPU at a small batch — it is a CPU number.
+
+``routing`` runs a trained model's brain over every demo caption and reports each expert's mean routing
+weight (the issue's check: none below 1/56).
+
+``compare`` converts a wall-time budget into a step budget with the measured moas/text step-time ratio and
+reads held-out accuracy for both from ``bench/learning.py`` results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from moas.config import load_config  # noqa: E402
+from moas.models.experts import language_batch  # noqa: E402
+from moas.models.generator import MoasGenerator, brain_aux_loss  # noqa: E402
+
+CAPTIONS = [
+    "1girl, red hair, blue eyes, forest",
+    "1girl, silver hair, green eyes, beach, smile",
+    "1girl, black hair, purple eyes, city, night",
+    "1girl, pink hair, yellow eyes, sakura",
+]
+BATCH = {"cpu_tiny": 32, "rtx3060_12gb": 2}
+
+
+def _text(encoder, batch: int) -> dict[str, torch.Tensor]:
+    caps = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
+    enc = encoder.encode(caps)
+    return {
+        "tokens": enc.tokens,
+        "mask": enc.mask,
+        "tags": enc.tags,
+        "tag_mask": enc.tag_mask,
+    } | language_batch(caps)
+
+
+def measure_steps(profile: str, iters: int, encoder, batch: int | None = None) -> dict:
+    cfg = load_config(profile, use_env=False)
+    res, bs = cfg.data.resolution, batch or BATCH.get(profile, 2)
+    text = _text(encoder, bs)
+    models, opts, flops, params = {}, {}, {}, {}
+    for cond in ("text", "moas"):
+        brain = asdict(cfg.brain) | {"conditioning": cond}
+        torch.manual_seed(0)
+        m = MoasGenerator(res, asdict(cfg.model), asdict(cfg.text), brain).train()
+        models[cond] = m
+        opts[cond] = torch.optim.AdamW(m.parameters(), lr=1e-4, amsgrad=True)
+        params[cond] = sum(p.numel() for p in m.parameters())
+
+    def step(cond: str) -> None:
+        m = models[cond]
+        x = torch.randn(bs, 3, res, res)
+        pred = m(x, torch.randint(0, 1000, (bs,)), text)
+        (pred.float().pow(2).mean() + brain_aux_loss(m)).backward()
+        opts[cond].step()
+        opts[cond].zero_grad(set_to_none=True)
+
+    for cond in models:  # FLOPs of one step (forward + backward), and a warm-up
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(cond)
+        flops[cond] = counter.get_total_flops()
+    wall: dict[str, list[float]] = {"text": [], "moas": []}
+    cpu: dict[str, list[float]] = {"text": [], "moas": []}
+    for i in range(iters):
+        order = ("text", "moas") if i % 2 == 0 else ("moas", "text")
+        for cond in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(cond)
+            wall[cond].append(time.perf_counter() - t0)
+            cpu[cond].append(time.process_time() - c0)
+    # Ratios per interleaved pair, then the median: robust to load bursts that hit one step of a pair.
+    ratio_wall = statistics.median(m / t for m, t in zip(wall["moas"], wall["text"], strict=True))
+    ratio_cpu = statistics.median(m / t for m, t in zip(cpu["moas"], cpu["text"], strict=True))
+    row = {
+        "profile": profile,
+        "resolution": res,
+        "batch": bs,
+        "iters": iters,
+        "params_text": params["text"],
+        "params_moas": params["moas"],
+        "gflop_text": round(flops["text"] / 1e9, 2),
+        "gflop_moas": round(flops["moas"] / 1e9, 2),
+        "flop_overhead": round(flops["moas"] / flops["text"] - 1, 4),
+        "wall_median_text_s": round(statistics.median(wall["text"]), 3),
+        "wall_median_moas_s": round(statistics.median(wall["moas"]), 3),
+        "wall_ratio_median": round(ratio_wall, 3),
+        "cpu_ratio_median": round(ratio_cpu, 3),
+        "wall_text_s": [round(v, 3) for v in wall["text"]],
+        "wall_moas_s": [round(v, 3) for v in wall["moas"]],
+        "load_avg": os.getloadavg(),
+    }
+    print(
+        f"{profile:>13} {res}px batch {bs}: params {params['text'] / 1e6:.1f}M → {params['moas'] / 1e6:.1f}M; "
+        f"FLOPs/step {row['gflop_text']:.1f} → {row['gflop_moas']:.1f} G (+{100 * row['flop_overhead']:.0f} %); "
+        f"step median {row['wall_median_text_s']:.2f} s → {row['wall_median_moas_s']:.2f} s; "
+        f"moas/text per pair: wall ×{ratio_wall:.2f}, CPU ×{ratio_cpu:.2f}; load {row['load_avg'][0]:.1f}",
+        flush=True,
+    )
+    return row
+
+
+@torch.no_grad()
+def routing_report(model_path: str, data_dir: str) -> dict:
+    from moas.data.dataset import ArtDataset
+    from moas.pipeline import Pipeline
+
+    pipe = Pipeline.from_file(model_path, torch.device("cpu"))
+    ds = ArtDataset(Path(data_dir) / "train", pipe.resolution, None)
+    captions = sorted(set(ds.captions()))
+    moe = pipe.model.stage("moe")
+    if moe is None:
+        raise SystemExit(f"{model_path} is a text-only model; it has no routing.")
+    rows = []
+    for i in range(0, len(captions), 64):
+        text = {k: v for k, v in pipe.encode(captions[i : i + 64]).items()}
+        rows.append(pipe.model.condition(text)["routing"].float())
+    routing = torch.cat(rows)  # (N, 14)
+    mean = routing.mean(0)
+    report = {
+        "model": str(model_path),
+        "captions": len(captions),
+        "mean_routing": {n: round(float(v), 5) for n, v in zip(moe.names, mean, strict=True)},
+        "min": float(mean.min()),
+        "max": float(mean.max()),
+        "threshold_1_56": 1 / 56,
+        "all_above_threshold": bool((mean >= 1 / 56).all()),
+        "temperature": float(moe.temperature),
+        "balance_bias": [round(float(b), 4) for b in moe.balance_bias],
+    }
+    for n, v in report["mean_routing"].items():
+        print(f"  {n:<10} {v:.4f}")
+    print(f"min {report['min']:.4f} (1/56 = {1 / 56:.4f}); all above: {report['all_above_threshold']}")
+    return report
+
+
+def compare(moas_json: str, text_json: str, steps_json: str) -> dict:
+    """Equal wall time: the text run's final training seconds, in moas steps via the measured ratio."""
+    moas, text = json.loads(Path(moas_json).read_text()), json.loads(Path(text_json).read_text())
+    steps = {r["profile"]: r for r in json.loads(Path(steps_json).read_text())["rows"]}
+    ratio = steps["cpu_tiny"]["wall_ratio_median"]
+    text_final = text["rows"][-1]
+    budget_epochs = text_final["epoch"] / ratio  # epochs the moas model gets in the text run's wall time
+    eligible = [r for r in moas["rows"] if r["epoch"] <= budget_epochs + 1e-9]
+    moas_at_budget = eligible[-1] if eligible else None
+    out = {
+        "step_ratio_moas_over_text": ratio,
+        "text": {"epoch": text_final["epoch"], "held_out": text_final["held_out"]["mean"]},
+        "moas_budget_epochs": round(budget_epochs, 2),
+        "moas_at_budget": None
+        if moas_at_budget is None
+        else {"epoch": moas_at_budget["epoch"], "held_out": moas_at_budget["held_out"]["mean"]},
+        "moas_final": {"epoch": moas["rows"][-1]["epoch"], "held_out": moas["rows"][-1]["held_out"]["mean"]},
+    }
+    print(json.dumps(out, indent=2))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("steps", help="step time and FLOPs, moas vs text")
+    s.add_argument("--profiles", nargs="+", default=["cpu_tiny", "rtx3060_12gb"])
+    s.add_argument("--iters", type=int, default=6, help="interleaved steps per conditioning")
+    s.add_argument("--out", default="bench/brain_steps.json")
+    r = sub.add_parser(
+        "routing", help="mean routing weight per expert of a trained model on the demo captions"
+    )
+    r.add_argument("--model", required=True)
+    r.add_argument("--data_dir", default="data/demo")
+    r.add_argument("--out", default="bench/brain_routing.json")
+    c = sub.add_parser("compare", help="held-out accuracy of moas vs text at equal wall time")
+    c.add_argument("--moas", required=True)
+    c.add_argument("--text", required=True)
+    c.add_argument("--steps", default="bench/brain_steps.json")
+    c.add_argument("--out", default="bench/brain_compare.json")
+    a = ap.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if a.cmd == "steps":
+        from moas.text import TextEncoder
+
+        encoder = TextEncoder()
+        rows = [measure_steps(p, a.iters, encoder) for p in a.profiles]
+        report = {
+            "machine": {
+                "cores": psutil.cpu_count(),
+                "threads_used": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "python": sys.version.split()[0],
+                "note": "CPU only; shared with other jobs (see load_avg per row)",
+            },
+            "rows": rows,
+        }
+    elif a.cmd == "routing":
+        report = routing_report(a.model, a.data_dir)
+    else:
+        report = compare(a.moas, a.text, a.steps)
+    Path(a.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
