@@ -66,7 +66,7 @@ def measure_steps(profile: str, iters: int, encoder, batch: int | None = None) -
     for cond in ("text", "moas"):
         brain = asdict(cfg.brain) | {"conditioning": cond}
         torch.manual_seed(0)
-        m = MoasGenerator(res, asdict(cfg.model), asdict(cfg.text), brain).train()
+        m = MoasGenerator(res, asdict(cfg.model), asdict(cfg.text), brain=brain).train()
         models[cond] = m
         opts[cond] = torch.optim.AdamW(m.parameters(), lr=1e-4, amsgrad=True)
         params[cond] = sum(p.numel() for p in m.parameters())

@@ -44,7 +44,12 @@ class MultiverseOriginStudioAI:
 
     @classmethod
     def from_config(cls, cfg: MoasConfig, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
-        gen = MoasGenerator(cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), asdict(cfg.brain))
+        from moas.data.style import STYLE_DIM
+
+        style_dim = STYLE_DIM if cfg.data.extract_style else 0
+        gen = MoasGenerator(
+            cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), style_dim, brain=asdict(cfg.brain)
+        )
         return cls(gen, device, cfg.brain.continuous_rate)
 
     @classmethod

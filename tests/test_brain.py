@@ -127,7 +127,7 @@ def test_vision_encoder_heads():
 
 
 def test_brain_dataflow_order_wiring_and_describe():
-    g = MoasGenerator(16, UNET, TEXT, tiny_brain())
+    g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain())
     flow = g.brain.flow
     order = flow.modules_in_order()
     assert order.index("moe") < order.index("gnn") < order.index("structure")
@@ -142,10 +142,10 @@ def test_brain_dataflow_order_wiring_and_describe():
 
 
 def test_untrained_brain_adds_exactly_zero_tokens():
-    g = MoasGenerator(16, UNET, TEXT, tiny_brain()).eval()
+    g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain()).eval()
     text = text_batch()
     cond = g.condition(text)
-    ref = MoasGenerator(16, UNET, TEXT, None).eval()
+    ref = MoasGenerator(16, UNET, TEXT, brain=None).eval()
     ref.brain.flow.get_module("text_context").load_state_dict(
         g.brain.flow.get_module("text_context").state_dict()
     )
@@ -159,7 +159,7 @@ def test_untrained_brain_adds_exactly_zero_tokens():
 
 
 def test_dataflow_errors_cycle_and_missing_input():
-    g = MoasGenerator(16, UNET, TEXT, tiny_brain())
+    g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain())
     flow = g.brain.flow
     flow.register_module("loop_a", nn.Identity(), inputs=["loop_b_out"], outputs=["loop_a_out"])
     flow.register_module("loop_b", nn.Identity(), inputs=["loop_a_out"], outputs=["loop_b_out"])
@@ -186,7 +186,7 @@ class LightingExpert(nn.Module):
 
 
 def test_a_new_expert_plugs_in_by_registration_alone():
-    g = MoasGenerator(16, UNET, TEXT, tiny_brain())
+    g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain())
     before = g.condition(text_batch())["context"].shape[1]
     g.brain.flow.register_module(
         "lighting", LightingExpert(32), inputs=["structure"], outputs=["extra_context"]
@@ -204,7 +204,7 @@ def test_gradients_reach_every_registered_module_from_the_diffusion_loss():
     """After two optimizer steps (the zero-initialised bridge projections have become non-zero), one more
     backward of the plain diffusion loss gives every parameter of every registered module a gradient."""
     torch.manual_seed(0)
-    g = MoasGenerator(16, UNET, TEXT, tiny_brain(load_balance_weight=0.0, compression=True))
+    g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain(load_balance_weight=0.0, compression=True))
     opt = torch.optim.Adam(g.parameters(), lr=1e-3)
     x0 = torch.randn(4, 3, 16, 16)
     text = text_batch(4)
@@ -233,35 +233,35 @@ def test_gradients_reach_every_registered_module_from_the_diffusion_loss():
 
 
 def test_aux_loss_includes_load_balance_and_compression():
-    g = MoasGenerator(16, UNET, TEXT, tiny_brain(compression=True, load_balance_weight=0.5)).eval()
+    g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain(compression=True, load_balance_weight=0.5)).eval()
     text = text_batch()
     g(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), text)
     cond = g.condition(text)
     expected = 0.5 * cond["moe.balance_loss"] + cond["compression.compression_loss"]
     assert torch.allclose(brain_aux_loss(g), expected, rtol=1e-2, atol=1e-6)
     assert cond["compression.compression_loss"] > 0 and cond["moe.balance_loss"] >= 0
-    text_only = MoasGenerator(16, UNET, TEXT, None)
+    text_only = MoasGenerator(16, UNET, TEXT, brain=None)
     text_only(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), text)
     assert float(brain_aux_loss(text_only)) == 0.0
 
 
 def test_text_conditioning_is_the_old_text_only_model():
     old = MoasGenerator(16, UNET, TEXT)  # a model file saved before the brain: no "brain" arguments
-    text_only = MoasGenerator(16, UNET, TEXT, tiny_brain(conditioning="text"))
+    text_only = MoasGenerator(16, UNET, TEXT, brain=tiny_brain(conditioning="text"))
     assert old.conditioning == text_only.conditioning == "text"
     assert set(old.state_dict()) == set(text_only.state_dict())
     text_only.load_state_dict(old.state_dict())
     rebuilt = MoasGenerator(**old.init_args)  # rebuilds from the saved arguments alone
     rebuilt.load_state_dict(old.state_dict())
     assert "brain" not in old.init_args and text_only.init_args["brain"]["conditioning"] == "text"
-    moas = MoasGenerator(16, UNET, TEXT, tiny_brain())
+    moas = MoasGenerator(16, UNET, TEXT, brain=tiny_brain())
     with pytest.raises(RuntimeError):
         moas.load_state_dict(old.state_dict())
 
 
 def test_gnn_version_selects_the_registered_graph_module():
     for v in (1, 2, 3, 4):
-        g = MoasGenerator(16, UNET, TEXT, tiny_brain(gnn_version=v))
+        g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain(gnn_version=v))
         assert g.stage("gnn").version == v
         assert sorted(g.brain_extras) == [f"gnn_v{u}" for u in (1, 2, 3, 4) if u != v]
         assert g(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), text_batch()).shape == (2, 3, 16, 16)
