@@ -125,13 +125,15 @@ def measure_steps(profile: str, iters: int, encoder, batch: int | None = None) -
 
 
 @torch.no_grad()
-def routing_report(model_path: str, data_dir: str) -> dict:
+def routing_report(model_path: str, data_dir: str, max_captions: int = 0) -> dict:
     from moas.data.dataset import ArtDataset
     from moas.pipeline import Pipeline
 
     pipe = Pipeline.from_file(model_path, torch.device("cpu"))
     ds = ArtDataset(Path(data_dir) / "train", pipe.resolution, None)
     captions = sorted(set(ds.captions()))
+    if max_captions and len(captions) > max_captions:  # an even, deterministic subset
+        captions = captions[:: len(captions) // max_captions][:max_captions]
     moe = pipe.model.stage("moe")
     if moe is None:
         raise SystemExit(f"{model_path} is a text-only model; it has no routing.")
@@ -193,13 +195,15 @@ def main() -> int:
     r.add_argument("--model", required=True)
     r.add_argument("--data_dir", default="data/demo")
     r.add_argument("--out", default="bench/brain_routing.json")
+    r.add_argument("--max_captions", type=int, default=0, help="use an even subset of the captions (0 = all)")
     c = sub.add_parser("compare", help="held-out accuracy of moas vs text at equal wall time")
     c.add_argument("--moas", required=True)
     c.add_argument("--text", required=True)
     c.add_argument("--steps", default="bench/brain_steps.json")
     c.add_argument("--out", default="bench/brain_compare.json")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a loaded machine)")
     a = ap.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, min(a.threads, os.cpu_count() or 1)))
     if a.cmd == "steps":
         from moas.text import TextEncoder
 
@@ -216,7 +220,7 @@ def main() -> int:
             "rows": rows,
         }
     elif a.cmd == "routing":
-        report = routing_report(a.model, a.data_dir)
+        report = routing_report(a.model, a.data_dir, a.max_captions)
     else:
         report = compare(a.moas, a.text, a.steps)
     Path(a.out).write_text(json.dumps(report, indent=2))
