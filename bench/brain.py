@@ -201,7 +201,9 @@ def main() -> int:
     c.add_argument("--text", required=True)
     c.add_argument("--steps", default="bench/brain_steps.json")
     c.add_argument("--out", default="bench/brain_compare.json")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is steadier on a loaded machine)")
+    ap.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 is steadier on a loaded machine)"
+    )
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(a.threads, os.cpu_count() or 1)))
     if a.cmd == "steps":
