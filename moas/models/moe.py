@@ -96,8 +96,12 @@ class EnhancedMoE(nn.Module):
             nn.Linear(dim * 2, dim),
         )
         self.register_buffer("call_count", torch.zeros(e, dtype=torch.float64))
-        self.register_buffer("avg_time", torch.zeros(e, dtype=torch.float64))
+        # Wall-clock timing is not model state: kept out of checkpoints so resumed runs stay bit-identical.
+        self.register_buffer("avg_time", torch.zeros(e, dtype=torch.float64), persistent=False)
         self.register_buffer("success_rate", torch.ones(e, dtype=torch.float64))
+        # Sum of batch-mean routing rows since the last continuous-learning update (saved, so resume is exact).
+        self.register_buffer("load_sum", torch.zeros(e, dtype=torch.float64))
+        self.register_buffer("load_calls", torch.zeros((), dtype=torch.float64))
         self.routing_history: deque[torch.Tensor] = deque(maxlen=1000)
         self.routing_calls = 0  # forward calls recorded in total (the deque keeps the last 1000)
 
@@ -153,6 +157,8 @@ class EnhancedMoE(nn.Module):
         share = elapsed / e
         self.avg_time.copy_(torch.where(first, share, (1 - STAT_ALPHA) * self.avg_time + STAT_ALPHA * share))
         self.success_rate.mul_(1 - STAT_ALPHA).add_(STAT_ALPHA * success.to(self.success_rate.device))
+        self.load_sum += routing.mean(0).double()
+        self.load_calls += 1
         self.routing_history.append(routing.mean(0).float().cpu())
         self.routing_calls += 1
 

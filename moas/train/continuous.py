@@ -6,7 +6,8 @@ No gradients and no retraining: after each epoch it reads the MoE's per-expert s
     starved one more (auxiliary-loss-free balancing, as in DeepSeek-V3);
   * rescales each expert's learnable output weight by its success rate relative to the mean:
     w_e ← clamp(w_e · (1 + weight_rate · (s_e − s̄)), min_weight, max_weight).
-The load is the mean routing weight over the routing history recorded since the previous update.
+The load is the mean routing weight over the forward calls since the previous update (the MoE's
+``load_sum``/``load_calls`` buffers, which checkpoints save, so a resumed run adjusts exactly the same).
 """
 
 from __future__ import annotations
@@ -27,18 +28,16 @@ class AdvancedContinuousLearning:
         self.rate = rate
         self.weight_rate = weight_rate
         self.min_weight, self.max_weight = min_weight, max_weight
-        self._last_call = 0  # moe.routing_calls at the previous update
 
     @torch.no_grad()
     def update(self, moe: EnhancedMoE) -> dict[str, list[float]]:
         """One between-epoch adjustment; returns the load, bias and expert weights it used and set."""
-        history = list(moe.routing_history)
-        new = min(len(history), moe.routing_calls - self._last_call)
-        self._last_call = moe.routing_calls
-        if new <= 0:
+        if float(moe.load_calls) == 0:
             return {}
         e = moe.num_experts
-        load = torch.stack(history[-new:]).mean(0).to(moe.balance_bias.device)  # (E,)
+        load = (moe.load_sum / moe.load_calls).to(moe.balance_bias.dtype)  # (E,)
+        moe.load_sum.zero_()
+        moe.load_calls.zero_()
         imbalance = ((load - 1.0 / e) * e).clamp(-1.0, 1.0)
         moe.balance_bias.sub_(self.rate * imbalance.to(moe.balance_bias.dtype))
         moe.balance_bias.sub_(moe.balance_bias.mean())  # only differences matter to the softmax
