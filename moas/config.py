@@ -219,6 +219,29 @@ class ResourceConfig:
 
 
 @dataclass
+class MonitorConfig:
+    val_fraction: float = 0.05  # without --val_dir: share of the training folder held out for validation
+    val_min_images: int = 20  # hold nothing out when the training folder has fewer images than this
+    eval_n: int = 8  # demo data: images per split (held-out, seen) of the eval run at each checkpoint
+    select_best: bool = True  # keep train.save_path = the checkpoint with the best model-quality score
+    sample_prompts: str | None = None  # file of sample-grid prompts (one per line, --seed/--steps/--scale)
+    creativity_samples: int = (
+        4  # images of the first sample prompt (different seeds) for the creativity score
+    )
+    measure_every: int = 10  # optimizer steps between expert/art-theory measurements and RAM/VRAM readings
+    dashboard: bool = True  # live console dashboard (off with --quiet)
+    dashboard_every_s: float = 30.0  # seconds between plain dashboard lines when output is not a terminal
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.val_fraction < 1.0, "monitor.val_fraction must be in [0, 1)")
+        _check(self.val_min_images >= 2, "monitor.val_min_images must be at least 2")
+        _check(self.eval_n >= 1, "monitor.eval_n must be at least 1")
+        _check(self.creativity_samples >= 2, "monitor.creativity_samples must be at least 2")
+        _check(self.measure_every >= 1, "monitor.measure_every must be at least 1")
+        _check(self.dashboard_every_s >= 0, "monitor.dashboard_every_s must be 0 or more")
+
+
+@dataclass
 class MoasConfig:
     profile: str = DEFAULT_PROFILE
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,6 +251,7 @@ class MoasConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,6 +281,7 @@ def _section_classes() -> dict[str, type]:
         "train": TrainConfig,
         "sample": SampleConfig,
         "resources": ResourceConfig,
+        "monitor": MonitorConfig,
     }
 
 
