@@ -378,7 +378,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     req.steps = a.steps or sc.get("steps", 20)
     req.guidance_scale = a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0)
     req.sampler = a.sampler or sc.get("sampler", "dpmsolver++")
-    paths = generate(pipe, req, a.output, Path(a.model).stem, progress=not a.quiet)
+    paths = generate(pipe, req, a.output, Path(a.model).stem, progress=not a.quiet and sys.stderr.isatty())
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -411,7 +411,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         guidance_scale=a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0),
         sampler=a.sampler or sc.get("sampler", "dpmsolver++"),
         seed=a.seed,
-        progress=not a.quiet,
+        progress=not a.quiet and sys.stderr.isatty(),  # tqdm redraws need a terminal
         image_dir=a.save_images,
     )
     out = Path(a.json) if a.json else Path(a.model).with_name("eval.json")
