@@ -20,11 +20,13 @@ EPILOG_TRAIN = """examples:
   moas train --data_dir ./data/train --epochs 260 --profile rtx3060_12gb
   moas train --data_dir ./data/train --auto_resume                  # continue after a crash
   moas train --profile original --dry-run                          # print the resolved config and exit
+  moas train --data_dir ./data/train --sample_prompts prompts.txt   # fixed prompts for the sample grids
 Settings resolve as: profile < --config FILE < MOAS_<SECTION>_<FIELD> variables (.env) < flags."""
 
 EPILOG_GENERATE = """examples:
   moas generate --model models/best_model.pt --prompt "1girl, red hair, blue eyes, forest" --output result.png
   moas generate --prompt "1girl, pink hair, beach" --num_images 4 --seed 7 --sampler euler_a
+  moas generate --prompt "1girl, pink hair, beach" --num_images 8 --keep_best 2   # the 2 best of 8
 Same seed, prompt and settings → the same image. Settings are stored in the PNG (A1111 'parameters')."""
 
 
@@ -66,7 +68,21 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved config and exit",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--sample_prompts",
+        help="file of prompts for the periodic sample grids: one per line, optional --seed N --steps N --scale X",
+    )
+    p.add_argument(
+        "--val_fraction",
+        type=float,
+        help="without --val_dir: share of the training images held out for validation (default 0.05)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars and no live dashboard (bars and the in-place dashboard need a terminal; "
+        "redirected output gets plain dashboard lines instead)",
+    )
     _add_brain_flags(p)
 
 
@@ -112,6 +128,17 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
         help="classifier-free guidance scale; 1 turns guidance off",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument(
+        "--keep_best",
+        type=int,
+        default=None,
+        help="score every image with the quality expert and keep only the K best (written best first)",
+    )
+    p.add_argument(
+        "--allow_nsfw",
+        action="store_true",
+        help="generate even when the prompt matches the NSFW blacklist (refused otherwise)",
+    )
     p.add_argument(
         "--sampler",
         choices=["dpmsolver++", "ddim", "ddpm", "euler_a"],
@@ -308,6 +335,8 @@ def _train_overrides(a: argparse.Namespace) -> dict:
     put("train", "seed", a.seed)
     put("train", "max_steps", a.max_steps)
     put("train", "save_every_steps", a.save_every_steps)
+    put("monitor", "sample_prompts", a.sample_prompts)
+    put("monitor", "val_fraction", a.val_fraction)
     if a.auto_resume:
         put("train", "auto_resume", True)
     put("resources", "device", a.device)
@@ -330,10 +359,23 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     main_rank = context_from_env().is_main
     setup_logging(cfg.train.log_dir if main_rank else None, a.verbose, quiet_console=not main_rank)
+    if cfg.monitor.sample_prompts:  # a bad prompts file fails before any data is read
+        from moas.sample_prompts import read_sample_prompts
+
+        read_sample_prompts(cfg.monitor.sample_prompts)
     if main_rank:
         run_checks(cfg, quick=True)  # writes logs/diagnosis.log; problems are warnings here
+    # tqdm bars redraw with carriage returns, so they only go to a terminal; a log file gets the
+    # dashboard's plain lines instead.
+    tty = sys.stderr.isatty()
     try:
-        result = train(cfg, progress=not a.quiet)
+        if tty and not a.quiet:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            with logging_redirect_tqdm():
+                result = train(cfg, progress=True, dashboard=True)
+        else:
+            result = train(cfg, progress=False, dashboard=not a.quiet)
     finally:
         shutdown_distributed()
     if not main_rank:
@@ -366,6 +408,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         width=a.width,
         height=a.height,
         style=a.style,
+        allow_nsfw=a.allow_nsfw,
+        keep_best=a.keep_best,
     )
     validate_request(req)  # fail fast, before loading anything
     pipe = _load_pipeline(a.model, a.device)
@@ -375,7 +419,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     req.steps = a.steps or sc.get("steps", 20)
     req.guidance_scale = a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0)
     req.sampler = a.sampler or sc.get("sampler", "dpmsolver++")
-    paths = generate(pipe, req, a.output, Path(a.model).stem, progress=not a.quiet)
+    paths = generate(pipe, req, a.output, Path(a.model).stem, progress=not a.quiet and sys.stderr.isatty())
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -408,7 +452,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         guidance_scale=a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0),
         sampler=a.sampler or sc.get("sampler", "dpmsolver++"),
         seed=a.seed,
-        progress=not a.quiet,
+        progress=not a.quiet and sys.stderr.isatty(),  # tqdm redraws need a terminal
         image_dir=a.save_images,
     )
     out = Path(a.json) if a.json else Path(a.model).with_name("eval.json")

@@ -269,6 +269,26 @@ class BrainConfig:
         _check(0.0 < self.compression_ratio < 1.0, "brain.compression_ratio must be in (0, 1)")
         _check(self.continuous_rate >= 0, "brain.continuous_rate must be 0 or more")
         _check(self.placement in ("original", "single"), "brain.placement must be original or single")
+class MonitorConfig:
+    val_fraction: float = 0.05  # without --val_dir: share of the training folder held out for validation
+    val_min_images: int = 20  # hold nothing out when the training folder has fewer images than this
+    eval_n: int = 8  # demo data: images per split (held-out, seen) of the eval run at each checkpoint
+    select_best: bool = True  # keep train.save_path = the checkpoint with the best model-quality score
+    sample_prompts: str | None = None  # file of sample-grid prompts (one per line, --seed/--steps/--scale)
+    creativity_samples: int = (
+        4  # images of the first sample prompt (different seeds) for the creativity score
+    )
+    measure_every: int = 10  # optimizer steps between expert/art-theory measurements and RAM/VRAM readings
+    dashboard: bool = True  # live console dashboard (off with --quiet)
+    dashboard_every_s: float = 30.0  # seconds between plain dashboard lines when output is not a terminal
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.val_fraction < 1.0, "monitor.val_fraction must be in [0, 1)")
+        _check(self.val_min_images >= 2, "monitor.val_min_images must be at least 2")
+        _check(self.eval_n >= 1, "monitor.eval_n must be at least 1")
+        _check(self.creativity_samples >= 2, "monitor.creativity_samples must be at least 2")
+        _check(self.measure_every >= 1, "monitor.measure_every must be at least 1")
+        _check(self.dashboard_every_s >= 0, "monitor.dashboard_every_s must be 0 or more")
 
 
 @dataclass
@@ -282,6 +302,7 @@ class MoasConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     brain: BrainConfig = field(default_factory=BrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -312,6 +333,7 @@ def _section_classes() -> dict[str, type]:
         "sample": SampleConfig,
         "resources": ResourceConfig,
         "brain": BrainConfig,
+        "monitor": MonitorConfig,
     }
 
 

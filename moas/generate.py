@@ -1,4 +1,9 @@
-"""``moas generate``: prompt → PNG files with the generation parameters embedded (A1111-style)."""
+"""``moas generate``: prompt → PNG files with the generation parameters embedded (A1111-style).
+
+The safety expert refuses prompts that match the NSFW blacklist (``moas.safety``) unless ``allow_nsfw``
+is set; the quality expert (``moas.quality.quality_score``) scores every image, and ``keep_best`` keeps
+only the K best of ``num_images`` (written best first, with the score in the PNG parameters).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from moas.errors import MoasError
 from moas.pipeline import Pipeline
+from moas.quality import quality_score
+from moas.safety import blacklisted_terms
 from moas.train.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -32,6 +39,8 @@ class GenerateRequest:
     width: int | None = None
     height: int | None = None
     style: str | None = None  # artist style from the model's style database (--style)
+    allow_nsfw: bool = False  # explicit opt-in to prompts that match the NSFW blacklist
+    keep_best: int | None = None  # keep only the K best-scoring of num_images
 
 
 def validate_request(req: GenerateRequest) -> None:
@@ -41,6 +50,16 @@ def validate_request(req: GenerateRequest) -> None:
         )
     if req.num_images < 1:
         raise MoasError("--num_images must be at least 1.")
+    if req.keep_best is not None and not 1 <= req.keep_best <= req.num_images:
+        raise MoasError(
+            f"--keep_best must be between 1 and --num_images ({req.num_images}), got {req.keep_best}."
+        )
+    found = blacklisted_terms(req.prompt)
+    if found and not req.allow_nsfw:
+        raise MoasError(
+            f"The prompt contains blacklisted terms ({', '.join(found)}), so generation is refused; "
+            "pass --allow_nsfw to generate it anyway."
+        )
     if req.steps < 1 or req.steps > 1000:
         raise MoasError("--steps must be between 1 and 1000.")
     for name, v in (("--width", req.width), ("--height", req.height)):
@@ -49,7 +68,12 @@ def validate_request(req: GenerateRequest) -> None:
 
 
 def parameters_text(
-    req: GenerateRequest, seed: int, size: tuple[int, int], model_hash: str, model_name: str
+    req: GenerateRequest,
+    seed: int,
+    size: tuple[int, int],
+    model_hash: str,
+    model_name: str,
+    quality: float | None = None,
 ) -> str:
     """The A1111 ``parameters`` chunk: prompt, negative prompt, then one line of key: value pairs."""
     lines = [req.prompt]
@@ -60,6 +84,7 @@ def parameters_text(
         f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model_name}, "
         + (f"Style: {req.style}, " if req.style else "")
         + "Version: moas"
+        + (f", Quality: {quality:.4f}" if quality is not None else "")
     )
     return "\n".join(lines)
 
@@ -101,7 +126,8 @@ def generate(
     pipe: Pipeline, req: GenerateRequest, output: str | Path, model_name: str, progress: bool = True
 ) -> list[Path]:
     validate_request(req)
-    paths = output_paths(output, req.num_images)
+    keep = req.keep_best or req.num_images
+    paths = output_paths(output, keep)
     seeds = [req.seed + i for i in range(req.num_images)]
     pipe.set_style(req.style)
     images = pipe(
@@ -115,6 +141,17 @@ def generate(
     )
     images = resize_to(images, req.width, req.height)
     size = (images.shape[-1], images.shape[-2])
-    for img, seed, path in zip(images, seeds, paths, strict=True):
-        save_png(img, path, parameters_text(req, seed, size, pipe.model_hash, model_name))
+    scores: list[float | None] = [None] * len(images)
+    order = list(range(len(images)))
+    if req.keep_best is not None:
+        scores = quality_score(images).tolist()
+        order = sorted(order, key=lambda i: -scores[i])[:keep]  # best first; ties keep seed order
+        log.info(
+            "Quality scores: %s; kept seeds %s.",
+            ", ".join(f"seed {s} {q:.3f}" for s, q in zip(seeds, scores, strict=True)),
+            ", ".join(str(seeds[i]) for i in order),
+        )
+    for i, path in zip(order, paths, strict=True):
+        text = parameters_text(req, seeds[i], size, pipe.model_hash, model_name, scores[i])
+        save_png(images[i], path, text)
     return paths

@@ -37,7 +37,7 @@ from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.errors import CheckpointError, MoasError
 from moas.models.experts import language_batch
 from moas.models.generator import MoasGenerator, brain_aux_loss
-from moas.monitor import RunMonitor
+from moas.monitor import build_run_monitor
 from moas.resources import EnhancedResourceManager
 from moas.runtime import autocast_dtype, new_run_dir, resolve_device, seed_everything, set_threads
 from moas.text import TextEncoder
@@ -66,7 +66,7 @@ from moas.train.state import (
     step_checkpoint_name,
     training_state,
 )
-from moas.train.validate import validation_loss
+from moas.train.validate import split_holdout
 
 log = logging.getLogger(__name__)
 perf_log = logging.getLogger("moas.performance")
@@ -86,6 +86,7 @@ class TrainResult:
     skipped_steps: int = 0
     micro_batch: int = 0
     grad_accum: int = 0
+    last_model_path: Path | None = None  # the final weights; model_path is the best-scoring checkpoint
 
 
 def milestone_epochs(epochs: int) -> set[int]:
@@ -98,7 +99,13 @@ class _OOMSignal(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: MoasConfig, progress: bool = True, dist_ctx: DistContext | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MoasConfig,
+        progress: bool = True,
+        dist_ctx: DistContext | None = None,
+        dashboard: bool | None = None,
+    ) -> None:
         tc = self.tc = cfg.train
         self.cfg, self.progress = cfg, progress
         if dist_ctx is None:
@@ -143,6 +150,12 @@ class Trainer:
         if cfg.data.val_dir:
             self.val_set = build_dataset(cfg, cfg.data.val_dir, self.encoder, progress)
             log.info("Validation: %d images in %s.", len(self.val_set), cfg.data.val_dir)
+        else:  # hold out a seed-fixed slice of the training folder (excluded from training)
+            self.dataset, self.val_set = split_holdout(
+                self.dataset, cfg.monitor.val_fraction, tc.seed, cfg.monitor.val_min_images
+            )
+            if self.val_set is not None:
+                log.info("Validation: %d images held out of %s.", len(self.val_set), cfg.data.data_dir)
         self.captions = self.dataset.captions()
         val_captions = self.val_set.captions() if self.val_set else []
         self.bank = TextBank(self.encoder, self.captions + val_captions, progress=progress)
@@ -217,6 +230,7 @@ class Trainer:
             self.resources.resolution_batch(tc.batch_size, cfg.data.resolution),
         )
         self.epoch, self.batch_pos, self.global_step = 0, 0, 0
+        self.loss_terms: dict[str, float] = {}  # the last micro-step's loss terms, for TensorBoard
         self.skipped_steps, self.train_seconds_before = 0, 0.0
         previous_run = Path()
         if resume is not None:
@@ -238,7 +252,18 @@ class Trainer:
             self.run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
             save_style_db(self.dataset, self.run_dir)
-            self.monitor = RunMonitor(self.run_dir, cfg, self.captions, self.encoder)
+            self.monitor = build_run_monitor(
+                self.run_dir,
+                cfg,
+                self.captions,
+                self.encoder,
+                val_set=self.val_set,
+                bank=self.bank,
+                schedule=self.schedule,
+                device=device,
+                batch_size=self.micro_batch,
+                progress=progress if dashboard is None else dashboard,
+            )
         self.milestones = milestone_epochs(tc.epochs)
         self.t_start = time.perf_counter()
         self.last_loss, self.ips = float("nan"), 0.0
@@ -402,7 +427,13 @@ class Trainer:
             per_sample = F.mse_loss(pred.float(), schedule.target(x0, noise, t), reduction="none").mean(
                 (1, 2, 3)
             )  # (B,)
-            loss = (per_sample * schedule.loss_weight(t)).mean() + brain_aux_loss(self.model)
+            diffusion = (per_sample * schedule.loss_weight(t)).mean()
+            aux = brain_aux_loss(self.model)  # MoE load balance (+ compression reconstruction)
+            loss = diffusion + aux
+            self.loss_terms = {"diffusion": float(diffusion), "aux": float(aux)}
+            if self.monitor is not None:
+                x0_pred = schedule.predict_x0(x_t, pred.detach().float(), t)  # (B, 3, H, W)
+                self.monitor.observe_batch(self.global_step + 1, x0, x0_pred, t, per_sample)
             loss = loss.clamp(max=self.tc.loss_clamp)  # NaN/Inf guard, part 1: bound the loss
             if self.faults.fires("nan_loss"):
                 loss = loss * float("nan")
@@ -446,9 +477,11 @@ class Trainer:
         self.ips = b * self.grad_accum * self.dist.world_size / max(now - t_data, 1e-9)
         lr = opt.param_groups[0]["lr"]
         if self.monitor is not None:
+            self.monitor.set_status(epoch=self.epoch + 1)
             self.monitor.log_step(
                 self.global_step,
-                loss=self.last_loss,
+                losses={"total": self.last_loss, **self.loss_terms},
+                lrs={g.get("name", str(k)): g["lr"] for k, g in enumerate(opt.param_groups)},
                 lr=lr,
                 images_per_sec=self.ips,
                 step_time=step_time,
@@ -507,41 +540,49 @@ class Trainer:
             self.ips,
         )
         if done % tc.save_every == 0 or last or done in self.milestones:
-            if self.val_set is not None and self.monitor is not None:
-                val = validation_loss(
-                    self.ema.model,
-                    self.val_set,
-                    self.bank,
-                    self.schedule,
-                    self.device,
-                    self.micro_batch,
-                    tc.seed,
-                )
-                self.monitor.log_step(self.global_step, val_loss=val)
-                log.info("Validation loss (EMA weights) after epoch %d: %.4f.", done, val)
-                self.last_val_loss = val
             self.save(epoch_checkpoint_name(done), kind="epoch")
+            if self.monitor is not None:  # validation, best-model file, progress.png (rank 0)
+                metrics = self.monitor.on_checkpoint(
+                    done, self.global_step, self.ema.model, self._model_state
+                )
+                self.last_val_loss = metrics.get("loss", self.last_val_loss)
         if self.monitor is not None and tc.sample_every and (done % tc.sample_every == 0 or last):
             self.monitor.sample_grid(self.ema.model, done, self.global_step, self.device)
+
+    def _model_state(self) -> dict:
+        return model_file_state(
+            self.model,
+            self.ema,
+            self.cfg,
+            self.encoder.encoder_id,
+            self.epoch,
+            self.global_step,
+            self.dataset.style_db.to_dict() if self.cfg.data.extract_style else None,
+        )
 
     def _finish(self) -> TrainResult:
         tc = self.tc
         model_path = Path(tc.save_path)
+        last_path = model_path.with_name(
+            "last_model.pt" if model_path.name != "last_model.pt" else "final_model.pt"
+        )
         if self.dist.is_main:
+            # The last weights always go to last_model.pt; save_path holds the best-scoring checkpoint's
+            # weights (or the last ones when best-step selection is off or never ran).
             model_path.parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(
-                model_path,
-                model_file_state(
-                    self.model,
-                    self.ema,
-                    self.cfg,
-                    self.encoder.encoder_id,
-                    self.epoch,
-                    self.global_step,
-                    self.dataset.style_db.to_dict() if self.cfg.data.extract_style else None,
-                ),
-                {"epoch": self.epoch, "global_step": self.global_step, "kind": "model"},
-            )
+            meta = {"epoch": self.epoch, "global_step": self.global_step, "kind": "model"}
+            state = self._model_state()
+            save_checkpoint(last_path, state, meta)
+            keeper = self.monitor.keeper
+            if keeper is None or keeper.best is None or not model_path.is_file():
+                save_checkpoint(model_path, state, meta)
+            elif keeper.best is not None:
+                log.info(
+                    "Best checkpoint: epoch %d (%s %s).",
+                    keeper.best["epoch"],
+                    keeper.metric,
+                    keeper.best_score,
+                )
             if self.cfg.data.extract_style:  # also beside the model file, readable without torch
                 self.dataset.style_db.save(model_path.with_name(model_path.stem + ".styles.json"))
             self.monitor.close()
@@ -557,9 +598,12 @@ class Trainer:
             self.skipped_steps,
             self.micro_batch,
             self.grad_accum,
+            last_path,
         )
 
 
-def train(cfg: MoasConfig, progress: bool = True) -> TrainResult:
-    """Train (or, with ``train.auto_resume``, continue) the run described by ``cfg``."""
-    return Trainer(cfg, progress).run()
+def train(cfg: MoasConfig, progress: bool = True, dashboard: bool | None = None) -> TrainResult:
+    """Train (or, with ``train.auto_resume``, continue) the run described by ``cfg``.
+
+    ``progress``: tqdm bars; ``dashboard``: the live dashboard (default: as ``progress``)."""
+    return Trainer(cfg, progress, dashboard=dashboard).run()

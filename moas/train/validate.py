@@ -1,21 +1,77 @@
-"""Validation loss on ``--val_dir``: the weighted diffusion loss at fixed timesteps and fixed noise.
+"""Validation: the held-out split, and what the EMA model scores on it at every checkpoint.
 
-Fixing t and ε (from a seeded generator) removes the sampling noise of the training loss, so the value is
-comparable from one epoch to the next and between runs on the same validation folder.
+Validation images come from ``--val_dir`` or, without one, from a slice of the training folder chosen by
+the seed and excluded from training (``train.val_fraction``; none when the folder has fewer than
+``train.val_min_images`` images). At each checkpoint the EMA model is measured on them:
+
+* ``loss``: the weighted diffusion loss at fixed timesteps and fixed noise (seeded), comparable across
+  epochs and runs;
+* ``psnr`` / ``ssim``: the model's predicted x0 against the real image at the same fixed timesteps;
+* the six per-expert / art-theory measurements of ``moas.metrics`` on the same predictions;
+* ``prompt_adherence``: the fraction of validation images whose own caption gives a lower denoising error
+  than a mismatched caption (same timesteps and noise) — a diffusion-classifier test of whether the
+  model uses the prompt. Images without a caption are not counted; ``None`` when no image counts.
+* ``accuracy``: on the demo data (a ``manifest.json`` beside the training folder) the held-out attribute
+  accuracy of ``moas eval``; on other data the prompt adherence.
 """
 
 from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from moas.config import DiffusionConfig, SampleConfig
 from moas.data.dataset import ArtDataset, collate, to_model_range
 from moas.data.sampler import BucketBatchSampler
 from moas.data.textbank import TextBank
 from moas.diffusion.schedule import NoiseSchedule
+from moas.errors import DataError
+from moas.metrics import art_measurements, psnr, ssim
+
+log = logging.getLogger(__name__)
 
 TIMESTEPS = (50, 250, 500, 750, 950)  # spread over the schedule; each image is scored at all of them
+PSNR_TIMESTEPS = (50, 250)  # low/mid noise (of TIMESTEPS): where the predicted x0 should resemble the image
+
+
+def split_holdout(
+    dataset: ArtDataset, fraction: float, seed: int, min_images: int
+) -> tuple[ArtDataset, ArtDataset | None]:
+    """Split off a seed-fixed validation slice: ``max(1, round(fraction·n))`` images, none when n is small.
+
+    The choice depends only on the sorted file list and the seed, so a resumed run holds out the same files.
+    """
+    n = len(dataset)
+    if fraction <= 0 or n < min_images:
+        return dataset, None
+    k = min(n - 1, max(1, round(fraction * n)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    val_idx = set(order[:k])
+    return _subset(dataset, [i for i in range(n) if i not in val_idx]), _subset(dataset, sorted(val_idx))
+
+
+def _subset(dataset: ArtDataset, keep: list[int]) -> ArtDataset:
+    """A shallow copy of ``dataset`` with only the images ``keep``: every per-image list is filtered."""
+    n = len(dataset)
+    out = copy.copy(dataset)
+    for name, value in vars(dataset).items():
+        if isinstance(value, list) and len(value) == n:  # paths, cache entries, buckets, captions, styles
+            setattr(out, name, [value[i] for i in keep])
+    return out
+
+
+def find_demo_manifest(data_dir: str | Path) -> Path | None:
+    """The demo data's ``manifest.json`` (in the folder or its parent), or None for user data."""
+    base = Path(data_dir)
+    for cand in (base / "manifest.json", base.parent / "manifest.json"):
+        if cand.is_file():
+            return cand
+    return None
 
 
 @torch.no_grad()
@@ -28,6 +84,7 @@ def validation_loss(
     batch_size: int = 32,
     seed: int = 0,
 ) -> float:
+    """The weighted diffusion loss at fixed timesteps and seeded noise (mean over images × timesteps)."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
@@ -46,3 +103,124 @@ def validation_loss(
             total += (per * schedule.loss_weight(t)).sum().item()
             count += x0.shape[0]
     return total / max(count, 1)
+
+
+def mismatched_captions(captions: list[str], pool: list[str], seed: int) -> list[str | None]:
+    """For each caption a different non-empty caption from ``pool`` (fixed by seed); None if impossible."""
+    pool = sorted({c for c in pool if c})
+    out: list[str | None] = []
+    for i, c in enumerate(captions):
+        others = [p for p in pool if p != c]
+        out.append(others[(seed + 31 * i) % len(others)] if c and others else None)
+    return out
+
+
+class Validator:
+    """Measures a model on the validation images with fixed timesteps and noise (see the module doc)."""
+
+    def __init__(
+        self,
+        dataset: ArtDataset | None,
+        bank: TextBank,
+        schedule: NoiseSchedule,
+        device: torch.device,
+        seed: int,
+        batch_size: int,
+        caption_pool: list[str],
+        demo_dir: Path | None = None,
+        diffusion: DiffusionConfig | None = None,
+        sample: SampleConfig | None = None,
+        eval_n: int = 8,
+    ) -> None:
+        self.dataset = dataset
+        self.bank = bank
+        self.schedule = schedule
+        self.device = device
+        self.seed = seed
+        self.batch_size = batch_size
+        self.caption_pool = caption_pool
+        self.demo_dir = demo_dir
+        self.diffusion = diffusion or DiffusionConfig()
+        self.sample = sample or SampleConfig()
+        self.eval_n = eval_n
+
+    @torch.no_grad()
+    def _denoise_metrics(self, model: torch.nn.Module) -> dict[str, float | None]:
+        gen = torch.Generator().manual_seed(self.seed)
+        sums: dict[str, float] = {}
+        n_img, wins, counted = 0, 0, 0
+        captions = self.dataset.captions()
+        wrong_all = mismatched_captions(captions, self.caption_pool, self.seed)
+        # One image size per batch (aspect buckets); every image exactly once, in a fixed order.
+        order = BucketBatchSampler(
+            self.dataset.bucket_ids, [1.0] * len(self.dataset), self.batch_size, shuffle=False, fill=False
+        )
+        for batch in DataLoader(self.dataset, batch_sampler=order, collate_fn=collate):
+            x0 = to_model_range(batch["pixels"]).to(self.device)  # (B, 3, H, W)
+            b = x0.shape[0]
+            text = self.bank.batch(batch["captions"], self.device)
+            wrong = [wrong_all[int(i)] for i in batch["index"]]
+            has_wrong = torch.tensor([w is not None for w in wrong])
+            wrong_text = self.bank.batch([w or "" for w in wrong], self.device)
+            err_true, err_wrong = torch.zeros(b), torch.zeros(b)
+            for step in TIMESTEPS:
+                t = torch.full((b,), step, dtype=torch.long, device=self.device)
+                noise = torch.randn(x0.shape, generator=gen).to(self.device)
+                x_t = self.schedule.add_noise(x0, noise, t)
+                pred = model(x_t, t, text).float()
+                target = self.schedule.target(x0, noise, t)
+                per = F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))
+                sums["loss"] = sums.get("loss", 0.0) + (per * self.schedule.loss_weight(t)).sum().item()
+                err_true += per.cpu()
+                if has_wrong.any():
+                    pw = model(x_t, t, wrong_text).float()
+                    err_wrong += F.mse_loss(pw, target, reduction="none").mean((1, 2, 3)).cpu()
+                if step in PSNR_TIMESTEPS:
+                    x0_hat = self.schedule.predict_x0(x_t, pred, t).clamp(-1, 1)  # (B, 3, H, W)
+                    sums["psnr"] = sums.get("psnr", 0.0) + psnr(x0_hat, x0).sum().item()
+                    sums["ssim"] = sums.get("ssim", 0.0) + ssim(x0_hat, x0).sum().item()
+                    for k, v in art_measurements(x0_hat, x0).items():
+                        sums[k] = sums.get(k, 0.0) + v * b
+            wins += int(((err_true < err_wrong) & has_wrong).sum())
+            counted += int(has_wrong.sum())
+            n_img += b
+        out: dict[str, float | None] = {"loss": sums["loss"] / (n_img * len(TIMESTEPS))}
+        for k, v in sums.items():
+            if k != "loss":
+                out[k] = v / (n_img * len(PSNR_TIMESTEPS))
+        out["prompt_adherence"] = wins / counted if counted else None
+        return out
+
+    def demo_accuracy(self, model: torch.nn.Module, encoder) -> float | None:
+        """Held-out attribute accuracy of ``moas eval`` (n = ``eval_n`` per split) on the demo data."""
+        if self.demo_dir is None:
+            return None
+        from moas.evaluate import run_eval
+        from moas.pipeline import Pipeline
+
+        pipe = Pipeline(model, encoder, self.diffusion, self.device)
+        try:
+            result = run_eval(
+                pipe,
+                self.demo_dir,
+                n_per_split=self.eval_n,
+                steps=self.sample.steps,
+                guidance_scale=self.sample.guidance_scale,
+                sampler=self.sample.sampler,
+                progress=False,
+            )
+        except DataError as e:
+            log.warning("Demo evaluation skipped: %s", e)
+            return None
+        return float(result["held_out"]["mean"])
+
+    def run(self, model: torch.nn.Module, encoder) -> dict[str, float | None]:
+        """All validation numbers for ``model`` (put in eval mode; the caller restores train mode)."""
+        model.eval()
+        out: dict[str, float | None] = {}
+        if self.dataset is not None and len(self.dataset):
+            out.update(self._denoise_metrics(model))
+        demo = self.demo_accuracy(model, encoder)
+        out["demo_accuracy"] = demo
+        out["accuracy"] = demo if demo is not None else out.get("prompt_adherence")
+        return out

@@ -1,0 +1,102 @@
+"""Best-step selection: keep the model file of the checkpoint with the highest model-quality score.
+
+The score (higher is better) is, in this order of preference:
+
+1. ``demo_accuracy``: on the demo data, the held-out attribute accuracy of ``moas eval``;
+2. ``prompt_adherence``: on user data, the diffusion-classifier prompt adherence on the validation images;
+3. ``ssim``: when no image has a usable caption, the validation SSIM of the predicted x0.
+
+Never the training loss. Ties keep the earlier checkpoint. The history of every scored checkpoint is
+written to ``<run>/best_steps.json``; when nothing can be scored (no validation images, no demo
+manifest) the newest checkpoint is kept and the history says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from moas.train.checkpoint import atomic_write_bytes, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+SCORE_PREFERENCE = ("demo_accuracy", "prompt_adherence", "ssim")
+HISTORY_FILE = "best_steps.json"
+
+
+def model_quality_score(metrics: dict[str, float | None]) -> tuple[float | None, str | None]:
+    """The first available score of ``SCORE_PREFERENCE`` and its name, or (None, None)."""
+    for name in SCORE_PREFERENCE:
+        v = metrics.get(name)
+        if v is not None:
+            return float(v), name
+    return None, None
+
+
+class BestModelKeeper:
+    """Writes ``save_path`` whenever a checkpoint beats the best score so far; records the history."""
+
+    def __init__(self, run_dir: Path, save_path: Path) -> None:
+        self.path = Path(run_dir) / HISTORY_FILE
+        self.save_path = Path(save_path)
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.metric: str | None = None
+        if self.path.is_file():  # a resumed run continues its history
+            try:
+                data = json.loads(self.path.read_text())
+                self.history, self.best, self.metric = data["history"], data["best"], data["metric"]
+            except (OSError, ValueError, KeyError):
+                log.warning("%s is unreadable; best-step history starts again.", self.path)
+
+    @property
+    def best_score(self) -> float | None:
+        return None if self.best is None else self.best.get("score")
+
+    def update(
+        self, epoch: int, step: int, metrics: dict[str, float | None], model_state: Callable[[], dict]
+    ) -> bool:
+        """Score one checkpoint; save the model file when it is the best. Returns True when saved."""
+        score, name = model_quality_score(metrics)
+        if name is not None and self.metric is not None and name != self.metric:
+            # The same run always measures the same things, so this only happens when data changed.
+            log.warning(
+                "Best-step metric changed from %s to %s; comparing by %s from now on.",
+                self.metric,
+                name,
+                name,
+            )
+            self.best = None
+        self.metric = name or self.metric
+        entry = {
+            "epoch": epoch,
+            "global_step": step,
+            "score": score,
+            "metric": name,
+            **{k: v for k, v in metrics.items() if v is not None},
+        }
+        self.history.append(entry)
+        if score is None:
+            improved = self.best is None or self.best.get("score") is None
+        else:
+            improved = self.best is None or self.best.get("score") is None or score > self.best["score"]
+        if improved:
+            self.best = entry
+            state = model_state()
+            save_checkpoint(
+                self.save_path,
+                state,
+                {"epoch": epoch, "global_step": step, "kind": "model", "score": score, "metric": name},
+            )
+            if score is None:
+                log.info("No validation score available; kept the newest model as %s.", self.save_path)
+            else:
+                log.info("New best model (%s %.4f) at epoch %d → %s.", name, score, epoch, self.save_path)
+        self._write()
+        return improved
+
+    def _write(self) -> None:
+        data = {"metric": self.metric, "best": self.best, "history": self.history}
+        atomic_write_bytes(self.path, json.dumps(data, indent=2).encode())
