@@ -264,6 +264,12 @@ class Trainer:
                 batch_size=self.micro_batch,
                 progress=progress if dashboard is None else dashboard,
             )
+            total_steps = tc.epochs * self.steps_per_epoch
+            self.monitor.set_status(  # for the dashboard's progress and ETA
+                epochs=tc.epochs,
+                total_steps=min(total_steps, tc.max_steps) if tc.max_steps else total_steps,
+                session_start_step=self.global_step,
+            )
         self.milestones = milestone_epochs(tc.epochs)
         self.t_start = time.perf_counter()
         self.last_loss, self.ips = float("nan"), 0.0
