@@ -112,7 +112,7 @@ class AdvancedLossFunctions(nn.Module):
         sample_weight: torch.Tensor | None = None,
         fake_prob: torch.Tensor | None = None,
     ) -> LossResult:
-        """Weighted total; ``sample_weight`` (B,) weights samples (e.g. toward low noise) inside every term."""
+        """Weighted total; ``sample_weight`` (B,) multiplies each sample's terms (e.g. to favour low noise)."""
         per = self.per_sample_terms(pred, target, fake_prob)
         return self.combine(per, sample_weight)
 
@@ -121,7 +121,7 @@ class AdvancedLossFunctions(nn.Module):
         terms, bad = {}, []
         for name, values in per.items():
             sw = torch.ones_like(values) if sample_weight is None else sample_weight.to(values)
-            value = self.weights[name] * (values * sw).sum() / sw.sum().clamp_min(1e-8)
+            value = self.weights[name] * (values * sw).mean()  # unnormalised: a noisy batch counts less
             if not torch.isfinite(value):  # the guard: a poisoned term never reaches backward
                 bad.append(name)
                 log.warning("Loss term %s is not finite; dropped from this batch.", name)

@@ -53,6 +53,7 @@ from moas.train.checkpoint import (
     thin_optimizer_states,
 )
 from moas.train.distributed import DistContext, init_distributed
+from moas.train.domain import DomainTraining
 from moas.train.ema import EMA
 from moas.train.oom import is_oom, recover_from_oom
 from moas.train.schedule import WarmupCosineRestarts
@@ -181,6 +182,10 @@ class Trainer:
         )
         self.amp_dtype = autocast_dtype(device, tc.mixed_precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # Domain losses on x0, the discriminator and the enhancer (moas/train/domain.py; issue 5).
+        self.domain = DomainTraining(cfg, self.dataset, device, self.amp_dtype is not None)
+        self.domain_logs: dict[str, float] = {}
+        self.x0_batch = self.x0_pred = None
         self.schedule = NoiseSchedule(
             make_train_scheduler(cfg.diffusion), cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma
         )
@@ -216,6 +221,7 @@ class Trainer:
         previous_run = Path()
         if resume is not None:
             previous_run = restore_training_state(self, resume)
+            self.domain.load_state_dict(resume.get("domain"))
             del resume
         self._mark_boundary()
         self.ddp_model = self.model
@@ -272,6 +278,7 @@ class Trainer:
                 f"Refusing to save {name}: {bad} holds NaN/Inf values; the previous checkpoints are kept."
             )
         state = training_state(self, kind, gens)
+        state["domain"] = self.domain.state_dict()
         if delay := self.faults.save_delay():
             time.sleep(delay)
         meta = {
@@ -397,6 +404,11 @@ class Trainer:
                 (1, 2, 3)
             )  # (B,)
             loss = (per_sample * schedule.loss_weight(t)).mean()
+            extra, self.domain_logs, self.x0_pred = self.domain.generator_loss(
+                x0, x_t, pred, t, schedule, self.global_step
+            )
+            loss = loss if extra is None else loss + extra
+            self.x0_batch = x0
             loss = loss.clamp(max=self.tc.loss_clamp)  # NaN/Inf guard, part 1: bound the loss
             if self.faults.fires("nan_loss"):
                 loss = loss * float("nan")
@@ -435,6 +447,10 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = lr
         self.ema.update(self.model)
+        domain_logs = {
+            **self.domain_logs,
+            **self.domain.after_step(self.x0_batch, self.x0_pred, self.global_step),
+        }
         now = time.perf_counter()
         step_time = now - t0
         self.ips = b * self.grad_accum * self.dist.world_size / max(now - t_data, 1e-9)
@@ -448,6 +464,7 @@ class Trainer:
                 step_time=step_time,
                 data_time=t0 - t_data,
                 grad_norm=float(grad_norm),
+                **domain_logs,
             )
             perf_log.info(
                 "step=%d epoch=%d batch=%d micro=%d accum=%d step_s=%.4f data_s=%.4f img_s=%.2f %s",
@@ -527,7 +544,8 @@ class Trainer:
                     self.epoch,
                     self.global_step,
                     self.dataset.style_db.to_dict() if self.cfg.data.extract_style else None,
-                ),
+                )
+                | self.domain.model_file_entries(),
                 {"epoch": self.epoch, "global_step": self.global_step, "kind": "model"},
             )
             if self.cfg.data.extract_style:  # also beside the model file, readable without torch
