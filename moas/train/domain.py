@@ -114,7 +114,7 @@ class DomainTraining:
             fake_prob = self.disc(x0_pred)
         res = self.stack(x0_pred, x0, sample_weight=w, fake_prob=fake_prob)
         scalars = res.scalars("loss/")
-        scalars["loss/domain"] = float(res.total)
+        scalars["loss/domain"] = float(res.total.detach())
         return self.cfg.losses.domain_weight * res.total, scalars, x0_pred.detach()
 
     # --- discriminator and enhancer steps -------------------------------------------------------------
