@@ -70,7 +70,9 @@ def main() -> int:
     ap.add_argument("--n_train", type=int, default=1200, help="demo training images (the README demo's 1200)")
     ap.add_argument("--n_heldout", type=int, default=96, help="held-out images (another seed)")
     ap.add_argument("--steps", type=int, default=None, help="enhancer steps (default: the demo run's count)")
-    ap.add_argument("--max_minutes", type=float, default=0, help="stop training early after this long (0 = no cap)")
+    ap.add_argument(
+        "--max_minutes", type=float, default=0, help="stop training early after this long (0 = no cap)"
+    )
     ap.add_argument("--out", default="bench/enhance.json")
     a = ap.parse_args()
 
@@ -92,7 +94,9 @@ def main() -> int:
     held.validate(progress=False)
     hr = to_model_range(collate([held[i] for i in range(len(held))])["pixels"])  # (N, 3, 2r, 2r)
 
-    before = {f"x{f}_{'degraded' if d else 'clean'}": score(dom, hr, f, d) for f in (2, 4) for d in (False, True)}
+    before = {
+        f"x{f}_{'degraded' if d else 'clean'}": score(dom, hr, f, d) for f in (2, 4) for d in (False, True)
+    }
     t0, done = time.perf_counter(), 0
     for _ in tqdm(range(steps), desc="enhancer steps"):
         dom.enhancer_step()
@@ -100,7 +104,9 @@ def main() -> int:
         if a.max_minutes and time.perf_counter() - t0 > 60 * a.max_minutes:
             break
     seconds = time.perf_counter() - t0
-    after = {f"x{f}_{'degraded' if d else 'clean'}": score(dom, hr, f, d) for f in (2, 4) for d in (False, True)}
+    after = {
+        f"x{f}_{'degraded' if d else 'clean'}": score(dom, hr, f, d) for f in (2, 4) for d in (False, True)
+    }
     result = {
         "profile": a.profile,
         "enhancer": dom.enhancer.init_args,
