@@ -74,11 +74,14 @@ def main() -> int:
         "--max_minutes", type=float, default=0, help="stop training early after this long (0 = no cap)"
     )
     ap.add_argument("--out", default="bench/enhance.json")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is far faster on an oversubscribed CPU)"
+    )
     a = ap.parse_args()
 
     work = Path(a.workdir)
     cfg = load_config(a.profile, overrides={"data": {"cache_dir": str(work / "cache")}})
-    set_threads(cfg.resources.cpu_threads)
+    set_threads(a.threads)
     seed_everything(cfg.train.seed)
     hr_side = cfg.data.resolution * cfg.enhance.scale
     for name, n, seed in (("train", a.n_train, 0), ("heldout", a.n_heldout, 4242)):

@@ -98,18 +98,23 @@ def main() -> int:
     ap.add_argument("--off_steps", type=int, default=300, help="optimizer steps of the 'off' arm")
     ap.add_argument("--n", type=int, default=48, help="eval images per split")
     ap.add_argument("--out", default="bench/losses.json")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is far faster on an oversubscribed CPU)"
+    )
     a = ap.parse_args()
     work = Path(a.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = Path(a.out).resolve()
     os.chdir(work)
     setup_logging(None)
+    torch.set_num_threads(a.threads)
     if not Path("data/demo/manifest.json").is_file():
         generate_demo_dataset("data/demo", n_images=a.n_images, size=64, seed=0)
     base = {
         "data": {"data_dir": "data/demo/train"},
         "enhance": {"train": False},
         "train": {"sample_every": 0, "save_every": 1000},
+        "resources": {"cpu_threads": a.threads},
     }
     cfgs = {arm: load_config(a.profile, overrides={**base, **o}, use_env=False) for arm, o in ARMS.items()}
     ratio = step_cost_ratio(cfgs["off"], cfgs["on"])
