@@ -113,6 +113,10 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
         "only), detail, color, or none (bicubic resizing)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--style",
+        help="artist style learned from a data folder (model trained with data.extract_style = true)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -407,6 +411,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
     if not req.mask and not any(req.outpaint):
         raise MoasError("Give --mask (white = regenerate) or --outpaint L,R,T,B, or both.")
     pipe = _load_pipeline(a.model, a.device)
+    pipe.set_style(a.style)
     g = a.guidance_scale
     req.guidance_scale = g if g is not None else pipe.sample_defaults.get("guidance_scale", 3.0)
     m = edit(pipe, req, a.output, progress=not a.quiet)

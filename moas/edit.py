@@ -131,6 +131,10 @@ def edit(pipe: Pipeline, req: EditRequest, output: str | Path, progress: bool = 
     both = pipe.encode([req.prompt, req.negative_prompt])
     both = {k: v.to(dev) for k, v in both.items()}
     cond, uncond = {k: v[:1] for k, v in both.items()}, {k: v[1:] for k, v in both.items()}
+    if pipe.style is not None:  # --style: on the conditional branch only, as in generation
+        cond["style"] = uncond["style"] = pipe.style.to(dev).view(1, -1)  # (1, S)
+        cond["style_mask"] = torch.ones(1, dtype=torch.bool, device=dev)
+        uncond["style_mask"] = torch.zeros(1, dtype=torch.bool, device=dev)
     fn = guided(lambda x, t, text: pipe.model(x, t, text).float(), cond, uncond, req.guidance_scale)
     schedule = NoiseSchedule(make_train_scheduler(pipe.diffusion), pipe.diffusion.prediction_type, 0.0)
     with torch.no_grad():
