@@ -61,6 +61,8 @@ class Pipeline:
         self.train_config = dict(make_train_scheduler(diffusion).config)
         self.style_db: dict | None = None  # the artist style database saved with the model (issue 4)
         self.style: torch.Tensor | None = None  # fingerprint used by __call__ (set_style)
+        self.enhancer = None  # the trained QualityEnhancer (moas/models/enhance.py), when the file has one
+        self.enhance_mode = self.sample_defaults.pop("enhance_mode", "full")
 
     def set_style(self, name: str | None) -> None:
         """Condition on the style ``name`` from the model's style database (None: no style)."""
@@ -74,8 +76,6 @@ class Pipeline:
                 "This model was trained without styles (set data.extract_style = true to train them)."
             )
         self.style = ArtistStyleDatabase.from_dict(self.style_db).get(name)
-        self.enhancer = None  # the trained QualityEnhancer (moas/models/enhance.py), when the file has one
-        self.enhance_mode = self.sample_defaults.pop("enhance_mode", "full")
 
     @classmethod
     def from_file(

@@ -20,7 +20,9 @@ ON = {"losses": {"domain": True, "adversarial": True, "disc_warmup_steps": 1}}
 
 
 def test_domain_training_parts(demo_dir, tmp_path):
-    cfg = load_config(config_file=TINY_CONFIG, overrides={**ON, "data": {"cache_dir": str(tmp_path)}}, use_env=False)
+    cfg = load_config(
+        config_file=TINY_CONFIG, overrides={**ON, "data": {"cache_dir": str(tmp_path)}}, use_env=False
+    )
     ds = ArtDataset(demo_dir / "train", cfg.data.resolution, cfg.data.cache_dir)
     ds.validate(progress=False)
     dom = DomainTraining(cfg, ds, torch.device("cpu"))
@@ -34,7 +36,15 @@ def test_domain_training_parts(demo_dir, tmp_path):
     extra, logs, x0_pred = dom.generator_loss(x0, x_t, pred, t, sched, global_step=0)
     assert "loss/gan" not in logs  # the discriminator is still warming up
     extra, logs, x0_pred = dom.generator_loss(x0, x_t, pred, t, sched, global_step=5)
-    assert {"loss/pixel", "loss/ssim", "loss/line_art", "loss/color", "loss/style", "loss/anatomy", "loss/gan"} <= set(logs)
+    assert {
+        "loss/pixel",
+        "loss/ssim",
+        "loss/line_art",
+        "loss/color",
+        "loss/style",
+        "loss/anatomy",
+        "loss/gan",
+    } <= set(logs)
     assert torch.isfinite(extra) and extra > 0
     extra.backward()
     assert pred.grad.abs().sum() > 0
@@ -68,8 +78,19 @@ def test_losses_off_by_default_costs_nothing(demo_dir, tmp_path):
 @pytest.mark.slow
 def test_train_generate_edit_cascade_cli(demo_dir, workdir, capsys):
     cfg = workdir / "on.toml"
-    cfg.write_text(TINY_CONFIG.read_text() + "\n[losses]\ndomain = true\nadversarial = true\ndisc_warmup_steps = 1\n")
-    args = ["train", "--config", str(cfg), "--data_dir", str(demo_dir / "train"), "--max_steps", "4", "--quiet"]
+    cfg.write_text(
+        TINY_CONFIG.read_text() + "\n[losses]\ndomain = true\nadversarial = true\ndisc_warmup_steps = 1\n"
+    )
+    args = [
+        "train",
+        "--config",
+        str(cfg),
+        "--data_dir",
+        str(demo_dir / "train"),
+        "--max_steps",
+        "4",
+        "--quiet",
+    ]
     assert main(args) == 0
     state = load_checkpoint(workdir / "models" / "best_model.pt")
     assert set(state["enhancer"]) == {"args", "weights"}
@@ -77,9 +98,22 @@ def test_train_generate_edit_cascade_cli(demo_dir, workdir, capsys):
 
     ea = EventAccumulator(str(next((workdir / "runs").iterdir())))
     ea.Reload()
-    assert {"loss/ssim", "loss/line_art", "loss/gan", "disc/loss", "enhance/loss"} <= set(ea.Tags()["scalars"])
+    assert {"loss/ssim", "loss/line_art", "loss/gan", "disc/loss", "enhance/loss"} <= set(
+        ea.Tags()["scalars"]
+    )
 
-    base = ["generate", "--prompt", "1girl, red hair", "--steps", "2", "--quiet", "--width", "40", "--height", "32"]
+    base = [
+        "generate",
+        "--prompt",
+        "1girl, red hair",
+        "--steps",
+        "2",
+        "--quiet",
+        "--width",
+        "40",
+        "--height",
+        "32",
+    ]
     assert main([*base, "--output", "sr.png", "--quality_enhance", "resolution"]) == 0
     assert main([*base, "--output", "bic.png", "--quality_enhance", "none"]) == 0
     sr, bic = np.asarray(Image.open("sr.png")), np.asarray(Image.open("bic.png"))

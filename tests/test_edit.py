@@ -40,7 +40,9 @@ def picture(tmp_path):
 
 def test_inpainting_keeps_unmasked_pixels_bit_identical(pipe, picture):
     d, img, mask = picture
-    req = EditRequest(image=str(d / "in.png"), mask=str(d / "mask.png"), prompt="1girl, red hair", steps=3, resample=2)
+    req = EditRequest(
+        image=str(d / "in.png"), mask=str(d / "mask.png"), prompt="1girl, red hair", steps=3, resample=2
+    )
     m = edit(pipe, req, d / "out.png", progress=False)
     out = np.asarray(Image.open(d / "out.png").convert("RGB"))
     assert out.shape == img.shape

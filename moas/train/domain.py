@@ -168,8 +168,8 @@ class DomainTraining:
         full = self.enhancer.refine(up, "full")
         r_sr, r_full = self.enh_stack(up, hr), self.enh_stack(full, hr)
         scalars = {f"enhance/{k}": float(v) for k, v in r_full.terms.items()}
-        scalars[f"enhance/sr_x{factor}"] = float(r_sr.total)
-        scalars["enhance/loss"] = float(r_full.total)
+        scalars[f"enhance/sr_x{factor}"] = float(r_sr.total.detach())
+        scalars["enhance/loss"] = float(r_full.total.detach())
         return r_sr.total + r_full.total, scalars
 
     def enhancer_step(self) -> dict[str, float]:
