@@ -269,6 +269,9 @@ class BrainConfig:
         _check(0.0 < self.compression_ratio < 1.0, "brain.compression_ratio must be in (0, 1)")
         _check(self.continuous_rate >= 0, "brain.continuous_rate must be 0 or more")
         _check(self.placement in ("original", "single"), "brain.placement must be original or single")
+
+
+@dataclass
 class MonitorConfig:
     val_fraction: float = 0.05  # without --val_dir: share of the training folder held out for validation
     val_min_images: int = 20  # hold nothing out when the training folder has fewer images than this
@@ -292,6 +295,68 @@ class MonitorConfig:
 
 
 @dataclass
+class LossConfig:
+    """The domain losses (``moas/losses``) on the diffusion model's predicted x0, and the discriminator."""
+
+    domain: bool = False  # add the domain losses to the diffusion loss (off by default: see bench/RESULTS.md)
+    domain_weight: float = 0.1  # weight of the domain-loss total relative to the diffusion loss
+    low_noise_power: float = 2.0  # per-sample weight ᾱ_t^p on the x0 losses: favours low-noise timesteps
+    pixel: float = 1.0  # combined loss: L1 under mixed precision, else mse_weight·MSE + l1_weight·L1
+    mse_weight: float = 0.5
+    l1_weight: float = 0.5
+    ssim: float = 0.2  # 1 − SSIM (Gaussian window 11, σ 1.5)
+    line_art: float = 0.2  # Sobel edge structure + Laplacian thickness
+    color: float = 0.1  # colour distribution (soft histograms, moments, saturation)
+    style: float = 0.2  # Gram matrices of the anatomical detector's features (the original's 0.2)
+    anatomy: float = 0.1  # AnatomicalDetector feature matching (0.5 face, 0.3 hands, 0.2 eyes)
+    perceptual: float = 0.1  # VGG16 features; only with local pretrained weights, else off with a notice
+    vgg_weights: str | None = None  # a VGG16 state-dict file; default: the torch hub cache
+    adversarial: bool = False  # train AnimeStyleDiscriminator and add the generator's GAN term
+    gan: float = 0.01  # weight of the generator's GAN term (small; see bench/RESULTS.md)
+    disc_warmup_steps: int = 100  # optimizer steps before the discriminator trains and its term is used
+    disc_base_channels: int = 48  # AnimeStyleDiscriminator base width (the original's 48)
+
+    def __post_init__(self) -> None:
+        weights = (self.domain_weight, self.pixel, self.mse_weight, self.l1_weight, self.ssim, self.line_art)
+        weights += (self.color, self.style, self.anatomy, self.perceptual, self.gan, self.low_noise_power)
+        _check(all(w >= 0 for w in weights), "losses weights must be 0 or more")
+        _check(self.disc_warmup_steps >= 0, "losses.disc_warmup_steps must be 0 or more")
+        _check(self.disc_base_channels >= 8, "losses.disc_base_channels must be at least 8")
+
+
+@dataclass
+class EnhanceConfig:
+    """The QualityEnhancer (super-resolution + detail + colour + multi-scale), trained on degraded pairs."""
+
+    train: bool = True  # train the enhancer during ``moas train`` (its weights go into the model file)
+    width: int = 128  # detail/colour/multi-scale width (the original's 128; 2·width stands for its 256)
+    sr_channels: int = 64  # SuperResolutionSystem width (the original's 64)
+    sr_blocks: int = 8  # residual blocks (the original's 8)
+    lr: float = 2e-4  # the enhancer's AdamW learning rate
+    batch_size: int = 8  # (degraded → original) pairs per enhancer step
+    every: int = 1  # one enhancer step every this many generator optimizer steps
+    scale: int = 2  # HR training side = data.resolution × scale; pairs are made for ×2 and ×4
+    mode: str = "full"  # default --quality_enhance at generation: full | resolution | detail | color | none
+    device: str = "cpu"  # where generation runs the enhancer (the original keeps it on the CPU)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.width >= 4 and self.sr_channels >= 4,
+            "enhance.width and enhance.sr_channels must be at least 4",
+        )
+        _check(self.sr_blocks >= 1, "enhance.sr_blocks must be at least 1")
+        _check(
+            self.lr > 0 and self.batch_size >= 1 and self.every >= 1,
+            "enhance.lr, batch_size and every must be positive",
+        )
+        _check(self.scale in (2, 4), "enhance.scale must be 2 or 4")
+        _check(
+            self.mode in ("full", "resolution", "detail", "color", "none"),
+            "enhance.mode must be full, resolution, detail, color or none",
+        )
+
+
+@dataclass
 class MoasConfig:
     profile: str = DEFAULT_PROFILE
     data: DataConfig = field(default_factory=DataConfig)
@@ -303,6 +368,8 @@ class MoasConfig:
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     brain: BrainConfig = field(default_factory=BrainConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -334,6 +401,8 @@ def _section_classes() -> dict[str, type]:
         "resources": ResourceConfig,
         "brain": BrainConfig,
         "monitor": MonitorConfig,
+        "losses": LossConfig,
+        "enhance": EnhanceConfig,
     }
 
 

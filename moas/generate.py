@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from moas.data.dataset import to_model_range, to_uint8
 from moas.errors import MoasError
+from moas.models.enhance import MODES, QualityEnhancer
 from moas.pipeline import Pipeline
 from moas.quality import quality_score
 from moas.safety import blacklisted_terms
@@ -41,6 +43,7 @@ class GenerateRequest:
     style: str | None = None  # artist style from the model's style database (--style)
     allow_nsfw: bool = False  # explicit opt-in to prompts that match the NSFW blacklist
     keep_best: int | None = None  # keep only the K best-scoring of num_images
+    quality_enhance: str | None = None  # full | resolution | detail | color | none; None: the model's default
 
 
 def validate_request(req: GenerateRequest) -> None:
@@ -62,6 +65,8 @@ def validate_request(req: GenerateRequest) -> None:
         )
     if req.steps < 1 or req.steps > 1000:
         raise MoasError("--steps must be between 1 and 1000.")
+    if req.quality_enhance is not None and req.quality_enhance not in MODES:
+        raise MoasError(f"--quality_enhance must be one of {', '.join(MODES)}.")
     for name, v in (("--width", req.width), ("--height", req.height)):
         if v is not None and not 8 <= v <= 4096:
             raise MoasError(f"{name} must be between 8 and 4096 pixels.")
@@ -83,6 +88,7 @@ def parameters_text(
         f"Steps: {req.steps}, Sampler: {SAMPLER_LABELS.get(req.sampler, req.sampler)}, CFG scale: {req.guidance_scale:g}, "
         f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model_name}, "
         + (f"Style: {req.style}, " if req.style else "")
+        + f"Quality enhance: {req.quality_enhance or 'default'}, "
         + "Version: moas"
         + (f", Quality: {quality:.4f}" if quality is not None else "")
     )
@@ -122,6 +128,29 @@ def resize_to(images: torch.Tensor, width: int | None, height: int | None) -> to
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
+def cascade(
+    images: torch.Tensor,
+    enhancer: QualityEnhancer | None,
+    width: int | None,
+    height: int | None,
+    mode: str = "full",
+    max_side: int | None = None,
+) -> torch.Tensor:
+    """Base-resolution uint8 (B, 3, h, w) → (B, 3, height, width) through the trained SR + enhancement stages.
+
+    Without a trained enhancer (an older model file) or with mode ``none`` this is plain bicubic resizing.
+    """
+    if enhancer is None or mode == "none":
+        if mode != "none":
+            log.info("This model file has no trained enhancer; resizing with bicubic filtering.")
+        return resize_to(images, width, height)
+    h, w = images.shape[-2:]
+    dev = next(enhancer.parameters()).device
+    x = to_model_range(images).to(dev)  # (B, 3, h, w) in [-1, 1]
+    out = [enhancer.enhance(xi[None], (height or h, width or w), mode, max_side) for xi in x]
+    return to_uint8(torch.cat(out, 0)).cpu()
+
+
 def generate(
     pipe: Pipeline, req: GenerateRequest, output: str | Path, model_name: str, progress: bool = True
 ) -> list[Path]:
@@ -139,7 +168,8 @@ def generate(
         sampler=req.sampler,
         progress=progress,
     )
-    images = resize_to(images, req.width, req.height)
+    mode = req.quality_enhance or pipe.enhance_mode
+    images = cascade(images, pipe.enhancer, req.width, req.height, mode)
     size = (images.shape[-1], images.shape[-2])
     scores: list[float | None] = [None] * len(images)
     order = list(range(len(images)))

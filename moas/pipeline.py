@@ -15,12 +15,32 @@ from moas.data.dataset import to_uint8
 from moas.diffusion.sampling import guided, make_sampler, sample
 from moas.diffusion.schedule import make_train_scheduler
 from moas.errors import CheckpointError, MoasError
+from moas.models.enhance import QualityEnhancer
 from moas.models.experts import language_batch
 from moas.models.generator import MoasGenerator
 from moas.text import TextEncoder
 from moas.train.checkpoint import load_checkpoint, short_hash
 
 log = logging.getLogger(__name__)
+
+
+def load_enhancer(state: dict, path: str | Path, device: str = "cpu") -> QualityEnhancer | None:
+    """The model file's trained enhancer on ``device`` (the original runs it on the CPU), or None."""
+    entry = state.get("enhancer")
+    domain = state.get("domain") or {}
+    if entry is None and "enhancer" in domain:  # a training checkpoint: the weights sit with the trainer's
+        e = state["config"].get("enhance", {})
+        args = {k: e[k] for k in ("width", "sr_channels", "sr_blocks") if k in e}
+        entry = {"args": args, "weights": domain["enhancer"]}
+    if entry is None:
+        return None
+    try:
+        enhancer = QualityEnhancer(**entry["args"])
+        enhancer.load_state_dict(entry["weights"])
+    except (KeyError, TypeError, RuntimeError):
+        raise CheckpointError(f"{path} has enhancer weights that do not fit this version of moas.") from None
+    dev = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
+    return enhancer.eval().to(dev)
 
 
 class Pipeline:
@@ -42,6 +62,8 @@ class Pipeline:
         self.train_config = dict(make_train_scheduler(diffusion).config)
         self.style_db: dict | None = None  # the artist style database saved with the model (issue 4)
         self.style: torch.Tensor | None = None  # fingerprint used by __call__ (set_style)
+        self.enhancer = None  # the trained QualityEnhancer (moas/models/enhance.py), when the file has one
+        self.enhance_mode = self.sample_defaults.pop("enhance_mode", "full")
 
     def set_style(self, name: str | None) -> None:
         """Condition on the style ``name`` from the model's style database (None: no style)."""
@@ -82,10 +104,10 @@ class Pipeline:
             max_tokens=cfg["text"]["max_tokens"],
             require_id=encoder_id,
         )
-        pipe = cls(
-            model, encoder, DiffusionConfig(**cfg["diffusion"]), device, short_hash(path), cfg.get("sample")
-        )
+        defaults = dict(cfg.get("sample") or {}, enhance_mode=cfg.get("enhance", {}).get("mode", "full"))
+        pipe = cls(model, encoder, DiffusionConfig(**cfg["diffusion"]), device, short_hash(path), defaults)
         pipe.style_db = state.get("style_db")
+        pipe.enhancer = load_enhancer(state, path, cfg.get("enhance", {}).get("device", "cpu"))
         return pipe
 
     @property

@@ -55,6 +55,7 @@ from moas.train.checkpoint import (
 )
 from moas.train.continuous import AdvancedContinuousLearning
 from moas.train.distributed import DistContext, init_distributed
+from moas.train.domain import DomainTraining
 from moas.train.ema import EMA
 from moas.train.oom import is_oom, recover_from_oom
 from moas.train.schedule import WarmupCosineRestarts
@@ -199,6 +200,10 @@ class Trainer:
         )
         self.amp_dtype = autocast_dtype(device, tc.mixed_precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # Domain losses on x0, the discriminator and the enhancer (moas/train/domain.py; issue 5).
+        self.domain = DomainTraining(cfg, self.dataset, device, self.amp_dtype is not None)
+        self.domain_logs: dict[str, float] = {}
+        self.x0_batch = self.x0_pred = None
         self.schedule = NoiseSchedule(
             make_train_scheduler(cfg.diffusion), cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma
         )
@@ -235,6 +240,7 @@ class Trainer:
         previous_run = Path()
         if resume is not None:
             previous_run = restore_training_state(self, resume)
+            self.domain.load_state_dict(resume.get("domain"))
             del resume
         self._mark_boundary()
         self.ddp_model = self.model
@@ -308,6 +314,7 @@ class Trainer:
                 f"Refusing to save {name}: {bad} holds NaN/Inf values; the previous checkpoints are kept."
             )
         state = training_state(self, kind, gens)
+        state["domain"] = self.domain.state_dict()
         if delay := self.faults.save_delay():
             time.sleep(delay)
         meta = {
@@ -437,8 +444,15 @@ class Trainer:
             aux = brain_aux_loss(self.model)  # MoE load balance (+ compression reconstruction)
             loss = diffusion + aux
             self.loss_terms = {"diffusion": float(diffusion), "aux": float(aux)}
+            extra, self.domain_logs, self.x0_pred = self.domain.generator_loss(
+                x0, x_t, pred, t, schedule, self.global_step
+            )
+            loss = loss if extra is None else loss + extra
+            self.x0_batch = x0
             if self.monitor is not None:
-                x0_pred = schedule.predict_x0(x_t, pred.detach().float(), t)  # (B, 3, H, W)
+                x0_pred = self.x0_pred
+                if x0_pred is None:
+                    x0_pred = schedule.predict_x0(x_t, pred.detach().float(), t)  # (B, 3, H, W)
                 self.monitor.observe_batch(self.global_step + 1, x0, x0_pred, t, per_sample)
             loss = loss.clamp(max=self.tc.loss_clamp)  # NaN/Inf guard, part 1: bound the loss
             if self.faults.fires("nan_loss"):
@@ -478,6 +492,10 @@ class Trainer:
             for g in opt.param_groups:
                 g["lr"] = lr
         self.ema.update(self.model)
+        domain_logs = {
+            **self.domain_logs,
+            **self.domain.after_step(self.x0_batch, self.x0_pred, self.global_step),
+        }
         now = time.perf_counter()
         step_time = now - t0
         self.ips = b * self.grad_accum * self.dist.world_size / max(now - t_data, 1e-9)
@@ -493,6 +511,7 @@ class Trainer:
                 step_time=step_time,
                 data_time=t0 - t_data,
                 grad_norm=float(grad_norm),
+                **domain_logs,
             )
             perf_log.info(
                 "step=%d epoch=%d batch=%d micro=%d accum=%d step_s=%.4f data_s=%.4f img_s=%.2f %s",
@@ -556,15 +575,18 @@ class Trainer:
             self.monitor.sample_grid(self.ema.model, done, self.global_step, self.device)
 
     def _model_state(self) -> dict:
-        return model_file_state(
-            self.model,
-            self.ema,
-            self.cfg,
-            self.encoder.encoder_id,
-            self.epoch,
-            self.global_step,
-            self.dataset.style_db.to_dict() if self.cfg.data.extract_style else None,
-        )
+        return (
+            model_file_state(
+                self.model,
+                self.ema,
+                self.cfg,
+                self.encoder.encoder_id,
+                self.epoch,
+                self.global_step,
+                self.dataset.style_db.to_dict() if self.cfg.data.extract_style else None,
+            )
+            | self.domain.model_file_entries()
+        )  # the trained enhancer (issue 5)
 
     def _finish(self) -> TrainResult:
         tc = self.tc

@@ -1,0 +1,223 @@
+"""Training of everything beyond the diffusion loss: domain losses, the discriminator and the enhancer.
+
+``DomainTraining`` is built once by the training loop and called at three points of a step:
+  ``generator_loss``    the domain losses (``AdvancedLossFunctions``) on the predicted x0, each sample
+                        weighted by ᾱ_t^p so low-noise timesteps (where x0 is meaningful) count most;
+                        plus the GAN term once the discriminator is past its warm-up;
+  ``after_step``        one AnimeStyleDiscriminator step (its own AdamW) and one QualityEnhancer step on
+                        (degraded → original) pairs built from the training images at ``scale``× the base
+                        resolution, alternating ×2 and ×4 pairs.
+Each returns per-term values for TensorBoard (``loss/<term>``, ``disc/*``, ``enhance/*``). ``state_dict``
+holds everything needed to resume; ``model_file_entries`` what generation needs (the enhancer).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from moas.config import MoasConfig
+from moas.data.dataset import ArtDataset, collate, to_model_range
+from moas.diffusion.schedule import NoiseSchedule
+from moas.losses import AdvancedLossFunctions, discriminator_loss
+from moas.models.discriminator import AnimeStyleDiscriminator, make_discriminator_optimizer
+from moas.models.enhance import QualityEnhancer
+from moas.train.degrade import degrade
+
+log = logging.getLogger(__name__)
+
+TERM_FIELDS = ("pixel", "ssim", "line_art", "color", "style", "anatomy", "perceptual", "gan")
+ENHANCER_WEIGHTS = {
+    "pixel": 1.0,
+    "ssim": 0.2,
+    "line_art": 0.2,
+    "color": 0.05,
+    "style": 0.0,
+    "anatomy": 0.0,
+    "gan": 0.0,
+}
+
+
+def hr_dataset(dataset: ArtDataset, resolution: int) -> ArtDataset:
+    """The same (already validated) images at another resolution, with its own cache entries."""
+    hr = ArtDataset(dataset.root, resolution, dataset.cache_dir)  # square centre crops, built lazily
+    hr.paths = list(dataset.paths)
+    hr.bucket_ids = [0] * len(hr.paths)
+    return hr
+
+
+class DomainTraining:
+    def __init__(
+        self, cfg: MoasConfig, dataset: ArtDataset, device: torch.device, mixed_precision: bool = False
+    ) -> None:
+        lc, ec = cfg.losses, cfg.enhance
+        self.cfg, self.device = cfg, device
+        weights = {k: getattr(lc, k) for k in TERM_FIELDS}
+        weights["gan"] = lc.gan if lc.adversarial else 0.0
+        self.stack = None
+        if lc.domain:
+            self.stack = AdvancedLossFunctions(
+                weights, mixed_precision, lc.mse_weight, lc.l1_weight, lc.vgg_weights, cfg.train.loss_clamp
+            ).to(device)
+            log.info("Domain losses on the predicted x0: %s.", ", ".join(self.stack.active))
+        self.disc = self.disc_opt = None
+        if lc.adversarial:
+            self.disc = AnimeStyleDiscriminator(lc.disc_base_channels).to(device)
+            self.disc_opt = make_discriminator_optimizer(self.disc, cfg.train.lr, cfg.train.weight_decay)
+        self.disc_steps = 0
+        self.enhancer = self.enh_opt = None
+        self.enh_steps = 0
+        if ec.train:
+            self.enhancer = QualityEnhancer(ec.width, ec.sr_channels, ec.sr_blocks).to(device)
+            self.enh_opt = torch.optim.AdamW(
+                self.enhancer.parameters(), lr=ec.lr, betas=(0.9, 0.999), amsgrad=True
+            )
+            enh_weights = dict(ENHANCER_WEIGHTS, perceptual=lc.perceptual)
+            self.enh_stack = AdvancedLossFunctions(
+                enh_weights, False, vgg_weights=lc.vgg_weights, term_clamp=cfg.train.loss_clamp
+            ).to(device)
+            self.hr = hr_dataset(dataset, cfg.data.resolution * ec.scale)
+            self.hr_gen = torch.Generator().manual_seed(cfg.train.seed + 17)
+            self._hr_iter = None
+            n = sum(p.numel() for p in self.enhancer.parameters())
+            log.info(
+                "QualityEnhancer: %.2fM parameters, trained on %d px pairs.", n / 1e6, self.hr.resolution
+            )
+
+    # --- generator side -------------------------------------------------------------------------------
+    def disc_active(self, global_step: int) -> bool:
+        return self.disc is not None and global_step >= self.cfg.losses.disc_warmup_steps
+
+    def generator_loss(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        pred: torch.Tensor,
+        t: torch.Tensor,
+        schedule: NoiseSchedule,
+        global_step: int,
+    ) -> tuple[torch.Tensor | None, dict[str, float], torch.Tensor | None]:
+        """(weighted domain loss or None, scalars for TensorBoard, detached predicted x0 for the critic)."""
+        if self.stack is None and self.disc is None:
+            return None, {}, None
+        x0_pred = schedule.predict_x0(x_t.float(), pred.float(), t)  # (B, 3, H, W)
+        if self.stack is None:
+            return None, {}, x0_pred.detach()
+        w = schedule.alpha.to(t.device)[t] ** (2 * self.cfg.losses.low_noise_power)  # ᾱ_t^p, (B,)
+        fake_prob = None
+        if self.disc_active(global_step):
+            self.disc.eval()  # the critic judges without updating its BatchNorm statistics or dropping out
+            fake_prob = self.disc(x0_pred)
+        res = self.stack(x0_pred, x0, sample_weight=w, fake_prob=fake_prob)
+        scalars = res.scalars("loss/")
+        scalars["loss/domain"] = float(res.total.detach())
+        return self.cfg.losses.domain_weight * res.total, scalars, x0_pred.detach()
+
+    # --- discriminator and enhancer steps -------------------------------------------------------------
+    def after_step(
+        self, x0: torch.Tensor, x0_pred: torch.Tensor | None, global_step: int
+    ) -> dict[str, float]:
+        """Discriminator and enhancer updates after a generator optimizer step; TensorBoard scalars."""
+        out: dict[str, float] = {}
+        if self.disc_active(global_step) and x0_pred is not None:
+            out.update(self.discriminator_step(x0, x0_pred))
+        if self.enhancer is not None and global_step % self.cfg.enhance.every == 0:
+            out.update(self.enhancer_step())
+        return out
+
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
+        self.disc.train()
+        real_p, fake_p = self.disc(real.float()), self.disc(fake.float().clamp(-1, 1))
+        loss = discriminator_loss(real_p, fake_p)
+        if not torch.isfinite(loss):
+            log.warning("Non-finite discriminator loss; its step is skipped.")
+            return {}
+        self.disc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.train.max_grad_norm)
+        self.disc_opt.step()
+        self.disc_steps += 1
+        return {
+            "disc/loss": loss.item(),
+            "disc/real": real_p.mean().item(),
+            "disc/fake": fake_p.mean().item(),
+        }
+
+    def _hr_batch(self) -> torch.Tensor:
+        if self._hr_iter is None:
+            loader = DataLoader(
+                self.hr,
+                batch_size=min(self.cfg.enhance.batch_size, len(self.hr)),
+                shuffle=True,
+                generator=self.hr_gen,
+                drop_last=True,
+                collate_fn=collate,
+            )
+            self._hr_iter = itertools.chain.from_iterable(itertools.repeat(loader))
+        return to_model_range(next(self._hr_iter)["pixels"]).to(self.device)  # (B, 3, H, W)
+
+    def enhancer_loss(self, hr: torch.Tensor, factor: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """SR-only and full-mode outputs of a degraded copy, both scored against the original."""
+        lr = degrade(hr.cpu(), factor, self.hr_gen).to(self.device)  # (B, 3, H/f, W/f)
+        size = tuple(hr.shape[-2:])
+        up = self.enhancer.upscale(lr, size, "full")  # (B, 3, H, W)
+        full = self.enhancer.refine(up, "full")
+        r_sr, r_full = self.enh_stack(up, hr), self.enh_stack(full, hr)
+        scalars = {f"enhance/{k}": float(v) for k, v in r_full.terms.items()}
+        scalars[f"enhance/sr_x{factor}"] = float(r_sr.total.detach())
+        scalars["enhance/loss"] = float(r_full.total.detach())
+        return r_sr.total + r_full.total, scalars
+
+    def enhancer_step(self) -> dict[str, float]:
+        self.enhancer.train()
+        factor = 2 if self.enh_steps % 2 == 0 else 4  # alternate the ×2 and ×4 heads
+        loss, scalars = self.enhancer_loss(self._hr_batch(), factor)
+        if not torch.isfinite(loss) or not loss.requires_grad:
+            log.warning("Enhancer loss not usable at enhancer step %d; skipped.", self.enh_steps)
+            return {}
+        self.enh_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.enhancer.parameters(), 1.0)
+        self.enh_opt.step()
+        self.enh_steps += 1
+        return scalars
+
+    # --- persistence ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"disc_steps": self.disc_steps, "enh_steps": self.enh_steps}
+        if self.disc is not None:
+            state["disc"] = self.disc.state_dict()
+            state["disc_opt"] = self.disc_opt.state_dict()
+        if self.enhancer is not None:
+            state["enhancer"] = self.enhancer.state_dict()
+            state["enh_opt"] = self.enh_opt.state_dict()
+            state["hr_rng"] = self.hr_gen.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore from a checkpoint; parts missing from an older checkpoint start fresh (logged)."""
+        state = state or {}
+        self.disc_steps, self.enh_steps = int(state.get("disc_steps", 0)), int(state.get("enh_steps", 0))
+        for name, module, opt in (
+            ("disc", self.disc, self.disc_opt),
+            ("enhancer", self.enhancer, self.enh_opt),
+        ):
+            if module is None:
+                continue
+            if name not in state:
+                log.info("The checkpoint has no %s weights; it starts from initialisation.", name)
+                continue
+            module.load_state_dict(state[name])
+            opt.load_state_dict(state["disc_opt" if name == "disc" else "enh_opt"])
+        if self.enhancer is not None and "hr_rng" in state:
+            self.hr_gen.set_state(state["hr_rng"])
+
+    def model_file_entries(self) -> dict[str, Any]:
+        """What the model file needs for the cascade: the enhancer's constructor arguments and weights."""
+        if self.enhancer is None:
+            return {}
+        return {"enhancer": {"args": self.enhancer.init_args, "weights": self.enhancer.state_dict()}}
