@@ -18,6 +18,8 @@ from moas.errors import CheckpointError, MoasError
 from moas.models.enhance import QualityEnhancer
 from moas.models.experts import language_batch
 from moas.models.generator import MoasGenerator
+from moas.models.gnn import EnhancedGNN
+from moas.resources import L3CacheManager
 from moas.text import TextEncoder
 from moas.train.checkpoint import load_checkpoint, short_hash
 
@@ -64,6 +66,11 @@ class Pipeline:
         self.style: torch.Tensor | None = None  # fingerprint used by __call__ (set_style)
         self.enhancer = None  # the trained QualityEnhancer (moas/models/enhance.py), when the file has one
         self.enhance_mode = self.sample_defaults.pop("enhance_mode", "full")
+        # GNN outputs are cached across sampler steps (the original's L3CacheManager use at inference).
+        self.l3_cache = L3CacheManager()
+        for m in self.model.modules():
+            if isinstance(m, EnhancedGNN):
+                m.cache = self.l3_cache
 
     def set_style(self, name: str | None) -> None:
         """Condition on the style ``name`` from the model's style database (None: no style)."""

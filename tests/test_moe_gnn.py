@@ -166,3 +166,22 @@ def test_gnn_defaults_and_residual_difference():
     assert torch.allclose(v3(x)["node_features"], torch.relu(v3.layers[0].norm(h + msg)), atol=1e-6)
     with pytest.raises(ValueError):
         EnhancedGNN(5)
+
+
+def test_gnn_inference_cache_hits_and_invalidates():
+    from moas.resources import L3CacheManager
+
+    gnn = EnhancedGNN(4, in_dim=8, dim=16, num_layers=2, num_nodes=14, heads=4).eval()
+    x = torch.randn(2, 14, 8)
+    with torch.no_grad():
+        plain = gnn(x)
+        gnn.cache = L3CacheManager()
+        first, second = gnn(x), gnn(x)
+        assert gnn.cache.hits == 2 and gnn.cache.misses == 2  # graph + nodes, missed then hit
+        assert torch.equal(first["graph_features"], plain["graph_features"])
+        assert torch.equal(second["node_features"], plain["node_features"])
+        gnn.output_proj.weight.add_(1.0)  # an in-place weight change (e.g. an EMA update)
+        changed = gnn(x)
+        assert not torch.equal(changed["graph_features"], plain["graph_features"])
+    out = gnn.train()(x)  # training with gradients never reads or fills the cache
+    assert out["graph_features"].requires_grad and len(gnn.cache) == 4
