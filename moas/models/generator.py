@@ -56,6 +56,8 @@ class MoasGenerator(nn.Module):
             self.brain_extras = install_brain(
                 self.brain, BrainArgs(**{k: v for k, v in asdict(bc).items() if k in names})
             )
+            # The spare GNN versions are not in the graph: frozen, so DDP does not wait for their gradients.
+            self.brain_extras.requires_grad_(False)
         self.unet = DiffusionModel(
             resolution=resolution,
             block_channels=m.block_channels,
