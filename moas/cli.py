@@ -160,6 +160,11 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
         help="artist style learned from a data folder (model trained with data.extract_style = true)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the brain's routing weight per expert, the top emotions and the detected language",
+    )
 
 
 EPILOG_EDIT = """examples:
@@ -196,11 +201,6 @@ def _add_edit(p: argparse.ArgumentParser) -> None:
         help="artist style learned from a data folder (model trained with data.extract_style = true)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument(
-        "--explain",
-        action="store_true",
-        help="print the brain's routing weight per expert, the top emotions and the detected language",
-    )
 
 
 EPILOG_INSPECT = """examples:

@@ -417,6 +417,11 @@ class Trainer:
     def _micro_step(self, batch: dict, last_of_group: bool) -> float:
         """Forward + backward of one micro-batch; returns its loss (NaN when it was not finite)."""
         device, gen, schedule = self.device, self.gen, self.schedule
+        # Dropout (the brain's) and the issue-5 degradations draw from torch's global RNG. Reseeding it from
+        # the checkpointed step stream makes them a function of that stream alone, so a resumed run draws
+        # the same masks as an uninterrupted one whatever consumed the global RNG in between (sample grids,
+        # validation and eval at checkpoints).
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         x0 = to_model_range(batch["pixels"]).to(device)  # (B, 3, H, W)
         b = x0.shape[0]
         drop = torch.rand(b, generator=gen) < self.cfg.diffusion.cond_dropout  # (B,)
@@ -443,7 +448,10 @@ class Trainer:
             diffusion = (per_sample * schedule.loss_weight(t)).mean()
             aux = brain_aux_loss(self.model)  # MoE load balance (+ compression reconstruction)
             loss = diffusion + aux
-            self.loss_terms = {"diffusion": float(diffusion), "aux": float(aux)}
+            self.loss_terms = {
+                "diffusion": diffusion.item(),
+                "aux": float(aux.detach() if torch.is_tensor(aux) else aux),
+            }
             extra, self.domain_logs, self.x0_pred = self.domain.generator_loss(
                 x0, x_t, pred, t, schedule, self.global_step
             )
