@@ -307,6 +307,9 @@ class RunMonitor:
         return out
 
     def close(self) -> None:
+        self.dashboard.show(
+            self.history, force=True
+        )  # the final state, even if the last redraw was throttled
         self.dashboard.close()
         if self.writer is not None:
             self.writer.flush()

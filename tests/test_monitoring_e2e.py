@@ -173,8 +173,12 @@ def test_best_checkpoint_has_highest_heldout_accuracy(run):
     chosen = load_checkpoint(run / "models" / "best_model.pt")
     ckpt = load_checkpoint(run / "checkpoints" / f"epoch_{expected:04d}.pt")
     assert chosen["epoch"] == expected
+    # Identical weights. The MoE's usage statistics are buffers that validation's forward passes advance
+    # after the checkpoint was written, so they are the only entries allowed to differ.
+    stats = ("call_count", "success_rate", "load_sum", "load_calls")
     for k, v in ckpt["ema"]["model"].items():
-        assert torch.equal(chosen["ema"]["model"][k], v)
+        if not k.endswith(stats):
+            assert torch.equal(chosen["ema"]["model"][k], v), k
     assert load_checkpoint(run / "models" / "last_model.pt")["epoch"] == 3
 
 
@@ -209,7 +213,8 @@ def test_dashboard_under_a_pseudo_terminal(run):
     assert proc.wait(timeout=60) == 0
     out = b"".join(chunks).decode("utf-8", "replace")
     assert "epoch 1/1 | step 2/2" in out  # the dashboard's first line
-    assert "img/s" in out and "RAM" in out and "best demo_accuracy" in out
+    # --max_steps ends the run mid-epoch, before any validation: the best-metric line shows "best -".
+    assert "img/s" in out and "RAM" in out and "best - | val PSNR" in out
     assert "[dashboard]" not in out  # in place, not plain lines
     assert "\x1b[" in out or "\r" in out  # redrawn with cursor control, as tqdm does
     assert "epoch 1/1:" in out  # the tqdm bar shares the terminal
