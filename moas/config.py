@@ -232,8 +232,9 @@ class BrainConfig:
     gnn_layers: int = 6  # message-passing layers
     gnn_heads: int = 8  # attention heads per v4 layer
     understanding_layers: int = 6  # DeepUnderstandingSystem TransformerEncoder depth
-    understanding_heads: int = 12  # its attention heads (d_model is 768)
+    understanding_heads: int = 12  # its attention heads (must divide 768 and understanding_token_dim)
     understanding_ff: int = 3072  # its feed-forward width
+    understanding_token_dim: int | None = None  # its d_model; None = 768, the text width (the original)
     expert_context: bool = True  # experts attend to the text tokens (the original's optional context)
     dropout: float = 0.1
     load_balance_weight: float = 0.01  # weight of the MoE load-balance loss E·Σp̄²−1
@@ -256,6 +257,11 @@ class BrainConfig:
             "brain.expert_dim must be divisible by expert_heads, cross_expert_heads and gnn_heads",
         )
         _check(768 % self.understanding_heads == 0, "brain.understanding_heads must divide 768")
+        _check(
+            self.understanding_token_dim is None
+            or (self.understanding_token_dim >= 1 and self.understanding_token_dim % self.understanding_heads == 0),
+            "brain.understanding_token_dim must be a positive multiple of brain.understanding_heads",
+        )
         _check(
             len(self.router_hidden) == 2 and min(self.router_hidden) >= 1,
             "brain.router_hidden must be two widths",

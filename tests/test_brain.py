@@ -71,6 +71,26 @@ def test_deep_understanding_shapes_sizes_and_mask():
     assert torch.allclose(out1[0], out2[0], atol=1e-5) and not torch.allclose(out1[1], out2[1])
 
 
+def test_deep_understanding_narrow_token_encoder():
+    """token_dim < 768: the encoder runs narrow, masking still holds, and every part gets gradients."""
+    torch.manual_seed(0)
+    m = DeepUnderstandingSystem(hidden=64, layers=1, heads=4, ff=32, token_dim=32)
+    assert m.contextual_encoder.layers[0].self_attn.embed_dim == 32
+    assert m.attention.kdim == 32 and m.attention.embed_dim == 768
+    ctx, pooled = torch.randn(2, 5, 768), torch.randn(2, 768)
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1] * 5], dtype=torch.bool)
+    m.eval()
+    changed = ctx.clone()
+    changed[0, 2:] = 50.0  # padding only
+    out1, out2 = (m(pooled, c, mask)["understanding"] for c in (ctx, changed))
+    assert out1.shape == (2, 768) and torch.allclose(out1, out2, atol=1e-5)
+    m.train()
+    m(pooled, ctx, mask)["understanding"].pow(2).mean().backward()
+    for name in ("token_proj", "contextual_encoder", "contextual_proj", "attention"):
+        grads = [p.grad for p in getattr(m, name).parameters()]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
 @pytest.mark.parametrize(
     ("prompt", "lang"),
     [

@@ -55,6 +55,7 @@ class BrainArgs:
     understanding_layers: int = 6
     understanding_heads: int = 12
     understanding_ff: int = 3072
+    understanding_token_dim: int | None = None
     expert_context: bool = True
     dropout: float = 0.1
     load_balance_weight: float = 0.01
@@ -116,6 +117,7 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
             a.understanding_ff,
             4,
             a.dropout,
+            a.understanding_token_dim,
         ),
         inputs=["pooled", "context", "context_mask"],
         outputs=["understanding"],
