@@ -259,7 +259,10 @@ class BrainConfig:
         _check(768 % self.understanding_heads == 0, "brain.understanding_heads must divide 768")
         _check(
             self.understanding_token_dim is None
-            or (self.understanding_token_dim >= 1 and self.understanding_token_dim % self.understanding_heads == 0),
+            or (
+                self.understanding_token_dim >= 1
+                and self.understanding_token_dim % self.understanding_heads == 0
+            ),
             "brain.understanding_token_dim must be a positive multiple of brain.understanding_heads",
         )
         _check(

@@ -44,20 +44,63 @@ class DistContext:
         """The largest ``value`` over all ranks (identity when not distributed)."""
         if not self.enabled:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=_reduce_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
 
     def all_mean(self, value: float) -> float:
         if not self.enabled:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=_reduce_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return float(t.item()) / self.world_size
 
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+def _reduce_device() -> torch.device:
+    """NCCL reduces only CUDA tensors; gloo reduces CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True only when ``ok`` holds on every rank (so all ranks skip a step together or none does)."""
+    if not is_distributed():
+        return ok
+    t = torch.tensor([1.0 if ok else 0.0], device=_reduce_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of modules trained outside DDP (discriminator, enhancer) over all ranks.
+
+    The generator is wrapped in DDP; these side networks take their own optimizer steps, so without this
+    every rank's copy would drift apart (each sees its own shard) while only rank 0's is saved. One flat
+    all-reduce per step; parameters without a gradient take part as zeros so every rank sends the same size.
+    """
+    if not is_distributed():
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(_reduce_device())
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.device)
+        offset += n
 
 
 def context_from_env(environ: dict[str, str] | None = None) -> DistContext:

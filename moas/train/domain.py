@@ -27,6 +27,7 @@ from moas.losses import AdvancedLossFunctions, discriminator_loss
 from moas.models.discriminator import AnimeStyleDiscriminator, make_discriminator_optimizer
 from moas.models.enhance import QualityEnhancer
 from moas.train.degrade import degrade
+from moas.train.distributed import all_ranks_agree, average_gradients
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +134,12 @@ class DomainTraining:
         self.disc.train()
         real_p, fake_p = self.disc(real.float()), self.disc(fake.float().clamp(-1, 1))
         loss = discriminator_loss(real_p, fake_p)
-        if not torch.isfinite(loss):
+        if not all_ranks_agree(bool(torch.isfinite(loss))):
             log.warning("Non-finite discriminator loss; its step is skipped.")
             return {}
         self.disc_opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(self.disc.parameters())  # under DDP every rank keeps the same critic
         torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.train.max_grad_norm)
         self.disc_opt.step()
         self.disc_steps += 1
@@ -176,11 +178,12 @@ class DomainTraining:
         self.enhancer.train()
         factor = 2 if self.enh_steps % 2 == 0 else 4  # alternate the ×2 and ×4 heads
         loss, scalars = self.enhancer_loss(self._hr_batch(), factor)
-        if not torch.isfinite(loss) or not loss.requires_grad:
+        if not all_ranks_agree(bool(torch.isfinite(loss)) and loss.requires_grad):
             log.warning("Enhancer loss not usable at enhancer step %d; skipped.", self.enh_steps)
             return {}
         self.enh_opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(self.enhancer.parameters())  # under DDP every rank keeps the same enhancer
         torch.nn.utils.clip_grad_norm_(self.enhancer.parameters(), 1.0)
         self.enh_opt.step()
         self.enh_steps += 1
