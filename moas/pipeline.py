@@ -17,7 +17,7 @@ from moas.diffusion.schedule import make_train_scheduler
 from moas.errors import CheckpointError, MoasError
 from moas.models.enhance import QualityEnhancer
 from moas.models.experts import language_batch
-from moas.models.generator import MoasGenerator
+from moas.models.generator import MoasGenerator, generator_from_state
 from moas.models.gnn import EnhancedGNN
 from moas.resources import L3CacheManager
 from moas.text import TextEncoder
@@ -91,20 +91,12 @@ class Pipeline:
     ) -> Pipeline:
         """Load a model file (or a training checkpoint); its EMA weights are used."""
         state = load_checkpoint(path, map_location="cpu")
+        model = generator_from_state(state, path)
         try:
-            args, cfg = state["model_args"], state["config"]
-            weights = state["ema"]["model"] if "ema" in state else state["model"]
-            encoder_id = state["text_encoder"]
+            cfg, encoder_id = state["config"], state["text_encoder"]
         except (KeyError, TypeError):
             raise CheckpointError(
-                f"{path} is a moas file but not a model (no generator weights in it)."
-            ) from None
-        model = MoasGenerator(**args)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError:
-            raise CheckpointError(
-                f"{path} does not match this version of moas (its weights do not fit the model)."
+                f"{path} is a moas file but not a model (no configuration in it)."
             ) from None
         encoder = TextEncoder(
             text_model_name or cfg["text"]["model_name"],

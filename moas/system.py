@@ -22,8 +22,7 @@ import torch
 from torch import nn
 
 from moas.config import MoasConfig
-from moas.errors import CheckpointError
-from moas.models.generator import CPU_PLACED, MoasGenerator
+from moas.models.generator import CPU_PLACED, MoasGenerator, generator_from_state
 from moas.models.vision import VisionEncoder
 from moas.train.continuous import AdvancedContinuousLearning
 
@@ -56,21 +55,7 @@ class MultiverseOriginStudioAI:
     def from_file(cls, path: str | Path, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
         from moas.train.checkpoint import load_checkpoint
 
-        state = load_checkpoint(path, map_location="cpu")
-        try:
-            args = state["model_args"]
-            weights = state["ema"]["model"] if "ema" in state else state["model"]
-        except (KeyError, TypeError):
-            raise CheckpointError(
-                f"{path} is a moas file but not a model (no generator weights in it)."
-            ) from None
-        gen = MoasGenerator(**args)
-        try:
-            gen.load_state_dict(weights)
-        except RuntimeError:
-            raise CheckpointError(
-                f"{path} does not match this version of moas (its weights do not fit the model)."
-            ) from None
+        gen = generator_from_state(load_checkpoint(path, map_location="cpu"), path)
         return cls(gen, device)
 
     def place(self, device: torch.device) -> None:

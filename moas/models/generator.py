@@ -111,3 +111,27 @@ def brain_aux_loss(model: nn.Module) -> torch.Tensor | float:
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     aux = getattr(inner, "last_aux_loss", None)
     return 0.0 if aux is None else aux
+
+
+def generator_from_state(state: dict[str, Any], path: object) -> MoasGenerator:
+    """The generator of a loaded model file or training checkpoint (its EMA weights when it has them).
+
+    One clear ``CheckpointError`` when the file holds no generator or its weights do not fit this version.
+    """
+    from moas.errors import CheckpointError
+
+    try:
+        args = state["model_args"]
+        weights = state["ema"]["model"] if "ema" in state else state["model"]
+    except (KeyError, TypeError):
+        raise CheckpointError(
+            f"{path} is a moas file but not a model (no generator weights in it)."
+        ) from None
+    model = MoasGenerator(**args)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:
+        raise CheckpointError(
+            f"{path} does not match this version of moas (its weights do not fit the model)."
+        ) from None
+    return model
