@@ -43,11 +43,12 @@ from moas.train.loop import train  # noqa: E402
 ARMS = {
     "off": {"losses": {"domain": False, "adversarial": False}},
     "on": {"losses": {"domain": True, "adversarial": True, "disc_warmup_steps": 20}},
+    "domain_only": {"losses": {"domain": True, "adversarial": False}},  # isolates the GAN term
 }
 
 
 def step_cost_ratio(cfg_off, cfg_on, rounds: int = 4) -> float:
-    """Seconds per training step with the domain losses / without, timed alternately in one process."""
+    """Seconds per training step of ``cfg_on`` / of ``cfg_off``, timed alternately in one process."""
     ds = ArtDataset(cfg_off.data.data_dir, cfg_off.data.resolution, cfg_off.data.cache_dir)
     ds.validate(progress=False)
     b = min(cfg_off.train.batch_size, len(ds))
@@ -99,6 +100,13 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=48, help="eval images per split")
     ap.add_argument("--out", default="bench/losses.json")
     ap.add_argument(
+        "--arms",
+        nargs="+",
+        default=["off", "on"],
+        choices=list(ARMS),
+        help="arms to train (each gets the 'off' arm's wall time: off_steps / its step-cost ratio)",
+    )
+    ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is far faster on an oversubscribed CPU)"
     )
     a = ap.parse_args()
@@ -116,10 +124,16 @@ def main() -> int:
         "train": {"sample_every": 0, "save_every": 1000},
         "resources": {"cpu_threads": a.threads},
     }
-    cfgs = {arm: load_config(a.profile, overrides={**base, **o}, use_env=False) for arm, o in ARMS.items()}
-    ratio = step_cost_ratio(cfgs["off"], cfgs["on"])
-    steps = {"off": a.off_steps, "on": max(1, round(a.off_steps / ratio))}
-    print(f"step cost on/off = {ratio:.2f}; steps: {steps}", flush=True)
+    cfgs = {
+        arm: load_config(a.profile, overrides={**base, **o}, use_env=False)
+        for arm, o in ARMS.items()
+        if arm in a.arms or arm == "off"
+    }
+    ratios = {arm: 1.0 if arm == "off" else step_cost_ratio(cfgs["off"], cfg) for arm, cfg in cfgs.items()}
+    steps = {arm: max(1, round(a.off_steps / r)) for arm, r in ratios.items()}
+    cfgs = {arm: cfg for arm, cfg in cfgs.items() if arm in a.arms}
+    ratio = ratios.get("on", max(ratios.values()))
+    print(f"step cost / off: {ratios}; steps: {steps}", flush=True)
     real = sharpness_ref = None
     ds = ArtDataset("data/demo/train", cfgs["off"].data.resolution, cfgs["off"].data.cache_dir)
     ds.validate(progress=False)
@@ -128,6 +142,7 @@ def main() -> int:
     report = {
         "profile": a.profile,
         "step_cost_ratio_on_off": ratio,
+        "step_cost_ratios": ratios,
         "steps": steps,
         "arms": {},
         "load_avg": [],
