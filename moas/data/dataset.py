@@ -61,7 +61,7 @@ def panel_links(paths: list[Path]) -> tuple[int, ...]:
     prev = [-1] * len(paths)
     for members in groups.values():
         members.sort()
-        for (_, a), (_, b) in zip(members, members[1:]):
+        for (_, a), (_, b) in zip(members, members[1:], strict=False):
             prev[b] = a
     return tuple(prev)
 
