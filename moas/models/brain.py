@@ -106,13 +106,6 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
         enc.aux_weights["compression.compression_loss"] = 1.0
     ctx = ["context", "context_mask"] if a.expert_context else []
     mem = ["memory", "memory_mask"] if a.panel_memory else []
-    if a.panel_memory:  # previous panels → memory tokens for the memory expert (moas.models.panels)
-        flow.register_module(
-            "panel_memory",
-            PanelMemory(d, tuple(a.panel_channels), CONTEXT_DIM, a.panel_max_distance),
-            inputs=["panel_images", "panel_mask"],
-            outputs=["memory", "memory_mask"],
-        )
     flow.register_module(
         "emotion",
         EmotionalArtisticUnderstanding(CONTEXT_DIM, a.hidden_dim, a.dropout),
@@ -193,6 +186,14 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
         inputs=["pooled", "language"],
         outputs=["story"],
     )
+    if a.panel_memory:  # previous panels → memory tokens for the memory expert (moas.models.panels);
+        # registered late so a missing text input is reported first; it still runs before moe
+        flow.register_module(
+            "panel_memory",
+            PanelMemory(d, tuple(a.panel_channels), CONTEXT_DIM, a.panel_max_distance),
+            inputs=["panel_images", "panel_mask"],
+            outputs=["memory", "memory_mask"],
+        )
     if a.compression:
         for dst in ("emotion", "understanding", "moe", "story"):
             flow.connect("compression", "pooled_compressed", dst, "pooled")
