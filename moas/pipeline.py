@@ -181,10 +181,10 @@ class Pipeline:
                 cond["style_mask"] = torch.ones(len(p), dtype=torch.bool, device=self.device)  # (B,)
                 uncond["style_mask"] = torch.zeros_like(cond["style_mask"])
             if panels is not None and getattr(self.model, "panel_memory", False) and panels.shape[1] > 0:
-                cond["panel_images"] = panels[i : i + batch_size].to(self.device)  # (B, K, 3, H, W)
-                cond["panel_mask"] = torch.ones(panels.shape[:2], dtype=torch.bool, device=self.device)[
-                    i : i + batch_size
-                ]
+                hist = panels[i : i + batch_size].to(self.device)  # (B, K, 3, H, W)
+                cond["panel_images"], uncond["panel_images"] = hist, hist  # guidance batches both branches
+                cond["panel_mask"] = torch.ones(hist.shape[:2], dtype=torch.bool, device=self.device)
+                uncond["panel_mask"] = torch.zeros_like(cond["panel_mask"])  # no memory: nothing encoded
             fn = guided(lambda x, t, text: self.model(x, t, text).float(), cond, uncond, guidance_scale)
             x = sample(
                 fn,
