@@ -27,6 +27,10 @@ EPILOG_GENERATE = """examples:
   moas generate --model models/best_model.pt --prompt "1girl, red hair, blue eyes, forest" --output result.png
   moas generate --prompt "1girl, pink hair, beach" --num_images 4 --seed 7 --sampler euler_a
   moas generate --prompt "1girl, pink hair, beach" --num_images 8 --keep_best 2   # the 2 best of 8
+  moas generate --prompt "1girl, red hair, forest, smile | 1girl, red hair, forest, open mouth" --panels \
+      --output story.png      # 2 panels: story_panel0.png, story_panel1.png, the strip story.png and
+                              # story_panels.json (temporal consistency of each consecutive pair)
+  moas generate --prompt "1girl, blue hair, beach" --panels 4 --output strip.png   # one prompt, 4 panels
 Same seed, prompt and settings → the same image. Settings are stored in the PNG (A1111 'parameters')."""
 
 
@@ -158,6 +162,18 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--style",
         help="artist style learned from a data folder (model trained with data.extract_style = true)",
+    )
+    p.add_argument(
+        "--panels",
+        type=int,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="N",
+        help="panel mode: N panels in sequence (seeds seed, seed+1, …); the memory expert of panel k sees "
+        "panels 0..k-1. --prompt 'a | b | c' gives one prompt per panel (N defaults to their count), one "
+        "prompt is reused. Writes <stem>_panel<k>.png, the strip as --output and <stem>_panels.json with the "
+        "temporal-consistency metric (lower = more consistent). Not with --num_images or --keep_best",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -313,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n_images", type=int, default=1200, help="number of images")
     m.add_argument("--size", type=int, default=64, help="image side in pixels")
     m.add_argument("--seed", type=int, default=0, help="seed (same seed → identical files)")
+    m.add_argument(
+        "--sequences",
+        type=int,
+        default=0,
+        help="also write this many 3-4 panel sequences (seqNNN_p<k>.png: one character and background, "
+        "varying expression and framing) for panel training; the ordinary images do not change",
+    )
     _add_prepare(
         sub.add_parser(
             "prepare",
@@ -462,6 +485,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         allow_nsfw=a.allow_nsfw,
         keep_best=a.keep_best,
         quality_enhance=a.quality_enhance,
+        panels=a.panels,
     )
     validate_request(req)  # fail fast, before loading anything
     pipe = _load_pipeline(a.model, a.device)
@@ -471,6 +495,16 @@ def cmd_generate(a: argparse.Namespace) -> int:
     req.steps = a.steps or sc.get("steps", 20)
     req.guidance_scale = a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0)
     req.sampler = a.sampler or sc.get("sampler", "dpmsolver++")
+    if req.panels is not None:
+        from moas.generate import describe_metric, generate_panels
+
+        paths, report = generate_panels(
+            pipe, req, a.output, Path(a.model).stem, progress=not a.quiet and sys.stderr.isatty()
+        )
+        for p in paths:
+            print(f"wrote {p}")
+        print(describe_metric(report))
+        return 0
     paths = generate(pipe, req, a.output, Path(a.model).stem, progress=not a.quiet and sys.stderr.isatty())
     for p in paths:
         print(f"wrote {p}")
@@ -513,9 +547,16 @@ def cmd_make_data(a: argparse.Namespace) -> int:
 
     if a.n_images < 1:
         raise MoasError("--n_images must be at least 1.")
-    manifest = generate_demo_dataset(a.out, n_images=a.n_images, size=a.size, seed=a.seed)
+    if a.sequences < 0:
+        raise MoasError("--sequences must be 0 or more.")
+    manifest = generate_demo_dataset(
+        a.out, n_images=a.n_images, size=a.size, seed=a.seed, sequences=a.sequences
+    )
+    n_seq = sum(len(s["panels"]) for s in manifest.get("sequences", []))
     print(
-        f"wrote {manifest['n_images']} images to {Path(a.out) / 'train'} and {Path(a.out) / 'manifest.json'}"
+        f"wrote {manifest['n_images']} images"
+        + (f" and {a.sequences} sequences ({n_seq} panels)" if a.sequences else "")
+        + f" to {Path(a.out) / 'train'} and {Path(a.out) / 'manifest.json'}"
     )
     return 0
 

@@ -163,6 +163,9 @@ class TrainConfig:
     run_dir: str = "runs"
     log_dir: str = "logs"
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit; for tests and benchmarks)
+    panel_context: int = (
+        2  # previous panels of a sequence (<stem>_p<N> files) fed to the memory expert; 0 = off
+    )
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs must be at least 1")
@@ -188,6 +191,7 @@ class TrainConfig:
         _check(self.min_batch_size >= 1, "train.min_batch_size must be at least 1")
         _check(self.adaptive_window >= 4, "train.adaptive_window must be at least 4")
         _check(self.max_steps >= 0, "train.max_steps must be 0 or more")
+        _check(0 <= self.panel_context <= 8, "train.panel_context must be between 0 and 8")
 
 
 @dataclass
@@ -245,9 +249,18 @@ class BrainConfig:
     )
     continuous_rate: float = 0.5  # its step size (logit units per unit of relative load imbalance)
     placement: str = "original"  # original: compression on the CPU when CUDA is used; single: one device
+    # Panels (issue 5): the memory expert attends to previous panels' VisionEncoder features.
+    panel_memory: bool = True  # build PanelMemory + the memory expert's gated memory attention
+    panel_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # its CNN widths
+    panel_max_distance: int = 8  # panel-position embeddings (distance back); farther panels share the last
 
     def __post_init__(self) -> None:
         _check(self.conditioning in ("moas", "text"), "brain.conditioning must be moas or text")
+        _check(
+            len(self.panel_channels) >= 1 and min(self.panel_channels) >= 1,
+            "brain.panel_channels must be one or more positive widths",
+        )
+        _check(self.panel_max_distance >= 1, "brain.panel_max_distance must be at least 1")
         _check(self.gnn_version in (1, 2, 3, 4), "brain.gnn_version must be 1, 2, 3 or 4")
         _check(self.expert_dim >= 16, "brain.expert_dim must be at least 16")
         _check(
@@ -324,9 +337,14 @@ class LossConfig:
     gan: float = 0.01  # weight of the generator's GAN term (small; see bench/RESULTS.md)
     disc_warmup_steps: int = 100  # optimizer steps before the discriminator trains and its term is used
     disc_base_channels: int = 48  # AnimeStyleDiscriminator base width (the original's 48)
+    # Temporal consistency (panels): x0 prediction vs the previous panel, only for samples that have one.
+    temporal_weight: float = 0.05  # weight of 0.5·feature + character·w_c + scene·w_s in the total (0 = off)
+    temporal_character_weight: float = 0.3  # the original's character_weight (value not given there)
+    temporal_scene_weight: float = 0.2  # the original's scene_weight (value not given there)
 
     def __post_init__(self) -> None:
-        weights = (self.domain_weight, self.pixel, self.mse_weight, self.l1_weight, self.ssim, self.line_art)
+        weights = (self.temporal_weight, self.temporal_character_weight, self.temporal_scene_weight)
+        weights += (self.domain_weight, self.pixel, self.mse_weight, self.l1_weight, self.ssim, self.line_art)
         weights += (self.color, self.style, self.anatomy, self.perceptual, self.gan, self.low_noise_power)
         _check(all(w >= 0 for w in weights), "losses weights must be 0 or more")
         _check(self.disc_warmup_steps >= 0, "losses.disc_warmup_steps must be 0 or more")

@@ -3,11 +3,20 @@
 The safety expert refuses prompts that match the NSFW blacklist (``moas.safety``) unless ``allow_nsfw``
 is set; the quality expert (``moas.quality.quality_score``) scores every image, and ``keep_best`` keeps
 only the K best of ``num_images`` (written best first, with the score in the PNG parameters).
+
+Panel mode (``panels`` set; ``moas generate --panels N``): N panels are generated one after another
+with seeds seed, seed+1, …; panel k's memory expert receives panels 0..k−1 (their base-resolution
+images, encoded by the model's PanelMemory). ``--prompt "a | b | c"`` gives one prompt per panel, a
+single prompt is reused. Each panel is written as ``<stem>_panel<k>.png``, the ``--output`` file is the
+horizontal strip, and ``<stem>_panels.json`` holds the temporal-consistency metric
+(``moas.losses.temporal``) of every consecutive pair and its mean, computed on the base-resolution
+panels (the resolution the training loss sees).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +53,22 @@ class GenerateRequest:
     allow_nsfw: bool = False  # explicit opt-in to prompts that match the NSFW blacklist
     keep_best: int | None = None  # keep only the K best-scoring of num_images
     quality_enhance: str | None = None  # full | resolution | detail | color | none; None: the model's default
+    panels: int | None = None  # panel mode: number of panels (0 = one per '|'-separated prompt)
+
+
+def panel_prompts(req: GenerateRequest) -> list[str]:
+    """One prompt per panel: the '|'-separated prompts, or the single prompt repeated ``panels`` times."""
+    prompts = [p.strip() for p in req.prompt.split("|")]
+    if any(not p for p in prompts):
+        raise MoasError('Every panel prompt must be non-empty, e.g. --prompt "1girl, forest | 1girl, beach".')
+    n = req.panels or len(prompts)
+    if len(prompts) == 1:
+        return prompts * n
+    if len(prompts) != n:
+        raise MoasError(
+            f"--panels {n} does not match the {len(prompts)} '|'-separated prompts; give one per panel."
+        )
+    return prompts
 
 
 def validate_request(req: GenerateRequest) -> None:
@@ -67,6 +92,14 @@ def validate_request(req: GenerateRequest) -> None:
         raise MoasError("--steps must be between 1 and 1000.")
     if req.quality_enhance is not None and req.quality_enhance not in MODES:
         raise MoasError(f"--quality_enhance must be one of {', '.join(MODES)}.")
+    if req.panels is not None:
+        if req.panels < 0 or req.panels > 64:
+            raise MoasError("--panels must be between 1 and 64.")
+        if req.num_images != 1 or req.keep_best is not None:
+            raise MoasError(
+                "--panels makes one sequence; it cannot be combined with --num_images or --keep_best."
+            )
+        panel_prompts(req)
     for name, v in (("--width", req.width), ("--height", req.height)):
         if v is not None and not 8 <= v <= 4096:
             raise MoasError(f"{name} must be between 8 and 4096 pixels.")
@@ -185,3 +218,89 @@ def generate(
         text = parameters_text(req, seeds[i], size, pipe.model_hash, model_name, scores[i])
         save_png(images[i], path, text)
     return paths
+
+
+def generate_panels(
+    pipe: Pipeline, req: GenerateRequest, output: str | Path, model_name: str, progress: bool = True
+) -> tuple[list[Path], dict]:
+    """Panel mode (module docstring): returns the written files (panels, strip, metric JSON) and the metric."""
+    from moas.losses.temporal import sequence_metrics
+
+    validate_request(req)
+    out = output_paths(output, 1)[0]
+    prompts = panel_prompts(req)
+    if not getattr(pipe.model, "panel_memory", False):
+        log.warning("This model has no panel memory; the panels are generated without seeing each other.")
+    pipe.set_style(req.style)
+    base: list[torch.Tensor] = []  # base-resolution panels, uint8 (3, h, w)
+    for k, prompt in enumerate(prompts):
+        history = torch.stack(base[::-1])[None] if base else None  # (1, k, 3, h, w), nearest first
+        img = pipe(
+            [prompt],
+            seeds=[req.seed + k],
+            negative_prompt=req.negative_prompt,
+            steps=req.steps,
+            guidance_scale=req.guidance_scale,
+            sampler=req.sampler,
+            progress=progress,
+            panels=history,
+        )
+        base.append(img[0])
+    lc = pipe.loss_weights
+    metric = sequence_metrics(
+        to_model_range(torch.stack(base)),
+        lc.get("temporal_character_weight", 0.3),
+        lc.get("temporal_scene_weight", 0.2),
+    )
+    images = cascade(
+        torch.stack(base), pipe.enhancer, req.width, req.height, req.quality_enhance or pipe.enhance_mode
+    )
+    size = (images.shape[-1], images.shape[-2])
+    paths = []
+    for k, prompt in enumerate(prompts):
+        path = out.with_name(f"{out.stem}_panel{k}.png")
+        panel_req = GenerateRequest(**{**req.__dict__, "prompt": prompt})
+        text = parameters_text(panel_req, req.seed + k, size, pipe.model_hash, model_name)
+        save_png(images[k], path, text + f", Panel: {k + 1}/{len(prompts)}")
+        paths.append(path)
+    strip = torch.cat(list(images), dim=-1)  # (3, H, N·W): the panels left to right
+    text = parameters_text(
+        GenerateRequest(**{**req.__dict__, "prompt": " | ".join(prompts)}),
+        req.seed,
+        size,
+        pipe.model_hash,
+        model_name,
+    )
+    save_png(
+        strip,
+        out,
+        text
+        + f", Panels: {len(prompts)}, Temporal consistency: {metric['mean'].get('temporal_consistency', 0.0):.4f}",
+    )
+    paths.append(out)
+    report = {"prompts": prompts, "seeds": [req.seed + k for k in range(len(prompts))], **metric}
+    report["files"] = [str(p) for p in paths]
+    json_path = out.with_name(f"{out.stem}_panels.json")
+    atomic_write_bytes(json_path, (json.dumps(report, indent=2) + "\n").encode())
+    paths.append(json_path)
+    return paths, report
+
+
+def describe_metric(report: dict) -> str:
+    """Human-readable lines of the temporal-consistency metric (lower = more consistent)."""
+    lines = ["temporal consistency between consecutive panels (lower = more consistent):"]
+    for p in report["pairs"]:
+        a, b = p["pair"]
+        lines.append(
+            f"  panel {a}→{b}: {p['temporal_consistency']:.4f} (feature {p['feature']:.4f}, "
+            f"character {p['character']:.4f}, scene {p['scene']:.4f})"
+        )
+    m = report["mean"]
+    if m:
+        lines.append(
+            f"  mean: {m['temporal_consistency']:.4f} (feature {m['feature']:.4f}, "
+            f"character {m['character']:.4f}, scene {m['scene']:.4f})"
+        )
+    else:
+        lines.append("  (one panel: no pair to compare)")
+    return "\n".join(lines)

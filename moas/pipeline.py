@@ -66,6 +66,7 @@ class Pipeline:
         self.style: torch.Tensor | None = None  # fingerprint used by __call__ (set_style)
         self.enhancer = None  # the trained QualityEnhancer (moas/models/enhance.py), when the file has one
         self.enhance_mode = self.sample_defaults.pop("enhance_mode", "full")
+        self.loss_weights: dict = {}  # the model config's [losses] (temporal metric weights for panels)
         # GNN outputs are cached across sampler steps (the original's L3CacheManager use at inference).
         self.l3_cache = L3CacheManager()
         for m in self.model.modules():
@@ -106,6 +107,7 @@ class Pipeline:
         defaults = dict(cfg.get("sample") or {}, enhance_mode=cfg.get("enhance", {}).get("mode", "full"))
         pipe = cls(model, encoder, DiffusionConfig(**cfg["diffusion"]), device, short_hash(path), defaults)
         pipe.style_db = state.get("style_db")
+        pipe.loss_weights = dict(cfg.get("losses") or {})
         pipe.enhancer = load_enhancer(state, path, cfg.get("enhance", {}).get("device", "cpu"))
         return pipe
 
@@ -150,8 +152,14 @@ class Pipeline:
         sampler: str = "dpmsolver++",
         progress: bool = False,
         batch_size: int = 16,
+        panels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Images as uint8 (B, 3, H, W) at the model's base resolution."""
+        """Images as uint8 (B, 3, H, W) at the model's base resolution.
+
+        ``panels``: previous panels uint8 (B, K, 3, H, W), nearest first, for the memory expert (panel
+        mode). They join the conditional branch only — the unconditional branch is the null prompt with
+        no memory, which is what condition dropout trained (memory is dropped with the text), so guidance
+        pushes toward the previous panels as it pushes toward the prompt."""
         out = []
         for i in range(0, len(prompts), batch_size):
             p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
@@ -164,6 +172,11 @@ class Pipeline:
                 cond["style"], uncond["style"] = style, style
                 cond["style_mask"] = torch.ones(len(p), dtype=torch.bool, device=self.device)  # (B,)
                 uncond["style_mask"] = torch.zeros_like(cond["style_mask"])
+            if panels is not None and getattr(self.model, "panel_memory", False) and panels.shape[1] > 0:
+                hist = panels[i : i + batch_size].to(self.device)  # (B, K, 3, H, W)
+                cond["panel_images"], uncond["panel_images"] = hist, hist  # guidance batches both branches
+                cond["panel_mask"] = torch.ones(hist.shape[:2], dtype=torch.bool, device=self.device)
+                uncond["panel_mask"] = torch.zeros_like(cond["panel_mask"])  # no memory: nothing encoded
             fn = guided(lambda x, t, text: self.model(x, t, text).float(), cond, uncond, guidance_scale)
             x = sample(
                 fn,

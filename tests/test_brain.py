@@ -222,12 +222,18 @@ def test_a_new_expert_plugs_in_by_registration_alone():
 
 def test_gradients_reach_every_registered_module_from_the_diffusion_loss():
     """After two optimizer steps (the zero-initialised bridge projections have become non-zero), one more
-    backward of the plain diffusion loss gives every parameter of every registered module a gradient."""
+    backward of the plain diffusion loss gives every parameter of every registered module a gradient.
+    Previous panels are fed too: the panel memory and the memory expert's gated attention train from the
+    diffusion loss once the gate has moved off 0 (after the second step)."""
     torch.manual_seed(0)
     g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain(load_balance_weight=0.0, compression=True))
     opt = torch.optim.Adam(g.parameters(), lr=1e-3)
     x0 = torch.randn(4, 3, 16, 16)
-    text = text_batch(4)
+    panel_mask = torch.tensor([[True, True], [True, False], [False, False], [True, True]])
+    text = text_batch(4) | {
+        "panel_images": torch.randint(0, 256, (4, 2, 3, 16, 16), dtype=torch.uint8),
+        "panel_mask": panel_mask,
+    }
 
     def diffusion_loss():
         noise = torch.randn_like(x0)

@@ -8,6 +8,13 @@ text embedding), picks each image's aspect bucket and builds the artist style da
 straight from the cache: after validation no image file is opened again unless its entry is damaged.
 Without validation, the first access to an item builds its entry lazily. The text encoder never runs in
 DataLoader workers; it is only used inside ``validate``.
+
+Panel sequences: images in one folder whose stems end in ``_p<number>`` (``ch1_p01.png``, ``ch1_p02.png``,
+…) form a sequence ordered by that number. Each item carries ``prev_index``, the dataset index of its
+previous panel (-1 for the first panel and for ordinary images), and — with ``panel_context`` K > 0 —
+``panels`` uint8 [k,3,H,W], up to K previous panels nearest first, read from the cache like any item
+(resized to the item's size when a bucket differs). Only pixels are loaded here; the panels' features
+are computed by the model in the main process.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -38,7 +46,24 @@ from moas.train.checkpoint import atomic_write_bytes, clean_stray_temp_files
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CAPTION_SUFFIXES", "ArtDataset", "collate", "read_caption", "smart_collate_fn"]
+__all__ = ["CAPTION_SUFFIXES", "ArtDataset", "collate", "panel_links", "read_caption", "smart_collate_fn"]
+
+PANEL_STEM = re.compile(r"^(?P<base>.+)_p(?P<num>\d+)$")
+
+
+def panel_links(paths: list[Path]) -> tuple[int, ...]:
+    """Index of each path's previous panel in ``paths`` (-1 when it has none); see the module docstring."""
+    groups: dict[tuple[Path, str], list[tuple[int, int]]] = {}
+    for i, p in enumerate(paths):
+        m = PANEL_STEM.match(p.stem)
+        if m:
+            groups.setdefault((p.parent, m["base"]), []).append((int(m["num"]), i))
+    prev = [-1] * len(paths)
+    for members in groups.values():
+        members.sort()
+        for (_, a), (_, b) in zip(members, members[1:], strict=False):
+            prev[b] = a
+    return tuple(prev)
 
 
 def center_crop_resize(img: Image.Image, size: int | tuple[int, int]) -> Image.Image:
@@ -87,8 +112,11 @@ class ArtDataset(Dataset):
         divisor: int = 1,
         max_aspect: float = 2.0,
         extract_style: bool = False,
+        panel_context: int = 0,
     ) -> None:
         self.root = Path(root)
+        self.panel_context = panel_context  # previous panels loaded per item (0: none)
+        self._links: tuple[list[Path], tuple[int, ...]] | None = None
         if not self.root.exists():
             raise DataError(f"Data folder {self.root} does not exist.")
         if not self.root.is_dir():
@@ -275,6 +303,27 @@ class ArtDataset(Dataset):
         """Per-image sample weights: ``N_name`` repeat folders × ``multiply.txt`` values."""
         return sample_weights(self.paths, self.root)
 
+    def prev_indices(self) -> tuple[int, ...]:
+        """Previous-panel index of every item, for the current file list (a subset gets its own)."""
+        if self._links is None or self._links[0] is not self.paths:
+            self._links = (self.paths, panel_links(self.paths))
+        return self._links[1]
+
+    def has_sequences(self) -> bool:
+        return any(j >= 0 for j in self.prev_indices())
+
+    def _panels(self, index: int, size: tuple[int, int]) -> torch.Tensor:
+        """Up to ``panel_context`` previous panels of ``index``, nearest first: uint8 (k, 3, H, W)."""
+        prev, out, j = self.prev_indices(), [], self.prev_indices()[index]
+        while j >= 0 and len(out) < self.panel_context:
+            px = self._load_entry(j)["pixels"]  # (3, h, w)
+            if tuple(px.shape[-2:]) != size:
+                px = torch.nn.functional.interpolate(px[None].float(), size=size, mode="area")[0]
+                px = px.round().clamp(0, 255).to(torch.uint8)
+            out.append(px)
+            j = prev[j]
+        return torch.stack(out) if out else torch.zeros(0, 3, *size, dtype=torch.uint8)
+
     def _load_entry(self, index: int) -> dict[str, torch.Tensor]:
         path = self.paths[index]
         b = self.bucket_ids[index]
@@ -321,6 +370,14 @@ class ArtDataset(Dataset):
         }
         if "text_embed" in entry:
             item["text_embed"] = entry["text_embed"]
+        item["prev_index"] = self.prev_indices()[index]
+        if self.panel_context > 0:
+            try:
+                item["panels"] = self._panels(index, tuple(entry["pixels"].shape[-2:]))
+            except (ImageDecodeError, OSError) as e:
+                raise DataError(
+                    f"A previous panel of {path} became unreadable during training: {e}"
+                ) from None
         return item
 
 
@@ -337,7 +394,8 @@ def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 def smart_collate_fn(items: list[dict]) -> dict:
     """Batch dataset items: stack images and fixed-size vectors, zero-pad variable-length embeddings.
 
-    ``pixels`` must share one size (the bucket sampler guarantees it). ``text_embed`` may be pooled
+    ``pixels`` must share one size (the bucket sampler guarantees it). ``panels`` (previous panels of
+    sequences) are padded to [B,K,3,H,W] with ``panel_mask`` [B,K] only when some item has one. ``text_embed`` may be pooled
     [768] or per-token [L, 768]; per-token sequences are padded to the batch maximum with a
     ``text_embed_mask`` (True = real). Style fingerprints are stacked separately with ``has_style``.
     """
@@ -354,6 +412,11 @@ def smart_collate_fn(items: list[dict]) -> dict:
     if all("style" in it for it in items):
         batch["style"] = torch.stack([it["style"] for it in items])  # (B, STYLE_DIM)
         batch["has_style"] = torch.tensor([bool(it.get("has_style", True)) for it in items])  # (B,)
+    if all("prev_index" in it for it in items):
+        batch["prev_index"] = torch.tensor([it["prev_index"] for it in items])  # (B,) -1 = none
+    if all("panels" in it for it in items) and any(it["panels"].shape[0] for it in items):
+        # Previous panels (nearest first), zero-padded to the batch's longest history; absent otherwise.
+        batch["panels"], batch["panel_mask"] = _pad([it["panels"] for it in items])  # (B, K, 3, H, W), (B, K)
     if all("text_embed" in it for it in items):
         seqs = [it["text_embed"] for it in items]
         if seqs[0].ndim == 1:

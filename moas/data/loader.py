@@ -63,6 +63,10 @@ def build_dataset(cfg: MoasConfig, folder: str, encoder=None, progress: bool = T
         divisor=model_divisor(cfg),
         max_aspect=d.bucket_max_aspect,
         extract_style=d.extract_style,
+        # Previous panels only matter to a model with panel memory (moas.models.panels).
+        panel_context=cfg.train.panel_context
+        if cfg.brain.conditioning == "moas" and cfg.brain.panel_memory
+        else 0,
     )
     ds.validate(d.max_bad_fraction, progress=progress, report_dir=cfg.train.log_dir, encoder=encoder)
     return ds

@@ -442,8 +442,11 @@ def generate_demo_dataset(
     seed: int = 0,
     artists: Sequence[str] = ("artist_a", "artist_b"),
     progress: bool = True,
+    sequences: int = 0,
 ) -> dict:
-    """Write ``out_dir/train/<artist>/<NNNNN>.png|.txt`` and ``out_dir/manifest.json``; return the manifest."""
+    """Write ``out_dir/train/<artist>/<NNNNN>.png|.txt`` and ``out_dir/manifest.json``; return the manifest.
+
+    ``sequences`` > 0 also writes that many panel sequences (``moas.data.synthetic_panels``)."""
     out, artists = Path(out_dir), list(artists)
     if out.exists() and not out.is_dir():
         raise DataError(f"Output path {out} exists and is a file, not a directory.")
@@ -490,12 +493,21 @@ def generate_demo_dataset(
             if re.fullmatch(r"\d{5,}\.(png|txt)", p.name) and p not in written:
                 p.unlink()
 
+    from moas.data.synthetic_panels import remove_stale_sequences, write_sequences
+
+    seq_entries, seq_files = (
+        write_sequences(out, sequences, size, seed, artists, held) if sequences else ([], set())
+    )
+    remove_stale_sequences(out, artists, seq_files)
+
     vocab = {"hair_color": HAIR_COLORS, "hair_style": HAIR_STYLES, "eye_color": EYE_COLORS}
     vocab |= {"background": BACKGROUNDS, "accessories": ACCESSORIES, "artist": artists}
     manifest = {"version": MANIFEST_VERSION, "seed": seed, "size": size, "n_images": n_images}
     manifest["attributes"] = {k: list(v) for k, v in vocab.items()}
     manifest["held_out"] = [{"hair_color": h, "background": b} for h, b in held]
     manifest["images"] = images
+    if seq_entries:
+        manifest["sequences"] = seq_entries
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=out)
     try:  # atomic: readers never see a half-written manifest
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

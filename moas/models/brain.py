@@ -3,6 +3,7 @@
 The graph (``moas inspect --graph`` prints it)::
 
     text_context ─ pooled, context ─┬─ [compression] ─ pooled'
+    panel_memory (panel_images, panel_mask) → memory, memory_mask ──► moe (the memory expert only)
                                     ├─ emotion        (pooled')               → emotion_embedding, emotion_scores, artistic
                                     ├─ understanding  (pooled', context)      → understanding
                                     ├─ moe            (pooled', context)      → moe_output, expert_states, routing, balance_loss
@@ -37,6 +38,7 @@ from moas.models.experts import (
 )
 from moas.models.gnn import GNN_VERSIONS, EnhancedGNN
 from moas.models.moe import EnhancedMoE
+from moas.models.panels import PanelMemory
 from moas.models.understanding import DeepUnderstandingSystem, EmotionalArtisticUnderstanding
 
 
@@ -61,6 +63,9 @@ class BrainArgs:
     load_balance_weight: float = 0.01
     compression: bool = False
     compression_ratio: float = 0.5
+    panel_memory: bool = False  # old model files have no panel memory; the config's default is True
+    panel_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    panel_max_distance: int = 8
 
 
 # Outputs turned into context tokens, with their widths as functions of the arguments.
@@ -101,6 +106,7 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
         )
         enc.aux_weights["compression.compression_loss"] = 1.0
     ctx = ["context", "context_mask"] if a.expert_context else []
+    mem = ["memory", "memory_mask"] if a.panel_memory else []
     flow.register_module(
         "emotion",
         EmotionalArtisticUnderstanding(CONTEXT_DIM, a.hidden_dim, a.dropout),
@@ -133,8 +139,9 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
             a.cross_expert_heads,
             a.dropout,
             CONTEXT_DIM if a.expert_context else None,
+            memory=a.panel_memory,
         ),
-        inputs=["pooled", *ctx],
+        inputs=["pooled", *ctx, *mem],
         outputs=["moe_output", "expert_states", "routing", "balance_loss"],
     )
     enc.aux_weights["moe.balance_loss"] = a.load_balance_weight
@@ -181,6 +188,14 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
         inputs=["pooled", "language"],
         outputs=["story"],
     )
+    if a.panel_memory:  # previous panels → memory tokens for the memory expert (moas.models.panels);
+        # registered late so a missing text input is reported first; it still runs before moe
+        flow.register_module(
+            "panel_memory",
+            PanelMemory(d, tuple(a.panel_channels), CONTEXT_DIM, a.panel_max_distance),
+            inputs=["panel_images", "panel_mask"],
+            outputs=["memory", "memory_mask"],
+        )
     if a.compression:
         for dst in ("emotion", "understanding", "moe", "story"):
             flow.connect("compression", "pooled_compressed", dst, "pooled")

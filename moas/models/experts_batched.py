@@ -10,6 +10,14 @@ The batched context attention uses an exact algebraic rearrangement to avoid pro
 once per expert: with a single query per expert, ``q·(W_k c + b_k) = (W_kᵀ q)·c + q·b_k`` and, because the
 attention weights sum to one, ``Σ a_l (W_v c_l + b_v) = W_v (Σ a_l c_l) + b_v``. The constant ``q·b_k``
 does not change the softmax, so it is dropped. The cost is O(B·E·D²) instead of O(B·E·L·D²).
+
+Panel memory (issue 5): built with ``memory_expert=i``, expert ``i`` (the original's "memory" expert,
+temporal consistency across panels) also attends to memory tokens [B,M,D] — the previous panels' features
+from ``moas.models.panels.PanelMemory`` — with its own attention weights, and adds
+``tanh(memory_gate) · 0.5 · attended``. ``memory_gate`` starts at 0, so a model that never saw sequences is
+exactly unchanged by memory (the added term is 0·finite), and a sample whose memory mask is all False gets
+no memory term at all. The memory attention is a plain per-token projection (one expert, a handful of
+tokens), so the algebraic shortcut above is not needed there.
 """
 
 from __future__ import annotations
@@ -74,7 +82,13 @@ class BatchedExperts(nn.Module):
     """All experts in one computation; numerically the same as ``num_experts`` EnhancedExpertAgents."""
 
     def __init__(
-        self, num_experts: int = 14, in_dim: int = 768, dim: int = 512, heads: int = 8, dropout: float = 0.1
+        self,
+        num_experts: int = 14,
+        in_dim: int = 768,
+        dim: int = 512,
+        heads: int = 8,
+        dropout: float = 0.1,
+        memory_expert: int | None = None,
     ) -> None:
         super().__init__()
         if dim % heads:
@@ -98,6 +112,18 @@ class BatchedExperts(nn.Module):
         self.comm_ln_w, self.comm_ln_b = nn.Parameter(torch.ones(e, dim)), nn.Parameter(torch.zeros(e, dim))
         self.out_w, self.out_b = _stack(e, dim, dim)
         self.expert_weights = nn.Parameter(torch.ones(e))  # learnable output scale per expert
+        self.memory_expert = memory_expert
+        if memory_expert is not None:
+            if not 0 <= memory_expert < e:
+                raise ValueError(f"memory_expert must be an expert index below {e}")
+            # The memory expert's own attention over panel memory, in nn.MultiheadAttention's layout.
+            mem = torch.empty(3 * dim, dim)
+            nn.init.xavier_uniform_(mem)
+            self.mem_in_w = nn.Parameter(mem)
+            self.mem_in_b = nn.Parameter(torch.zeros(3 * dim))
+            self.mem_out = nn.Linear(dim, dim)
+            nn.init.zeros_(self.mem_out.bias)
+            self.memory_gate = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: no effect until trained
 
     def _attend(self, h: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """One query per expert over the shared context (see module docstring for the algebra)."""
@@ -120,10 +146,38 @@ class BatchedExperts(nn.Module):
             v = v + bv
         return _linear(v, self.attn_out_w, self.attn_out_b)  # (B, E, D)
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    def _attend_memory(
+        self, h: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """x [B,in] (+ context [B,L,D], mask [B,L] True = attend) → expert states [B,E,D]."""
+        """The memory expert's query h [B,D] over memory [B,M,D]; rows with no valid token give 0."""
+        b, d = h.shape
+        m, nh, dh = memory.shape[1], self.heads, d // self.heads
+        wq, wk, wv = self.mem_in_w.split(d, dim=0)  # each (D, D)
+        bq, bk, bv = self.mem_in_b.split(d, dim=0)
+        q = F.linear(h, wq, bq).view(b, nh, 1, dh)  # (B, H, 1, dh)
+        k = F.linear(memory, wk, bk).view(b, m, nh, dh).transpose(1, 2)  # (B, H, M, dh)
+        v = F.linear(memory, wv, bv).view(b, m, nh, dh).transpose(1, 2)  # (B, H, M, dh)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(dh)  # (B, H, 1, M)
+        if mask is None:
+            mask = torch.ones(b, m, dtype=torch.bool, device=memory.device)
+        has_any = mask.any(1)  # (B,)
+        # An all-masked row would softmax over -inf only (NaN); it attends uniformly instead and is zeroed.
+        valid = mask | ~has_any[:, None]  # (B, M)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        attn = F.dropout(scores.softmax(-1), self.dropout, self.training)
+        out = (attn @ v).reshape(b, d)  # (B, D)
+        return self.mem_out(out) * has_any[:, None].to(out.dtype)  # (B, D)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B,in] (+ context [B,L,D], mask [B,L] True = attend; + panel memory [B,M,D], mask [B,M])
+        → expert states [B,E,D]. Memory is used only when built with ``memory_expert``."""
         p, train = self.dropout, self.training
         h = torch.einsum("bi,eoi->beo", x, self.in_w) + self.in_b  # (B, E, D)
         h = h + F.dropout(
@@ -134,6 +188,10 @@ class BatchedExperts(nn.Module):
         )
         if context is not None:
             h = h + self._attend(h, context, context_mask) * 0.5
+        if memory is not None and self.memory_expert is not None and memory.shape[1] > 0:
+            i = self.memory_expert
+            term = torch.tanh(self.memory_gate) * 0.5 * self._attend_memory(h[:, i], memory, memory_mask)
+            h = torch.cat([h[:, :i], (h[:, i] + term).unsqueeze(1), h[:, i + 1 :]], 1)  # (B, E, D)
         h = (
             h
             + F.gelu(_layer_norm(_linear(h, self.comm_w, self.comm_b), self.comm_ln_w, self.comm_ln_b)) * 0.3

@@ -7,6 +7,11 @@ constructor arguments are saved with the weights so the network can be rebuilt f
 ``brain`` (the ``[brain]`` config section) selects the conditioning: ``conditioning = "moas"`` installs
 the full brain (``moas.models.brain``) on the ConditioningEncoder's DataFlow; ``"text"`` — or a model file
 saved before the brain existed, whose arguments have no ``brain`` — is the text-only model.
+
+Panels: ``text`` may carry ``panel_images`` [B,K,3,H,W] + ``panel_mask`` [B,K] (the previous panels,
+nearest first); they reach the ``panel_memory`` stage and the MoE's memory expert. Absent, they are fed
+as ``None`` and cost nothing. A model file saved before panel memory existed (its ``brain`` arguments
+have no ``panel_memory``) is rebuilt without it, so its weights still load strictly.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class MoasGenerator(nn.Module):
         self.init_args = {"resolution": resolution, "model": asdict(m), "text": asdict(tx)}
         if style_dim:  # issue 4: optional style token (moas.models.style)
             self.init_args["style_dim"] = style_dim
+        if brain is not None and "panel_memory" not in brain:
+            bc.panel_memory = False  # saved before panel memory existed
         if brain is not None:
             self.init_args["brain"] = asdict(bc)
         self.resolution = resolution
@@ -73,6 +80,7 @@ class MoasGenerator(nn.Module):
             self.brain.flow.register_module(
                 "style", DesignStyleSupportSystem(style_dim), ["style", "style_mask"], STYLE_OUTPUTS
             )
+        self.panel_memory = bc.conditioning == "moas" and bc.panel_memory
         self.last_aux_loss: torch.Tensor | None = None
 
     def stage(self, name: str) -> nn.Module | None:
@@ -98,6 +106,12 @@ class MoasGenerator(nn.Module):
         if self.style_dim:
             extra.setdefault("style", torch.zeros(b, self.style_dim, device=dev))  # (B, S); absent = no style
             extra.setdefault("style_mask", torch.zeros(b, dtype=torch.bool, device=dev))  # (B,)
+        if self.panel_memory:  # absent panels: None flows through and the memory expert skips memory
+            extra.setdefault("panel_images", None)
+            extra.setdefault("panel_mask", None)
+        else:
+            extra.pop("panel_images", None)
+            extra.pop("panel_mask", None)
         return self.brain(**{k: text[k] for k in TEXT_KEYS}, **extra)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:

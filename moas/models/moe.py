@@ -18,6 +18,10 @@ Per-expert statistics (buffers, so they are saved with checkpoints):
   * ``success_rate``: EMA (α = 0.1) of the fraction of samples on which the expert "succeeded": its output
     is finite and its routing weight is at least half the uniform weight (≥ 1/28), i.e. the router used it.
 Routing history: the batch-mean routing row of each forward call, ``deque(maxlen=1000)``.
+
+Panel memory: with ``memory=True`` the "memory" expert also attends to ``memory`` tokens [B,M,D] (the
+previous panels' features, already at the expert width) through a zero-initialised gate
+(``BatchedExperts``); without memory tokens the forward is exactly the memory-less one.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class EnhancedMoE(nn.Module):
         cross_heads: int = 16,
         dropout: float = 0.1,
         context_dim: int | None = 768,
+        memory: bool = False,
     ) -> None:
         super().__init__()
         e, h1, h2 = num_experts, router_hidden[0], router_hidden[1]
@@ -81,7 +86,8 @@ class EnhancedMoE(nn.Module):
         self.register_buffer("balance_bias", torch.zeros(e))  # set by AdvancedContinuousLearning
         # The text tokens are 768-d; the experts attend in their own width (the original leaves this implicit).
         self.context_proj = nn.Linear(context_dim, dim) if context_dim else None
-        self.experts = BatchedExperts(e, in_dim, dim, expert_heads, dropout)
+        mem_idx = self.names.index("memory") if memory and "memory" in self.names else None
+        self.experts = BatchedExperts(e, in_dim, dim, expert_heads, dropout, mem_idx)
         self.cross_attention = nn.MultiheadAttention(dim, cross_heads, batch_first=True, dropout=dropout)
         self.coordinator = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU())
         self.fusion = nn.Sequential(
@@ -120,11 +126,15 @@ class EnhancedMoE(nn.Module):
         pooled: torch.Tensor,
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         routing = self.route(pooled)  # (B, E)
         ctx = self.context_proj(context) if (context is not None and self.context_proj is not None) else None
         t0 = time.perf_counter()
-        states = self.experts(pooled, ctx, context_mask if ctx is not None else None)  # (B, E, D)
+        states = self.experts(
+            pooled, ctx, context_mask if ctx is not None else None, memory, memory_mask
+        )  # (B, E, D)
         elapsed = time.perf_counter() - t0
         # Pass 2: experts read each other, then a shared coordinator.
         attended = self.cross_attention(states, states, states, need_weights=False)[0]

@@ -2,9 +2,15 @@
 
 As in the original it is used only at inference, on an image the caller provides, where the device is
 controlled — never inside DataLoader workers (training batches use pixel statistics instead).
+
+``norm="group"`` replaces BatchNorm with GroupNorm: the panel memory (``moas.models.panels``) encodes a
+handful of images per step, often one, down to 1×1 feature maps, where batch statistics are undefined,
+and it must behave the same in training and at generation.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -13,12 +19,20 @@ from torch import nn
 class VisionEncoder(nn.Module):
     """images [B,3,H,W] in [-1,1] → embedding [B,768], structure/color/composition [B,128]."""
 
-    def __init__(self, channels: tuple[int, int, int, int] = (64, 128, 256, 512), out_dim: int = 768) -> None:
+    def __init__(
+        self,
+        channels: tuple[int, ...] = (64, 128, 256, 512),
+        out_dim: int = 768,
+        norm: str = "batch",
+    ) -> None:
         super().__init__()
+        if norm not in ("batch", "group"):
+            raise ValueError("norm must be 'batch' or 'group'")
         layers: list[nn.Module] = []
         c_in = 3
         for c in channels:
-            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
+            n = nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(math.gcd(8, c), c)
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), n, nn.ReLU()]
             c_in = c
         self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (B, 512)
         f = channels[-1]

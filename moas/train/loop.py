@@ -58,6 +58,7 @@ from moas.train.distributed import DistContext, init_distributed
 from moas.train.domain import DomainTraining
 from moas.train.ema import EMA
 from moas.train.oom import is_oom, recover_from_oom
+from moas.train.panels import PanelTraining, ddp_touch, memory_keep
 from moas.train.schedule import WarmupCosineRestarts
 from moas.train.signals import GracefulStop, TrainingInterrupted
 from moas.train.state import (
@@ -165,6 +166,8 @@ class Trainer:
         # Model, EMA, optimizer, schedule.
         style_dim = STYLE_DIM if cfg.data.extract_style else 0
         brain = asdict(cfg.brain)
+        if resume is not None and "panel_memory" not in (resume["model_args"].get("brain") or {}):
+            brain.pop("panel_memory")  # a checkpoint from before panel memory: rebuilt without it
         self.model = MoasGenerator(
             cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), style_dim, brain=brain
         ).place(device)
@@ -203,6 +206,16 @@ class Trainer:
         # Domain losses on x0, the discriminator and the enhancer (moas/train/domain.py; issue 5).
         self.domain = DomainTraining(cfg, self.dataset, device, self.amp_dtype is not None)
         self.domain_logs: dict[str, float] = {}
+        # Panel sequences: memory inputs + temporal-consistency loss (moas/train/panels.py; issue 5).
+        has_seq = self.model.panel_memory and self.dataset.has_sequences()
+        if not self.model.panel_memory:
+            self.dataset.panel_context = 0
+        self.panels = PanelTraining(cfg, has_seq and tc.panel_context > 0)
+        if self.panels.enabled:
+            log.info(
+                "Panel sequences: %d images follow a previous panel.",
+                sum(j >= 0 for j in self.dataset.prev_indices()),
+            )
         self.x0_batch = self.x0_pred = None
         self.schedule = NoiseSchedule(
             make_train_scheduler(cfg.diffusion), cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma
@@ -435,6 +448,9 @@ class Trainer:
         if "style" in batch:  # issue 4's style token, hidden for style_dropout of the rows
             keep = batch["has_style"] & (torch.rand(b, generator=gen) >= self.cfg.data.style_dropout)  # (B,)
             text.update({"style": batch["style"].to(device), "style_mask": keep.to(device)})
+        keep = memory_keep(drop, captions, list(batch["captions"]))  # memory goes with the text
+        panel_in = self.panels.inputs(batch, keep, device)
+        text.update(panel_in)
         t = torch.randint(0, schedule.num_timesteps, (b,), generator=gen).to(device)  # (B,)
         noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, 3, H, W)
         x_t = schedule.add_noise(x0, noise, t)
@@ -456,6 +472,12 @@ class Trainer:
                 x0, x_t, pred, t, schedule, self.global_step
             )
             loss = loss if extra is None else loss + extra
+            temporal, t_logs = self.panels.loss(panel_in, x_t, pred, t, schedule)
+            if temporal is not None:
+                loss = loss + temporal
+                self.domain_logs = {**self.domain_logs, **t_logs}
+            if self.dist.enabled:
+                loss = loss + ddp_touch(self.model, panel_in)
             self.x0_batch = x0
             if self.monitor is not None:
                 x0_pred = self.x0_pred

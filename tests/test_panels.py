@@ -1,0 +1,247 @@
+"""Panels (issue 5 item 6): the memory expert's gated memory attention, PanelMemory, the temporal loss,
+sequences in the data and the demo generator. The end-to-end run is in test_panels_e2e.py."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from moas.data.dataset import ArtDataset, panel_links, smart_collate_fn
+from moas.losses.temporal import TemporalConsistencyLoss, sequence_metrics, temporal_terms
+from moas.models.experts_batched import BatchedExperts
+from moas.models.generator import MoasGenerator
+from moas.models.moe import EXPERT_NAMES
+from moas.models.panels import PanelMemory
+from moas.train.panels import memory_keep
+from moas.train.validate import split_holdout
+
+from .test_brain import TEXT, UNET, text_batch, tiny_brain
+
+MEM = EXPERT_NAMES.index("memory")
+
+
+def _experts(seed: int = 0) -> BatchedExperts:
+    torch.manual_seed(seed)
+    return BatchedExperts(14, 48, 32, 4, 0.1, memory_expert=MEM).eval()
+
+
+def test_zero_gate_is_bit_identical_and_a_set_gate_changes_only_the_memory_expert():
+    ex = _experts()
+    x, ctx = torch.randn(3, 48), torch.randn(3, 5, 32)
+    mem, mask = torch.randn(3, 2, 32), torch.tensor([[True, True], [True, False], [False, True]])
+    base = ex(x, ctx)
+    assert torch.equal(ex(x, ctx, None, mem, mask), base)  # gate 0: exactly unchanged
+    with torch.no_grad():
+        ex.memory_gate.fill_(0.8)
+    out = ex(x, ctx, None, mem, mask)
+    others = [i for i in range(14) if i != MEM]
+    assert torch.equal(out[:, others], base[:, others])
+    assert (out[:, MEM] - base[:, MEM]).abs().amax(-1).min() > 1e-4  # every row has a real panel
+
+
+def test_all_masked_rows_get_no_memory_and_stay_finite():
+    ex = _experts().train()
+    with torch.no_grad():
+        ex.memory_gate.fill_(1.0)
+    ex.dropout = 0.0  # compare deterministically
+    x, mem = torch.randn(2, 48), torch.randn(2, 3, 32, requires_grad=True)
+    mask = torch.tensor([[False, False, False], [True, False, True]])
+    out = ex(x, None, None, mem, mask)
+    base = ex(x)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0], base[0]) and not torch.equal(out[1], base[1])
+    out.sum().backward()
+    assert torch.isfinite(mem.grad).all() and mem.grad[0].abs().sum() == 0 and mem.grad[1, 1].abs().sum() == 0
+    assert ex.memory_gate.grad is not None and ex.memory_gate.grad.abs() > 0
+
+
+def test_memory_built_experts_still_match_the_per_expert_reference():
+    ex = _experts()
+    x, ctx = torch.randn(2, 48), torch.randn(2, 4, 32)
+    out = ex(x, ctx)
+    for i in (0, MEM, 13):
+        assert torch.allclose(ex.agent(i).eval()(x, ctx), out[:, i], atol=1e-5)
+
+
+def test_panel_memory_tokens_and_absent_panels():
+    torch.manual_seed(0)
+    pm = PanelMemory(dim=32, channels=(8, 8, 16, 16), max_distance=2).eval()
+    assert pm(None, None) == {"memory": None, "memory_mask": None}
+    assert (
+        pm(torch.zeros(2, 0, 3, 16, 16, dtype=torch.uint8), torch.zeros(2, 0, dtype=torch.bool))["memory"]
+        is None
+    )
+    imgs = torch.randint(0, 256, (2, 3, 3, 16, 16), dtype=torch.uint8)
+    assert pm(imgs, torch.zeros(2, 3, dtype=torch.bool))["memory"] is None  # nothing to encode
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    out = pm(imgs, mask)
+    assert out["memory"].shape == (2, 3, 32) and torch.equal(out["memory_mask"], mask)
+    # A padded slot's pixels do not matter; a real slot's do; distance embeddings separate slots.
+    noisy = imgs.clone()
+    noisy[1, 1:] = 0
+    again = pm(noisy, mask)["memory"]
+    assert torch.allclose(again[1, 0], out["memory"][1, 0]) and torch.allclose(again[0], out["memory"][0])
+    same = imgs[:, :1].expand(-1, 3, -1, -1, -1)
+    tok = pm(same, torch.ones(2, 3, dtype=torch.bool))["memory"]
+    assert not torch.allclose(tok[:, 0], tok[:, 1]) and torch.allclose(tok[:, 1], tok[:, 2])  # clamped at 2
+    floats = pm(imgs.float() / 127.5 - 1, mask)["memory"]
+    assert torch.allclose(floats, out["memory"], atol=1e-5)  # uint8 and [-1, 1] inputs agree
+
+
+def test_generator_passes_panels_and_old_model_args_load_without_panel_memory():
+    torch.manual_seed(0)
+    g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain()).eval()
+    assert g.panel_memory and g.stage("panel_memory") is not None
+    text = text_batch(2)
+    panels = {"panel_images": torch.randint(0, 256, (2, 1, 3, 16, 16), dtype=torch.uint8)}
+    panels["panel_mask"] = torch.ones(2, 1, dtype=torch.bool)
+    with torch.no_grad():
+        base = g.condition(text)["expert_states"]
+        assert torch.equal(g.condition(text | panels)["expert_states"], base)  # gate 0
+        g.stage("moe").experts.memory_gate.fill_(0.5)
+        assert not torch.equal(g.condition(text | panels)["expert_states"][:, MEM], base[:, MEM])
+    # A model file from before panel memory: its brain arguments have no panel_memory key.
+    old_brain = {k: v for k, v in tiny_brain().items() if not k.startswith("panel_")}
+    old = MoasGenerator(16, UNET, TEXT, brain=old_brain)
+    assert not old.panel_memory and old.stage("panel_memory") is None
+    assert not any("mem" in k for k in old.state_dict() if "experts." in k)
+    rebuilt = MoasGenerator(**{**old.init_args, "brain": old_brain})
+    rebuilt.load_state_dict(old.state_dict())  # strict: the old weights fit
+    out = rebuilt.eval()(torch.randn(2, 3, 16, 16), torch.tensor([3, 500]), text | panels)  # panels ignored
+    assert out.shape == (2, 3, 16, 16)
+    assert MoasGenerator(**g.init_args).stage("panel_memory") is not None  # new files keep it
+
+
+# ---------------------------------------------------------------------------------------------- temporal loss
+
+
+def _scene(centre: tuple[float, float, float], border: tuple[float, float, float]) -> torch.Tensor:
+    img = torch.tensor(border).view(1, 3, 1, 1).expand(1, 3, 32, 32).clone()
+    img[..., 8:24, 8:24] = torch.tensor(centre).view(1, 3, 1, 1)
+    return img
+
+
+def test_temporal_terms_separate_character_and_scene():
+    a = _scene((0.8, -0.5, -0.5), (-0.6, 0.4, -0.2))
+    assert all(v.item() < 1e-3 for v in temporal_terms(a, a).values())
+    other_char = _scene((-0.5, -0.5, 0.9), (-0.6, 0.4, -0.2))  # same background, another character
+    other_bg = _scene((0.8, -0.5, -0.5), (0.7, 0.7, 0.2))  # same character, another background
+    t_char, t_bg = temporal_terms(a, other_char), temporal_terms(a, other_bg)
+    assert t_char["character"] > 0.3 and t_char["scene"] < 0.05
+    assert t_bg["scene"] > 0.3 and t_bg["character"] < 0.05
+    assert t_char["feature"] > 0.01 and t_bg["feature"] > 0.01
+    noise = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert (temporal_terms(noise, noise.flip(0))["feature"] > 0).all()
+
+
+def test_temporal_loss_weights_gradient_and_nan_guard():
+    torch.manual_seed(0)
+    prev = torch.rand(3, 3, 16, 16) * 2 - 1
+    pred = (torch.rand(3, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    loss = TemporalConsistencyLoss(0.3, 0.2)
+    res = loss(pred, prev)
+    terms = temporal_terms(pred.detach(), prev)
+    expected = 0.5 * terms["feature"].mean() + 0.3 * terms["character"].mean() + 0.2 * terms["scene"].mean()
+    assert torch.allclose(res.total, expected, atol=1e-6)
+    res.total.backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    # Samples with weight 0 (no previous panel) contribute nothing.
+    w = torch.tensor([1.0, 0.0, 0.0])
+    only_first = loss(pred.detach(), prev, sample_weight=w).total
+    assert torch.allclose(only_first, loss(pred.detach()[:1], prev[:1]).total / 3, atol=1e-6)
+    bad = pred.detach().clone()
+    bad[0, 0, 0, 0] = float("nan")
+    guarded = loss(bad, prev)
+    assert set(guarded.bad) == {"feature", "character", "scene"} and guarded.total.item() == 0.0
+
+
+def test_sequence_metrics_pairs_and_mean():
+    a = _scene((0.8, -0.5, -0.5), (-0.6, 0.4, -0.2))
+    b = _scene((-0.5, -0.5, 0.9), (-0.6, 0.4, -0.2))
+    m = sequence_metrics(torch.cat([a, a, b]))
+    assert [p["pair"] for p in m["pairs"]] == [[0, 1], [1, 2]]
+    assert m["pairs"][0]["temporal_consistency"] < 1e-3 < m["pairs"][1]["temporal_consistency"]
+    mean = (m["pairs"][0]["temporal_consistency"] + m["pairs"][1]["temporal_consistency"]) / 2
+    assert m["mean"]["temporal_consistency"] == pytest.approx(mean)
+    assert m["weights"] == {"feature": 0.5, "character": 0.3, "scene": 0.2}
+    assert sequence_metrics(a)["pairs"] == [] and sequence_metrics(a)["mean"] == {}
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+def test_panel_links_follow_numbers_per_folder():
+    names = ["a/ch1_p10.png", "a/ch1_p2.png", "a/ch1_p01.png", "b/ch1_p03.png", "a/x.png", "a/ch2_p1.png"]
+    assert panel_links([Path(n) for n in names]) == (1, 2, -1, -1, -1, -1)
+
+
+def _write_sequence_folder(root: Path) -> None:
+    from PIL import Image
+
+    (root / "s").mkdir(parents=True)
+    for i, name in enumerate(["ch_p1", "ch_p2", "ch_p3", "solo", "other_p1"]):
+        Image.new("RGB", (16, 16), (40 * i, 100, 200 - 30 * i)).save(root / "s" / f"{name}.png")
+        (root / "s" / f"{name}.txt").write_text(f"1girl, tag{i}")
+
+
+def test_dataset_items_carry_previous_panels_nearest_first(tmp_path):
+    _write_sequence_folder(tmp_path / "d")
+    ds = ArtDataset(tmp_path / "d", 16, tmp_path / "cache", panel_context=2)
+    ds.validate(progress=False)
+    idx = {p.stem: i for i, p in enumerate(ds.paths)}
+    item = ds[idx["ch_p3"]]
+    assert item["prev_index"] == idx["ch_p2"] and item["panels"].shape == (2, 3, 16, 16)
+    assert torch.equal(item["panels"][0], ds[idx["ch_p2"]]["pixels"])  # nearest first
+    assert torch.equal(item["panels"][1], ds[idx["ch_p1"]]["pixels"])
+    assert ds[idx["ch_p1"]]["panels"].shape[0] == 0 and ds[idx["solo"]]["prev_index"] == -1
+    batch = smart_collate_fn([ds[idx["ch_p2"]], ds[idx["solo"]], ds[idx["ch_p3"]]])
+    assert batch["panels"].shape == (3, 2, 3, 16, 16)
+    assert batch["panel_mask"].tolist() == [[True, False], [False, False], [True, True]]
+    assert "panels" not in smart_collate_fn([ds[idx["solo"]], ds[idx["other_p1"]]])  # no sequences: nothing
+    # A hold-out split recomputes the links for its own file list.
+    train, val = split_holdout(ds, 0.4, 0, 1)
+    for sub in (train, val):
+        for i, p in enumerate(sub.paths):
+            j = sub.prev_indices()[i]
+            assert j == -1 or (sub.paths[j].stem[:-1] == p.stem[:-1] and sub.paths[j].stem < p.stem)
+    plain = ArtDataset(tmp_path / "d", 16, tmp_path / "cache")
+    assert "panels" not in plain[0]
+
+
+def test_memory_is_dropped_with_the_text():
+    keep = memory_keep(torch.tensor([False, True, False, False]), ["a", "", "", ""], ["a", "b", "c", ""])
+    assert keep.tolist() == [True, False, False, True]
+
+
+def test_demo_sequences_leave_the_ordinary_images_unchanged(tmp_path):
+    from moas.data.synthetic import generate_demo_dataset, held_out_pairs
+
+    plain = generate_demo_dataset(tmp_path / "a", n_images=6, size=32, seed=1, progress=False)
+    seq = generate_demo_dataset(tmp_path / "b", n_images=6, size=32, seed=1, progress=False, sequences=3)
+    assert plain["images"] == seq["images"] and "sequences" not in plain
+    for entry in plain["images"]:
+        assert (tmp_path / "a" / entry["file"]).read_bytes() == (tmp_path / "b" / entry["file"]).read_bytes()
+    held = set(held_out_pairs(1))
+    assert len(seq["sequences"]) == 3
+    for s in seq["sequences"]:
+        assert 3 <= len(s["panels"]) <= 4 and (s["hair_color"], s["background"]) not in held
+        files = [tmp_path / "b" / p["file"] for p in s["panels"]]
+        assert all(f.is_file() for f in files) and panel_links(files)[1:] == tuple(range(len(files) - 1))
+    # Regenerating with fewer sequences removes the stale ones.
+    generate_demo_dataset(tmp_path / "b", n_images=6, size=32, seed=1, progress=False, sequences=1)
+    assert len(list((tmp_path / "b" / "train").rglob("seq*_p*.png"))) == len(seq["sequences"][0]["panels"])
+
+
+def test_panel_config_fields_are_validated():
+    from moas.config import BrainConfig, ConfigError, LossConfig, TrainConfig
+
+    with pytest.raises(ConfigError):
+        TrainConfig(panel_context=-1)
+    with pytest.raises(ConfigError):
+        BrainConfig(panel_channels=[])
+    with pytest.raises(ConfigError):
+        LossConfig(temporal_weight=-0.1)
+    assert asdict(BrainConfig())["panel_memory"] is True
