@@ -1,12 +1,15 @@
 """MultiverseOriginStudioAI: the top-level orchestrator that builds, wires and places every subsystem.
 
-It builds the generator (conditioning brain on its DataFlow + U-Net), the VisionEncoder (inference only,
-for image inputs) and the continuous-learning controller, and places them as the original does:
+It builds the generator (conditioning brain on its DataFlow + U-Net), exposes the VisionEncoder for image
+inputs (the one inside the generator's PanelMemory, trained on panel sequences and fed the previous panels
+by ``moas generate --panels``; a stand-alone one when the generator has no panel memory) and the
+continuous-learning controller, and places them as the original does:
 
 * GPU (when CUDA is used): the brain — EnhancedGNN v1–v4, EnhancedMoE, EmotionalArtisticUnderstanding,
-  DeepUnderstandingSystem, the structure/art/camera/story experts — the U-Net and the VisionEncoder;
-* CPU: AdvancedCompressionSystem (when enabled). The original's QualityEnhancer and
-  DesignStyleSupportSystem are CPU-placed too; they are not part of this build yet.
+  DeepUnderstandingSystem, PanelMemory, the structure/art/camera/story experts — the U-Net;
+* CPU: AdvancedCompressionSystem (when enabled). The trained QualityEnhancer is also kept on the CPU by
+  default (``enhance.device``; it is loaded by ``moas.pipeline``, not built here). The style stage
+  (DesignStyleSupportSystem) sits with the generator on its device.
 
 ``placement = "single"`` puts everything on one device. On a CPU-only machine everything is on the CPU.
 Modules on different devices exchange tensors explicitly (each CPU-placed module moves its inputs in and
@@ -37,7 +40,11 @@ class MultiverseOriginStudioAI:
     ) -> None:
         self.device = torch.device(device)
         self.generator = generator
-        self.vision_encoder = VisionEncoder()
+        # The VisionEncoder the generator trains (inside PanelMemory, on panel sequences) is the one used for
+        # image inputs; a generator without panel memory gets a stand-alone, untrained one.
+        memory = generator.stage("panel_memory")
+        self.vision_shared = memory is not None
+        self.vision_encoder = memory.vision if memory is not None else VisionEncoder()
         self.continuous_learning = AdvancedContinuousLearning(continuous_rate)
         self.place(self.device)
 
@@ -73,6 +80,14 @@ class MultiverseOriginStudioAI:
         out["vision_encoder"] = str(next(self.vision_encoder.parameters()).device)
         return out
 
+    @property
+    def vision_label(self) -> str:
+        return (
+            "vision_encoder (inside panel_memory)"
+            if self.vision_shared
+            else "vision_encoder (inference only)"
+        )
+
     def parameter_counts(self) -> list[tuple[str, int]]:
         """(component, parameters) for every brain module in DataFlow order, the spare GNNs, U-Net, vision."""
         g = self.generator
@@ -81,7 +96,7 @@ class MultiverseOriginStudioAI:
             rows += [(f"{k} (spare, for ablation)", count(m)) for k, m in g.brain_extras.items()]
         rows.append(("unet (DiffusionModel)", count(g.unet)))
         rows.append(("generator total", count(g)))
-        rows.append(("vision_encoder (inference only)", count(self.vision_encoder)))
+        rows.append((self.vision_label, count(self.vision_encoder)))
         return rows
 
     def describe(self, graph: bool = False) -> str:

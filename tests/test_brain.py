@@ -312,12 +312,14 @@ def test_system_counts_places_and_describes():
     system = MultiverseOriginStudioAI.from_config(cfg)
     rows = dict(system.parameter_counts())
     assert rows["moe"] > 0 and rows["unet (DiffusionModel)"] > 0
-    total = sum(
-        n for name, n in rows.items() if name not in ("generator total", "vision_encoder (inference only)")
-    )
+    total = sum(n for name, n in rows.items() if name not in ("generator total", system.vision_label))
     assert total == rows["generator total"]
     assert set(system.placement().values()) == {"cpu"}
     text = system.describe(graph=True)
     assert "moe" in text and "DataFlow with" in text
     emb = system.encode_image(torch.rand(1, 3, 32, 32) * 2 - 1)
     assert emb["embedding"].shape == (1, 768)
+    # With panel memory the system's VisionEncoder is the generator's trained one, not a second copy.
+    assert system.vision_shared == (system.generator.stage("panel_memory") is not None)
+    if system.vision_shared:
+        assert system.vision_encoder is system.generator.stage("panel_memory").vision
