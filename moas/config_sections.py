@@ -1,0 +1,176 @@
+"""Config sections of the newer subsystems: the conditioning brain, monitoring, the domain losses and the
+enhancer. Split from ``moas.config`` (which re-exports them) only to keep files short; the rules there
+apply here too (dataclass defaults are the original's values, profiles override them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moas.errors import ConfigError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message + ".")
+
+
+@dataclass
+class BrainConfig:
+    """The conditioning brain (EnhancedMoE, GNN, understanding systems, experts). Defaults = the original's sizes."""
+
+    conditioning: str = "moas"  # moas = the full brain; text = text-only conditioning (ablation, old models)
+    expert_dim: int = 512  # width of the 14 experts, the GNN and the structure/art experts
+    router_hidden: list[int] = field(default_factory=lambda: [1024, 512])  # router 768→1024→512→14
+    hidden_dim: int = 1536  # wide MLP width in the emotion/understanding/compression systems
+    expert_heads: int = 8  # heads of each expert's context attention
+    cross_expert_heads: int = 16  # heads of the pass-2 cross-expert attention
+    gnn_version: int = 4  # which EnhancedGNN is registered as `gnn` (1-4; the others stay built)
+    gnn_layers: int = 6  # message-passing layers
+    gnn_heads: int = 8  # attention heads per v4 layer
+    understanding_layers: int = 6  # DeepUnderstandingSystem TransformerEncoder depth
+    understanding_heads: int = 12  # its attention heads (must divide 768 and understanding_token_dim)
+    understanding_ff: int = 3072  # its feed-forward width
+    understanding_token_dim: int | None = None  # its d_model; None = 768, the text width (the original)
+    expert_context: bool = True  # experts attend to the text tokens (the original's optional context)
+    dropout: float = 0.1
+    load_balance_weight: float = 0.01  # weight of the MoE load-balance loss E·Σp̄²−1
+    compression: bool = False  # AdvancedCompressionSystem on the pooled text (adds its reconstruction loss)
+    compression_ratio: float = 0.5  # 768 → 384
+    continuous_learning: bool = (
+        True  # AdvancedContinuousLearning adjusts routing bias/expert weights per epoch
+    )
+    continuous_rate: float = 0.5  # its step size (logit units per unit of relative load imbalance)
+    placement: str = "original"  # original: compression on the CPU when CUDA is used; single: one device
+    # Panels (issue 5): the memory expert attends to previous panels' VisionEncoder features.
+    panel_memory: bool = True  # build PanelMemory + the memory expert's gated memory attention
+    panel_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # its CNN widths
+    panel_max_distance: int = 8  # panel-position embeddings (distance back); farther panels share the last
+
+    def __post_init__(self) -> None:
+        _check(self.conditioning in ("moas", "text"), "brain.conditioning must be moas or text")
+        _check(
+            len(self.panel_channels) >= 1 and min(self.panel_channels) >= 1,
+            "brain.panel_channels must be one or more positive widths",
+        )
+        _check(self.panel_max_distance >= 1, "brain.panel_max_distance must be at least 1")
+        _check(self.gnn_version in (1, 2, 3, 4), "brain.gnn_version must be 1, 2, 3 or 4")
+        _check(self.expert_dim >= 16, "brain.expert_dim must be at least 16")
+        _check(
+            self.expert_dim % self.expert_heads == 0
+            and self.expert_dim % self.cross_expert_heads == 0
+            and self.expert_dim % self.gnn_heads == 0,
+            "brain.expert_dim must be divisible by expert_heads, cross_expert_heads and gnn_heads",
+        )
+        _check(768 % self.understanding_heads == 0, "brain.understanding_heads must divide 768")
+        _check(
+            self.understanding_token_dim is None
+            or (
+                self.understanding_token_dim >= 1
+                and self.understanding_token_dim % self.understanding_heads == 0
+            ),
+            "brain.understanding_token_dim must be a positive multiple of brain.understanding_heads",
+        )
+        _check(
+            len(self.router_hidden) == 2 and min(self.router_hidden) >= 1,
+            "brain.router_hidden must be two widths",
+        )
+        _check(
+            self.gnn_layers >= 1 and self.understanding_layers >= 1, "brain layer counts must be at least 1"
+        )
+        _check(self.hidden_dim >= 1 and self.understanding_ff >= 1, "brain widths must be positive")
+        _check(0.0 <= self.dropout < 1.0, "brain.dropout must be in [0, 1)")
+        _check(self.load_balance_weight >= 0, "brain.load_balance_weight must be 0 or more")
+        _check(0.0 < self.compression_ratio < 1.0, "brain.compression_ratio must be in (0, 1)")
+        _check(self.continuous_rate >= 0, "brain.continuous_rate must be 0 or more")
+        _check(self.placement in ("original", "single"), "brain.placement must be original or single")
+
+
+@dataclass
+class MonitorConfig:
+    val_fraction: float = 0.05  # without --val_dir: share of the training folder held out for validation
+    val_min_images: int = 20  # hold nothing out when the training folder has fewer images than this
+    eval_n: int = 8  # demo data: images per split (held-out, seen) of the eval run at each checkpoint
+    select_best: bool = True  # keep train.save_path = the checkpoint with the best model-quality score
+    sample_prompts: str | None = None  # file of sample-grid prompts (one per line, --seed/--steps/--scale)
+    creativity_samples: int = (
+        4  # images of the first sample prompt (different seeds) for the creativity score
+    )
+    measure_every: int = 10  # optimizer steps between expert/art-theory measurements and RAM/VRAM readings
+    dashboard: bool = True  # live console dashboard (off with --quiet)
+    dashboard_every_s: float = 30.0  # seconds between plain dashboard lines when output is not a terminal
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.val_fraction < 1.0, "monitor.val_fraction must be in [0, 1)")
+        _check(self.val_min_images >= 2, "monitor.val_min_images must be at least 2")
+        _check(self.eval_n >= 1, "monitor.eval_n must be at least 1")
+        _check(self.creativity_samples >= 2, "monitor.creativity_samples must be at least 2")
+        _check(self.measure_every >= 1, "monitor.measure_every must be at least 1")
+        _check(self.dashboard_every_s >= 0, "monitor.dashboard_every_s must be 0 or more")
+
+
+@dataclass
+class LossConfig:
+    """The domain losses (``moas/losses``) on the diffusion model's predicted x0, and the discriminator."""
+
+    domain: bool = False  # add the domain losses to the diffusion loss (off by default: see bench/RESULTS.md)
+    domain_weight: float = 0.1  # weight of the domain-loss total relative to the diffusion loss
+    low_noise_power: float = 2.0  # per-sample weight ᾱ_t^p on the x0 losses: favours low-noise timesteps
+    pixel: float = 1.0  # combined loss: L1 under mixed precision, else mse_weight·MSE + l1_weight·L1
+    mse_weight: float = 0.5
+    l1_weight: float = 0.5
+    ssim: float = 0.2  # 1 − SSIM (Gaussian window 11, σ 1.5)
+    line_art: float = 0.2  # Sobel edge structure + Laplacian thickness
+    color: float = 0.1  # colour distribution (soft histograms, moments, saturation)
+    style: float = 0.2  # Gram matrices of the anatomical detector's features (the original's 0.2)
+    anatomy: float = 0.1  # AnatomicalDetector feature matching (0.5 face, 0.3 hands, 0.2 eyes)
+    perceptual: float = 0.1  # VGG16 features; only with local pretrained weights, else off with a notice
+    vgg_weights: str | None = None  # a VGG16 state-dict file; default: the torch hub cache
+    adversarial: bool = False  # train AnimeStyleDiscriminator and add the generator's GAN term
+    gan: float = 0.01  # weight of the generator's GAN term (small; see bench/RESULTS.md)
+    disc_warmup_steps: int = 100  # optimizer steps before the discriminator trains and its term is used
+    disc_base_channels: int = 48  # AnimeStyleDiscriminator base width (the original's 48)
+    # Temporal consistency (panels): x0 prediction vs the previous panel, only for samples that have one.
+    temporal_weight: float = 0.05  # weight of 0.5·feature + character·w_c + scene·w_s in the total (0 = off)
+    temporal_character_weight: float = 0.3  # the original's character_weight (value not given there)
+    temporal_scene_weight: float = 0.2  # the original's scene_weight (value not given there)
+
+    def __post_init__(self) -> None:
+        weights = (self.temporal_weight, self.temporal_character_weight, self.temporal_scene_weight)
+        weights += (self.domain_weight, self.pixel, self.mse_weight, self.l1_weight, self.ssim, self.line_art)
+        weights += (self.color, self.style, self.anatomy, self.perceptual, self.gan, self.low_noise_power)
+        _check(all(w >= 0 for w in weights), "losses weights must be 0 or more")
+        _check(self.disc_warmup_steps >= 0, "losses.disc_warmup_steps must be 0 or more")
+        _check(self.disc_base_channels >= 8, "losses.disc_base_channels must be at least 8")
+
+
+@dataclass
+class EnhanceConfig:
+    """The QualityEnhancer (super-resolution + detail + colour + multi-scale), trained on degraded pairs."""
+
+    train: bool = True  # train the enhancer during ``moas train`` (its weights go into the model file)
+    width: int = 128  # detail/colour/multi-scale width (the original's 128; 2·width stands for its 256)
+    sr_channels: int = 64  # SuperResolutionSystem width (the original's 64)
+    sr_blocks: int = 8  # residual blocks (the original's 8)
+    lr: float = 2e-4  # the enhancer's AdamW learning rate
+    batch_size: int = 8  # (degraded → original) pairs per enhancer step
+    every: int = 1  # one enhancer step every this many generator optimizer steps
+    scale: int = 2  # HR training side = data.resolution × scale; pairs are made for ×2 and ×4
+    mode: str = "full"  # default --quality_enhance at generation: full | resolution | detail | color | none
+    device: str = "cpu"  # where generation runs the enhancer (the original keeps it on the CPU)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.width >= 4 and self.sr_channels >= 4,
+            "enhance.width and enhance.sr_channels must be at least 4",
+        )
+        _check(self.sr_blocks >= 1, "enhance.sr_blocks must be at least 1")
+        _check(
+            self.lr > 0 and self.batch_size >= 1 and self.every >= 1,
+            "enhance.lr, batch_size and every must be positive",
+        )
+        _check(self.scale in (2, 4), "enhance.scale must be 2 or 4")
+        _check(
+            self.mode in ("full", "resolution", "detail", "color", "none"),
+            "enhance.mode must be full, resolution, detail, color or none",
+        )
