@@ -29,10 +29,9 @@ from tqdm.auto import tqdm
 
 from moas.config import MoasConfig
 from moas.data.dataset import smart_collate_fn, to_model_range
-from moas.data.loader import build_dataset, caption_augment, loader_kwargs, loader_workers, save_style_db
+from moas.data.loader import caption_augment, loader_kwargs, loader_workers, save_style_db
 from moas.data.sampler import BucketBatchSampler
 from moas.data.style import STYLE_DIM
-from moas.data.textbank import TextBank
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.errors import CheckpointError, MoasError
 from moas.models.experts import language_batch
@@ -40,14 +39,11 @@ from moas.models.generator import MoasGenerator, brain_aux_loss
 from moas.monitor import build_run_monitor
 from moas.resources import EnhancedResourceManager
 from moas.runtime import autocast_dtype, new_run_dir, resolve_device, seed_everything, set_threads
-from moas.text import TextEncoder
 from moas.train import faults
 from moas.train.adaptive import AdaptiveTrainingSystem
 from moas.train.batches import ResumableBatchSampler, batches_per_epoch
 from moas.train.checkpoint import (
     epoch_checkpoint_name,
-    find_latest_checkpoint,
-    load_checkpoint,
     nonfinite_tensor,
     rotate_checkpoints,
     save_checkpoint,
@@ -60,6 +56,7 @@ from moas.train.ema import EMA
 from moas.train.oom import is_oom, recover_from_oom
 from moas.train.panels import PanelTraining, ddp_touch, memory_keep
 from moas.train.schedule import WarmupCosineRestarts
+from moas.train.setup import find_resume, load_training_data, log_resources, model_paths, write_model_files
 from moas.train.signals import GracefulStop, TrainingInterrupted
 from moas.train.state import (
     emergency_save,
@@ -68,7 +65,6 @@ from moas.train.state import (
     step_checkpoint_name,
     training_state,
 )
-from moas.train.validate import split_holdout
 
 log = logging.getLogger(__name__)
 perf_log = logging.getLogger("moas.performance")
@@ -121,46 +117,10 @@ class Trainer:
         self.faults = faults.FaultInjector()
         self.resources = EnhancedResourceManager.from_config(cfg.resources, device)
         self.ckpt_dir = Path(tc.checkpoint_dir)
-        self.resume_path = find_latest_checkpoint(self.ckpt_dir) if tc.auto_resume else None
-        if tc.auto_resume and self.resume_path is None:
-            light = find_latest_checkpoint(self.ckpt_dir, resumable_only=False)
-            if light is not None:
-                raise CheckpointError(
-                    f"No checkpoint with optimizer state in {self.ckpt_dir} verifies; {light.name} holds weights "
-                    "only. Move the folder aside to start over, or restore a newer checkpoint."
-                )
-        resume = load_checkpoint(self.resume_path) if self.resume_path else None
-        if tc.auto_resume and resume is None:
-            log.info("--auto_resume: no valid checkpoint in %s; starting from scratch.", self.ckpt_dir)
-
-        # Data (the text encoder first: validation can embed captions with it).
-        self.encoder = TextEncoder(
-            cfg.text.model_name,
-            max_tokens=cfg.text.max_tokens,
-            require_id=resume["text_encoder"] if resume else None,
-        )
-        self.dataset = build_dataset(cfg, cfg.data.data_dir, self.encoder, progress)
-        log.info(
-            "Data: %d images in %s (%d skipped); device %s, %d threads.",
-            len(self.dataset),
-            cfg.data.data_dir,
-            len(self.dataset.skipped),
-            device,
-            self.threads,
-        )
-        self.val_set = None
-        if cfg.data.val_dir:
-            self.val_set = build_dataset(cfg, cfg.data.val_dir, self.encoder, progress)
-            log.info("Validation: %d images in %s.", len(self.val_set), cfg.data.val_dir)
-        else:  # hold out a seed-fixed slice of the training folder (excluded from training)
-            self.dataset, self.val_set = split_holdout(
-                self.dataset, cfg.monitor.val_fraction, tc.seed, cfg.monitor.val_min_images
-            )
-            if self.val_set is not None:
-                log.info("Validation: %d images held out of %s.", len(self.val_set), cfg.data.data_dir)
-        self.captions = self.dataset.captions()
-        val_captions = self.val_set.captions() if self.val_set else []
-        self.bank = TextBank(self.encoder, self.captions + val_captions, progress=progress)
+        self.resume_path, resume = find_resume(tc)
+        data = load_training_data(cfg, resume, progress, device, self.threads)
+        self.encoder, self.dataset, self.val_set = data.encoder, data.dataset, data.val_set
+        self.captions, self.bank = data.captions, data.bank
         self.augment = caption_augment(cfg)  # a pure function of (seed, epoch, index): resumable
 
         # Model, EMA, optimizer, schedule.
@@ -234,19 +194,7 @@ class Trainer:
             f" × {self.dist.world_size} processes" if self.dist.enabled else "",
         )
 
-        snap = self.resources.snapshot()
-        log.info(
-            "Resources: RAM %.1f GB available (process %.1f GB, page cache %.1f GB)%s; "
-            "resolution-table batch at %d px: %d.",
-            snap.ram_available_gb,
-            snap.process_rss_gb,
-            snap.page_cache_gb,
-            f", VRAM {snap.vram_free_gb:.1f} of {snap.vram_total_gb:.1f} GB free"
-            if self.resources.cuda
-            else "",
-            cfg.data.resolution,
-            self.resources.resolution_batch(tc.batch_size, cfg.data.resolution),
-        )
+        log_resources(self.resources, cfg)
         self.epoch, self.batch_pos, self.global_step = 0, 0, 0
         self.loss_terms: dict[str, float] = {}  # the last micro-step's loss terms, for TensorBoard
         self.skipped_steps, self.train_seconds_before = 0, 0.0
@@ -619,32 +567,9 @@ class Trainer:
         )  # the trained enhancer (issue 5)
 
     def _finish(self) -> TrainResult:
-        tc = self.tc
-        model_path = Path(tc.save_path)
-        last_path = model_path.with_name(
-            "last_model.pt" if model_path.name != "last_model.pt" else "final_model.pt"
-        )
+        model_path, last_path = model_paths(self.tc.save_path)
         if self.dist.is_main:
-            # The last weights always go to last_model.pt; save_path holds the best-scoring checkpoint's
-            # weights (or the last ones when best-step selection is off or never ran).
-            model_path.parent.mkdir(parents=True, exist_ok=True)
-            meta = {"epoch": self.epoch, "global_step": self.global_step, "kind": "model"}
-            state = self._model_state()
-            save_checkpoint(last_path, state, meta)
-            keeper = self.monitor.keeper
-            if keeper is None or keeper.best is None or not model_path.is_file():
-                save_checkpoint(model_path, state, meta)
-            elif keeper.best is not None:
-                log.info(
-                    "Best checkpoint: epoch %d (%s %s).",
-                    keeper.best["epoch"],
-                    keeper.metric,
-                    keeper.best_score,
-                )
-            if self.cfg.data.extract_style:  # also beside the model file, readable without torch
-                self.dataset.style_db.save(model_path.with_name(model_path.stem + ".styles.json"))
-            self.monitor.close()
-            log.info("Model for generation saved to %s (run folder %s).", model_path, self.run_dir)
+            write_model_files(self, model_path, last_path)
         self.dist.barrier()
         return TrainResult(
             self.run_dir,

@@ -1,0 +1,126 @@
+"""Pieces of ``Trainer.__init__`` and ``Trainer._finish`` that read or write files: the checkpoint to resume
+from, the training data (text encoder, dataset, validation split, text bank), the resource report, and the
+model files written at the end. Split from ``moas.train.loop`` to keep it readable.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moas.config import MoasConfig, TrainConfig
+from moas.data.dataset import ArtDataset
+from moas.data.loader import build_dataset
+from moas.data.textbank import TextBank
+from moas.errors import CheckpointError
+from moas.resources import EnhancedResourceManager
+from moas.text import TextEncoder
+from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from moas.train.validate import split_holdout
+
+if TYPE_CHECKING:
+    from moas.train.loop import Trainer
+
+log = logging.getLogger("moas.train.loop")
+
+
+def find_resume(tc: TrainConfig) -> tuple[Path | None, dict[str, Any] | None]:
+    """With ``auto_resume``: the newest verified checkpoint with optimizer state, and its contents."""
+    ckpt_dir = Path(tc.checkpoint_dir)
+    path = find_latest_checkpoint(ckpt_dir) if tc.auto_resume else None
+    if tc.auto_resume and path is None:
+        light = find_latest_checkpoint(ckpt_dir, resumable_only=False)
+        if light is not None:
+            raise CheckpointError(
+                f"No checkpoint with optimizer state in {ckpt_dir} verifies; {light.name} holds weights "
+                "only. Move the folder aside to start over, or restore a newer checkpoint."
+            )
+    resume = load_checkpoint(path) if path else None
+    if tc.auto_resume and resume is None:
+        log.info("--auto_resume: no valid checkpoint in %s; starting from scratch.", ckpt_dir)
+    return path, resume
+
+
+@dataclass
+class TrainingData:
+    encoder: TextEncoder
+    dataset: ArtDataset
+    val_set: ArtDataset | None
+    captions: list[str]
+    bank: TextBank
+
+
+def load_training_data(
+    cfg: MoasConfig, resume: dict | None, progress: bool, device: object, threads: int
+) -> TrainingData:
+    """Text encoder (first: validation can embed captions with it), dataset, validation set, text bank."""
+    encoder = TextEncoder(
+        cfg.text.model_name,
+        max_tokens=cfg.text.max_tokens,
+        require_id=resume["text_encoder"] if resume else None,
+    )
+    dataset = build_dataset(cfg, cfg.data.data_dir, encoder, progress)
+    log.info(
+        "Data: %d images in %s (%d skipped); device %s, %d threads.",
+        len(dataset),
+        cfg.data.data_dir,
+        len(dataset.skipped),
+        device,
+        threads,
+    )
+    val_set = None
+    if cfg.data.val_dir:
+        val_set = build_dataset(cfg, cfg.data.val_dir, encoder, progress)
+        log.info("Validation: %d images in %s.", len(val_set), cfg.data.val_dir)
+    else:  # hold out a seed-fixed slice of the training folder (excluded from training)
+        dataset, val_set = split_holdout(
+            dataset, cfg.monitor.val_fraction, cfg.train.seed, cfg.monitor.val_min_images
+        )
+        if val_set is not None:
+            log.info("Validation: %d images held out of %s.", len(val_set), cfg.data.data_dir)
+    captions = dataset.captions()
+    val_captions = val_set.captions() if val_set else []
+    bank = TextBank(encoder, captions + val_captions, progress=progress)
+    return TrainingData(encoder, dataset, val_set, captions, bank)
+
+
+def log_resources(resources: EnhancedResourceManager, cfg: MoasConfig) -> None:
+    snap = resources.snapshot()
+    log.info(
+        "Resources: RAM %.1f GB available (process %.1f GB, page cache %.1f GB)%s; "
+        "resolution-table batch at %d px: %d.",
+        snap.ram_available_gb,
+        snap.process_rss_gb,
+        snap.page_cache_gb,
+        f", VRAM {snap.vram_free_gb:.1f} of {snap.vram_total_gb:.1f} GB free" if resources.cuda else "",
+        cfg.data.resolution,
+        resources.resolution_batch(cfg.train.batch_size, cfg.data.resolution),
+    )
+
+
+def model_paths(save_path: str) -> tuple[Path, Path]:
+    """(the model for generation, the last weights): ``last_model.pt`` beside it (``final_model.pt`` if
+    the save path is itself called last_model.pt)."""
+    model_path = Path(save_path)
+    last_name = "last_model.pt" if model_path.name != "last_model.pt" else "final_model.pt"
+    return model_path, model_path.with_name(last_name)
+
+
+def write_model_files(t: Trainer, model_path: Path, last_path: Path) -> None:
+    """Rank 0 at the end: the last weights always go to ``last_path``; ``model_path`` holds the best-scoring
+    checkpoint's weights (or the last ones when best-step selection is off or never ran)."""
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"epoch": t.epoch, "global_step": t.global_step, "kind": "model"}
+    state = t._model_state()
+    save_checkpoint(last_path, state, meta)
+    keeper = t.monitor.keeper
+    if keeper is None or keeper.best is None or not model_path.is_file():
+        save_checkpoint(model_path, state, meta)
+    elif keeper.best is not None:
+        log.info("Best checkpoint: epoch %d (%s %s).", keeper.best["epoch"], keeper.metric, keeper.best_score)
+    if t.cfg.data.extract_style:  # also beside the model file, readable without torch
+        t.dataset.style_db.save(model_path.with_name(model_path.stem + ".styles.json"))
+    t.monitor.close()
+    log.info("Model for generation saved to %s (run folder %s).", model_path, t.run_dir)
