@@ -336,6 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write this many 3-4 panel sequences (seqNNN_p<k>.png: one character and background, "
         "varying expression and framing) for panel training; the ordinary images do not change",
     )
+    m.add_argument(
+        "--sequence_tag_drop",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="in panels 2.. of each sequence, drop the '<colour> hair' and '<colour> eyes' caption tags, "
+        "each with probability P (brief later-panel descriptions, so the panel memory has something to "
+        "carry over); 0 = full captions",
+    )
     _add_prepare(
         sub.add_parser(
             "prepare",
@@ -549,8 +558,15 @@ def cmd_make_data(a: argparse.Namespace) -> int:
         raise MoasError("--n_images must be at least 1.")
     if a.sequences < 0:
         raise MoasError("--sequences must be 0 or more.")
+    if not 0.0 <= a.sequence_tag_drop <= 1.0:
+        raise MoasError("--sequence_tag_drop must be between 0 and 1.")
     manifest = generate_demo_dataset(
-        a.out, n_images=a.n_images, size=a.size, seed=a.seed, sequences=a.sequences
+        a.out,
+        n_images=a.n_images,
+        size=a.size,
+        seed=a.seed,
+        sequences=a.sequences,
+        sequence_tag_drop=a.sequence_tag_drop,
     )
     n_seq = sum(len(s["panels"]) for s in manifest.get("sequences", []))
     print(

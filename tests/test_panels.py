@@ -3,6 +3,7 @@ sequences in the data and the demo generator. The end-to-end run is in test_pane
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -245,3 +246,75 @@ def test_panel_config_fields_are_validated():
     with pytest.raises(ConfigError):
         LossConfig(temporal_weight=-0.1)
     assert asdict(BrainConfig())["panel_memory"] is True
+
+
+def test_sequence_tag_drop_thins_later_captions_only(tmp_path):
+    """--sequence_tag_drop: panels 2.. lose hair/eye colour tags (recorded in the manifest), panel 1 and
+    every image stay as they were, and p = 0 is today's output."""
+    from moas.data.synthetic import EYE_COLORS, HAIR_COLORS, generate_demo_dataset
+    from moas.data.synthetic_panels import colour_tag, drop_tags
+    from moas.errors import DataError
+
+    args = {"n_images": 4, "size": 32, "seed": 2, "progress": False, "sequences": 40}
+    full = generate_demo_dataset(tmp_path / "full", **args)
+    zero = generate_demo_dataset(tmp_path / "zero", **args, sequence_tag_drop=0.0)
+    thin = generate_demo_dataset(tmp_path / "thin", **args, sequence_tag_drop=0.5)
+    assert zero == full and "sequence_tag_drop" not in full and thin["sequence_tag_drop"] == 0.5
+    assert all("kept_tags" not in p for s in full["sequences"] for p in s["panels"])
+    kept_counts = {"hair_color": 0, "eye_color": 0}
+    later = 0
+    for s_full, s_thin in zip(full["sequences"], thin["sequences"], strict=True):
+        assert {k: v for k, v in s_full.items() if k != "panels"} == {
+            k: v for k, v in s_thin.items() if k != "panels"
+        }
+        for k, (pf, pt) in enumerate(zip(s_full["panels"], s_thin["panels"], strict=True)):
+            f = pf["file"]
+            assert (tmp_path / "full" / f).read_bytes() == (tmp_path / "thin" / f).read_bytes()
+            txt = pt["file"].replace(".png", ".txt")
+            assert (tmp_path / "thin" / txt).read_text(encoding="utf-8") == pt["caption"] + "\n"
+            assert (tmp_path / "zero" / txt).read_bytes() == (tmp_path / "full" / txt).read_bytes()
+            kept = pt["kept_tags"]
+            if k == 0:
+                assert kept == {"hair_color": True, "eye_color": True} and pt["caption"] == pf["caption"]
+                continue
+            later += 1
+            dropped = [colour_tag(a, s_full[a]) for a, keep in kept.items() if not keep]
+            assert pt["caption"] == drop_tags(pf["caption"], dropped)  # only those tags, order kept
+            for a, keep in kept.items():
+                assert (colour_tag(a, s_full[a]) in pt["caption"].split(", ")) == keep
+                kept_counts[a] += keep
+    # ~50% kept of about 40 * 2.5 later panels: far from 0 and from all (binomial sd ~ 5)
+    for a, n in kept_counts.items():
+        assert 0.3 * later < n < 0.7 * later, (a, n, later)
+    # p = 1: no later panel names a colour; out-of-range p is refused.
+    allgone = generate_demo_dataset(tmp_path / "one", **args, sequence_tag_drop=1.0)
+    for s in allgone["sequences"]:
+        for p in s["panels"][1:]:
+            tags = set(p["caption"].split(", "))
+            assert not tags & ({f"{c} hair" for c in HAIR_COLORS} | {f"{c} eyes" for c in EYE_COLORS})
+            assert p["kept_tags"] == {"hair_color": False, "eye_color": False}
+    with pytest.raises(DataError):
+        generate_demo_dataset(tmp_path / "bad", **args, sequence_tag_drop=1.5)
+    with pytest.raises(DataError):
+        drop_tags("1girl, red hair", ["blue eyes"])
+
+
+def test_make_data_cli_passes_the_tag_drop_and_refuses_a_bad_one(tmp_path, monkeypatch, capsys):
+    from moas.cli import main
+    from moas.errors import MoasError
+
+    monkeypatch.chdir(tmp_path)
+    args = ["make-data", "--out", "d", "--n_images", "2", "--size", "16", "--sequences", "3"]
+    assert main([*args, "--sequence_tag_drop", "1.0"]) == 0
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["sequence_tag_drop"] == 1.0
+    for s in manifest["sequences"]:
+        kept = [p["kept_tags"]["hair_color"] for p in s["panels"]]
+        assert kept == [True] + [False] * (len(kept) - 1)
+        second = s["panels"][1]
+        caption = (tmp_path / "d" / second["file"].replace(".png", ".txt")).read_text(encoding="utf-8")
+        assert caption.strip() == second["caption"]
+        assert f"{s['hair_color']} hair" not in caption.split(", ")
+    capsys.readouterr()
+    assert main([*args, "--sequence_tag_drop", "-0.1"]) == MoasError("").exit_code
+    assert "--sequence_tag_drop must be between 0 and 1" in capsys.readouterr().err

@@ -443,10 +443,13 @@ def generate_demo_dataset(
     artists: Sequence[str] = ("artist_a", "artist_b"),
     progress: bool = True,
     sequences: int = 0,
+    sequence_tag_drop: float = 0.0,
 ) -> dict:
     """Write ``out_dir/train/<artist>/<NNNNN>.png|.txt`` and ``out_dir/manifest.json``; return the manifest.
 
-    ``sequences`` > 0 also writes that many panel sequences (``moas.data.synthetic_panels``)."""
+    ``sequences`` > 0 also writes that many panel sequences (``moas.data.synthetic_panels``);
+    ``sequence_tag_drop`` is the probability that a later panel's caption omits the hair / eye colour
+    (there; 0 = every caption complete)."""
     out, artists = Path(out_dir), list(artists)
     if out.exists() and not out.is_dir():
         raise DataError(f"Output path {out} exists and is a file, not a directory.")
@@ -496,7 +499,9 @@ def generate_demo_dataset(
     from moas.data.synthetic_panels import remove_stale_sequences, write_sequences
 
     seq_entries, seq_files = (
-        write_sequences(out, sequences, size, seed, artists, held) if sequences else ([], set())
+        write_sequences(out, sequences, size, seed, artists, held, sequence_tag_drop)
+        if sequences
+        else ([], set())
     )
     remove_stale_sequences(out, artists, seq_files)
 
@@ -507,6 +512,8 @@ def generate_demo_dataset(
     manifest["held_out"] = [{"hair_color": h, "background": b} for h, b in held]
     manifest["images"] = images
     if seq_entries:
+        if sequence_tag_drop > 0:
+            manifest["sequence_tag_drop"] = sequence_tag_drop
         manifest["sequences"] = seq_entries
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=out)
     try:  # atomic: readers never see a half-written manifest
