@@ -1,0 +1,394 @@
+"""The ``moas`` command line: every subcommand's flags, help texts and examples (``build_parser``).
+
+The commands themselves live in ``moas.cli``; this module only describes the interface, so ``--help`` can
+be read (and tested) without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG_TRAIN = """examples:
+  moas train --data_dir data/demo/train --profile cpu_tiny          # the demo on a CPU
+  moas train --data_dir ./data/train --epochs 260 --profile rtx3060_12gb
+  moas train --data_dir ./data/train --auto_resume                  # continue after a crash
+  moas train --profile original --dry-run                          # print the resolved config and exit
+  moas train --data_dir ./data/train --sample_prompts prompts.txt   # fixed prompts for the sample grids
+Settings resolve as: profile < --config FILE < MOAS_<SECTION>_<FIELD> variables (.env) < flags."""
+
+EPILOG_GENERATE = """examples:
+  moas generate --model models/best_model.pt --prompt "1girl, red hair, blue eyes, forest" --output result.png
+  moas generate --prompt "1girl, pink hair, beach" --num_images 4 --seed 7 --sampler euler_a
+  moas generate --prompt "1girl, pink hair, beach" --num_images 8 --keep_best 2   # the 2 best of 8
+  moas generate --prompt "1girl, red hair, forest, smile | 1girl, red hair, forest, open mouth" \\
+      --panels --output story.png
+      # 2 panels: story_panel0.png, story_panel1.png, the strip story.png and story_panels.json
+      # (the temporal consistency of each consecutive pair)
+  moas generate --prompt "1girl, blue hair, beach" --panels 4 --output strip.png   # one prompt, 4 panels
+Same seed, prompt and settings → the same image. Settings are stored in the PNG (A1111 'parameters')."""
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data_dir",
+        help="folder of training images (+ .txt captions with the same stem), searched recursively",
+    )
+    p.add_argument("--val_dir", help="optional folder of validation images")
+    p.add_argument(
+        "--epochs", type=int, help="passes over the data (the schedule's warm-up and restarts scale with it)"
+    )
+    p.add_argument("--batch_size", type=int, help="images per optimizer micro-step")
+    p.add_argument("--lr", type=float, help="peak learning rate after warm-up")
+    p.add_argument("--resolution", type=int, help="training image side in pixels (multiple of 8)")
+    p.add_argument(
+        "--save_path", help="where the final model for generation is written (default models/best_model.pt)"
+    )
+    p.add_argument("--checkpoint_dir", help="folder for epoch checkpoints (default checkpoints/)")
+    p.add_argument(
+        "--auto_resume",
+        action="store_true",
+        help="continue from the newest valid checkpoint in --checkpoint_dir",
+    )
+    p.add_argument("--profile", help="hardware profile from configs/: cpu_tiny, rtx3060_12gb or original")
+    p.add_argument("--config", help="a TOML file whose values override the profile")
+    p.add_argument("--seed", type=int, help="seed for Python, NumPy and torch")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (for smoke tests)")
+    p.add_argument(
+        "--save_every_steps",
+        type=int,
+        help="also write checkpoint_<step>.pt every N optimizer steps (0 = only per epoch)",
+    )
+    p.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print the resolved config and exit",
+    )
+    p.add_argument(
+        "--sample_prompts",
+        help="file of prompts for the periodic sample grids: one per line, optional --seed N --steps N --scale X",
+    )
+    p.add_argument(
+        "--val_fraction",
+        type=float,
+        help="without --val_dir: share of the training images held out for validation (default 0.05)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars and no live dashboard (bars and the in-place dashboard need a terminal; "
+        "redirected output gets plain dashboard lines instead)",
+    )
+    _add_brain_flags(p)
+
+
+def _add_brain_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--conditioning",
+        choices=["moas", "text"],
+        help="moas: the full conditioning brain (default); text: text-only conditioning, for ablation",
+    )
+    p.add_argument(
+        "--gnn_version",
+        type=int,
+        choices=[1, 2, 3, 4],
+        help="which EnhancedGNN is registered as the active graph module (default 4)",
+    )
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="models/best_model.pt",
+        help="model file written by training (default models/best_model.pt)",
+    )
+    p.add_argument(
+        "--prompt", help="what to draw; Danbooru-style tags work best, e.g. '1girl, red hair, forest'"
+    )
+    p.add_argument(
+        "--negative_prompt", default="", help="what to steer away from (replaces the null prompt in guidance)"
+    )
+    p.add_argument(
+        "--output",
+        default="result.png",
+        help="PNG path; with --num_images > 1 files are numbered result_000.png…",
+    )
+    p.add_argument("--num_images", type=int, default=1, help="how many images (seeds seed, seed+1, …)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="sampler steps (default from the model's config, 20)"
+    )
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale; 1 turns guidance off",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    p.add_argument(
+        "--keep_best",
+        type=int,
+        default=None,
+        help="score every image with the quality expert and keep only the K best (written best first)",
+    )
+    p.add_argument(
+        "--allow_nsfw",
+        action="store_true",
+        help="generate even when the prompt matches the NSFW blacklist (refused otherwise)",
+    )
+    p.add_argument(
+        "--sampler",
+        choices=["dpmsolver++", "ddim", "ddpm", "euler_a"],
+        default=None,
+        help="sampler (default dpmsolver++)",
+    )
+    p.add_argument("--width", type=int, help="output width in pixels (default: the model's resolution)")
+    p.add_argument("--height", type=int, help="output height in pixels (default: the model's resolution)")
+    p.add_argument(
+        "--quality_enhance",
+        choices=["full", "resolution", "detail", "color", "none"],
+        default=None,
+        help="post-processing by the trained QualityEnhancer: full (default), resolution (super-resolution "
+        "only), detail, color, or none (bicubic resizing)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--style",
+        help="artist style learned from a data folder (model trained with data.extract_style = true)",
+    )
+    p.add_argument(
+        "--panels",
+        type=int,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="N",
+        help="panel mode: N panels in sequence (seeds seed, seed+1, …); the memory expert of panel k sees "
+        "panels 0..k-1. --prompt 'a | b | c' gives one prompt per panel (N defaults to their count), one "
+        "prompt is reused. Writes <stem>_panel<k>.png, the strip as --output and <stem>_panels.json with the "
+        "temporal-consistency metric (lower = more consistent). Not with --num_images or --keep_best",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the brain's routing weight per expert, the top emotions and the detected language",
+    )
+
+
+EPILOG_EDIT = """examples:
+  moas edit --image photo.png --mask mask.png --prompt "1girl, blue hair" --output edited.png
+  moas edit --image panel.png --outpaint 64,64,0,0 --prompt "forest" --output wide.png
+
+The mask is an image of the same size: white = regenerate, black = keep. Kept pixels are copied
+bit for bit. The seam metrics (32-px overlap MSE and Sobel attention-edge loss) are printed."""
+
+
+def _add_edit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="models/best_model.pt", help="model file written by training")
+    p.add_argument("--image", required=True, help="the image to edit (PNG/JPG/WEBP/BMP)")
+    p.add_argument("--mask", help="same-size mask image: white = regenerate, black = keep")
+    p.add_argument(
+        "--outpaint", help="extend the canvas by L,R,T,B pixels and fill the new border, e.g. 32,32,0,0"
+    )
+    p.add_argument("--prompt", required=True, help="what to draw in the regenerated region")
+    p.add_argument("--negative_prompt", default="", help="what to steer away from")
+    p.add_argument("--output", default="edited.png", help="PNG path for the result")
+    p.add_argument("--steps", type=int, default=20, help="reverse-diffusion steps")
+    p.add_argument("--resample", type=int, default=3, help="RePaint resampling jumps per step (1 = none)")
+    p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument(
+        "--quality_enhance",
+        choices=["full", "resolution", "detail", "color", "none"],
+        default=None,
+        help="how the filled region is brought to the canvas size (default: the model's, full)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--style",
+        help="artist style learned from a data folder (model trained with data.extract_style = true)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+EPILOG_INSPECT = """examples:
+  moas inspect --profile rtx3060_12gb            # parameter count of every component
+  moas inspect --model models/best_model.pt --graph   # a trained model, with its DataFlow graph
+  moas inspect --profile cpu_tiny --conditioning text"""
+
+
+EPILOG_PREPARE = """examples:
+  moas prepare --data_dir data/train                                # report only
+  moas prepare --data_dir data/train --move_rejects data/rejected   # move rejects (+ captions) away
+Checks (the original's thresholds): long edge >= 512, short edge >= 256, aspect 0.33-3.0, colour std > 15,
+Laplacian variance > 30, contrast > 20, > 100 colours when near black/white, MD5 duplicates, unreadable
+files. Originals are never deleted."""
+
+EPILOG_DOWNLOAD = """examples:
+  moas download --tags "1girl solo" --out data/danbooru             # up to 3,500 filtered images
+  moas download --tags "landscape" --out data/bg --target 500 --min_score 10
+Credentials (optional) come from .env: DANBOORU_LOGIN and DANBOORU_API_KEY. Rerun the same command to
+resume after an interruption; a full folder is skipped, an over-full one is trimmed into OUT/.trimmed/."""
+
+
+def _add_quality_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--min_long_edge", type=int, default=512, help="minimum long edge in pixels (512)")
+    p.add_argument("--min_short_edge", type=int, default=256, help="minimum short edge in pixels (256)")
+
+
+def _add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data_dir", required=True, help="folder of images to check (searched recursively)")
+    p.add_argument("--move_rejects", help="move rejected images and their captions into this folder")
+    p.add_argument("--report", help="JSON report path (default logs/prepare_report.json)")
+    _add_quality_flags(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_download(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tags", default="", help="Danbooru tag query, e.g. '1girl solo'")
+    p.add_argument("--out", default="data/danbooru", help="output folder (images + .txt captions)")
+    p.add_argument("--target", type=int, default=3500, help="images wanted in the folder (3500)")
+    p.add_argument("--min_score", type=int, default=5, help="minimum Danbooru score (5)")
+    p.add_argument("--max_pages", type=int, default=1000, help="stop after this many API pages")
+    p.add_argument(
+        "--base_url", default="https://danbooru.donmai.us", help="API root (a mirror or a local test server)"
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="read timeout per request in seconds")
+    p.add_argument("--retries", type=int, default=5, help="retries per request (421/429/5xx, timeouts)")
+    p.add_argument("--max_file_mb", type=float, default=50.0, help="largest file accepted, in MB")
+    p.add_argument("--no_anime_check", action="store_true", help="skip the anime-validation keyword filter")
+    p.add_argument("--report", help="JSON report path (default logs/download_report.json)")
+    _add_quality_flags(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moas",
+        description="Multiverse Origin Studio: train an anime/manga text-to-image model from scratch on your images, then generate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'moas COMMAND --help' for the flags of each command. The original spellings "
+        "'moas --train ...' and 'moas --generate ...' also work.",
+    )
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+    _add_train(
+        sub.add_parser(
+            "train", help="train a model on a folder of images", epilog=EPILOG_TRAIN, formatter_class=fmt
+        )
+    )
+    _add_generate(
+        sub.add_parser(
+            "generate", help="generate images from a prompt", epilog=EPILOG_GENERATE, formatter_class=fmt
+        )
+    )
+    _add_train(
+        sub.add_parser(
+            "doctor",
+            help="check devices, memory, disk, data, text encoder and checkpoints (writes logs/diagnosis.log)",
+            epilog="examples:\n  moas doctor --profile rtx3060_12gb --data_dir ./data/train",
+            formatter_class=fmt,
+        )
+    )
+    t = sub.add_parser(
+        "tune",
+        help="search lr, batch size, weight decay and betas with short trainings",
+        epilog="examples:\n  moas tune --data_dir ./data/train --val_dir ./data/val --trials 20 --budget_minutes 120\n"
+        "  moas tune --data_dir data/demo/train --trials 3 --steps 20 --best_config configs/tuned.toml",
+        formatter_class=fmt,
+    )
+    _add_train(t)
+    t.add_argument("--trials", type=int, default=10, help="number of trials (the first 5 are random)")
+    t.add_argument(
+        "--budget_minutes", type=float, default=60.0, help="start no trial after this many minutes"
+    )
+    t.add_argument("--steps", type=int, default=50, help="optimizer steps per trial")
+    t.add_argument("--out", default="tune", help="folder for the trials and tune_results.json")
+    t.add_argument("--best_config", default="configs/tuned.toml", help="where the best settings are written")
+    _add_edit(
+        sub.add_parser(
+            "edit",
+            help="inpaint a masked region or outpaint the borders",
+            epilog=EPILOG_EDIT,
+            formatter_class=fmt,
+        )
+    )
+    m = sub.add_parser(
+        "make-data", help="draw the built-in demo data set (anime characters with tag captions)"
+    )
+    m.add_argument("--out", default="data/demo", help="output folder (images go to OUT/train/<artist>/)")
+    m.add_argument("--n_images", type=int, default=1200, help="number of images")
+    m.add_argument("--size", type=int, default=64, help="image side in pixels")
+    m.add_argument("--seed", type=int, default=0, help="seed (same seed → identical files)")
+    m.add_argument(
+        "--sequences",
+        type=int,
+        default=0,
+        help="also write this many 3-4 panel sequences (seqNNN_p<k>.png: one character and background, "
+        "varying expression and framing) for panel training; the ordinary images do not change",
+    )
+    m.add_argument(
+        "--sequence_tag_drop",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="in panels 2.. of each sequence, drop the '<colour> hair' and '<colour> eyes' caption tags, "
+        "each with probability P (brief later-panel descriptions, so the panel memory has something to "
+        "carry over); 0 = full captions",
+    )
+    _add_prepare(
+        sub.add_parser(
+            "prepare",
+            help="run the quality filters over a local image folder",
+            epilog=EPILOG_PREPARE,
+            formatter_class=fmt,
+        )
+    )
+    _add_download(
+        sub.add_parser(
+            "download",
+            help="download filtered, captioned training images from Danbooru",
+            epilog=EPILOG_DOWNLOAD,
+            formatter_class=fmt,
+        )
+    )
+    e = sub.add_parser(
+        "eval", help="measure prompt adherence on the demo data's seen and held-out combinations"
+    )
+    e.add_argument("--model", default="models/best_model.pt", help="model file to evaluate")
+    e.add_argument("--data_dir", default="data/demo", help="demo data folder (with manifest.json)")
+    e.add_argument("--n", type=int, default=48, help="images per split (held-out and seen)")
+    e.add_argument("--steps", type=int, default=None, help="sampler steps (default from the model's config)")
+    e.add_argument(
+        "--guidance_scale", type=float, default=None, help="guidance scale (default from the model's config)"
+    )
+    e.add_argument("--sampler", choices=["dpmsolver++", "ddim", "ddpm", "euler_a"], default=None)
+    e.add_argument("--seed", type=int, default=1234, help="seed for the evaluation prompts and images")
+    e.add_argument("--json", help="write the full result here (default: eval.json next to the model)")
+    e.add_argument("--save_images", help="also write every evaluated image to this folder")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    i = sub.add_parser(
+        "inspect",
+        help="parameter counts of every component and the DataFlow graph",
+        epilog=EPILOG_INSPECT,
+        formatter_class=fmt,
+    )
+    i.add_argument("--model", help="a model file or checkpoint to inspect (instead of a profile)")
+    i.add_argument("--profile", help="hardware profile from configs/ (default cpu_tiny)")
+    i.add_argument("--config", help="a TOML file whose values override the profile")
+    i.add_argument("--graph", action="store_true", help="also print the DataFlow graph in execution order")
+    _add_brain_flags(i)
+    return parser
+
+
+def translate_original_flags(argv: list[str]) -> list[str]:
+    """``moas --train ...`` → ``moas train ...`` (the original system's spelling)."""
+    for flag, cmd in (("--train", "train"), ("--generate", "generate")):
+        if flag in argv:
+            rest = [a for a in argv if a != flag]
+            return [cmd, *rest]
+    return argv
