@@ -46,6 +46,9 @@ class BrainConfig:
     panel_memory: bool = True  # build PanelMemory + the memory expert's gated memory attention
     panel_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # its CNN widths
     panel_max_distance: int = 8  # panel-position embeddings (distance back); farther panels share the last
+    memory_pooled: bool = (
+        True  # also feed the panel memory straight into the pooled conditioning (MemoryBridge)
+    )
 
     def __post_init__(self) -> None:
         _check(self.conditioning in ("moas", "text"), "brain.conditioning must be moas or text")

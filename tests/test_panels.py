@@ -116,6 +116,29 @@ def test_generator_passes_panels_and_old_model_args_load_without_panel_memory():
     assert MoasGenerator(**g.init_args).stage("panel_memory") is not None  # new files keep it
 
 
+def test_memory_bridge_is_exact_at_init_then_carries_the_panels_into_pooled():
+    torch.manual_seed(0)
+    g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain()).eval()
+    bridge = g.stage("memory_bridge")
+    assert bridge is not None
+    text = text_batch(2)
+    panels = {"panel_images": torch.randint(0, 256, (2, 1, 3, 16, 16), dtype=torch.uint8)}
+    panels["panel_mask"] = torch.tensor([[True], [False]])  # row 1 has no previous panel
+    with torch.no_grad():
+        base = g.condition(text)["pooled"]
+        assert torch.equal(g.condition(text | panels)["pooled"], base)  # zero-initialised: exact no-op
+    # The zero-initialised projection still gets a gradient at once (its input is non-zero).
+    g.condition(text | panels)["pooled"].pow(2).sum().backward()
+    assert bridge.proj.weight.grad is not None and bridge.proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.nn.init.normal_(bridge.proj.weight, std=0.1)
+        pooled = g.condition(text | panels)["pooled"]
+    assert not torch.allclose(pooled[0], base[0])  # the panel reaches the pooled conditioning
+    assert torch.equal(pooled[1], base[1])  # a row without panels gets nothing
+    old = {k: v for k, v in tiny_brain().items() if k != "memory_pooled"}  # a file from before the bridge
+    assert MoasGenerator(16, UNET, TEXT, brain=old).stage("memory_bridge") is None
+
+
 # ---------------------------------------------------------------------------------------------- temporal loss
 
 

@@ -3,7 +3,6 @@
 The graph (``moas inspect --graph`` prints it)::
 
     text_context ─ pooled, context ─┬─ [compression] ─ pooled'
-    panel_memory (panel_images, panel_mask) → memory, memory_mask ──► moe (the memory expert only)
                                     ├─ emotion        (pooled')               → emotion_embedding, emotion_scores, artistic
                                     ├─ understanding  (pooled', context)      → understanding
                                     ├─ moe            (pooled', context)      → moe_output, expert_states, routing, balance_loss
@@ -13,6 +12,8 @@ The graph (``moas inspect --graph`` prints it)::
                                     │              ├─ line_art, background, camera (embedding, structure)
                                     │              └─ color (embedding, emotion_scores)
                                     └─ story          (pooled', language)     → story
+    panel_memory (panel_images, panel_mask) → memory, memory_mask ──► moe (the memory expert only)
+                                                                  └► memory_bridge → pooled_delta
     bridge (every module output → one zero-initialised 768-d token each) → extra_context, pooled_delta
 
 GNN versions 1–3 are built too (``gnn_v1`` … ``gnn_v3`` attributes of the generator's ``brain_extras``)
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from moas.models.bridge import ContextBridge, DimensionBridge
+from moas.models.bridge import ContextBridge, DimensionBridge, MemoryBridge
 from moas.models.compression import AdvancedCompressionSystem
 from moas.models.conditioning import CONTEXT_DIM, ConditioningEncoder
 from moas.models.experts import (
@@ -66,6 +67,7 @@ class BrainArgs:
     panel_memory: bool = False  # old model files have no panel memory; the config's default is True
     panel_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     panel_max_distance: int = 8
+    memory_pooled: bool = False  # MemoryBridge: panel memory → pooled residual (old files: False)
 
 
 # Outputs turned into context tokens, with their widths as functions of the arguments.
@@ -196,6 +198,13 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
             inputs=["panel_images", "panel_mask"],
             outputs=["memory", "memory_mask"],
         )
+        if a.memory_pooled:
+            flow.register_module(
+                "memory_bridge",
+                MemoryBridge(d, CONTEXT_DIM),
+                inputs=["memory", "memory_mask"],
+                outputs=["pooled_delta"],
+            )
     if a.compression:
         for dst in ("emotion", "understanding", "moe", "story"):
             flow.connect("compression", "pooled_compressed", dst, "pooled")

@@ -108,7 +108,7 @@ class ConditioningEncoder(nn.Module):
     ) -> dict[str, torch.Tensor]:
         out = self.flow(tokens=tokens, mask=mask, tags=tags, tag_mask=tag_mask, **extra)
         context, context_mask = out["context"], out["context_mask"]
-        extra = [k for k in out if k.endswith(".extra_context")]
+        extra = [k for k in out if k.endswith(".extra_context") and out[k] is not None]
         for key in extra:  # contributions of later-registered stages
             module = key.rsplit(".", 1)[0]
             ctx = out[key]  # (B, N, D)
@@ -118,7 +118,9 @@ class ConditioningEncoder(nn.Module):
             )
             context_mask = torch.cat([context_mask, m], 1)
         pooled = out["pooled"]
-        for key in [k for k in out if k.endswith(".pooled_delta")]:  # zero-initialised residuals
+        for key in [
+            k for k in out if k.endswith(".pooled_delta") and out[k] is not None
+        ]:  # zero-init residuals
             pooled = pooled + out[key].to(pooled.dtype)
         aux = sum(
             (out[k].float() * w for k, w in self.aux_weights.items() if k in out), context.new_zeros(())

@@ -51,6 +51,8 @@ class MoasGenerator(nn.Module):
             self.init_args["style_dim"] = style_dim
         if brain is not None and "panel_memory" not in brain:
             bc.panel_memory = False  # saved before panel memory existed
+        if brain is not None and "memory_pooled" not in brain:
+            bc.memory_pooled = False  # saved before the panel memory's pooled route existed
         if brain is not None:
             self.init_args["brain"] = asdict(bc)
         self.resolution = resolution

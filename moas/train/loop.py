@@ -126,8 +126,10 @@ class Trainer:
         # Model, EMA, optimizer, schedule.
         style_dim = STYLE_DIM if cfg.data.extract_style else 0
         brain = asdict(cfg.brain)
-        if resume is not None and "panel_memory" not in (resume["model_args"].get("brain") or {}):
-            brain.pop("panel_memory")  # a checkpoint from before panel memory: rebuilt without it
+        saved_brain = (resume["model_args"].get("brain") or {}) if resume is not None else None
+        for key in ("panel_memory", "memory_pooled"):  # a checkpoint from before these: rebuilt without
+            if saved_brain is not None and key not in saved_brain:
+                brain.pop(key)
         self.model = MoasGenerator(
             cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), style_dim, brain=brain
         ).place(device)

@@ -32,13 +32,16 @@ def memory_keep(drop: torch.Tensor, captions: list[str], originals: list[str]) -
 
 
 def panel_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters used only when panel memory is present (PanelMemory + the memory expert's attention)."""
+    """Parameters used only when panel memory is present (PanelMemory, the memory expert's attention, the
+    MemoryBridge)."""
     stage = model.stage("panel_memory") if hasattr(model, "stage") else None
     if stage is None:
         return []
     experts = model.stage("moe").experts
+    bridge = model.stage("memory_bridge")
     return [
         *stage.parameters(),
+        *(bridge.parameters() if bridge is not None else ()),
         experts.mem_in_w,
         experts.mem_in_b,
         *experts.mem_out.parameters(),
