@@ -3,6 +3,7 @@
     python bench/panels.py                          # cpu_tiny, 12 epochs, 350 sequences, 32 eval sequences
     python bench/panels.py --epochs 4 --sequences 60 --m 8      # a quick smoke run
     python bench/panels.py --reuse                  # evaluate the already trained model again
+    python bench/panels.py --reuse --probe_gate 0.5 0.9   # + the model with tanh(memory_gate) forced
 
 Why the data is special: in the ordinary demo sequences every panel's caption names the hair and eye
 colour, so the prompt alone fixes them and the memory has nothing to add. Here the training sequences
@@ -25,6 +26,12 @@ later panel can then come from is the previous panels — the memory expert's in
    panel-1 accuracy (the same generation in both arms: must match), the same measurements on the real
    eval panels (the measurement's ceiling on reframed panels), the temporal metric of unrelated pairs
    (panel 2 of one sequence against panel 1 of the next) and the learned gate ``tanh(memory_gate)``.
+4. Optional diagnostic (``--probe_gate``): the saved model again with ``tanh(memory_gate)`` overwritten,
+   to see whether the memory pathway behind the gate carries anything when the gate is open. The gate
+   scales the memory weights' gradients too, so a gate that stayed near 0 leaves them barely trained:
+   a probe that changes pixels but not colour accuracy says "open but uninformative".
+   For every evaluated model ``memory_signal`` also gives the relative change that the memory makes to
+   each conditioning stage (memory expert state, MoE output, the U-Net's context and pooled inputs).
 
 Writes ``--out`` (bench/panels.json) and prints a table. Evaluation time is not training time.
 """
@@ -202,6 +209,33 @@ def real_reference(seqs: list[dict], root: Path, size: int, weights: tuple[float
     return {k: v for k, v in r.items() if not k.startswith("_")}
 
 
+@torch.no_grad()
+def memory_signal(pipe: Pipeline, seqs: list[dict], root: Path, size: int) -> dict:
+    """How far the memory reaches: relative change ‖with − without‖ / ‖without‖ of each conditioning stage.
+
+    Panel 2's brief prompts, with the real panel 1 as memory vs no memory. ``expert_states`` is all 14
+    experts, ``memory_expert`` the memory expert's row alone; ``context`` and ``pooled`` are what the
+    U-Net receives. Tiny values at the U-Net's inputs mean the memory cannot change the image, whatever
+    the memory encodes."""
+    model = pipe.model
+    prev = torch.stack([load_panel(root / s["panels"][0]["file"], size) for s in seqs])[
+        :, None
+    ]  # (M,1,3,H,W)
+    text = {k: v.to(pipe.device) for k, v in pipe.encode([s["panels"][1]["caption"] for s in seqs]).items()}
+    mem = dict(text, panel_images=prev.to(pipe.device))
+    mem["panel_mask"] = torch.ones(prev.shape[:2], dtype=torch.bool, device=pipe.device)
+    a, b = model.condition(mem), model.condition(text)
+
+    def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12))
+
+    out = {k: rel(a[k], b[k]) for k in ("expert_states", "moe_output", "context", "pooled") if k in a}
+    i = model.stage("moe").experts.memory_expert
+    if "expert_states" in a and i is not None:
+        out["memory_expert"] = rel(a["expert_states"][:, i], b["expert_states"][:, i])
+    return out
+
+
 def gate_value(pipe: Pipeline) -> float | None:
     moe = pipe.model.stage("moe")
     gate = getattr(getattr(moe, "experts", None), "memory_gate", None)
@@ -222,6 +256,13 @@ def main() -> int:
     ap.add_argument("--eval_seed", type=int, default=1, help="seed of the eval sequences (not the data's 0)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reuse", action="store_true", help="skip training if the model file exists")
+    ap.add_argument(
+        "--probe_gate",
+        type=float,
+        nargs="*",
+        default=[],
+        help="diagnostic: also evaluate the model with tanh(memory_gate) forced to each value (-1 < v < 1)",
+    )
     ap.add_argument("--out", default="bench/panels.json")
     ap.add_argument(
         "--set",
@@ -328,12 +369,27 @@ def main() -> int:
         res = evaluate(pipe, seqs, cfg, seed=1000, weights=weights)
         res["epoch"] = (read_sidecar(path) or {}).get("epoch")
         res["gate_tanh"] = gate_value(pipe)
+        res["memory_signal"] = memory_signal(pipe, seqs, Path("eval_sequences"), cfg.data.resolution)
         for arm in ("memory", "no_memory"):
             res[arm] = {k: v for k, v in res[arm].items() if not k.startswith("_")} | {
                 "measured": res[arm]["_measured"]
             }
         report["models"][name] = res
         print_table(name, res, report)
+    for v in a.probe_gate:
+        if not -1.0 < v < 1.0:
+            ap.error(f"--probe_gate values must be in (-1, 1), got {v}")
+        pipe = Pipeline.from_file(model_path, torch.device("cpu"))
+        with torch.no_grad():
+            pipe.model.stage("moe").experts.memory_gate.fill_(math.atanh(v))
+        res = evaluate(pipe, seqs, cfg, seed=1000, weights=weights)
+        res["epoch"] = (read_sidecar(model_path) or {}).get("epoch")
+        res["gate_tanh"] = gate_value(pipe)
+        res["memory_signal"] = memory_signal(pipe, seqs, Path("eval_sequences"), cfg.data.resolution)
+        for arm in ("memory", "no_memory"):
+            res[arm] = {k: v for k, v in res[arm].items() if not k.startswith("_")}
+        report.setdefault("probe_gate", {})[str(v)] = res
+        print_table(f"probe: model with tanh(gate) forced to {v}", res, report)
     report["machine"] = {
         "cpu": platform.processor() or platform.machine(),
         "cores": psutil.cpu_count(),
@@ -373,6 +429,8 @@ def print_table(name: str, res: dict, report: dict) -> None:
         f"{real['temporal']:8.4f}   unrelated {res['no_memory']['temporal_unrelated']:.4f}"
     )
     print(f"mean |memory - no memory| on panels 2-3: {res['mean_abs_pixel_diff_later']:.3f} uint8 levels")
+    sig = ", ".join(f"{k} {v:.1e}" for k, v in res["memory_signal"].items())
+    print(f"relative change from the memory (panel 2 prompts, real panel 1): {sig}")
     print(f"paired: {json.dumps(res['paired'])}", flush=True)
 
 
