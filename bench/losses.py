@@ -131,11 +131,12 @@ def main() -> int:
     }
     ratios = {arm: 1.0 if arm == "off" else step_cost_ratio(cfgs["off"], cfg) for arm, cfg in cfgs.items()}
     steps = {arm: max(1, round(a.off_steps / r)) for arm, r in ratios.items()}
+    base_cfg = cfgs["off"]
     cfgs = {arm: cfg for arm, cfg in cfgs.items() if arm in a.arms}
     ratio = ratios.get("on", max(ratios.values()))
     print(f"step cost / off: {ratios}; steps: {steps}", flush=True)
     real = sharpness_ref = None
-    ds = ArtDataset("data/demo/train", cfgs["off"].data.resolution, cfgs["off"].data.cache_dir)
+    ds = ArtDataset("data/demo/train", base_cfg.data.resolution, base_cfg.data.cache_dir)
     ds.validate(progress=False)
     real = torch.stack([to_model_range(ds[i]["pixels"]) for i in range(0, len(ds), max(1, len(ds) // 200))])
     sharpness_ref = sobel_magnitude(real).mean().item()
