@@ -134,8 +134,8 @@ def test_generate_panels_cli_writes_panels_strip_and_metric(seq_data, workdir, c
     assert "cannot be combined" in capsys.readouterr().err
     assert not Path("x.png").exists()
 
-    # Memory really conditions panel 2+: with the trained (non-zero) gate the prediction moves, with a
-    # zero gate it is bit-identical to generating without the previous panels.
+    # Memory really conditions panel 2+: with the trained (non-zero) gate and memory bridge the prediction
+    # moves; with both routes zeroed it is bit-identical to generating without the previous panels.
     pipe = Pipeline.from_file(model, torch.device("cpu"))
     gate = pipe.model.stage("moe").experts.memory_gate
     assert gate.item() != 0.0
@@ -149,9 +149,18 @@ def test_generate_panels_cli_writes_panels_strip_and_metric(seq_data, workdir, c
     with torch.no_grad():
         plain, with_mem = pipe.model(x, t, text), pipe.model(x, t, text | mem)
         assert not torch.equal(plain, with_mem)
+        bridge = pipe.model.stage("memory_bridge").proj
+        assert bridge.weight.abs().sum() > 0  # trained on the sequences too
         gate.fill_(0.0)
+        assert not torch.equal(pipe.model(x, t, text | mem), plain)  # the pooled route alone still acts
+        trained = {k: v.clone() for k, v in bridge.state_dict().items()}
+        bridge.weight.zero_()
+        bridge.bias.zero_()
         assert torch.equal(pipe.model(x, t, text | mem), plain)
-        gate.fill_(2.0)  # a wide-open gate shows in the 8-bit images too
+        bridge.load_state_dict(trained)
+        # Wide-open routes (after 6 training steps both are still tiny) show in the 8-bit images too.
+        gate.fill_(2.0)
+        bridge.weight.mul_(1000.0)
     args = {"steps": 2, "guidance_scale": 2.0}
     alone = pipe(["1girl, red hair, forest"], [6], **args)
     after = pipe(["1girl, red hair, forest"], [6], panels=history.flip(0)[None], **args)
