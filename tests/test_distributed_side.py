@@ -33,6 +33,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             },
             f"{out_dir}/rank{rank}.pt",
         )
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
