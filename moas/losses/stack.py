@@ -46,6 +46,36 @@ class LossResult:
         return {prefix + k: float(v) for k, v in self.terms.items()}
 
 
+def guarded_sum(
+    per: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    term_clamp: float,
+    sample_weight: torch.Tensor | None = None,
+    what: str = "Loss term",
+) -> LossResult:
+    """Σ_terms weight · mean_b(sample_weight_b · term_b), each term clamped at ``term_clamp``.
+
+    The NaN/Inf guard: a term that is not finite is dropped from this batch (with a warning), so a poisoned
+    term never reaches backward. The mean divides by the whole batch (unnormalised weights: a batch whose
+    samples are mostly weighted down counts less)."""
+    total = None
+    terms, bad = {}, []
+    for name, values in per.items():
+        sw = torch.ones_like(values) if sample_weight is None else sample_weight.to(values)
+        value = weights[name] * (values * sw).mean()
+        if not torch.isfinite(value):
+            bad.append(name)
+            log.warning("%s %s is not finite; dropped from this batch.", what, name)
+            continue
+        value = value.clamp(max=term_clamp)
+        terms[name] = value.detach()
+        total = value if total is None else total + value
+    if total is None:
+        ref = next(iter(per.values()), torch.zeros(()))
+        total = ref.new_zeros((), dtype=torch.float32)
+    return LossResult(total, terms, bad)
+
+
 class AdvancedLossFunctions(nn.Module):
     def __init__(
         self,
@@ -117,19 +147,4 @@ class AdvancedLossFunctions(nn.Module):
         return self.combine(per, sample_weight)
 
     def combine(self, per: dict[str, torch.Tensor], sample_weight: torch.Tensor | None = None) -> LossResult:
-        total = None
-        terms, bad = {}, []
-        for name, values in per.items():
-            sw = torch.ones_like(values) if sample_weight is None else sample_weight.to(values)
-            value = self.weights[name] * (values * sw).mean()  # unnormalised: a noisy batch counts less
-            if not torch.isfinite(value):  # the guard: a poisoned term never reaches backward
-                bad.append(name)
-                log.warning("Loss term %s is not finite; dropped from this batch.", name)
-                continue
-            value = value.clamp(max=self.term_clamp)
-            terms[name] = value.detach()
-            total = value if total is None else total + value
-        if total is None:
-            ref = next(iter(per.values()), torch.zeros(()))
-            total = ref.new_zeros(()).requires_grad_(False)
-        return LossResult(total, terms, bad)
+        return guarded_sum(per, self.weights, self.term_clamp, sample_weight)

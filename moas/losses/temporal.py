@@ -22,16 +22,12 @@ guard (a non-finite term is dropped from the batch, a finite one clamped at ``te
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moas.losses.image import sobel_magnitude
-from moas.losses.stack import LossResult
-
-log = logging.getLogger(__name__)
+from moas.losses.stack import LossResult, guarded_sum
 
 FEATURE_WEIGHT = 0.5  # the original's fixed 0.5
 SCALES = (2, 4, 8)
@@ -129,20 +125,8 @@ class TemporalConsistencyLoss(nn.Module):
     ) -> LossResult:
         """Batch loss: Σ_terms w_term · mean_b(sample_weight_b · term_b). Samples that have no previous
         panel get sample_weight 0 (the mean still divides by the whole batch, like the domain losses)."""
-        total, terms, bad = None, {}, []
-        for name, values in temporal_terms(pred, previous).items():
-            sw = torch.ones_like(values) if sample_weight is None else sample_weight.to(values)
-            value = self.weights[name] * (values * sw).mean()
-            if not torch.isfinite(value):
-                bad.append(name)
-                log.warning("Temporal loss term %s is not finite; dropped from this batch.", name)
-                continue
-            value = value.clamp(max=self.term_clamp)
-            terms[name] = value.detach()
-            total = value if total is None else total + value
-        if total is None:
-            total = pred.new_zeros((), dtype=torch.float32)
-        return LossResult(total, terms, bad)
+        per = temporal_terms(pred, previous)
+        return guarded_sum(per, self.weights, self.term_clamp, sample_weight, "Temporal loss term")
 
 
 def sequence_metrics(panels: torch.Tensor, character_weight: float = 0.3, scene_weight: float = 0.2) -> dict:
