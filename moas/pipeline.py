@@ -19,6 +19,7 @@ from moas.models.enhance import QualityEnhancer
 from moas.models.experts import language_batch
 from moas.models.generator import MoasGenerator, generator_from_state
 from moas.models.gnn import EnhancedGNN
+from moas.models.panels import PanelMemory
 from moas.resources import L3CacheManager
 from moas.text import TextEncoder
 from moas.train.checkpoint import load_checkpoint, short_hash
@@ -67,10 +68,11 @@ class Pipeline:
         self.enhancer = None  # the trained QualityEnhancer (moas/models/enhance.py), when the file has one
         self.enhance_mode = self.sample_defaults.pop("enhance_mode", "full")
         self.loss_weights: dict = {}  # the model config's [losses] (temporal metric weights for panels)
-        # GNN outputs are cached across sampler steps (the original's L3CacheManager use at inference).
+        # GNN outputs and the encoded previous panels are cached across sampler steps (the original's
+        # L3CacheManager use at inference).
         self.l3_cache = L3CacheManager()
         for m in self.model.modules():
-            if isinstance(m, EnhancedGNN):
+            if isinstance(m, EnhancedGNN | PanelMemory):
                 m.cache = self.l3_cache
 
     def set_style(self, name: str | None) -> None:

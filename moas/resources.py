@@ -14,6 +14,7 @@ L3CacheManager is a byte-budgeted LRU (OrderedDict) for small tensors reused at 
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -177,6 +178,23 @@ class EnhancedResourceManager:
         if self.cuda:
             line += f" vram_alloc_gb={s.vram_allocated_gb:.2f} vram_reserved_gb={s.vram_reserved_gb:.2f}"
         return line
+
+
+def inference_cache_key(module: torch.nn.Module, tag: str, *tensors: torch.Tensor) -> tuple | None:
+    """Key for caching ``module``'s output on these inputs in an attached ``L3CacheManager`` (its ``cache``
+    attribute), or None when caching does not apply: no cache, training mode, or gradients enabled.
+
+    The key holds the inputs' content digest and the sum of the parameters' version counters, which every
+    in-place update bumps, so changed weights never return a stale output."""
+    if getattr(module, "cache", None) is None or module.training or torch.is_grad_enabled():
+        return None
+    weights = sum(p._version for p in module.parameters())
+    h = hashlib.blake2b(digest_size=16)
+    parts: list = [tag, id(module), weights]
+    for x in tensors:
+        h.update(x.detach().to("cpu").contiguous().numpy().tobytes())
+        parts += [tuple(x.shape), str(x.dtype)]
+    return (*parts, h.hexdigest())
 
 
 class L3CacheManager:

@@ -92,6 +92,28 @@ def test_panel_memory_tokens_and_absent_panels():
     assert torch.allclose(floats, out["memory"], atol=1e-5)  # uint8 and [-1, 1] inputs agree
 
 
+def test_panel_memory_encodes_the_same_panels_once_at_inference():
+    from moas.resources import L3CacheManager
+
+    torch.manual_seed(0)
+    pm = PanelMemory(dim=32, channels=(8, 8, 16, 16), max_distance=2).eval()
+    calls = []
+    pm.vision.register_forward_hook(lambda *_: calls.append(1))
+    imgs = torch.randint(0, 256, (2, 2, 3, 16, 16), dtype=torch.uint8)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    plain = pm(imgs, mask)["memory"]
+    pm.cache = L3CacheManager()
+    with torch.no_grad():
+        first, second = pm(imgs, mask)["memory"], pm(imgs, mask)["memory"]  # two sampler steps
+        assert len(calls) == 2 and pm.cache.hits == 1  # the second step reused the encoding
+        assert torch.equal(first, second) and torch.allclose(first, plain)
+        other = imgs.clone()
+        other[0, 0] = 0
+        assert not torch.equal(pm(other, mask)["memory"], first) and len(calls) == 3  # new panels: encoded
+        pm.proj.weight.add_(1.0)  # changed weights never return a stale encoding
+        assert not torch.equal(pm(imgs, mask)["memory"], first) and len(calls) == 4
+
+
 def test_generator_passes_panels_and_old_model_args_load_without_panel_memory():
     torch.manual_seed(0)
     g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain()).eval()

@@ -24,11 +24,12 @@ never returned.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 from torch import nn
+
+from moas.resources import inference_cache_key
 
 CACHE_MAX_BYTES = 1 << 20  # the original caches GNN outputs under 1 MB
 
@@ -90,17 +91,9 @@ class EnhancedGNN(nn.Module):
         self.output_proj = nn.Linear(dim, dim)
         self.cache: Any = None  # an L3CacheManager at inference (moas.resources); never saved
 
-    def _cache_key(self, x: torch.Tensor) -> tuple | None:
-        if self.cache is None or self.training or torch.is_grad_enabled():
-            return None
-        weights = sum(p._version for p in self.parameters())  # bumped by every in-place update
-        data = x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
-        return ("gnn", id(self), weights, tuple(x.shape), str(x.dtype), digest)
-
     def forward(self, expert_states: torch.Tensor) -> dict[str, torch.Tensor]:
         """The nodes are the experts' states [B,N,in]."""
-        key = self._cache_key(expert_states)
+        key = inference_cache_key(self, "gnn", expert_states.float())
         if key is not None:
             graph, nodes = self.cache.get((*key, "graph")), self.cache.get((*key, "nodes"))
             if graph is not None and nodes is not None:

@@ -17,10 +17,13 @@ never in DataLoader workers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from moas.models.vision import VisionEncoder
+from moas.resources import inference_cache_key
 
 HEAD_DIM = 128  # width of each VisionEncoder head (structure, color, composition)
 
@@ -45,6 +48,9 @@ class PanelMemory(nn.Module):
             max_distance, dim
         )  # index d-1 for distance d; farther ones share the last
         nn.init.normal_(self.distance.weight, std=0.02)
+        # An L3CacheManager at inference (attached by moas.pipeline; never saved): the previous panels are
+        # the same at every sampler step, so they are encoded once per panel, not once per step.
+        self.cache: Any = None
 
     def forward(
         self, panel_images: torch.Tensor | None = None, panel_mask: torch.Tensor | None = None
@@ -60,6 +66,9 @@ class PanelMemory(nn.Module):
         )
         if not mask.any():
             return {"memory": None, "memory_mask": None}
+        key = inference_cache_key(self, "panel_memory", panel_images, mask)
+        if key is not None and (cached := self.cache.get(key)) is not None:
+            return {"memory": cached, "memory_mask": mask}
         x = panel_images.to(dev).flatten(0, 1)  # (B·K, 3, H, W)
         x = x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.float()
         keep = mask.flatten()  # (B·K,) only real panels are encoded
@@ -70,4 +79,6 @@ class PanelMemory(nn.Module):
         tokens = tokens.index_copy(0, keep.nonzero().squeeze(1), tokens_valid).view(b, k, -1)  # (B, K, D)
         dist = torch.arange(k, device=dev).clamp(max=self.max_distance - 1)  # slot j = distance j+1
         tokens = tokens + self.distance(dist)[None]  # (B, K, D)
+        if key is not None:
+            self.cache.put(key, tokens)
         return {"memory": tokens, "memory_mask": mask}
