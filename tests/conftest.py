@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,20 @@ torch.set_num_threads(2)
 
 TESTS = Path(__file__).parent
 TINY_CONFIG = TESTS / "tiny.toml"
+
+
+@contextmanager
+def module_tmp(factory: pytest.TempPathFactory, name: str) -> Iterator[Path]:
+    """A temporary folder for a module-scoped fixture, deleted when the module's tests are done.
+
+    Training runs leave checkpoints of ~250 MB even at the tiny size; pytest keeps ``mktemp`` folders until
+    the session ends, so without this a full run holds several GB of them at once (CI once ran out of disk).
+    """
+    root = factory.mktemp(name)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import pytest
 from moas.cli import main
 from moas.train.checkpoint import load_checkpoint
 
-from .conftest import TINY_CONFIG
+from .conftest import TINY_CONFIG, module_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -17,27 +17,28 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained_brain(tmp_path_factory):
     """One epoch of the tiny profile (with its tiny brain) on 8 demo images."""
-    root = tmp_path_factory.mktemp("brain_e2e")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert (
-            main(["make-data", "--out", "data/demo", "--n_images", "8", "--size", "16", "--seed", "2"]) == 0
-        )
-        args = [
-            "train",
-            "--config",
-            str(TINY_CONFIG),
-            "--data_dir",
-            "data/demo/train",
-            "--quiet",
-            "--epochs",
-            "1",
-        ]
-        assert main([*args, "--gnn_version", "3"]) == 0
-    finally:
-        os.chdir(cwd)
-    return root
+    with module_tmp(tmp_path_factory, "brain_e2e") as root:
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            assert (
+                main(["make-data", "--out", "data/demo", "--n_images", "8", "--size", "16", "--seed", "2"])
+                == 0
+            )
+            args = [
+                "train",
+                "--config",
+                str(TINY_CONFIG),
+                "--data_dir",
+                "data/demo/train",
+                "--quiet",
+                "--epochs",
+                "1",
+            ]
+            assert main([*args, "--gnn_version", "3"]) == 0
+        finally:
+            os.chdir(cwd)
+        yield root
 
 
 def test_training_logs_routing_expert_and_emotion_histograms(trained_brain):

@@ -16,7 +16,7 @@ from PIL import Image
 from moas.cli import main
 from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint, verify_checkpoint
 
-from .conftest import TINY_CONFIG
+from .conftest import TINY_CONFIG, module_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +36,17 @@ def one_error_line(capsys) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """make-data + a two-epoch tiny training run, shared by the tests below."""
-    root = tmp_path_factory.mktemp("e2e")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert run("make-data", "--out", "data/demo", "--n_images", "16", "--size", "32", "--seed", "1") == 0
-        assert run("train", "--config", str(TINY_CONFIG), "--data_dir", "data/demo/train", "--quiet") == 0
-    finally:
-        os.chdir(cwd)
-    return root
+    with module_tmp(tmp_path_factory, "e2e") as root:
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            assert (
+                run("make-data", "--out", "data/demo", "--n_images", "16", "--size", "32", "--seed", "1") == 0
+            )
+            assert run("train", "--config", str(TINY_CONFIG), "--data_dir", "data/demo/train", "--quiet") == 0
+        finally:
+            os.chdir(cwd)
+        yield root
 
 
 def test_train_writes_checkpoints_model_and_tensorboard(trained):

@@ -23,7 +23,7 @@ from PIL import Image
 
 from moas.cli import main
 
-from .conftest import TINY_CONFIG
+from .conftest import TINY_CONFIG, module_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -82,33 +82,42 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """make-data (24 images, so one is held out) + a 3-epoch tiny run with stdout/stderr in a file."""
-    root = tmp_path_factory.mktemp("monitor")
-    from moas.data.synthetic import generate_demo_dataset
+    with module_tmp(tmp_path_factory, "monitor") as root:
+        from moas.data.synthetic import generate_demo_dataset
 
-    generate_demo_dataset(root / "data" / "demo", n_images=24, size=32, seed=3, progress=False)
-    import tomllib
+        generate_demo_dataset(root / "data" / "demo", n_images=24, size=32, seed=3, progress=False)
+        import tomllib
 
-    from moas.config import deep_merge, dict_to_toml
+        from moas.config import deep_merge, dict_to_toml
 
-    merged = deep_merge(tomllib.loads(TINY_CONFIG.read_text()), tomllib.loads(EXTRA))
-    (root / "extra.toml").write_text(dict_to_toml(merged))
-    (root / "prompts.txt").write_text(
-        "# sample grid prompts\n1girl, red hair, blue eyes, forest --seed 11\n"
-        "1girl, blonde hair, beach --steps 2 --scale 1.5\n"
-    )
-    log = root / "train.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            [sys.executable, "-m", "moas", "train", "--config", "extra.toml", "--data_dir", "data/demo/train"]
-            + ["--sample_prompts", "prompts.txt"],
-            cwd=root,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=subprocess_env(),
-            timeout=900,
+        merged = deep_merge(tomllib.loads(TINY_CONFIG.read_text()), tomllib.loads(EXTRA))
+        (root / "extra.toml").write_text(dict_to_toml(merged))
+        (root / "prompts.txt").write_text(
+            "# sample grid prompts\n1girl, red hair, blue eyes, forest --seed 11\n"
+            "1girl, blonde hair, beach --steps 2 --scale 1.5\n"
         )
-    assert proc.returncode == 0, log.read_text()[-3000:]
-    return root
+        log = root / "train.log"
+        with open(log, "w") as f:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "moas",
+                    "train",
+                    "--config",
+                    "extra.toml",
+                    "--data_dir",
+                    "data/demo/train",
+                ]
+                + ["--sample_prompts", "prompts.txt"],
+                cwd=root,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=subprocess_env(),
+                timeout=900,
+            )
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        yield root
 
 
 def test_event_files_hold_every_tag_and_progress_chart(run):

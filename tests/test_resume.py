@@ -23,7 +23,7 @@ from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint, verif
 from moas.train.loop import Trainer, train
 from moas.train.signals import TrainingInterrupted
 
-from .conftest import TINY_CONFIG
+from .conftest import TINY_CONFIG, module_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +66,10 @@ def assert_identical(a: dict, b: dict) -> None:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, demo_dir):
     """The reference: 7 optimizer steps in one go (2 epochs + 1 step)."""
-    root = tmp_path_factory.mktemp("straight")
-    r = train(tiny(root, demo_dir / "train", max_steps=7), progress=False)
-    assert r.global_step == 7
-    return weights(find_latest_checkpoint(root / "ckpt"))
+    with module_tmp(tmp_path_factory, "straight") as root:
+        r = train(tiny(root, demo_dir / "train", max_steps=7), progress=False)
+        assert r.global_step == 7
+        return weights(find_latest_checkpoint(root / "ckpt"))
 
 
 @pytest.mark.parametrize("k", [2, 3], ids=["mid_epoch", "epoch_boundary"])
