@@ -56,7 +56,14 @@ from moas.train.ema import EMA
 from moas.train.oom import is_oom, recover_from_oom
 from moas.train.panels import PanelTraining, ddp_touch, memory_keep
 from moas.train.schedule import WarmupCosineRestarts
-from moas.train.setup import find_resume, load_training_data, log_resources, model_paths, write_model_files
+from moas.train.setup import (
+    check_disk_space,
+    find_resume,
+    load_training_data,
+    log_resources,
+    model_paths,
+    write_model_files,
+)
 from moas.train.signals import GracefulStop, TrainingInterrupted
 from moas.train.state import (
     emergency_save,
@@ -240,6 +247,8 @@ class Trainer:
                 session_start_step=self.global_step,
             )
         self.milestones = milestone_epochs(tc.epochs)
+        if self.dist.is_main:
+            check_disk_space(self)
         self.t_start = time.perf_counter()
         self.last_loss, self.ips = float("nan"), 0.0
         self.last_val_loss: float | None = None

@@ -6,15 +6,18 @@ model files written at the end. Split from ``moas.train.loop`` to keep it readab
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from moas.config import MoasConfig, TrainConfig
 from moas.data.dataset import ArtDataset
 from moas.data.loader import build_dataset
 from moas.data.textbank import TextBank
-from moas.errors import CheckpointError
+from moas.errors import CheckpointError, MoasError
 from moas.resources import EnhancedResourceManager
 from moas.text import TextEncoder
 from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
@@ -98,6 +101,72 @@ def log_resources(resources: EnhancedResourceManager, cfg: MoasConfig) -> None:
         cfg.data.resolution,
         resources.resolution_batch(cfg.train.batch_size, cfg.data.resolution),
     )
+
+
+def _module_bytes(module: torch.nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def checkpoint_size_estimate(t: Trainer) -> tuple[int, int]:
+    """(bytes of a resumable checkpoint, bytes once its optimizer state is thinned away), estimated.
+
+    Weights and the EMA copy, plus AdamW's two (three with AMSGrad) tensors per trainable weight, for the
+    generator and the discriminator/enhancer when they train. Within a few per cent of the real files.
+    """
+    d = t.domain
+    weights = _module_bytes(t.model) + _module_bytes(d.disc) + _module_bytes(d.enhancer)
+    moments = 3 if t.tc.amsgrad else 2
+    trainable = sum(p.numel() * p.element_size() for p in t.model.parameters() if p.requires_grad)
+    side = sum(
+        p.numel() * p.element_size() * 3  # the discriminator uses AMSGrad; the enhancer counted alike
+        for m in (d.disc, d.enhancer)
+        if m is not None
+        for p in m.parameters()
+    )
+    thinned = weights + _module_bytes(t.model)  # + the EMA copy of the generator
+    return thinned + moments * trainable + side, thinned
+
+
+def check_disk_space(t: Trainer) -> None:
+    """Before training: say what the checkpoints will take, fail at once if not even one fits (rather than
+    at the end of the first epoch), and warn when the kept set (``keep_last``, milestones, model files)
+    will not fit, so the user can free space or move ``--checkpoint_dir`` before hours of training."""
+    tc = t.tc
+    full, thinned = checkpoint_size_estimate(t)
+    t.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(t.ckpt_dir).free
+    saves = tc.epochs // max(tc.save_every, 1) + len(t.milestones)
+    kept = min(saves, tc.keep_last + len(t.milestones))
+    resumable = kept if tc.keep_optimizer_last == 0 else min(kept, tc.keep_optimizer_last)
+    # +1 full: a checkpoint is written beside the old ones before rotation deletes any.
+    need = (resumable + 1) * full + (kept - resumable) * thinned + 2 * thinned
+    gb = 1024**3
+    log.info(
+        "Checkpoints: about %.2f GB each (%.2f GB once thinned); up to %d kept need about %.1f GB; "
+        "%.1f GB free in %s.",
+        full / gb,
+        thinned / gb,
+        kept,
+        need / gb,
+        free / gb,
+        t.ckpt_dir,
+    )
+    if free < full:
+        raise MoasError(
+            f"Only {free / gb:.2f} GB is free in {t.ckpt_dir} but one checkpoint needs about {full / gb:.2f} GB; "
+            "free some space or point --checkpoint_dir at a larger disk."
+        )
+    if free < need:
+        log.warning(
+            "The kept checkpoints may not fit: about %.1f GB needed, %.1f GB free in %s. Lower "
+            "train.keep_last / train.keep_optimizer_last or free space; a failed save stops training "
+            "with the earlier checkpoints intact.",
+            need / gb,
+            free / gb,
+            t.ckpt_dir,
+        )
 
 
 def model_paths(save_path: str) -> tuple[Path, Path]:
