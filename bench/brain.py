@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from moas.config import load_config  # noqa: E402
 from moas.models.experts import language_batch  # noqa: E402
 from moas.models.generator import MoasGenerator, brain_aux_loss  # noqa: E402
+from moas.train.optim import adamw  # noqa: E402
 
 CAPTIONS = [
     "1girl, red hair, blue eyes, forest",
@@ -68,7 +69,7 @@ def measure_steps(profile: str, iters: int, encoder, batch: int | None = None) -
         torch.manual_seed(0)
         m = MoasGenerator(res, asdict(cfg.model), asdict(cfg.text), brain=brain).train()
         models[cond] = m
-        opts[cond] = torch.optim.AdamW(m.parameters(), lr=1e-4, amsgrad=True)
+        opts[cond] = adamw(m.parameters(), lr=1e-4, amsgrad=True)  # as the trainer builds it
         params[cond] = sum(p.numel() for p in m.parameters())
 
     def step(cond: str) -> None:

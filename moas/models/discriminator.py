@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moas.train.optim import adamw
+
 
 class AnimeStyleDiscriminator(nn.Module):
     def __init__(self, base_channels: int = 48) -> None:
@@ -48,6 +50,6 @@ def make_discriminator_optimizer(
     disc: nn.Module, generator_lr: float, weight_decay: float = 1e-5
 ) -> torch.optim.AdamW:
     """The original's discriminator optimizer: AdamW at half the generator LR, betas (0.5, 0.999), AMSGrad."""
-    return torch.optim.AdamW(
+    return adamw(
         disc.parameters(), lr=generator_lr / 2, betas=(0.5, 0.999), weight_decay=weight_decay, amsgrad=True
     )

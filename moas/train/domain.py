@@ -28,6 +28,7 @@ from moas.models.discriminator import AnimeStyleDiscriminator, make_discriminato
 from moas.models.enhance import QualityEnhancer
 from moas.train.degrade import degrade
 from moas.train.distributed import all_ranks_agree, average_gradients
+from moas.train.optim import adamw, load_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,7 @@ class DomainTraining:
         self.enh_steps = 0
         if ec.train:
             self.enhancer = QualityEnhancer(ec.width, ec.sr_channels, ec.sr_blocks).to(device)
-            self.enh_opt = torch.optim.AdamW(
-                self.enhancer.parameters(), lr=ec.lr, betas=(0.9, 0.999), amsgrad=True
-            )
+            self.enh_opt = adamw(self.enhancer.parameters(), lr=ec.lr, betas=(0.9, 0.999), amsgrad=True)
             enh_weights = dict(ENHANCER_WEIGHTS, perceptual=lc.perceptual)
             self.enh_stack = AdvancedLossFunctions(
                 enh_weights, False, vgg_weights=lc.vgg_weights, term_clamp=cfg.train.loss_clamp
@@ -215,7 +214,7 @@ class DomainTraining:
                 log.info("The checkpoint has no %s weights; it starts from initialisation.", name)
                 continue
             module.load_state_dict(state[name])
-            opt.load_state_dict(state["disc_opt" if name == "disc" else "enh_opt"])
+            load_optimizer_state(opt, state["disc_opt" if name == "disc" else "enh_opt"])
         if self.enhancer is not None and "hr_rng" in state:
             self.hr_gen.set_state(state["hr_rng"])
 

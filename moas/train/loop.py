@@ -54,6 +54,7 @@ from moas.train.distributed import DistContext, init_distributed
 from moas.train.domain import DomainTraining
 from moas.train.ema import EMA
 from moas.train.oom import is_oom, recover_from_oom
+from moas.train.optim import adamw
 from moas.train.panels import PanelTraining, ddp_touch, memory_keep
 from moas.train.schedule import WarmupCosineRestarts
 from moas.train.setup import (
@@ -143,7 +144,7 @@ class Trainer:
         bc = cfg.brain
         self.continuous = AdvancedContinuousLearning(bc.continuous_rate) if bc.continuous_learning else None
         self.ema = EMA(self.model, tc.ema_decay)
-        self.opt = torch.optim.AdamW(
+        self.opt = adamw(
             self.model.parameters(),
             lr=tc.lr,
             betas=tuple(tc.betas),

@@ -19,6 +19,7 @@ import torch
 from moas.config import MoasConfig
 from moas.errors import CheckpointError
 from moas.train.ema import EMA
+from moas.train.optim import load_optimizer_state
 from moas.train.rng import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def restore_training_state(t: Trainer, state: dict[str, Any]) -> Path:
     try:
         t.model.load_state_dict(state["model"])
         t.ema.load_state_dict(state["ema"])
-        t.opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(t.opt, state["optimizer"])
         t.sched.load_state_dict(state["scheduler"])
         t.scaler.load_state_dict(state["scaler"])
         t.epoch, t.global_step = int(state["epoch"]), int(state["global_step"])
