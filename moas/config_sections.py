@@ -49,6 +49,7 @@ class BrainConfig:
     memory_pooled: bool = (
         True  # also feed the panel memory straight into the pooled conditioning (MemoryBridge)
     )
+    memory_context: bool = True  # and into the first cross-attention token (MemoryBridge.context_proj)
 
     def __post_init__(self) -> None:
         _check(self.conditioning in ("moas", "text"), "brain.conditioning must be moas or text")

@@ -161,6 +161,33 @@ def test_memory_bridge_is_exact_at_init_then_carries_the_panels_into_pooled():
     assert MoasGenerator(16, UNET, TEXT, brain=old).stage("memory_bridge") is None
 
 
+def test_memory_bridge_reaches_the_first_cross_attention_token_and_nothing_else():
+    torch.manual_seed(0)
+    g = MoasGenerator(16, UNET, TEXT, brain=tiny_brain()).eval()
+    bridge = g.stage("memory_bridge")
+    assert bridge.context_proj is not None and not bridge.context_proj.weight.any()
+    text = text_batch(2)
+    panels = {"panel_images": torch.randint(0, 256, (2, 1, 3, 16, 16), dtype=torch.uint8)}
+    panels["panel_mask"] = torch.tensor([[True], [False]])  # row 1 has no previous panel
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 500])
+    with torch.no_grad():
+        base = g.condition(text)["context"]
+        assert torch.equal(g.condition(text | panels)["context"], base)  # zero-initialised: exact
+        assert torch.equal(g(x, t, text | panels), g(x, t, text))
+    g.condition(text | panels)["context"][:, 0].pow(2).sum().backward()
+    assert bridge.context_proj.weight.grad.abs().sum() > 0  # trainable from the first step
+    with torch.no_grad():
+        torch.nn.init.normal_(bridge.context_proj.weight, std=0.1)
+        bridge.proj.weight.zero_()  # only the context route open
+        ctx = g.condition(text | panels)["context"]
+        assert not torch.allclose(ctx[0, 0], base[0, 0])  # the panel reaches token 0 of its row
+        assert torch.equal(ctx[0, 1:], base[0, 1:]) and torch.equal(ctx[1], base[1])  # and nothing else
+        assert not torch.equal(g(x, t, text | panels)[0], g(x, t, text)[0])  # the U-Net reads it
+    old = {k: v for k, v in tiny_brain().items() if k != "memory_context"}  # a file from before the route
+    old_bridge = MoasGenerator(16, UNET, TEXT, brain=old).stage("memory_bridge")
+    assert old_bridge is not None and old_bridge.context_proj is None
+
+
 # ---------------------------------------------------------------------------------------------- temporal loss
 
 

@@ -149,15 +149,19 @@ def test_generate_panels_cli_writes_panels_strip_and_metric(seq_data, workdir, c
     with torch.no_grad():
         plain, with_mem = pipe.model(x, t, text), pipe.model(x, t, text | mem)
         assert not torch.equal(plain, with_mem)
-        bridge = pipe.model.stage("memory_bridge").proj
-        assert bridge.weight.abs().sum() > 0  # trained on the sequences too
+        bridge, to_context = (
+            pipe.model.stage("memory_bridge").proj,
+            pipe.model.stage("memory_bridge").context_proj,
+        )
+        assert bridge.weight.abs().sum() > 0 and to_context.weight.abs().sum() > 0  # trained on sequences too
         gate.fill_(0.0)
-        assert not torch.equal(pipe.model(x, t, text | mem), plain)  # the pooled route alone still acts
-        trained = {k: v.clone() for k, v in bridge.state_dict().items()}
-        bridge.weight.zero_()
-        bridge.bias.zero_()
+        assert not torch.equal(pipe.model(x, t, text | mem), plain)  # the bridge's routes alone still act
+        trained = {k: v.clone() for k, v in pipe.model.stage("memory_bridge").state_dict().items()}
+        for layer in (bridge, to_context):
+            layer.weight.zero_()
+            layer.bias.zero_()
         assert torch.equal(pipe.model(x, t, text | mem), plain)
-        bridge.load_state_dict(trained)
+        pipe.model.stage("memory_bridge").load_state_dict(trained)
         # Wide-open routes show in the 8-bit images too. After 6 warm-up steps both are still ~1e-6 (too
         # small to move a uint8 pixel), so the bridge gets definite weights: this checks the pipeline's
         # ``panels=`` argument reaches the model, not how far 6 steps trained it.

@@ -68,6 +68,7 @@ class BrainArgs:
     panel_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
     panel_max_distance: int = 8
     memory_pooled: bool = False  # MemoryBridge: panel memory → pooled residual (old files: False)
+    memory_context: bool = False  # MemoryBridge also → the first context token (old files: False)
 
 
 # Outputs turned into context tokens, with their widths as functions of the arguments.
@@ -201,9 +202,9 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
         if a.memory_pooled:
             flow.register_module(
                 "memory_bridge",
-                MemoryBridge(d, CONTEXT_DIM),
+                MemoryBridge(d, CONTEXT_DIM, a.memory_context),
                 inputs=["memory", "memory_mask"],
-                outputs=["pooled_delta"],
+                outputs=["pooled_delta", "context_delta"],
             )
     if a.compression:
         for dst in ("emotion", "understanding", "moe", "story"):

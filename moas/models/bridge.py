@@ -72,19 +72,28 @@ class MemoryBridge(nn.Module):
     never trained on sequences is exactly unchanged; rows without panels get no residual.
     """
 
-    def __init__(self, dim: int = 512, out_dim: int = 768) -> None:
+    def __init__(self, dim: int = 512, out_dim: int = 768, context: bool = False) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_dim)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        # context=True: a second zero-initialised route into the first cross-attention token (moas.models
+        # .conditioning: ``context_delta``), where the U-Net can read the panel memory per pixel.
+        # skip_init: built without drawing from the RNG, so adding this route leaves every other module's
+        # initial weights (and a run without sequences) exactly as before.
+        self.context_proj = nn.utils.skip_init(nn.Linear, dim, out_dim) if context else None
+        for p in (self.proj, self.context_proj):
+            if p is not None:
+                nn.init.zeros_(p.weight)
+                nn.init.zeros_(p.bias)
 
     def forward(
         self, memory: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor | None]:
         if memory is None:
-            return {"pooled_delta": None}
+            return {"pooled_delta": None, "context_delta": None}
         m = memory_mask.to(memory.dtype).unsqueeze(-1)  # (B, K, 1)
         pooled = (memory * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D) masked mean over the panels
         has = memory_mask.any(1, keepdim=True).to(memory.dtype)  # (B, 1): rows without panels get nothing
-        return {"pooled_delta": self.proj(self.norm(pooled)) * has}  # (B, 768)
+        h = self.norm(pooled)
+        ctx = self.context_proj(h) * has if self.context_proj is not None else None
+        return {"pooled_delta": self.proj(h) * has, "context_delta": ctx}  # (B, 768) each

@@ -117,6 +117,12 @@ class ConditioningEncoder(nn.Module):
                 f"{module}.extra_context_mask", torch.ones(ctx.shape[:2], dtype=torch.bool, device=ctx.device)
             )
             context_mask = torch.cat([context_mask, m], 1)
+        for key in [k for k in out if k.endswith(".context_delta") and out[k] is not None]:
+            # Zero-initialised residuals on the first context token (the pooled-text token, always
+            # attended): a route into cross-attention that is an exact no-op until trained, unlike an
+            # appended token, which takes attention mass even when it is zero.
+            delta = out[key].to(context.dtype).unsqueeze(1)  # (B, 1, D)
+            context = torch.cat([context[:, :1] + delta, context[:, 1:]], 1)
         pooled = out["pooled"]
         for key in [
             k for k in out if k.endswith(".pooled_delta") and out[k] is not None

@@ -53,6 +53,8 @@ class MoasGenerator(nn.Module):
             bc.panel_memory = False  # saved before panel memory existed
         if brain is not None and "memory_pooled" not in brain:
             bc.memory_pooled = False  # saved before the panel memory's pooled route existed
+        if brain is not None and "memory_context" not in brain:
+            bc.memory_context = False  # saved before its cross-attention route existed
         if brain is not None:
             self.init_args["brain"] = asdict(bc)
         self.resolution = resolution

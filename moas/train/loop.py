@@ -135,7 +135,11 @@ class Trainer:
         style_dim = STYLE_DIM if cfg.data.extract_style else 0
         brain = asdict(cfg.brain)
         saved_brain = (resume["model_args"].get("brain") or {}) if resume is not None else None
-        for key in ("panel_memory", "memory_pooled"):  # a checkpoint from before these: rebuilt without
+        for key in (
+            "panel_memory",
+            "memory_pooled",
+            "memory_context",
+        ):  # a checkpoint from before these: rebuilt without
             if saved_brain is not None and key not in saved_brain:
                 brain.pop(key)
         self.model = MoasGenerator(
