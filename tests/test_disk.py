@@ -43,6 +43,7 @@ def test_a_disk_too_small_for_one_checkpoint_stops_before_training(tmp_path, dem
     with pytest.raises(MoasError, match=r"Only 0\.01 GB is free in .* one checkpoint needs about"):
         train(tiny(tmp_path, demo_dir / "train", max_steps=1), progress=False)
     assert not list((tmp_path / "ckpt").glob("*.pt"))
+    assert not (tmp_path / "runs").exists()  # stopped before the run folder was made
 
 
 def test_a_disk_that_fits_one_but_not_all_checkpoints_warns(tmp_path, demo_dir, monkeypatch, caplog):

@@ -225,6 +225,9 @@ class Trainer:
             ids = [device.index] if device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
 
+        self.milestones = milestone_epochs(tc.epochs)
+        if self.dist.is_main:  # before the run folder: a disk too small stops here with nothing written
+            check_disk_space(self)
         # A resumed run keeps writing to its TensorBoard folder, so its curves continue.
         self.monitor = None
         self.run_dir = previous_run
@@ -251,9 +254,6 @@ class Trainer:
                 total_steps=min(total_steps, tc.max_steps) if tc.max_steps else total_steps,
                 session_start_step=self.global_step,
             )
-        self.milestones = milestone_epochs(tc.epochs)
-        if self.dist.is_main:
-            check_disk_space(self)
         self.t_start = time.perf_counter()
         self.last_loss, self.ips = float("nan"), 0.0
         self.last_val_loss: float | None = None
