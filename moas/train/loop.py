@@ -33,7 +33,7 @@ from moas.data.loader import caption_augment, loader_kwargs, loader_workers, sav
 from moas.data.sampler import BucketBatchSampler
 from moas.data.style import STYLE_DIM
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
-from moas.errors import CheckpointError, MoasError
+from moas.errors import MoasError
 from moas.models.experts import language_batch
 from moas.models.generator import MoasGenerator, brain_aux_loss
 from moas.monitor import build_run_monitor
@@ -42,13 +42,7 @@ from moas.runtime import autocast_dtype, new_run_dir, resolve_device, seed_every
 from moas.train import faults
 from moas.train.adaptive import AdaptiveTrainingSystem
 from moas.train.batches import ResumableBatchSampler, batches_per_epoch
-from moas.train.checkpoint import (
-    epoch_checkpoint_name,
-    nonfinite_tensor,
-    rotate_checkpoints,
-    save_checkpoint,
-    thin_optimizer_states,
-)
+from moas.train.checkpoint import epoch_checkpoint_name
 from moas.train.continuous import AdvancedContinuousLearning
 from moas.train.distributed import DistContext, init_distributed
 from moas.train.domain import DomainTraining
@@ -56,6 +50,7 @@ from moas.train.ema import EMA
 from moas.train.oom import is_oom, recover_from_oom
 from moas.train.optim import adamw
 from moas.train.panels import PanelTraining, ddp_touch, memory_keep
+from moas.train.saving import milestone_epochs, save_trainer_checkpoint
 from moas.train.schedule import WarmupCosineRestarts
 from moas.train.setup import (
     check_disk_space,
@@ -71,14 +66,11 @@ from moas.train.state import (
     model_file_state,
     restore_training_state,
     step_checkpoint_name,
-    training_state,
 )
+from moas.train.steplog import report_step
 
 log = logging.getLogger(__name__)
-perf_log = logging.getLogger("moas.performance")
 error_log = logging.getLogger("moas.errors")
-
-MILESTONES_260 = (40, 80, 120, 160, 200, 230, 260)  # the original's milestone epochs of a 260-epoch run
 
 
 @dataclass
@@ -93,11 +85,6 @@ class TrainResult:
     micro_batch: int = 0
     grad_accum: int = 0
     last_model_path: Path | None = None  # the final weights; model_path is the best-scoring checkpoint
-
-
-def milestone_epochs(epochs: int) -> set[int]:
-    """The original's milestones, scaled to this run's length; never rotated away."""
-    return {max(1, round(m * epochs / 260)) for m in MILESTONES_260}
 
 
 class _OOMSignal(Exception):
@@ -269,48 +256,9 @@ class Trainer:
         """Wall time spent in the training loop, summed over resumed sessions."""
         return self.train_seconds_before + time.perf_counter() - self.t_start
 
-    def _gather_gen_states(self) -> list[torch.Tensor]:
-        state = self.boundary[2]
-        if not self.dist.enabled:
-            return [state]
-        import torch.distributed as dist
-
-        out: list = [None] * self.dist.world_size
-        dist.all_gather_object(out, state)
-        return out
-
     def save(self, name: str, kind: str = "checkpoint") -> Path | None:
         """Write ``name`` in the checkpoint folder from the last step boundary (rank 0; collective)."""
-        epoch, batch_pos, _ = self.boundary
-        gens = self._gather_gen_states()  # every rank takes part; only rank 0 writes
-        if not self.dist.is_main:
-            return None
-        bad = nonfinite_tensor({"model": self.model.state_dict(), "ema": self.ema.state_dict()})
-        if bad:
-            raise CheckpointError(
-                f"Refusing to save {name}: {bad} holds NaN/Inf values; the previous checkpoints are kept."
-            )
-        state = training_state(self, kind, gens)
-        state["domain"] = self.domain.state_dict()
-        if delay := self.faults.save_delay():
-            time.sleep(delay)
-        meta = {
-            "epoch": epoch,
-            "batch_in_epoch": batch_pos,
-            "global_step": self.global_step,
-            "kind": kind,
-            "train_seconds": round(state["train_seconds"], 2),
-        }
-        path = save_checkpoint(self.ckpt_dir / name, state, meta)
-        # Rotation only now that the new checkpoint (and its sidecar) is complete.
-        protect = {epoch_checkpoint_name(m) for m in self.milestones}
-        rotate_checkpoints(self.ckpt_dir, keep=self.tc.keep_last, protect=protect)
-        rotate_checkpoints(self.ckpt_dir, keep=self.tc.keep_last, pattern="checkpoint_*.pt")
-        thin_optimizer_states(self.ckpt_dir, self.tc.keep_optimizer_last)
-        log.info(
-            "Saved checkpoint %s (epoch %d, batch %d, step %d).", path, epoch, batch_pos, self.global_step
-        )
-        return path
+        return save_trainer_checkpoint(self, name, kind)
 
     # ----------------------------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -493,33 +441,7 @@ class Trainer:
         now = time.perf_counter()
         step_time = now - t0
         self.ips = b * self.grad_accum * self.dist.world_size / max(now - t_data, 1e-9)
-        lr = opt.param_groups[0]["lr"]
-        if self.monitor is not None:
-            self.monitor.set_status(epoch=self.epoch + 1)
-            self.monitor.log_step(
-                self.global_step,
-                losses={"total": self.last_loss, **self.loss_terms},
-                lrs={g.get("name", str(k)): g["lr"] for k, g in enumerate(opt.param_groups)},
-                lr=lr,
-                images_per_sec=self.ips,
-                step_time=step_time,
-                data_time=t0 - t_data,
-                grad_norm=float(grad_norm),
-                **domain_logs,
-            )
-            perf_log.info(
-                "step=%d epoch=%d batch=%d micro=%d accum=%d step_s=%.4f data_s=%.4f img_s=%.2f %s",
-                self.global_step,
-                self.epoch + 1,
-                self.batch_pos,
-                self.micro_batch,
-                self.grad_accum,
-                step_time,
-                t0 - t_data,
-                self.ips,
-                self.resources.brief(),
-            )
-        bar.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.ips:.1f}")
+        report_step(self, float(grad_norm), step_time, t0 - t_data, domain_logs, bar)
 
     def _at_boundary(self) -> bool:
         """After each optimizer step: remember the boundary, react to signals, periodic saves, max_steps."""
