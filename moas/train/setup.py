@@ -109,24 +109,22 @@ def _module_bytes(module: torch.nn.Module | None) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
 def checkpoint_size_estimate(t: Trainer) -> tuple[int, int]:
     """(bytes of a resumable checkpoint, bytes once its optimizer state is thinned away), estimated.
 
     Weights and the EMA copy, plus AdamW's two (three with AMSGrad) tensors per trainable weight, for the
     generator and the discriminator/enhancer when they train. Within a few per cent of the real files.
     """
-    d = t.domain
-    weights = _module_bytes(t.model) + _module_bytes(d.disc) + _module_bytes(d.enhancer)
+    side = [m for m in (t.domain.disc, t.domain.enhancer) if m is not None]
+    generator = _module_bytes(t.model)
+    thinned = 2 * generator + sum(_module_bytes(m) for m in side)  # the generator has an EMA copy
     moments = 3 if t.tc.amsgrad else 2
-    trainable = sum(p.numel() * p.element_size() for p in t.model.parameters() if p.requires_grad)
-    side = sum(
-        p.numel() * p.element_size() * 3  # the discriminator uses AMSGrad; the enhancer counted alike
-        for m in (d.disc, d.enhancer)
-        if m is not None
-        for p in m.parameters()
-    )
-    thinned = weights + _module_bytes(t.model)  # + the EMA copy of the generator
-    return thinned + moments * trainable + side, thinned
+    optimizer = moments * _param_bytes(t.model) + 3 * sum(_param_bytes(m) for m in side)  # side: AMSGrad
+    return thinned + optimizer, thinned
 
 
 def check_disk_space(t: Trainer) -> None:
