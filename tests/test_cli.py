@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from moas.cli import main
+from moas.config import load_config
 from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint, verify_checkpoint
 
 from .conftest import TINY_CONFIG, module_tmp
@@ -257,4 +259,17 @@ def test_kill_9_then_auto_resume(demo_dir, workdir):
         in resumed.stderr
         or "Resumed from" in resumed.stderr
     )
-    assert load_checkpoint(find_latest_checkpoint(workdir / "checkpoints"))["epoch"] == done + 1
+    final = load_checkpoint(find_latest_checkpoint(workdir / "checkpoints"))
+    assert final["epoch"] == done + 1
+    # The schedule follows the new run length: the lr is a fresh (done + 1)-epoch schedule's at this step.
+    from moas.train.schedule import WarmupCosineRestarts
+
+    tc = load_config(None, TINY_CONFIG, use_env=False).train
+    per_epoch = final["global_step"] // final["epoch"]
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=tc.lr)
+    fresh = WarmupCosineRestarts(
+        opt, done + 1, per_epoch, tc.warmup_fraction, tc.restart_fraction, tc.restart_mult, tc.eta_min
+    )
+    for _ in range(final["global_step"]):
+        fresh.step()
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(fresh.get_last_lr()[0], rel=1e-9)

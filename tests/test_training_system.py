@@ -9,9 +9,10 @@ import signal
 import pytest
 import torch
 
+from moas.data.sampler import BucketBatchSampler
 from moas.resources import EnhancedResourceManager, L3CacheManager
 from moas.train.adaptive import AdaptiveTrainingSystem
-from moas.train.batches import ResumableBatchSampler, UniformBatchPlan, epoch_seed
+from moas.train.batches import ResumableBatchSampler, steps_per_epoch
 from moas.train.distributed import context_from_env
 from moas.train.faults import FaultInjector
 from moas.train.hpo import BATCH_CHOICES, CONTINUOUS, AutomaticHyperparameterOptimizer, Trial
@@ -21,20 +22,41 @@ from moas.train.signals import GracefulStop
 
 
 def test_batch_plan_is_a_pure_function_of_seed_and_epoch():
-    plan = UniformBatchPlan(23, 4, seed=7)
-    a, b = plan.epoch_batches(3), UniformBatchPlan(23, 4, seed=7).epoch_batches(3)
-    assert a == b and a != plan.epoch_batches(4)
-    assert len(a) == 5 and all(len(x) == 4 for x in a)  # 23 // 4, last partial batch dropped
-    assert len({i for x in a for i in x}) == 20
-    # Halving the batch keeps the image order: an OOM-shrunk run sees the same images.
-    assert [i for x in UniformBatchPlan(24, 2, 7).epoch_batches(1) for i in x] == [
-        i for x in UniformBatchPlan(24, 4, 7).epoch_batches(1) for i in x
-    ]
-    assert epoch_seed(0, 1) != epoch_seed(1, 0)
+    """The plan production trains on (aspect buckets × sample weights, one unit per optimizer step)."""
+    buckets = [0] * 15 + [1] * 8  # two aspect buckets
+    weights = [1.0] * 20 + [2.0, 0.5, 0.0]
+    plan = BucketBatchSampler(buckets, weights, 4, seed=7)
+    a, b = plan.epoch_batches(3), BucketBatchSampler(buckets, weights, 4, seed=7).epoch_batches(3)
+    assert (
+        a == b
+        and a != plan.epoch_batches(4)
+        and a != BucketBatchSampler(buckets, weights, 4, 8).epoch_batches(3)
+    )
+    assert all(len(x) == 4 for x in a)  # the last batch of each bucket is filled, none dropped
+    assert all(len({buckets[i] for i in x}) == 1 for x in a)  # one image size per batch
+    assert 22 not in {i for x in a for i in x}  # weight 0: never drawn
+    seen = {i for x in a for i in x}
+    assert seen >= set(range(20)) | {20}  # every image of weight >= 1 appears in every epoch
+
+
+def test_a_smaller_micro_batch_trains_on_the_same_images_in_every_step():
+    """Out-of-memory recovery shrinks the micro-batch and raises accumulation: the plan (one unit per
+    optimizer step) must not change, so every step learns from the same images."""
+    plan = BucketBatchSampler([0] * 14 + [1] * 10, [1.0] * 24, 8, seed=3)  # 8 = micro 4 × accumulation 2
+    as_4 = list(ResumableBatchSampler(plan, 2, micro_batch=4))
+    as_2 = list(ResumableBatchSampler(plan, 2, micro_batch=2))
+    assert [len(b) for b in as_4] == [4] * len(as_4) and len(as_2) == 2 * len(as_4)
+    steps_4 = [sorted(as_4[k] + as_4[k + 1]) for k in range(0, len(as_4), 2)]
+    steps_2 = [sorted(sum(as_2[k : k + 4], [])) for k in range(0, len(as_2), 4)]
+    assert steps_4 == steps_2 == [sorted(u) for u in plan.epoch_batches(2)]
+    # Resuming after 3 micro-batches of 4 (12 images) = after 6 micro-batches of 2.
+    assert sum(ResumableBatchSampler(plan, 2, 3, micro_batch=4), []) == sum(
+        ResumableBatchSampler(plan, 2, 6, micro_batch=2), []
+    )
 
 
 def test_resumable_sampler_skips_and_shards_evenly():
-    plan = UniformBatchPlan(40, 4, seed=1)  # 10 batches
+    plan = BucketBatchSampler([0] * 40, [1.0] * 40, 4, seed=1)  # 10 batches
     full = plan.epoch_batches(0)
     assert list(ResumableBatchSampler(plan, 0, start_batch=7)) == full[7:]
     shards = [list(ResumableBatchSampler(plan, 0, rank=r, world_size=3)) for r in range(3)]
@@ -42,6 +64,7 @@ def test_resumable_sampler_skips_and_shards_evenly():
     flat = [tuple(b) for s in shards for b in s]
     assert len(set(flat)) == 9 and set(flat) <= {tuple(b) for b in full}
     assert len(ResumableBatchSampler(plan, 0, start_batch=2, rank=1, world_size=3)) == 1
+    assert steps_per_epoch(plan, 3) == 3 and steps_per_epoch(plan) == 10
     with pytest.raises(ValueError):
         ResumableBatchSampler(plan, 0, rank=3, world_size=3)
 

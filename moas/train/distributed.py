@@ -103,6 +103,20 @@ def average_gradients(params) -> None:
         offset += n
 
 
+def broadcast_from_main(tensors) -> None:
+    """Copy rank 0's values of ``tensors`` to every rank, in place (no-op when not distributed).
+
+    For state changed outside the optimizer, such as the continuous-learning controller's routing bias and
+    expert weights: DDP keeps parameters in step only through the gradients it averages."""
+    if not is_distributed():
+        return
+    for t in tensors:
+        buf = t.detach().to(_reduce_device())
+        dist.broadcast(buf, src=0)
+        with torch.no_grad():
+            t.copy_(buf.to(t.device))
+
+
 def context_from_env(environ: dict[str, str] | None = None) -> DistContext:
     env = os.environ if environ is None else environ
     try:

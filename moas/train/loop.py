@@ -16,7 +16,6 @@ also by the emergency paths (out of memory, signals, crashes), so every checkpoi
 from __future__ import annotations
 
 import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -41,10 +40,10 @@ from moas.resources import EnhancedResourceManager
 from moas.runtime import autocast_dtype, new_run_dir, resolve_device, seed_everything, set_threads
 from moas.train import faults
 from moas.train.adaptive import AdaptiveTrainingSystem
-from moas.train.batches import ResumableBatchSampler, batches_per_epoch
+from moas.train.batches import ResumableBatchSampler, steps_per_epoch
 from moas.train.checkpoint import epoch_checkpoint_name
 from moas.train.continuous import AdvancedContinuousLearning
-from moas.train.distributed import DistContext, init_distributed
+from moas.train.distributed import DistContext, broadcast_from_main, init_distributed
 from moas.train.domain import DomainTraining
 from moas.train.ema import EMA
 from moas.train.oom import is_oom, recover_from_oom
@@ -85,6 +84,38 @@ class TrainResult:
     micro_batch: int = 0
     grad_accum: int = 0
     last_model_path: Path | None = None  # the final weights; model_path is the best-scoring checkpoint
+
+
+@dataclass
+class StepDraws:
+    """Everything random in one optimizer step, drawn at its start for all its images, in this order: a
+    seed for torch's global RNG, condition dropout, style-token dropout, timesteps, noise."""
+
+    seed: int
+    drop: torch.Tensor  # (N,) bool: train on the null prompt
+    style_keep: torch.Tensor | None  # (N,) bool
+    t: torch.Tensor  # (N,)
+    noise: torch.Tensor  # (N, 3, H, W)
+
+    @classmethod
+    def draw(
+        cls,
+        gen: torch.Generator,
+        n: int,
+        shape: tuple[int, ...],
+        num_timesteps: int,
+        cond_dropout: float,
+        style_dropout: float | None,
+    ) -> StepDraws:
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        drop = torch.rand(n, generator=gen) < cond_dropout
+        style_keep = None if style_dropout is None else torch.rand(n, generator=gen) >= style_dropout
+        t = torch.randint(0, num_timesteps, (n,), generator=gen)
+        return cls(seed, drop, style_keep, t, torch.randn((n, *shape), generator=gen))
+
+    def rows(self, start: int, stop: int) -> StepDraws:
+        keep = None if self.style_keep is None else self.style_keep[start:stop]
+        return StepDraws(self.seed, self.drop[start:stop], keep, self.t[start:stop], self.noise[start:stop])
 
 
 class _OOMSignal(Exception):
@@ -146,13 +177,12 @@ class Trainer:
         per_rank = max(1, len(self.dataset) // self.dist.world_size)
         self.micro_batch = min(tc.batch_size, per_rank)
         self.grad_accum = tc.grad_accum_steps
-        batches = batches_per_epoch(self._plan(), self.dist.world_size)
-        if batches < 1:
+        self.steps_per_epoch = steps_per_epoch(self._plan(), self.dist.world_size)
+        if self.steps_per_epoch < 1:
             raise MoasError(
                 f"No full batch can be formed from {self.dataset.root} for {self.dist.world_size} process(es) "
                 "(too few images, or every sample weight is 0 — check multiply.txt files)."
             )
-        self.steps_per_epoch = math.ceil(batches / self.grad_accum)
         self.sched = WarmupCosineRestarts(
             self.opt,
             tc.epochs,
@@ -281,16 +311,21 @@ class Trainer:
         return self._finish()
 
     def _plan(self) -> BucketBatchSampler:
-        """The batch plan: aspect buckets and sample weights (issue 4), a pure function of (seed, epoch)."""
+        """The batch plan: one unit per optimizer step (micro-batch × accumulation images of one aspect
+        bucket, drawn by sample weight), a pure function of (seed, epoch) that a smaller micro-batch after
+        an out-of-memory error does not change."""
         return BucketBatchSampler(
-            self.dataset.bucket_ids, self.dataset.weights(), self.micro_batch, seed=self.tc.seed
+            self.dataset.bucket_ids,
+            self.dataset.weights(),
+            self.micro_batch * self.grad_accum,
+            seed=self.tc.seed,
         )
 
     def _run_epoch(self) -> bool:
         """Train from the current position to the end of the epoch; True when the run should stop."""
         tc, cfg = self.tc, self.cfg
         sampler = ResumableBatchSampler(
-            self._plan(), self.epoch, self.batch_pos, self.dist.rank, self.dist.world_size
+            self._plan(), self.epoch, self.batch_pos, self.dist.rank, self.dist.world_size, self.micro_batch
         )
         n_batches = len(sampler.batches)
         kw = loader_kwargs(loader_workers(cfg.data.num_workers, cfg.resources.loader_workers), self.device)
@@ -315,8 +350,10 @@ class Trainer:
             i = self.batch_pos
             try:
                 self.faults.next_batch()
-                loss = self._micro_step(
-                    batch, last_of_group=(i + 1) % self.grad_accum == 0 or i + 1 == n_batches
+                if i % self.grad_accum == 0:
+                    group_loss = 0.0
+                group_loss += (
+                    self._micro_step(batch, last_of_group=(i + 1) % self.grad_accum == 0) / self.grad_accum
                 )
             except Exception as exc:
                 if not is_oom(exc):
@@ -325,9 +362,9 @@ class Trainer:
                 bar.close()
                 raise _OOMSignal from None
             self.batch_pos += 1
-            if (i + 1) % self.grad_accum and i + 1 != n_batches:
+            if (i + 1) % self.grad_accum:
                 continue
-            self._optimizer_step(loss, batch["pixels"].shape[0], t0, t_data, bar)
+            self._optimizer_step(group_loss, batch["pixels"].shape[0], t0, t_data, bar)
             stop = self._at_boundary()
             if stop:
                 break
@@ -341,15 +378,26 @@ class Trainer:
 
     def _micro_step(self, batch: dict, last_of_group: bool) -> float:
         """Forward + backward of one micro-batch; returns its loss (NaN when it was not finite)."""
-        device, gen, schedule = self.device, self.gen, self.schedule
-        # Dropout (the brain's) and the issue-5 degradations draw from torch's global RNG. Reseeding it from
-        # the checkpointed step stream makes them a function of that stream alone, so a resumed run draws
-        # the same masks as an uninterrupted one whatever consumed the global RNG in between (sample grids,
-        # validation and eval at checkpoints).
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        device, schedule = self.device, self.schedule
         x0 = to_model_range(batch["pixels"]).to(device)  # (B, 3, H, W)
         b = x0.shape[0]
-        drop = torch.rand(b, generator=gen) < self.cfg.diffusion.cond_dropout  # (B,)
+        j = self.batch_pos % self.grad_accum  # this micro-batch's place in the optimizer step
+        if j == 0:  # the whole step's random numbers at once: a smaller micro-batch gets the same ones
+            self.draws = StepDraws.draw(
+                self.gen,
+                b * self.grad_accum,
+                tuple(x0.shape[1:]),
+                schedule.num_timesteps,
+                self.cfg.diffusion.cond_dropout,
+                self.cfg.data.style_dropout if "style" in batch else None,
+            )
+        d = self.draws.rows(j * b, (j + 1) * b)
+        # Dropout (the brain's) and the degradations draw from torch's global RNG. Reseeding it from the
+        # checkpointed step stream makes them a function of that stream alone, so a resumed run draws the
+        # same masks as an uninterrupted one whatever consumed the global RNG in between (sample grids,
+        # validation and eval at checkpoints).
+        torch.manual_seed(d.seed + j)
+        drop = d.drop  # (B,)
         captions = [
             self.augment(c, self.tc.seed, self.epoch, int(j))
             for c, j in zip(batch["captions"], batch["index"], strict=True)
@@ -357,14 +405,14 @@ class Trainer:
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         text = self.bank.batch(captions, device, cache=not self.augment.active)
         text.update(language_batch(captions, device))  # the story expert's language
-        if "style" in batch:  # issue 4's style token, hidden for style_dropout of the rows
-            keep = batch["has_style"] & (torch.rand(b, generator=gen) >= self.cfg.data.style_dropout)  # (B,)
+        if "style" in batch:  # the style token, hidden for style_dropout of the rows
+            keep = batch["has_style"] & d.style_keep  # (B,)
             text.update({"style": batch["style"].to(device), "style_mask": keep.to(device)})
         keep = memory_keep(drop, captions, list(batch["captions"]))  # memory goes with the text
         panel_in = self.panels.inputs(batch, keep, device)
         text.update(panel_in)
-        t = torch.randint(0, schedule.num_timesteps, (b,), generator=gen).to(device)  # (B,)
-        noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, 3, H, W)
+        t = d.t.to(device)  # (B,)
+        noise = d.noise.to(device)  # (B, 3, H, W)
         x_t = schedule.add_noise(x0, noise, t)
         sync = nullcontext() if last_of_group or not self.dist.enabled else self.ddp_model.no_sync()
         with sync:
@@ -468,6 +516,7 @@ class Trainer:
         moe = self.model.stage("moe")
         if self.continuous is not None and moe is not None:  # between epochs, no gradients
             self.continuous.update(moe)
+            broadcast_from_main([moe.balance_bias, moe.experts.expert_weights])  # rank 0's adjustment
             self.ema.model.stage("moe").balance_bias.copy_(moe.balance_bias)  # keep the last adjustment
         if self.monitor is not None:
             self.monitor.log_brain(self.global_step, self.model)

@@ -49,6 +49,8 @@ class WarmupCosineRestarts:
         return {"step_count": self.step_count, "cosine": self.cosine.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.cosine.load_state_dict(state["cosine"])
+        """Continue at the saved step. The place on the curve is recomputed from this schedule's own length
+        and learning rate (not the saved cosine state), so a run resumed with another ``--epochs`` follows
+        the schedule of its new length; with the same settings it continues exactly."""
         self.step_count = int(state["step_count"])
         self._apply()
