@@ -35,8 +35,8 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from moas.config import load_config  # noqa: E402
-from moas.models.experts import language_batch  # noqa: E402
 from moas.models.generator import MoasGenerator, brain_aux_loss  # noqa: E402
+from moas.text.language import language_batch  # noqa: E402
 from moas.train.optim import adamw  # noqa: E402
 
 CAPTIONS = [
@@ -128,7 +128,7 @@ def measure_steps(profile: str, iters: int, encoder, batch: int | None = None) -
 @torch.no_grad()
 def routing_report(model_path: str, data_dir: str, max_captions: int = 0) -> dict:
     from moas.data.dataset import ArtDataset
-    from moas.pipeline import Pipeline
+    from moas.inference.pipeline import Pipeline
 
     pipe = Pipeline.from_file(model_path, torch.device("cpu"))
     ds = ArtDataset(Path(data_dir) / "train", pipe.resolution, None)
@@ -248,7 +248,7 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(a.threads, os.cpu_count() or 1)))
     if a.cmd == "steps":
-        from moas.text import TextEncoder
+        from moas.text.encoder import TextEncoder
 
         encoder = TextEncoder()
         rows = [measure_steps(p, a.iters, encoder) for p in a.profiles]

@@ -29,9 +29,9 @@ from tqdm.auto import tqdm  # noqa: E402
 from moas.config import load_config  # noqa: E402
 from moas.data.dataset import ArtDataset, collate, to_model_range  # noqa: E402
 from moas.data.synthetic import generate_demo_dataset  # noqa: E402
+from moas.device import seed_everything, set_threads  # noqa: E402
 from moas.losses import ssim  # noqa: E402
 from moas.models.superres import bicubic  # noqa: E402
-from moas.runtime import seed_everything, set_threads  # noqa: E402
 from moas.train.degrade import degrade  # noqa: E402
 from moas.train.domain import DomainTraining  # noqa: E402
 

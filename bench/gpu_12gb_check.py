@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moas.checkpoint import verify_checkpoint  # noqa: E402
 from moas.config import load_config  # noqa: E402
-from moas.runtime import setup_logging  # noqa: E402
-from moas.train.checkpoint import verify_checkpoint  # noqa: E402
+from moas.monitor.logs import setup_logging  # noqa: E402
 from moas.train.loop import Trainer  # noqa: E402
 
 GB = 1024**3

@@ -24,12 +24,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+from moas.checkpoint import load_checkpoint  # noqa: E402
 from moas.config import load_config, tomllib  # noqa: E402
 from moas.data.synthetic import generate_demo_dataset  # noqa: E402
-from moas.evaluate import run_eval  # noqa: E402
-from moas.pipeline import Pipeline  # noqa: E402
-from moas.runtime import setup_logging  # noqa: E402
-from moas.train.checkpoint import load_checkpoint, read_sidecar  # noqa: E402
+from moas.eval.evaluate import run_eval  # noqa: E402
+from moas.inference.pipeline import Pipeline  # noqa: E402
+from moas.io import read_sidecar  # noqa: E402
+from moas.monitor.logs import setup_logging  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 
 

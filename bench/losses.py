@@ -31,12 +31,12 @@ from moas.config import load_config  # noqa: E402
 from moas.data.dataset import ArtDataset, to_model_range  # noqa: E402
 from moas.data.synthetic import generate_demo_dataset  # noqa: E402
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler  # noqa: E402
-from moas.evaluate import run_eval  # noqa: E402
+from moas.eval.evaluate import run_eval  # noqa: E402
+from moas.inference.pipeline import Pipeline  # noqa: E402
 from moas.losses import sobel_magnitude  # noqa: E402
 from moas.models.generator import MoasGenerator  # noqa: E402
-from moas.pipeline import Pipeline  # noqa: E402
-from moas.runtime import setup_logging  # noqa: E402
-from moas.text import TextEncoder  # noqa: E402
+from moas.monitor.logs import setup_logging  # noqa: E402
+from moas.text.encoder import TextEncoder  # noqa: E402
 from moas.train.domain import DomainTraining  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 

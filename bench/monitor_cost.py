@@ -28,8 +28,8 @@ def main() -> None:
     out = Path(a.out).resolve()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import moas.monitor as mon
-    import moas.train.validate as val
+    import moas.eval.validate as val
+    import moas.monitor.run_monitor as mon
     from moas.config import load_config
     from moas.data.synthetic import generate_demo_dataset
     from moas.train.loop import train

@@ -54,15 +54,15 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from moas.attributes import measure_attributes  # noqa: E402
 from moas.config import load_config, tomllib  # noqa: E402
 from moas.data.dataset import center_crop_resize, to_model_range  # noqa: E402
 from moas.data.synthetic import EYE_COLORS, HAIR_COLORS, generate_demo_dataset, held_out_pairs  # noqa: E402
 from moas.data.synthetic_panels import write_sequences  # noqa: E402
+from moas.eval.attributes import measure_attributes  # noqa: E402
+from moas.inference.pipeline import Pipeline  # noqa: E402
+from moas.io import read_sidecar  # noqa: E402
 from moas.losses.temporal import sequence_metrics  # noqa: E402
-from moas.pipeline import Pipeline  # noqa: E402
-from moas.runtime import setup_logging  # noqa: E402
-from moas.train.checkpoint import read_sidecar  # noqa: E402
+from moas.monitor.logs import setup_logging  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 
 N_PANELS = 3  # panels generated per eval sequence (every demo sequence has at least 3)

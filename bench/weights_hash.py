@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from moas.config import load_config  # noqa: E402
 from moas.data.synthetic import generate_demo_dataset  # noqa: E402
-from moas.runtime import setup_logging  # noqa: E402
+from moas.monitor.logs import setup_logging  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 
 TINY = Path(__file__).resolve().parent.parent / "tests" / "tiny.toml"

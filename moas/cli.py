@@ -53,14 +53,14 @@ def cmd_train(a: argparse.Namespace) -> int:
         print(cfg.to_toml())
         return 0
     from moas.doctor import run_checks
-    from moas.runtime import setup_logging
+    from moas.monitor.logs import setup_logging
     from moas.train.distributed import context_from_env, shutdown_distributed
     from moas.train.loop import train
 
     main_rank = context_from_env().is_main
     setup_logging(cfg.train.log_dir if main_rank else None, a.verbose, quiet_console=not main_rank)
     if cfg.monitor.sample_prompts:  # a bad prompts file fails before any data is read
-        from moas.sample_prompts import read_sample_prompts
+        from moas.monitor.sample_prompts import read_sample_prompts
 
         read_sample_prompts(cfg.monitor.sample_prompts)
     if main_rank:
@@ -88,14 +88,14 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def _load_pipeline(model: str, device: str):
-    from moas.pipeline import Pipeline
-    from moas.runtime import resolve_device
+    from moas.device import resolve_device
+    from moas.inference.pipeline import Pipeline
 
     return Pipeline.from_file(model, resolve_device(device))
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from moas.generate import GenerateRequest, generate, validate_request
+    from moas.inference.generate import GenerateRequest, generate, validate_request
 
     req = GenerateRequest(
         prompt=a.prompt or "",
@@ -122,7 +122,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     req.guidance_scale = a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0)
     req.sampler = a.sampler or sc.get("sampler", "dpmsolver++")
     if req.panels is not None:
-        from moas.generate import describe_metric, generate_panels
+        from moas.inference.generate import describe_metric, generate_panels
 
         paths, report = generate_panels(
             pipe, req, a.output, Path(a.model).stem, progress=not a.quiet and sys.stderr.isatty()
@@ -138,7 +138,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_edit(a: argparse.Namespace) -> int:
-    from moas.edit import EditRequest, edit, parse_outpaint
+    from moas.inference.edit import EditRequest, edit, parse_outpaint
 
     if a.steps < 1 or a.steps > 1000 or a.resample < 1:
         raise MoasError("--steps must be between 1 and 1000 and --resample at least 1.")
@@ -195,7 +195,7 @@ def cmd_make_data(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from moas.evaluate import run_eval, summary, write_json
+    from moas.eval.evaluate import run_eval, summary, write_json
 
     if a.n < 1:
         raise MoasError("--n must be at least 1.")
@@ -280,7 +280,7 @@ def cmd_download(a: argparse.Namespace) -> int:
 
 def cmd_tune(a: argparse.Namespace) -> int:
     from moas.config import load_config
-    from moas.runtime import setup_logging
+    from moas.monitor.logs import setup_logging
     from moas.train.hpo import results_table, tune
 
     cfg = load_config(a.profile, a.config, _train_overrides(a))
@@ -294,7 +294,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
 def cmd_doctor(a: argparse.Namespace) -> int:
     from moas.config import load_config
     from moas.doctor import format_table, run_checks
-    from moas.runtime import setup_logging
+    from moas.monitor.logs import setup_logging
 
     cfg = load_config(a.profile, a.config, _train_overrides(a))
     setup_logging(cfg.train.log_dir, a.verbose)
@@ -304,7 +304,7 @@ def cmd_doctor(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from moas.system import MultiverseOriginStudioAI
+    from moas.studio import MultiverseOriginStudioAI
 
     if a.model:
         if a.profile or a.config or a.conditioning or a.gnn_version:
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if a.command not in ("train", "doctor", "tune"):
-        from moas.runtime import setup_logging
+        from moas.monitor.logs import setup_logging
 
         setup_logging(None, a.verbose)
     try:

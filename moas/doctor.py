@@ -97,7 +97,7 @@ def _text(cfg: MoasConfig) -> Check:
 
 
 def _resume(cfg: MoasConfig) -> Check:
-    from moas.train.checkpoint import find_latest_checkpoint
+    from moas.train.rotation import find_latest_checkpoint
 
     d = Path(cfg.train.checkpoint_dir)
     if not d.is_dir():

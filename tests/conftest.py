@@ -44,7 +44,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def text_encoder():
-    from moas.text import TextEncoder
+    from moas.text.encoder import TextEncoder
 
     return TextEncoder()
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from moas import attributes as attr
 from moas.data import synthetic as syn
 from moas.errors import DataError
+from moas.eval import attributes as attr
 
 ATTRS = ("hair_color", "eye_color", "background")
 

@@ -10,12 +10,13 @@ from torch import nn
 
 from moas.config import BrainConfig, ModelConfig, TextConfig, load_config
 from moas.errors import ConfigError, DataFlowError
+from moas.models.art_experts import MultiLanguageStorySystem, StructureGenerator
 from moas.models.compression import AdvancedCompressionSystem, quantize_8bit
-from moas.models.experts import LANGUAGES, MultiLanguageStorySystem, StructureGenerator, detect_language
 from moas.models.generator import MoasGenerator, brain_aux_loss
 from moas.models.understanding import EMOTIONS, DeepUnderstandingSystem, EmotionalArtisticUnderstanding
 from moas.models.vision import VisionEncoder
-from moas.system import MultiverseOriginStudioAI
+from moas.studio import MultiverseOriginStudioAI
+from moas.text.language import LANGUAGES, detect_language
 
 from .conftest import TINY_CONFIG
 

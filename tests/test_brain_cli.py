@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from moas.checkpoint import load_checkpoint
 from moas.cli import main
-from moas.train.checkpoint import load_checkpoint
 
 from .conftest import TINY_CONFIG, module_tmp
 

@@ -18,22 +18,12 @@ import numpy as np
 import pytest
 import torch
 
+from moas import io as moas_io
+from moas.checkpoint import epoch_checkpoint_name, load_checkpoint, save_checkpoint, verify_checkpoint
 from moas.errors import CheckpointError
-from moas.train import checkpoint as ckpt
-from moas.train.checkpoint import (
-    atomic_write_bytes,
-    capture_rng_state,
-    epoch_checkpoint_name,
-    file_sha256,
-    find_latest_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    rotate_checkpoints,
-    save_checkpoint,
-    short_hash,
-    sidecar_path,
-    verify_checkpoint,
-)
+from moas.io import atomic_write_bytes, file_sha256, short_hash, sidecar_path
+from moas.train.rng import capture_rng_state, restore_rng_state
+from moas.train.rotation import find_latest_checkpoint, rotate_checkpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +145,7 @@ def test_missing_sidecar_loads_with_warning(tmp_path: Path, caplog: pytest.LogCa
     path = _save_epoch(tmp_path, 3)
     sidecar_path(path).unlink()
     assert not verify_checkpoint(path)
-    with caplog.at_level(logging.WARNING, logger="moas.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="moas.checkpoint"):
         assert load_checkpoint(path)["epoch"] == 3
     assert any("integrity" in r.getMessage() for r in caplog.records)
 
@@ -175,7 +165,7 @@ def test_sidecar_mismatch_is_skipped_by_find_latest(tmp_path: Path, caplog: pyte
     data[len(data) // 2] ^= 0xFF  # same size, different content
     newer.write_bytes(bytes(data))
     assert verify_checkpoint(older) and not verify_checkpoint(newer)
-    with caplog.at_level(logging.WARNING, logger="moas.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="moas.train.rotation"):
         assert find_latest_checkpoint(tmp_path) == older
     assert any(newer.name in r.getMessage() for r in caplog.records)
 
@@ -211,14 +201,14 @@ def test_stray_temp_files_are_ignored_and_cleaned(tmp_path: Path) -> None:
 
 def test_crash_between_data_and_sidecar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     older = _save_epoch(tmp_path, 1)
-    real_write = ckpt.atomic_write_bytes
+    real_write = moas_io.atomic_write_bytes
 
     def failing_sidecar_write(path, data):
         if str(path).endswith(".json"):
             raise OSError(errno.EIO, "simulated crash")
         real_write(path, data)
 
-    monkeypatch.setattr(ckpt, "atomic_write_bytes", failing_sidecar_write)
+    monkeypatch.setattr(moas_io, "atomic_write_bytes", failing_sidecar_write)
     with pytest.raises(CheckpointError, match="Could not write checkpoint"):
         _save_epoch(tmp_path, 2)
     monkeypatch.undo()

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from moas.checkpoint import load_checkpoint, verify_checkpoint
 from moas.cli import main
 from moas.config import load_config
-from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint, verify_checkpoint
+from moas.train.rotation import find_latest_checkpoint
 
 from .conftest import TINY_CONFIG, module_tmp
 

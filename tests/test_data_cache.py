@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from moas.data import dataset as ds
+from moas.data.artist_style import STYLE_DIM
 from moas.data.cache import CACHE_VERSION
 from moas.data.dataset import ArtDataset
-from moas.data.style import STYLE_DIM
-from moas.text import TextEncoder
+from moas.text.encoder import TextEncoder
 
 
 def _mk(p: Path) -> Path:
@@ -114,8 +114,8 @@ count = [0]
 def dying_write(path, data):
     count[0] += 1
     if count[0] == 3:  # third entry: write half of it in place of the temp file, then die
-        from moas.train import checkpoint
-        with checkpoint.atomic_open(path) as f:
+        from moas.io import atomic_open
+        with atomic_open(path) as f:
             f.write(data[: len(data) // 2]); f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
     real(path, data)

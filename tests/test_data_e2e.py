@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from moas.checkpoint import load_checkpoint
 from moas.cli import main
 from moas.data.dataset import ArtDataset, smart_collate_fn
 from moas.data.loader import loader_kwargs
 from moas.data.sampler import BucketBatchSampler
-from moas.train.checkpoint import load_checkpoint
 
 from .conftest import TINY_CONFIG
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+from moas.data.artist_style import STYLE_DIM, ArtistStyleDatabase, StyleAnalyzer, style_key
 from moas.data.buckets import bucket_step, make_buckets, nearest_bucket
 from moas.data.captions import CaptionAugment, read_caption
 from moas.data.dataset import ArtDataset, center_crop_resize, smart_collate_fn
 from moas.data.embeddings import STAT_FEATURES, _create_hash_embedding, _create_image_stat_embedding
 from moas.data.sampler import BucketBatchSampler, repeat_count, sample_weights
-from moas.data.style import STYLE_DIM, ArtistStyleDatabase, StyleAnalyzer, style_key
 from moas.errors import MoasError
-from moas.models.style import DesignStyleSupportSystem
+from moas.models.style_token import DesignStyleSupportSystem
 
 EMBED_SCRIPT = """
 import sys, torch
@@ -233,9 +233,9 @@ def test_pipeline_style_selection_errors():
     from dataclasses import asdict
 
     from moas.config import DiffusionConfig, TextConfig
+    from moas.inference.pipeline import Pipeline
     from moas.models.generator import MoasGenerator
-    from moas.pipeline import Pipeline
-    from moas.text import TextEncoder
+    from moas.text.encoder import TextEncoder
 
     model_args = dict(block_channels=[32, 32], cross_attention=[False, True], attention_head_dim=16)
     enc = TextEncoder(None, allow_bundled=False)

@@ -9,8 +9,8 @@ from collections import namedtuple
 import pytest
 
 from moas.errors import MoasError
+from moas.io import read_sidecar
 from moas.train import setup
-from moas.train.checkpoint import read_sidecar
 from moas.train.loop import Trainer, train
 
 from .test_resume import tiny

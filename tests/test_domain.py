@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from moas.checkpoint import load_checkpoint
 from moas.cli import main
 from moas.config import load_config
 from moas.data.dataset import ArtDataset, to_model_range
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
-from moas.train.checkpoint import load_checkpoint
 from moas.train.domain import DomainTraining
 
 from .conftest import TINY_CONFIG

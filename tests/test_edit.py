@@ -12,11 +12,11 @@ from PIL import Image
 from moas.config import DiffusionConfig, ModelConfig, TextConfig
 from moas.diffusion.inpaint import repaint
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
-from moas.edit import EditRequest, edit, parse_outpaint, working_size
 from moas.errors import DataError, MoasError
+from moas.inference.edit import EditRequest, edit, parse_outpaint, working_size
+from moas.inference.pipeline import Pipeline
 from moas.losses.seam import attention_edge_loss, overlap_loss, overlap_zone, seam_metrics
 from moas.models.generator import MoasGenerator
-from moas.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")

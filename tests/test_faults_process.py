@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from moas.checkpoint import load_checkpoint, verify_checkpoint
 from moas.config import load_config
-from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint, verify_checkpoint
 from moas.train.loop import train
+from moas.train.rotation import find_latest_checkpoint
 
 from .conftest import TINY_CONFIG
 

@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 
 from moas.errors import MoasError
-from moas.generate import (
+from moas.inference.generate import (
     GenerateRequest,
     output_paths,
     parameters_text,

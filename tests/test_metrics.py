@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from moas.errors import ConfigError
-from moas.metrics import MEASURES, ValidationMetrics, art_measurements, psnr, ssim
-from moas.progress import PANELS, TrainingHistory, visualize_training_progress
-from moas.quality import creativity, quality_parts, quality_score
-from moas.sample_prompts import read_sample_prompts
+from moas.eval.metrics import MEASURES, ValidationMetrics, art_measurements, psnr, ssim
+from moas.eval.quality import creativity, quality_parts, quality_score
+from moas.monitor.progress import PANELS, TrainingHistory, visualize_training_progress
+from moas.monitor.sample_prompts import read_sample_prompts
 
 
 def smooth_images(b: int = 2, size: int = 32) -> torch.Tensor:
@@ -152,7 +152,7 @@ def test_progress_chart_has_nine_panels(tmp_path):
 def test_dashboard_text_and_plain_lines(tmp_path):
     import io
 
-    from moas.dashboard import Dashboard, print_progress_dashboard, render_dashboard
+    from moas.monitor.dashboard import Dashboard, print_progress_dashboard, render_dashboard
 
     h = TrainingHistory()
     h.status.update(epoch=3, epochs=10, step=30, total_steps=100, session_start_step=0)
@@ -181,7 +181,7 @@ def test_dashboard_text_and_plain_lines(tmp_path):
 
 def test_split_holdout_is_fixed_by_seed_and_disjoint(demo_dir):
     from moas.data.dataset import ArtDataset
-    from moas.train.validate import split_holdout
+    from moas.eval.validate import split_holdout
 
     ds = ArtDataset(demo_dir / "train", 16, None)
     tr, va = split_holdout(ds, 0.2, seed=5, min_images=20)
@@ -195,8 +195,8 @@ def test_split_holdout_is_fixed_by_seed_and_disjoint(demo_dir):
 
 
 def test_best_model_keeper_keeps_highest_score(tmp_path):
-    from moas.train.best import BestModelKeeper, model_quality_score
-    from moas.train.checkpoint import load_checkpoint
+    from moas.checkpoint import load_checkpoint
+    from moas.eval.best import BestModelKeeper, model_quality_score
 
     assert model_quality_score({"demo_accuracy": None, "prompt_adherence": 0.6, "ssim": 0.3}) == (
         0.6,
@@ -219,7 +219,7 @@ def test_best_model_keeper_keeps_highest_score(tmp_path):
 
 def test_only_rank0_writes(tmp_path, monkeypatch):
     from moas.config import MoasConfig
-    from moas.monitor import RunMonitor
+    from moas.monitor.run_monitor import RunMonitor
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)

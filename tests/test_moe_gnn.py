@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moas.models.experts_batched import BatchedExperts, EnhancedExpertAgent
+from moas.models.expert_agents import BatchedExperts, EnhancedExpertAgent
 from moas.models.gnn import EnhancedGNN
 from moas.models.moe import EXPERT_NAMES, EnhancedMoE, describe_routing
 from moas.train.continuous import AdvancedContinuousLearning

@@ -161,9 +161,9 @@ def test_redirected_output_has_dashboard_lines_and_no_control_codes(run):
 
 
 def test_best_checkpoint_has_highest_heldout_accuracy(run):
-    from moas.evaluate import run_eval
-    from moas.pipeline import Pipeline
-    from moas.train.checkpoint import load_checkpoint
+    from moas.checkpoint import load_checkpoint
+    from moas.eval.evaluate import run_eval
+    from moas.inference.pipeline import Pipeline
 
     run_dir = next((run / "runs").iterdir())
     best = json.loads((run_dir / "best_steps.json").read_text())
@@ -245,7 +245,7 @@ def test_blacklisted_prompt_refused_unless_opted_in(run, monkeypatch, capsys):
 
 
 def test_keep_best_keeps_exactly_k_best_first(run, monkeypatch, capsys):
-    from moas.quality import quality_score
+    from moas.eval.quality import quality_score
 
     monkeypatch.chdir(run)
     args = ["generate", "--prompt", "1girl, red hair, forest", "--seed", "3", "--quiet"]

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from moas.data.dataset import ArtDataset, panel_links, smart_collate_fn
+from moas.eval.validate import split_holdout
 from moas.losses.temporal import TemporalConsistencyLoss, sequence_metrics, temporal_terms
-from moas.models.experts_batched import BatchedExperts
+from moas.models.expert_agents import BatchedExperts
 from moas.models.generator import MoasGenerator
 from moas.models.moe import EXPERT_NAMES
-from moas.models.panels import PanelMemory
-from moas.train.panels import memory_keep
-from moas.train.validate import split_holdout
+from moas.models.panel_memory import PanelMemory
+from moas.train.sequences import memory_keep
 
 from .test_brain import TEXT, UNET, text_batch, tiny_brain
 

@@ -9,14 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+from moas.checkpoint import load_checkpoint
 from moas.cli import main
 from moas.config import load_config
 from moas.data.synthetic import generate_demo_dataset
+from moas.inference.pipeline import Pipeline
 from moas.models.moe import EXPERT_NAMES
-from moas.pipeline import Pipeline
-from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint
 from moas.train.loop import Trainer, train
-from moas.train.panels import panel_parameters
+from moas.train.rotation import find_latest_checkpoint
+from moas.train.sequences import panel_parameters
 
 from .conftest import TINY_CONFIG
 

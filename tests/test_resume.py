@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from moas import checkpoint as ckpt_mod
+from moas.checkpoint import load_checkpoint, verify_checkpoint
 from moas.config import load_config
 from moas.errors import CheckpointError, MoasError
-from moas.train import checkpoint as ckpt_mod
-from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint, verify_checkpoint
 from moas.train.loop import Trainer, train
+from moas.train.rng import nonfinite_tensor
+from moas.train.rotation import find_latest_checkpoint
 from moas.train.signals import TrainingInterrupted
 
 from .conftest import TINY_CONFIG, module_tmp
@@ -175,7 +177,7 @@ def test_non_finite_step_is_skipped_and_never_saved(tmp_path, demo_dir, monkeypa
     assert r.skipped_steps == 1 and r.global_step == 4
     for p in sorted((tmp_path / "ckpt").glob("*.pt")):
         state = load_checkpoint(p)
-        assert ckpt_mod.nonfinite_tensor(state) is None, p
+        assert nonfinite_tensor(state) is None, p
     assert load_checkpoint(find_latest_checkpoint(tmp_path / "ckpt"))["skipped_steps"] == 1
 
 
@@ -261,7 +263,7 @@ def test_signal_saves_at_the_step_boundary_and_exits_128_plus_n(tmp_path, demo_d
 
 
 def test_unrecoverable_error_writes_emergency_checkpoint_and_error_log(tmp_path, demo_dir, monkeypatch):
-    from moas.runtime import setup_logging
+    from moas.monitor.logs import setup_logging
 
     setup_logging(tmp_path / "logs")
     monkeypatch.setenv("MOAS_INJECT", "crash@5")  # micro-batch 5: after two optimizer steps

@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from moas.errors import TextEncoderError
-from moas.text import (
-    BUNDLED_ID,
-    HASH_ID,
-    TextEncoder,
-    _create_hash_embedding,
-    _hash_bits,
-    split_tags,
-)
+from moas.text.encoder import BUNDLED_ID, HASH_ID, TextEncoder, split_tags
+from moas.text.hashing import _create_hash_embedding, _hash_bits
 
 MISSING_MODEL = "sentence-transformers/moas-test-model-that-does-not-exist"
 PROMPTS = [
@@ -59,7 +53,7 @@ def test_bundled_minilm_used_when_configured_model_absent(st_encoder: TextEncode
 
 
 def test_chain_logs_choice_and_reason(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="moas.text"):
+    with caplog.at_level(logging.INFO, logger="moas.text.encoder"):
         enc = TextEncoder(model_name=MISSING_MODEL)  # models are cached per process: cheap
     assert enc.encoder_id == BUNDLED_ID
     text = caplog.text

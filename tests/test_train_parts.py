@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from moas.data.textbank import TextBank
+from moas.text.bank import TextBank
 from moas.train.ema import EMA
 from moas.train.loop import milestone_epochs
 from moas.train.schedule import WarmupCosineRestarts

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from moas.data.artist_style import STYLE_DIM
 from moas.data.embeddings import IMAGE_EMBED_DIM
-from moas.data.style import STYLE_DIM
-from moas.train.checkpoint import atomic_write_bytes
+from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -34,15 +34,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from moas.data.artist_style import STYLE_DIM, ArtistStyleDatabase, StyleAnalyzer, style_key
 from moas.data.buckets import make_buckets, nearest_bucket
 from moas.data.cache import cache_key, entry_path, load_entry, save_entry
 from moas.data.captions import CAPTION_SUFFIXES, read_caption
 from moas.data.embeddings import _create_image_stat_embedding
 from moas.data.images import load_image, scan_image_files
 from moas.data.sampler import sample_weights
-from moas.data.style import STYLE_DIM, ArtistStyleDatabase, StyleAnalyzer, style_key
 from moas.errors import DataError, ImageDecodeError
-from moas.train.checkpoint import atomic_write_bytes, clean_stray_temp_files
+from moas.io import atomic_write_bytes, clean_stray_temp_files
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from urllib3.util import Retry
 from moas.data.filters import QualityThresholds, md5_many, quality_reason
 from moas.data.images import ALLOWED_FORMATS, load_image, scan_image_files, sniff_format
 from moas.errors import ImageDecodeError, MoasError
+from moas.io import atomic_write_bytes
 from moas.safety import is_nsfw
-from moas.train.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

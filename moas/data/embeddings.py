@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moas.text import _create_hash_embedding
+from moas.text.hashing import _create_hash_embedding
 
 __all__ = ["IMAGE_EMBED_DIM", "STAT_FEATURES", "_create_hash_embedding", "_create_image_stat_embedding"]
 

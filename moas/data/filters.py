@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from moas.data.captions import CAPTION_SUFFIXES
 from moas.data.images import load_image, scan_image_files
 from moas.errors import DataError, ImageDecodeError
-from moas.train.checkpoint import atomic_write_bytes
+from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -66,6 +66,8 @@ class DiffusionObjective:
         else:
             with autocast():
                 pred, aux = model(x_t, t, cond)
-        per_sample = F.mse_loss(pred.float(), s.target(x0, noise, t), reduction="none").mean((1, 2, 3))  # (B,)
+        per_sample = F.mse_loss(pred.float(), s.target(x0, noise, t), reduction="none").mean(
+            (1, 2, 3)
+        )  # (B,)
         weighted = per_sample * s.loss_weight(t)  # (B,)
         return ObjectiveOutput(weighted.mean(), weighted, per_sample, aux, x_t, pred, t)

@@ -26,10 +26,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from moas.models.bridge import ContextBridge, DimensionBridge, MemoryBridge
-from moas.models.compression import AdvancedCompressionSystem
-from moas.models.conditioning import CONTEXT_DIM, ConditioningEncoder
-from moas.models.experts import (
+from moas.models.art_experts import (
     AdvancedCameraExpert,
     AdvancedColorExpert,
     AdvancedLineArtExpert,
@@ -37,9 +34,12 @@ from moas.models.experts import (
     MultiLanguageStorySystem,
     StructureGenerator,
 )
+from moas.models.bridge import ContextBridge, DimensionBridge, MemoryBridge
+from moas.models.compression import AdvancedCompressionSystem
+from moas.models.conditioning import CONTEXT_DIM, ConditioningEncoder
 from moas.models.gnn import GNN_VERSIONS, EnhancedGNN
 from moas.models.moe import EnhancedMoE
-from moas.models.panels import PanelMemory
+from moas.models.panel_memory import PanelMemory
 from moas.models.understanding import DeepUnderstandingSystem, EmotionalArtisticUnderstanding
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from moas.config import BrainConfig, ModelConfig, TextConfig
 from moas.models.brain import BrainArgs, install_brain
 from moas.models.conditioning import ConditioningEncoder
-from moas.models.style import DesignStyleSupportSystem
+from moas.models.style_token import DesignStyleSupportSystem
 from moas.models.unet import DiffusionModel
 
 TEXT_KEYS = ("tokens", "mask", "tags", "tag_mask")

@@ -32,7 +32,7 @@ from collections import deque
 import torch
 from torch import nn
 
-from moas.models.experts_batched import BatchedExperts
+from moas.models.expert_agents import BatchedExperts
 
 EXPERT_NAMES = (
     "line_art",

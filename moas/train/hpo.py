@@ -29,7 +29,7 @@ from typing import Any
 
 from moas.config import MoasConfig, ModelConfig, dict_to_toml
 from moas.errors import ConfigError, MoasError
-from moas.train.checkpoint import atomic_write_bytes
+from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,8 @@ def apply_params(cfg: MoasConfig, params: dict[str, float]) -> MoasConfig:
 
 def run_trial(cfg: MoasConfig, params: dict[str, float], folder: Path, steps: int, progress: bool) -> float:
     """Train ``steps`` optimizer steps with ``params`` in ``folder``; return the validation loss."""
+    from moas.eval.validate import validation_loss
     from moas.train.loop import Trainer
-    from moas.train.validate import validation_loss
 
     t_cfg = apply_params(cfg, params)
     tc = t_cfg.train

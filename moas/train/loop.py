@@ -26,31 +26,33 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from moas.checkpoint import epoch_checkpoint_name
 from moas.config import MoasConfig
+from moas.data.artist_style import STYLE_DIM
 from moas.data.dataset import smart_collate_fn, to_model_range
 from moas.data.loader import caption_augment, loader_kwargs, loader_workers, save_style_db
 from moas.data.sampler import BucketBatchSampler
-from moas.data.style import STYLE_DIM
+from moas.device import autocast_dtype, resolve_device, seed_everything, set_threads
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.errors import MoasError
-from moas.models.experts import language_batch
 from moas.models.generator import MoasGenerator, brain_aux_loss
-from moas.monitor import build_run_monitor
+from moas.monitor.run_folder import new_run_dir
+from moas.monitor.run_monitor import build_run_monitor
+from moas.monitor.step_log import report_step
 from moas.resources import EnhancedResourceManager
-from moas.runtime import autocast_dtype, new_run_dir, resolve_device, seed_everything, set_threads
+from moas.text.language import language_batch
 from moas.train import faults
 from moas.train.adaptive import AdaptiveTrainingSystem
 from moas.train.batches import ResumableBatchSampler, steps_per_epoch
-from moas.train.checkpoint import epoch_checkpoint_name
 from moas.train.continuous import AdvancedContinuousLearning
 from moas.train.distributed import DistContext, broadcast_from_main, init_distributed
 from moas.train.domain import DomainTraining
 from moas.train.ema import EMA
 from moas.train.oom import is_oom, recover_from_oom
 from moas.train.optim import adamw
-from moas.train.panels import PanelTraining, ddp_touch, memory_keep
 from moas.train.saving import milestone_epochs, save_trainer_checkpoint
 from moas.train.schedule import WarmupCosineRestarts
+from moas.train.sequences import PanelTraining, ddp_touch, memory_keep
 from moas.train.setup import (
     check_disk_space,
     find_resume,
@@ -66,7 +68,6 @@ from moas.train.state import (
     restore_training_state,
     step_checkpoint_name,
 )
-from moas.train.steplog import report_step
 
 log = logging.getLogger(__name__)
 error_log = logging.getLogger("moas.errors")

@@ -12,14 +12,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moas.checkpoint import epoch_checkpoint_name, save_checkpoint
 from moas.errors import CheckpointError
-from moas.train.checkpoint import (
-    epoch_checkpoint_name,
-    nonfinite_tensor,
-    rotate_checkpoints,
-    save_checkpoint,
-    thin_optimizer_states,
-)
+from moas.train.rng import nonfinite_tensor
+from moas.train.rotation import rotate_checkpoints, thin_optimizer_states
 from moas.train.state import training_state
 
 if TYPE_CHECKING:

@@ -13,15 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moas.checkpoint import load_checkpoint, save_checkpoint
 from moas.config import MoasConfig, TrainConfig
 from moas.data.dataset import ArtDataset
 from moas.data.loader import build_dataset
-from moas.data.textbank import TextBank
 from moas.errors import CheckpointError, MoasError
+from moas.eval.validate import split_holdout
 from moas.resources import EnhancedResourceManager
-from moas.text import TextEncoder
-from moas.train.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
-from moas.train.validate import split_holdout
+from moas.text.bank import TextBank
+from moas.text.encoder import TextEncoder
+from moas.train.rotation import find_latest_checkpoint
 
 if TYPE_CHECKING:
     from moas.train.loop import Trainer

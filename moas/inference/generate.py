@@ -27,11 +27,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from moas.data.dataset import to_model_range, to_uint8
 from moas.errors import MoasError
+from moas.eval.quality import quality_score
+from moas.inference.pipeline import Pipeline
+from moas.io import atomic_write_bytes
 from moas.models.enhance import MODES, QualityEnhancer
-from moas.pipeline import Pipeline
-from moas.quality import quality_score
 from moas.safety import blacklisted_terms
-from moas.train.checkpoint import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from moas.train.checkpoint import atomic_write_bytes
+from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from moas.text import TextEncoder
+from moas.text.encoder import TextEncoder
 
 
 class TextBank:

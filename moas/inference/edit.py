@@ -25,9 +25,9 @@ from moas.diffusion.inpaint import repaint
 from moas.diffusion.sampling import guided
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.errors import DataError, ImageDecodeError, MoasError
-from moas.generate import cascade, save_png
+from moas.inference.generate import cascade, save_png
+from moas.inference.pipeline import Pipeline
 from moas.losses.seam import seam_metrics
-from moas.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader
 from moas.config import DiffusionConfig, SampleConfig
 from moas.data.dataset import ArtDataset, collate, to_model_range
 from moas.data.sampler import BucketBatchSampler
-from moas.data.textbank import TextBank
 from moas.diffusion.schedule import NoiseSchedule
 from moas.errors import DataError
-from moas.metrics import art_measurements, psnr, ssim
+from moas.eval.metrics import art_measurements, psnr, ssim
+from moas.text.bank import TextBank
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,8 @@ class Validator:
         """Held-out attribute accuracy of ``moas eval`` (n = ``eval_n`` per split) on the demo data."""
         if self.demo_dir is None:
             return None
-        from moas.evaluate import run_eval
-        from moas.pipeline import Pipeline
+        from moas.eval.evaluate import run_eval
+        from moas.inference.pipeline import Pipeline
 
         pipe = Pipeline(model, encoder, self.diffusion, self.device)
         try:

@@ -10,19 +10,20 @@ from pathlib import Path
 
 import torch
 
+from moas.checkpoint import load_checkpoint
 from moas.config import DiffusionConfig
 from moas.data.dataset import to_uint8
 from moas.diffusion.sampling import guided, make_sampler, sample
 from moas.diffusion.schedule import make_train_scheduler
 from moas.errors import CheckpointError, MoasError
+from moas.io import short_hash
 from moas.models.enhance import QualityEnhancer
-from moas.models.experts import language_batch
 from moas.models.generator import MoasGenerator, generator_from_state
 from moas.models.gnn import EnhancedGNN
-from moas.models.panels import PanelMemory
+from moas.models.panel_memory import PanelMemory
 from moas.resources import L3CacheManager
-from moas.text import TextEncoder
-from moas.train.checkpoint import load_checkpoint, short_hash
+from moas.text.encoder import TextEncoder
+from moas.text.language import language_batch
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class Pipeline:
 
     def set_style(self, name: str | None) -> None:
         """Condition on the style ``name`` from the model's style database (None: no style)."""
-        from moas.data.style import ArtistStyleDatabase
+        from moas.data.artist_style import ArtistStyleDatabase
 
         if name is None:
             self.style = None
@@ -125,9 +126,9 @@ class Pipeline:
     @torch.no_grad()
     def explain(self, prompt: str) -> str:
         """What the brain makes of a prompt: routing weight per expert, top emotions, detected language."""
-        from moas.models.experts import LANGUAGES
         from moas.models.moe import describe_routing
         from moas.models.understanding import EMOTIONS
+        from moas.text.language import LANGUAGES
 
         if self.model.conditioning != "moas":
             return (

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from moas.errors import MoasError
-from moas.train.checkpoint import atomic_write_bytes
+from moas.io import atomic_write_bytes
 
 COLOR_FEATURES = 24
 EDGE_FEATURES = 20

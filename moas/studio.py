@@ -50,7 +50,7 @@ class MultiverseOriginStudioAI:
 
     @classmethod
     def from_config(cls, cfg: MoasConfig, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
-        from moas.data.style import STYLE_DIM
+        from moas.data.artist_style import STYLE_DIM
 
         style_dim = STYLE_DIM if cfg.data.extract_style else 0
         gen = MoasGenerator(
@@ -60,7 +60,7 @@ class MultiverseOriginStudioAI:
 
     @classmethod
     def from_file(cls, path: str | Path, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
-        from moas.train.checkpoint import load_checkpoint
+        from moas.checkpoint import load_checkpoint
 
         gen = generator_from_state(load_checkpoint(path, map_location="cpu"), path)
         return cls(gen, device)

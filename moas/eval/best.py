@@ -18,7 +18,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from moas.train.checkpoint import atomic_write_bytes, save_checkpoint
+from moas.checkpoint import save_checkpoint
+from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

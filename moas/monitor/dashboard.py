@@ -17,7 +17,7 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-from moas.progress import TrainingHistory, history_of
+from moas.monitor.progress import TrainingHistory, history_of
 
 N_LINES = 4
 

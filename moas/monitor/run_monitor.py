@@ -31,13 +31,13 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 
 from moas.config import MoasConfig
-from moas.dashboard import Dashboard
-from moas.metrics import ValidationMetrics, art_measurements
-from moas.pipeline import Pipeline
-from moas.progress import TrainingHistory, visualize_training_progress
-from moas.quality import QUALITY_PARTS, creativity, quality_parts
-from moas.sample_prompts import SamplePrompt
-from moas.text import TextEncoder
+from moas.eval.metrics import ValidationMetrics, art_measurements
+from moas.eval.quality import QUALITY_PARTS, creativity, quality_parts
+from moas.inference.pipeline import Pipeline
+from moas.monitor.dashboard import Dashboard
+from moas.monitor.progress import TrainingHistory, visualize_training_progress
+from moas.monitor.sample_prompts import SamplePrompt
+from moas.text.encoder import TextEncoder
 
 log = logging.getLogger(__name__)
 perf_log = logging.getLogger("moas.performance")
@@ -330,9 +330,9 @@ def build_run_monitor(
     progress: bool,
 ) -> RunMonitor:
     """The run's monitor with its validator (held-out/--val_dir images, demo eval) and best-model keeper."""
-    from moas.sample_prompts import read_sample_prompts
-    from moas.train.best import BestModelKeeper
-    from moas.train.validate import Validator, find_demo_manifest
+    from moas.eval.best import BestModelKeeper
+    from moas.eval.validate import Validator, find_demo_manifest
+    from moas.monitor.sample_prompts import read_sample_prompts
 
     mc = cfg.monitor
     prompts = read_sample_prompts(mc.sample_prompts) if mc.sample_prompts else None

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from moas.attributes import attribute_accuracy, format_accuracy_table, measure_attributes
 from moas.data.synthetic import eval_cases, load_manifest
-from moas.generate import resize_to
-from moas.pipeline import Pipeline
-from moas.train.checkpoint import atomic_write_bytes
+from moas.eval.attributes import attribute_accuracy, format_accuracy_table, measure_attributes
+from moas.inference.generate import resize_to
+from moas.inference.pipeline import Pipeline
+from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

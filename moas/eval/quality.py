@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moas.metrics import luminance, sobel
+from moas.eval.metrics import luminance, sobel
 
 QUALITY_PARTS = ("exposure", "contrast", "colorfulness", "clean_detail")
 

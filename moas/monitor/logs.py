@@ -1,16 +1,9 @@
-"""Process-level setup shared by the commands: logging, seeds, device, threads, numbered run folders."""
+"""The run's log files and console logging (the original's four log files)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import random
 from pathlib import Path
-
-import numpy as np
-import torch
-
-from moas.errors import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -61,51 +54,3 @@ def setup_logging(
             lg.addHandler(fh)
     for noisy in ("sentence_transformers", "transformers", "diffusers", "urllib3", "huggingface_hub", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def seed_everything(seed: int) -> None:
-    """One seed drives ``random``, ``numpy`` and ``torch``."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"Device {name} was requested but CUDA is not available on this machine.")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"'{name}' is not a valid device (use auto, cpu, cuda or cuda:N).") from None
-
-
-def set_threads(cpu_threads: int) -> int:
-    """Use at most ``cpu_threads`` intra-op threads, never more than the machine has."""
-    n = max(1, min(cpu_threads, os.cpu_count() or 1))
-    torch.set_num_threads(n)
-    return n
-
-
-def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
-    """The autocast dtype: bf16 where supported, else fp16 (with a GradScaler); None = fp32 (CPU)."""
-    if device.type != "cuda" or mode == "no":
-        return None
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-def new_run_dir(root: str | Path, name: str) -> Path:
-    """``runs/NNN-name``: numbered so runs sort by start and never collide."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    nums = [
-        int(p.name.split("-", 1)[0])
-        for p in root.iterdir()
-        if p.is_dir() and p.name.split("-", 1)[0].isdigit()
-    ]
-    run = root / f"{(max(nums) + 1) if nums else 0:03d}-{name}"
-    run.mkdir()
-    return run

@@ -1,0 +1,188 @@
+"""The checkpoint file format: torch files of tensors and plain values, with a checksum sidecar.
+
+A checkpoint is two files: the data file (``epoch_0040.pt``, written with ``torch.save``) and its JSON
+sidecar (``epoch_0040.pt.json``: size, SHA-256 and training meta such as epoch, global_step, kind), both
+written atomically by :mod:`moas.io`, the sidecar last. Old ``.pt`` model files of earlier releases use the
+same format.
+
+Loading always uses ``torch.load(..., weights_only=True)``; nothing here ever unpickles arbitrary
+objects. To keep that possible, :func:`save_checkpoint` only accepts tensors and plain Python values.
+
+Sidecar rules when loading (``verify=True``): sidecar present and matching -> load; present but
+mismatching or unreadable -> :class:`~moas.errors.CheckpointError`; absent (e.g. a model file copied
+without its ``.json``) -> load anyway, with a logged warning, provided the file is a readable moas
+checkpoint. ``verify=False`` skips the sidecar entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moas.errors import CheckpointError
+from moas.io import SIDECAR_RESERVED, matches_sidecar, read_sidecar, sidecar_path, write_with_sidecar
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "moas-checkpoint-v1"
+
+
+_PLAIN_LEAVES = (str, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def _check_plain(obj: Any, where: str, active: set[int]) -> None:
+    """Raise TypeError unless ``obj`` is made only of tensors and plain values loadable with
+    ``weights_only=True`` (so the checkpoint can always be loaded safely later)."""
+    kind = type(obj)
+    if isinstance(obj, torch.Tensor):
+        if kind not in (torch.Tensor, torch.nn.Parameter):
+            raise TypeError(f"checkpoint state {where} is a tensor subclass {kind.__qualname__}")
+        return
+    if kind in _PLAIN_LEAVES:
+        return
+    # Exact container types only: subclasses (namedtuples, custom dicts) would be refused by the
+    # weights-only unpickler at load time. OrderedDict (state_dict()) and torch.Size are fine.
+    if kind in (dict, OrderedDict, list, tuple, torch.Size):
+        if id(obj) in active:
+            raise TypeError(f"checkpoint state {where} contains a reference cycle")
+        active.add(id(obj))
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                if type(key) not in (str, int, float, bool, type(None)):
+                    raise TypeError(f"checkpoint state {where} has a non-plain key {key!r}")
+                _check_plain(value, f"{where}[{key!r}]", active)
+        else:
+            for i, value in enumerate(obj):
+                _check_plain(value, f"{where}[{i}]", active)
+        active.discard(id(obj))
+        return
+    raise TypeError(
+        f"checkpoint state {where} is a {kind.__module__}.{kind.__qualname__}; only tensors and plain "
+        "Python values (dict/list/tuple/str/int/float/bool/None) can be saved"
+    )
+
+
+def validate_state(state: dict[str, Any]) -> None:
+    """Raise TypeError naming the first key path in ``state`` that is not a tensor or plain value."""
+    if not isinstance(state, dict):
+        raise TypeError(f"checkpoint state must be a dict, got {type(state).__qualname__}")
+    _check_plain(state, "state", set())
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, Any] | None = None
+) -> Path:
+    """Atomically save ``state`` to ``path`` and then write its sidecar, which marks it complete.
+
+    ``state`` is not modified; the saved copy gets ``moas_format`` added. ``meta`` (epoch,
+    global_step, kind, ...) goes into the JSON sidecar and must be JSON-serialisable.
+    Raises TypeError for unsavable values (a bug) and CheckpointError when the file cannot be written.
+    """
+    target = Path(path)
+    validate_state(state)
+    meta = dict(meta or {})
+    clash = SIDECAR_RESERVED & meta.keys()
+    if clash:
+        raise ValueError(f"checkpoint meta may not set reserved keys {sorted(clash)}")
+    try:  # checked before the (possibly slow) serialisation of the state
+        json.dumps(meta, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"checkpoint meta is not JSON-serialisable: {exc}") from exc
+    if target.is_dir():
+        raise CheckpointError(f"Cannot save a checkpoint to {target} because it is a directory.")
+    buf = io.BytesIO()
+    torch.save({**state, "moas_format": CHECKPOINT_FORMAT}, buf)
+    # A memoryview of the buffer avoids copying a possibly multi-GB checkpoint once more.
+    with buf.getbuffer() as data:
+        try:
+            write_with_sidecar(target, data, CHECKPOINT_FORMAT, meta)
+        except OSError as exc:
+            raise CheckpointError(f"Could not write checkpoint {target}: {exc.strerror or exc}.") from exc
+    return target
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True if the file and its sidecar exist and the file's size and SHA-256 match the sidecar."""
+    record = read_sidecar(path, CHECKPOINT_FORMAT)
+    return record is not None and matches_sidecar(path, record)
+
+
+def _describe_load_failure(path: Path, data: bytes, exc: Exception) -> str:
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+        return f"{path} is not a moas checkpoint (it contains objects that cannot be loaded safely)."
+    # torch.save writes a zip archive; very old files are a raw pickle stream (protocol 2+ header).
+    if not (data.startswith(b"PK\x03\x04") or data[:1] == b"\x80"):
+        return f"{path} is not a PyTorch model file."
+    return f"{path} is truncated or corrupt and cannot be read."
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu", verify: bool = True
+) -> dict[str, Any]:
+    """Load a checkpoint saved by :func:`save_checkpoint` (weights-only, never arbitrary pickles).
+
+    With ``verify=True`` a present sidecar must match the file (else CheckpointError); a missing
+    sidecar only logs a warning. Every user-caused failure raises CheckpointError with one sentence.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"No model file at {p}.")
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory, not a model file.")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"Could not read model file {p}: {exc.strerror or exc}.") from exc
+    if not data:
+        raise CheckpointError(
+            f"Model file {p} is empty (0 bytes), probably from an interrupted copy or save."
+        )
+
+    if verify:
+        side = sidecar_path(p)
+        if side.exists():
+            record = read_sidecar(p, CHECKPOINT_FORMAT)
+            if record is None:
+                raise CheckpointError(
+                    f"Checkpoint {p} is incomplete or corrupt (its record {side.name} is unreadable)."
+                )
+            if record["size"] != len(data) or record["sha256"] != hashlib.sha256(data).hexdigest():
+                raise CheckpointError(
+                    f"Checkpoint {p} is incomplete or corrupt (checksum mismatch against {side.name}); "
+                    "re-copy it or use another checkpoint."
+                )
+        else:
+            logger.warning(
+                "%s has no %s record, so its integrity cannot be checked; loading anyway.", p, side.name
+            )
+
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch raises many types (RuntimeError, EOFError, UnpicklingError, ...)
+        raise CheckpointError(_describe_load_failure(p, data, exc)) from exc
+
+    if not isinstance(state, dict) or "moas_format" not in state:
+        raise CheckpointError(f"{p} is not a moas checkpoint (it lacks the moas_format marker).")
+    if state["moas_format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{p} uses checkpoint format {state['moas_format']!r}, which this version of moas cannot read."
+        )
+    return state
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    """Return the file name for an epoch checkpoint, e.g. ``epoch_0040.pt``."""
+    if type(epoch) is not int or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+    return f"epoch_{epoch:04d}.pt"
