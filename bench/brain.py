@@ -11,7 +11,7 @@ records wall time and process CPU time, and counts FLOPs per step with ``torch.u
 and load-independent). The rtx3060_12gb size runs on this CPU at a small batch — it is a CPU number.
 
 ``routing`` runs a trained model's brain over every demo caption and reports each expert's mean routing
-weight (the issue's check: none below 1/56).
+weight (the target: none below 1/56).
 
 ``compare`` converts a wall-time budget into a step budget with the measured moas/text step-time ratio and
 reads held-out accuracy for both from ``bench/learning.py`` results.
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from moas.config import load_config  # noqa: E402
-from moas.models.generator import MoasGenerator, brain_aux_loss  # noqa: E402
+from moas.models.generator import MoasGenerator  # noqa: E402
 from moas.text.language import language_batch  # noqa: E402
 from moas.train.optim import adamw  # noqa: E402
 
@@ -75,8 +75,8 @@ def measure_steps(profile: str, iters: int, encoder, batch: int | None = None) -
     def step(cond: str) -> None:
         m = models[cond]
         x = torch.randn(bs, 3, res, res)
-        pred = m(x, torch.randint(0, 1000, (bs,)), text)
-        (pred.float().pow(2).mean() + brain_aux_loss(m)).backward()
+        pred, aux = m(x, torch.randint(0, 1000, (bs,)), text)
+        (pred.float().pow(2).mean() + aux).backward()
         opts[cond].step()
         opts[cond].zero_grad(set_to_none=True)
 

@@ -1,4 +1,4 @@
-"""GPU check (issue 6, item 10): does the rtx3060_12gb profile fit a 12 GB card, and does OOM recovery work?
+"""GPU check: does the rtx3060_12gb profile fit a 12 GB card, and does OOM recovery work?
 
 Run on a bigger GPU (H100/H200): the process is limited to 12 GB with
 ``torch.cuda.set_per_process_memory_fraction`` so it behaves like the RTX 3060.

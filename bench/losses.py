@@ -70,7 +70,7 @@ def step_cost_ratio(cfg_off, cfg_on, rounds: int = 4) -> float:
             t = torch.randint(0, sched.num_timesteps, (b,))
             noise = torch.randn_like(x0)
             x_t = sched.add_noise(x0, noise, t)
-            pred = model(x_t, t, text)
+            pred = model(x_t, t, text).pred
             loss = F.mse_loss(pred, sched.target(x0, noise, t))
             extra, _, x0_pred = doms[arm].generator_loss(x0, x_t, pred, t, sched, global_step=100)
             (loss if extra is None else loss + extra).backward()

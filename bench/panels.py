@@ -1,4 +1,4 @@
-"""Panels (issue 5): does the panel memory make later panels more consistent after training?
+"""Panels: does the panel memory make later panels more consistent after training?
 
     python bench/panels.py                          # cpu_tiny, 12 epochs, 350 sequences, 32 eval sequences
     python bench/panels.py --epochs 4 --sequences 60 --m 8      # a quick smoke run
@@ -19,7 +19,7 @@ later panel can then come from is the previous panels — the memory expert's in
    are drawn the same way but no file is a training file): panel 1's prompt is the full caption, panels
    2-3 get the brief caption without hair/eye colour. All M sequences are generated batched per panel
    position, twice with the same seeds: (a) with memory, panel k sees panels 1..k-1; (b) without
-   (``panels=None``). Panels 2-3 are scored with ``moas.attributes.measure_attributes`` against the
+   (``panels=None``). Panels 2-3 are scored with ``moas.eval.attributes.measure_attributes`` against the
    sequence's intended hair / eye colour (panel 1's; chance 1/8 and 1/6) and against the colour measured
    on the generated panel 1 (does the later panel repeat what panel 1 actually shows?), and with
    ``sequence_metrics`` (temporal consistency of consecutive panels; lower = more consistent). References:

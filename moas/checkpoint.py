@@ -110,6 +110,11 @@ def save_checkpoint(
     return target
 
 
+def checkpoint_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The checkpoint's sidecar record (size, SHA-256, epoch, global_step, kind…), or None."""
+    return read_sidecar(path, CHECKPOINT_FORMAT)
+
+
 def verify_checkpoint(path: str | os.PathLike[str]) -> bool:
     """True if the file and its sidecar exist and the file's size and SHA-256 match the sidecar."""
     record = read_sidecar(path, CHECKPOINT_FORMAT)

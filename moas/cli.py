@@ -101,10 +101,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         prompt=a.prompt or "",
         negative_prompt=a.negative_prompt,
         num_images=a.num_images,
-        steps=a.steps or 20,
-        guidance_scale=3.0 if a.guidance_scale is None else a.guidance_scale,
         seed=a.seed,
-        sampler=a.sampler or "dpmsolver++",
         width=a.width,
         height=a.height,
         style=a.style,
@@ -113,14 +110,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
         quality_enhance=a.quality_enhance,
         panels=a.panels,
     )
-    validate_request(req)  # fail fast, before loading anything
+    if a.steps is not None:  # checked before loading anything; unset ones come from the model
+        req.steps = a.steps
+    validate_request(req)
     pipe = _load_pipeline(a.model, a.device)
     if a.explain:
         print(pipe.explain(req.prompt))
-    sc = pipe.sample_defaults
-    req.steps = a.steps or sc.get("steps", 20)
-    req.guidance_scale = a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0)
-    req.sampler = a.sampler or sc.get("sampler", "dpmsolver++")
+    req.steps, req.guidance_scale, req.sampler = pipe.settings(a.steps, a.guidance_scale, a.sampler)
     if req.panels is not None:
         from moas.inference.generate import describe_metric, generate_panels
 
@@ -140,7 +136,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 def cmd_edit(a: argparse.Namespace) -> int:
     from moas.inference.edit import EditRequest, edit, parse_outpaint
 
-    if a.steps < 1 or a.steps > 1000 or a.resample < 1:
+    if (a.steps is not None and not 1 <= a.steps <= 1000) or a.resample < 1:
         raise MoasError("--steps must be between 1 and 1000 and --resample at least 1.")
     req = EditRequest(
         image=a.image,
@@ -148,7 +144,6 @@ def cmd_edit(a: argparse.Namespace) -> int:
         mask=a.mask,
         outpaint=parse_outpaint(a.outpaint),
         negative_prompt=a.negative_prompt,
-        steps=a.steps,
         seed=a.seed,
         resample=a.resample,
         quality_enhance=a.quality_enhance,
@@ -157,8 +152,7 @@ def cmd_edit(a: argparse.Namespace) -> int:
         raise MoasError("Give --mask (white = regenerate) or --outpaint L,R,T,B, or both.")
     pipe = _load_pipeline(a.model, a.device)
     pipe.set_style(a.style)
-    g = a.guidance_scale
-    req.guidance_scale = g if g is not None else pipe.sample_defaults.get("guidance_scale", 3.0)
+    req.steps, req.guidance_scale, _ = pipe.settings(a.steps, a.guidance_scale)
     m = edit(pipe, req, a.output, progress=not a.quiet)
     print(
         f"wrote {a.output}; seam overlap MSE {m['overlap_mse']:.5f}, Sobel attention-edge loss "
@@ -200,14 +194,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.n < 1:
         raise MoasError("--n must be at least 1.")
     pipe = _load_pipeline(a.model, a.device)
-    sc = pipe.sample_defaults
     result = run_eval(
         pipe,
         a.data_dir,
         n_per_split=a.n,
-        steps=a.steps or sc.get("steps", 20),
-        guidance_scale=a.guidance_scale if a.guidance_scale is not None else sc.get("guidance_scale", 3.0),
-        sampler=a.sampler or sc.get("sampler", "dpmsolver++"),
+        steps=a.steps,
+        guidance_scale=a.guidance_scale,
+        sampler=a.sampler,
         seed=a.seed,
         progress=not a.quiet and sys.stderr.isatty(),  # tqdm redraws need a terminal
         image_dir=a.save_images,

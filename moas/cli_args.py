@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from moas.config import SampleConfig
+from moas.diffusion.registry import SAMPLER_NAMES
+
 EPILOG_TRAIN = """examples:
   moas train --data_dir data/demo/train --profile cpu_tiny          # the demo on a CPU
   moas train --data_dir ./data/train --epochs 260 --profile rtx3060_12gb
@@ -17,7 +20,7 @@ EPILOG_TRAIN = """examples:
 Settings resolve as: profile < --config FILE < MOAS_<SECTION>_<FIELD> variables (.env) < flags."""
 
 EPILOG_GENERATE = """examples:
-  moas generate --model models/best_model.pt --prompt "1girl, red hair, blue eyes, forest" --output result.png
+  moas generate --model models/best_model.safetensors --prompt "1girl, red hair, blue eyes, forest" --output result.png
   moas generate --prompt "1girl, pink hair, beach" --num_images 4 --seed 7 --sampler euler_a
   moas generate --prompt "1girl, pink hair, beach" --num_images 8 --keep_best 2   # the 2 best of 8
   moas generate --prompt "1girl, red hair, forest, smile | 1girl, red hair, forest, open mouth" \\
@@ -41,7 +44,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate after warm-up")
     p.add_argument("--resolution", type=int, help="training image side in pixels (multiple of 8)")
     p.add_argument(
-        "--save_path", help="where the final model for generation is written (default models/best_model.pt)"
+        "--save_path",
+        help="where the final model for generation is written (default models/best_model.safetensors)",
     )
     p.add_argument("--checkpoint_dir", help="folder for epoch checkpoints (default checkpoints/)")
     p.add_argument(
@@ -101,8 +105,8 @@ def _add_brain_flags(p: argparse.ArgumentParser) -> None:
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
-        default="models/best_model.pt",
-        help="model file written by training (default models/best_model.pt)",
+        default="models/best_model.safetensors",
+        help="model file written by training (default models/best_model.safetensors)",
     )
     p.add_argument(
         "--prompt", help="what to draw; Danbooru-style tags work best, e.g. '1girl, red hair, forest'"
@@ -117,7 +121,10 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num_images", type=int, default=1, help="how many images (seeds seed, seed+1, …)")
     p.add_argument(
-        "--steps", type=int, default=None, help="sampler steps (default from the model's config, 20)"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"sampler steps (default from the model's config, {SampleConfig.steps})",
     )
     p.add_argument(
         "--guidance_scale",
@@ -139,9 +146,9 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--sampler",
-        choices=["dpmsolver++", "ddim", "ddpm", "euler_a"],
+        choices=SAMPLER_NAMES,
         default=None,
-        help="sampler (default dpmsolver++)",
+        help="sampler (default from the model's config, usually " + SampleConfig.sampler + ")",
     )
     p.add_argument("--width", type=int, help="output width in pixels (default: the model's resolution)")
     p.add_argument("--height", type=int, help="output height in pixels (default: the model's resolution)")
@@ -186,7 +193,7 @@ bit for bit. The seam metrics (32-px overlap MSE and Sobel attention-edge loss) 
 
 
 def _add_edit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="models/best_model.pt", help="model file written by training")
+    p.add_argument("--model", default="models/best_model.safetensors", help="model file written by training")
     p.add_argument("--image", required=True, help="the image to edit (PNG/JPG/WEBP/BMP)")
     p.add_argument("--mask", help="same-size mask image: white = regenerate, black = keep")
     p.add_argument(
@@ -195,7 +202,9 @@ def _add_edit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="what to draw in the regenerated region")
     p.add_argument("--negative_prompt", default="", help="what to steer away from")
     p.add_argument("--output", default="edited.png", help="PNG path for the result")
-    p.add_argument("--steps", type=int, default=20, help="reverse-diffusion steps")
+    p.add_argument(
+        "--steps", type=int, default=None, help="reverse-diffusion steps (default from the model's config)"
+    )
     p.add_argument("--resample", type=int, default=3, help="RePaint resampling jumps per step (1 = none)")
     p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed")
@@ -215,7 +224,7 @@ def _add_edit(p: argparse.ArgumentParser) -> None:
 
 EPILOG_INSPECT = """examples:
   moas inspect --profile rtx3060_12gb            # parameter count of every component
-  moas inspect --model models/best_model.pt --graph   # a trained model, with its DataFlow graph
+  moas inspect --model models/best_model.safetensors --graph   # a trained model, with its DataFlow graph
   moas inspect --profile cpu_tiny --conditioning text"""
 
 
@@ -358,14 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval", help="measure prompt adherence on the demo data's seen and held-out combinations"
     )
-    e.add_argument("--model", default="models/best_model.pt", help="model file to evaluate")
+    e.add_argument("--model", default="models/best_model.safetensors", help="model file to evaluate")
     e.add_argument("--data_dir", default="data/demo", help="demo data folder (with manifest.json)")
     e.add_argument("--n", type=int, default=48, help="images per split (held-out and seen)")
     e.add_argument("--steps", type=int, default=None, help="sampler steps (default from the model's config)")
     e.add_argument(
         "--guidance_scale", type=float, default=None, help="guidance scale (default from the model's config)"
     )
-    e.add_argument("--sampler", choices=["dpmsolver++", "ddim", "ddpm", "euler_a"], default=None)
+    e.add_argument("--sampler", choices=SAMPLER_NAMES, default=None)
     e.add_argument("--seed", type=int, default=1234, help="seed for the evaluation prompts and images")
     e.add_argument("--json", help="write the full result here (default: eval.json next to the model)")
     e.add_argument("--save_images", help="also write every evaluated image to this folder")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moas.config_sections import BrainConfig, EnhanceConfig, LossConfig, MonitorConfig, _check
+from moas.diffusion.registry import SAMPLER_NAMES
 from moas.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -157,9 +158,7 @@ class TrainConfig:
     sample_every: int = 5  # epochs between TensorBoard sample grids
     seed: int = 0
     checkpoint_dir: str = "checkpoints"
-    save_path: str = (
-        "models/best_model.pt"  # the model for generation (EMA weights + config), written at the end
-    )
+    save_path: str = "models/best_model.safetensors"  # the model for generation (EMA weights, arguments)
     auto_resume: bool = False
     run_dir: str = "runs"
     log_dir: str = "logs"
@@ -197,16 +196,14 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "dpmsolver++"  # dpmsolver++ | ddim | ddpm | euler_a
+    sampler: str = "dpmsolver++"  # a name of moas.diffusion.registry.SAMPLERS
     steps: int = 20
     guidance_scale: float = 3.0  # classifier-free guidance scale (1 = off)
     negative_prompt: str = ""
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from moas.diffusion.sampling import SAMPLERS
-
-        _check(self.sampler in SAMPLERS, f"sample.sampler must be one of {', '.join(SAMPLERS)}")
+        _check(self.sampler in SAMPLER_NAMES, f"sample.sampler must be one of {', '.join(SAMPLER_NAMES)}")
         _check(1 <= self.steps <= 1000, "sample.steps must be between 1 and 1000")
         _check(self.guidance_scale >= 0, "sample.guidance_scale must be 0 or more")
 

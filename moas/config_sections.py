@@ -42,7 +42,7 @@ class BrainConfig:
     )
     continuous_rate: float = 0.5  # its step size (logit units per unit of relative load imbalance)
     placement: str = "original"  # original: compression on the CPU when CUDA is used; single: one device
-    # Panels (issue 5): the memory expert attends to previous panels' VisionEncoder features.
+    # Panels: the memory expert attends to previous panels' VisionEncoder features.
     panel_memory: bool = True  # build PanelMemory + the memory expert's gated memory attention
     panel_channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # its CNN widths
     panel_max_distance: int = 8  # panel-position embeddings (distance back); farther panels share the last

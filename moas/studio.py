@@ -8,7 +8,7 @@ continuous-learning controller, and places them as the original does:
 * GPU (when CUDA is used): the brain — EnhancedGNN v1–v4, EnhancedMoE, EmotionalArtisticUnderstanding,
   DeepUnderstandingSystem, PanelMemory, the structure/art/camera/story experts — the U-Net;
 * CPU: AdvancedCompressionSystem (when enabled). The trained QualityEnhancer is also kept on the CPU by
-  default (``enhance.device``; it is loaded by ``moas.pipeline``, not built here). The style stage
+  default (``enhance.device``; it is loaded by ``moas.inference.pipeline``, not built here). The style stage
   (DesignStyleSupportSystem) sits with the generator on its device.
 
 ``placement = "single"`` puts everything on one device. On a CPU-only machine everything is on the CPU.
@@ -18,14 +18,12 @@ its outputs back).
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from moas.config import MoasConfig
-from moas.models.generator import CPU_PLACED, MoasGenerator, generator_from_state
+from moas.models.generator import CPU_PLACED, MoasGenerator
 from moas.models.vision import VisionEncoder
 from moas.train.continuous import AdvancedContinuousLearning
 
@@ -49,21 +47,17 @@ class MultiverseOriginStudioAI:
         self.place(self.device)
 
     @classmethod
-    def from_config(cls, cfg: MoasConfig, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
-        from moas.data.artist_style import STYLE_DIM
+    def from_config(cls, cfg, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
+        """Everything a training run with ``cfg`` (a ``MoasConfig``) would build, untrained."""
+        from moas.train.builders import generator_args
 
-        style_dim = STYLE_DIM if cfg.data.extract_style else 0
-        gen = MoasGenerator(
-            cfg.data.resolution, asdict(cfg.model), asdict(cfg.text), style_dim, brain=asdict(cfg.brain)
-        )
-        return cls(gen, device, cfg.brain.continuous_rate)
+        return cls(MoasGenerator(**generator_args(cfg)), device, cfg.brain.continuous_rate)
 
     @classmethod
     def from_file(cls, path: str | Path, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
-        from moas.checkpoint import load_checkpoint
+        from moas.inference.model_file import load_generator, read_model_file
 
-        gen = generator_from_state(load_checkpoint(path, map_location="cpu"), path)
-        return cls(gen, device)
+        return cls(load_generator(read_model_file(path), path), device)
 
     def place(self, device: torch.device) -> None:
         self.generator.place(device)

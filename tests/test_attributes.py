@@ -1,4 +1,4 @@
-"""Tests for the generator-independent attribute measurement (moas.attributes)."""
+"""Tests for the generator-independent attribute measurement (moas.eval.attributes)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,39 @@ def _render(n: int, size: int, seed: int) -> list[tuple[dict, Image.Image]]:
         }
         out.append((attrs, syn.draw_character(attrs, size, syn.ARTISTS[i % 3], rng)))
     return out
+
+
+def prototype_renders():
+    """The renders the stored prototypes are measured on: per artist, 24 characters (each hair colour 3×,
+    each eye colour and background 4×) at 64 px, reduced to 32 px, and that reduction blurred."""
+    rng = random.Random("moas-attribute-prototypes")
+    hairs, eyes, bgs = list(syn.HAIR_COLORS), list(syn.EYE_COLORS), list(syn.BACKGROUNDS)
+    for artist in syn.ARTISTS:
+        for i in range(24):  # 24 = lcm(8, 6)
+            attrs = {
+                "hair_color": hairs[i % 8],
+                "background": bgs[i % 6],
+                "eye_color": eyes[(i + i // 6) % 6],
+                "hair_style": syn.HAIR_STYLES[i % 4],
+                "accessories": rng.sample(syn.ACCESSORIES, rng.randint(0, 2)),
+            }
+            full = syn.draw_character(attrs, attr.CANON, artist, rng)
+            small = full.resize((attr.CANON // 2, attr.CANON // 2), Image.Resampling.LANCZOS)
+            yield attrs, artist, "64", full
+            yield attrs, artist, "32", small
+            yield attrs, artist, "32blur", small.filter(ImageFilter.GaussianBlur(0.8))
+
+
+def test_stored_prototypes_are_the_ones_the_demo_renders_give():
+    """The measurement ships its prototypes; re-measured from the drawer they must be the same (re-save
+    them with ``python -m tests.test_attributes`` after a change to the drawer)."""
+    fresh = attr.prototype_groups(prototype_renders())
+    stored = attr._prototypes()
+    assert fresh.keys() == stored.keys()
+    for kind, (feats, labels) in fresh.items():
+        assert labels == stored[kind][1], kind
+        np.testing.assert_allclose(stored[kind][0], feats, rtol=0, atol=1e-4, err_msg=kind)
+    assert attr.EYE_CENTRES == syn.EYES  # the layout the measurement reads is the drawer's
 
 
 def _accuracy(data: list[tuple[dict, Image.Image]], transform=lambda im: im) -> dict[str, float]:
@@ -149,3 +182,7 @@ def test_eval_cases_roundtrip() -> None:
     ]
     r = attr.attribute_accuracy(cases, preds)
     assert r["held_out"]["mean"] >= 0.95 and r["seen"]["mean"] >= 0.95, r
+
+
+if __name__ == "__main__":  # re-measure and store the prototypes
+    attr.save_prototypes(attr.prototype_groups(prototype_renders()))

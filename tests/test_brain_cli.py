@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from moas.checkpoint import load_checkpoint
 from moas.cli import main
+from moas.inference.model_file import read_model_file
 
 from .conftest import TINY_CONFIG, module_tmp
 
@@ -50,9 +50,9 @@ def test_training_logs_routing_expert_and_emotion_histograms(trained_brain):
     hist, scalars = set(ea.Tags()["histograms"]), set(ea.Tags()["scalars"])
     assert {"routing/line_art", "routing/style", "emotion/joy", "emotion/melancholy"} <= hist
     assert {"experts/color/success_rate", "experts/color/avg_time", "experts/color/call_count"} <= scalars
-    state = load_checkpoint(trained_brain / "models" / "best_model.pt")
-    assert state["model_args"]["brain"]["conditioning"] == "moas"
-    assert state["model_args"]["brain"]["gnn_version"] == 3  # --gnn_version reached the model
+    model_args = read_model_file(trained_brain / "models" / "best_model.safetensors").model_args
+    assert model_args["brain"]["conditioning"] == "moas"
+    assert model_args["brain"]["gnn_version"] == 3  # --gnn_version reached the model
 
 
 def test_generate_explain_prints_routing_and_emotions(trained_brain, monkeypatch, capsys):
@@ -82,7 +82,9 @@ def test_generate_explain_prints_routing_and_emotions(trained_brain, monkeypatch
 
 
 def test_inspect_model_and_profiles(trained_brain, monkeypatch, capsys, workdir):
-    assert main(["inspect", "--model", str(trained_brain / "models" / "best_model.pt"), "--graph"]) == 0
+    assert (
+        main(["inspect", "--model", str(trained_brain / "models" / "best_model.safetensors"), "--graph"]) == 0
+    )
     out = capsys.readouterr().out
     for name in (
         "moe",

@@ -1,4 +1,4 @@
-"""Tests for moas.train.checkpoint: atomic saves, verification, safe loading, discovery, rotation, RNG."""
+"""Tests for moas.io / moas.checkpoint / moas.train.rotation: atomic saves, verification, safe loading, discovery, rotation, RNG."""
 
 from __future__ import annotations
 
@@ -239,7 +239,7 @@ def test_failed_rename_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: py
 _KILL_CHILD = textwrap.dedent(
     """
     import sys, torch
-    from moas.train.checkpoint import save_checkpoint
+    from moas.checkpoint import save_checkpoint
     path = sys.argv[1]
     save_checkpoint(path, {"marker": 0, "data": torch.zeros(4_000_000)}, {"global_step": 0})
     print("ready", flush=True)

@@ -17,6 +17,7 @@ from PIL import Image
 from moas.checkpoint import load_checkpoint, verify_checkpoint
 from moas.cli import main
 from moas.config import load_config
+from moas.inference.model_file import verify_model_file
 from moas.train.rotation import find_latest_checkpoint
 
 from .conftest import TINY_CONFIG, module_tmp
@@ -71,7 +72,7 @@ def test_train_writes_checkpoints_model_and_tensorboard(trained):
     ):
         assert key in state
     assert state["epoch"] == 2 and state["text_encoder"] == "st:all-MiniLM-L6-v2"
-    assert verify_checkpoint(trained / "models" / "best_model.pt")
+    assert verify_model_file(trained / "models" / "best_model.safetensors")
     run_dir = next((trained / "runs").iterdir())
     assert (run_dir / "config.toml").is_file() and (run_dir / "samples" / "epoch_0002.png").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -129,7 +130,7 @@ def test_eval_reports_accuracy_table_and_json(trained, monkeypatch, capsys):
         run(
             "eval",
             "--model",
-            "models/best_model.pt",
+            "models/best_model.safetensors",
             "--data_dir",
             "data/demo",
             "--n",
@@ -193,7 +194,7 @@ def test_bad_input_gives_one_sentence_and_nonzero_exit(trained, workdir, capsys)
     (workdir / "texts" / "b.txt").write_text("hello")
     assert run("train", "--data_dir", "texts", "--config", str(TINY_CONFIG)) != 0
     assert "could be read" in one_error_line(capsys)
-    model = trained / "models" / "best_model.pt"
+    model = trained / "models" / "best_model.safetensors"
     assert run("generate", "--model", str(model), "--prompt", "") != 0
     assert "prompt is empty" in one_error_line(capsys)
     assert run("generate", "--model", "missing.pt", "--prompt", "1girl") != 0

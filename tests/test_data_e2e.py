@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from moas.checkpoint import load_checkpoint
 from moas.cli import main
 from moas.data.dataset import ArtDataset, smart_collate_fn
 from moas.data.loader import loader_kwargs
 from moas.data.sampler import BucketBatchSampler
+from moas.inference.model_file import read_model_file
 
 from .conftest import TINY_CONFIG
 
@@ -67,14 +67,14 @@ def test_train_with_buckets_styles_and_workers_then_generate_with_style(tmp_path
     runs = list((tmp_path / "runs").glob("*/style_db.json"))
     assert len(runs) == 1 and sorted(json.loads(runs[0].read_text())["styles"]) == ["alice", "bob", "carol"]
     assert (tmp_path / "models" / "best_model.styles.json").is_file()
-    state = load_checkpoint(tmp_path / "models" / "best_model.pt")
-    assert sorted(state["style_db"]["styles"]) == ["alice", "bob", "carol"]
-    assert state["model_args"]["style_dim"] > 0
+    mf = read_model_file(tmp_path / "models" / "best_model.safetensors")
+    assert sorted(mf.style_db["styles"]) == ["alice", "bob", "carol"]
+    assert mf.model_args["style_dim"] > 0
 
     gen = [
         "generate",
         "--model",
-        "models/best_model.pt",
+        "models/best_model.safetensors",
         "--prompt",
         "1girl, smile",
         "--quiet",

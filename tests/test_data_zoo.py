@@ -114,5 +114,5 @@ def test_training_on_the_zoo_mixed_with_good_images_completes(tmp_path, monkeypa
     monkeypatch.setenv("MOAS_DATA_MAX_BAD_FRACTION", "0.5")
     args = ["train", "--config", str(TINY_CONFIG), "--data_dir", "zoo", "--epochs", "1", "--quiet"]
     assert main(args) == 0
-    assert (tmp_path / "models" / "best_model.pt").is_file()
+    assert (tmp_path / "models" / "best_model.safetensors").is_file()
     assert json.loads((tmp_path / "logs" / "dataset_report.json").read_text())["valid"] == 15

@@ -54,7 +54,7 @@ def _train_worker(rank: int, port: int, root: str, data: str) -> None:
 
     from moas.config import load_config
     from moas.train.distributed import shutdown_distributed
-    from moas.train.loop import Trainer
+    from moas.train.loop import build_trainer
 
     from .conftest import TINY_CONFIG
 
@@ -76,14 +76,14 @@ def _train_worker(rank: int, port: int, root: str, data: str) -> None:
         },
         "resources": {"cpu_threads": 1},
     }
-    trainer = Trainer(load_config(None, TINY_CONFIG, over, use_env=False), progress=False)
+    trainer = build_trainer(load_config(None, TINY_CONFIG, over, use_env=False), progress=False)
     try:
         trainer.run()
         state = {
-            "model": trainer.model.state_dict(),
-            "ema": trainer.ema.model.state_dict(),
-            "enhancer": trainer.domain.enhancer.state_dict(),
-            "step": torch.tensor(trainer.global_step),
+            "model": trainer.parts.model.state_dict(),
+            "ema": trainer.parts.ema.model.state_dict(),
+            "enhancer": trainer.parts.domain.enhancer.state_dict(),
+            "step": torch.tensor(trainer.state.global_step),
         }
         torch.save(state, f"{root}/rank{rank}.pt")
         dist.barrier()

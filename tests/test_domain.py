@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from moas.checkpoint import load_checkpoint
 from moas.cli import main
 from moas.config import load_config
 from moas.data.dataset import ArtDataset, to_model_range
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
-from moas.train.domain import DomainTraining
+from moas.inference.model_file import read_model_file
+from moas.train.builders import build_domain
 
 from .conftest import TINY_CONFIG
 
@@ -25,7 +25,7 @@ def test_domain_training_parts(demo_dir, tmp_path):
     )
     ds = ArtDataset(demo_dir / "train", cfg.data.resolution, cfg.data.cache_dir)
     ds.validate(progress=False)
-    dom = DomainTraining(cfg, ds, torch.device("cpu"))
+    dom = build_domain(cfg, ds, torch.device("cpu"))
     sched = NoiseSchedule(make_train_scheduler(cfg.diffusion), "v_prediction", 5.0)
     x0 = to_model_range(torch.stack([ds[i]["pixels"] for i in range(4)]))  # (4, 3, 16, 16)
     t = torch.tensor([10, 200, 500, 990])
@@ -59,7 +59,7 @@ def test_domain_training_parts(demo_dir, tmp_path):
     assert "enhance/sr_x4" in out  # ×2 and ×4 pairs alternate
 
     state = dom.state_dict()
-    fresh = DomainTraining(cfg, ds, torch.device("cpu"))
+    fresh = build_domain(cfg, ds, torch.device("cpu"))
     fresh.load_state_dict(state)
     for a, b in zip(fresh.enhancer.state_dict().values(), dom.enhancer.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -69,10 +69,10 @@ def test_domain_training_parts(demo_dir, tmp_path):
 def test_losses_off_by_default_costs_nothing(demo_dir, tmp_path):
     cfg = load_config(config_file=TINY_CONFIG, overrides={"enhance": {"train": False}}, use_env=False)
     ds = ArtDataset(demo_dir / "train", cfg.data.resolution, str(tmp_path))
-    dom = DomainTraining(cfg, ds, torch.device("cpu"))
+    dom = build_domain(cfg, ds, torch.device("cpu"))
     x = torch.zeros(2, 3, 16, 16)
     assert dom.generator_loss(x, x, x, torch.tensor([1, 2]), None, 0) == (None, {}, None)
-    assert dom.after_step(x, None, 1) == {} and dom.model_file_entries() == {}
+    assert dom.after_step(x, None, 1) == {} and dom.enhancer is None
 
 
 @pytest.mark.slow
@@ -92,8 +92,8 @@ def test_train_generate_edit_cascade_cli(demo_dir, workdir, capsys):
         "--quiet",
     ]
     assert main(args) == 0
-    state = load_checkpoint(workdir / "models" / "best_model.pt")
-    assert set(state["enhancer"]) == {"args", "weights"}
+    mf = read_model_file(workdir / "models" / "best_model.safetensors")
+    assert mf.enhancer_args is not None and mf.enhancer_weights
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(next((workdir / "runs").iterdir())))

@@ -18,7 +18,8 @@ from moas.losses import (
     ssim,
     ssim_loss,
 )
-from moas.models.discriminator import AnimeStyleDiscriminator, make_discriminator_optimizer
+from moas.models.discriminator import AnimeStyleDiscriminator
+from moas.train.optim import discriminator_optimizer
 
 NO_VGG = {"perceptual": 0.0}
 
@@ -191,6 +192,6 @@ def test_discriminator_matches_the_original():
     ]
     p = d(torch.randn(3, 3, 32, 32))
     assert p.shape == (3, 1) and ((p > 0) & (p < 1)).all()
-    opt = make_discriminator_optimizer(d, generator_lr=5e-6)
+    opt = discriminator_optimizer(d, generator_lr=5e-6)
     g = opt.param_groups[0]
     assert g["lr"] == 2.5e-6 and g["betas"] == (0.5, 0.999) and g["amsgrad"] is True

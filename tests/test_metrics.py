@@ -195,41 +195,47 @@ def test_split_holdout_is_fixed_by_seed_and_disjoint(demo_dir):
 
 
 def test_best_model_keeper_keeps_highest_score(tmp_path):
-    from moas.checkpoint import load_checkpoint
     from moas.eval.best import BestModelKeeper, model_quality_score
+    from moas.inference.model_file import ModelFile, read_model_file
 
     assert model_quality_score({"demo_accuracy": None, "prompt_adherence": 0.6, "ssim": 0.3}) == (
         0.6,
         "prompt_adherence",
     )
     assert model_quality_score({"loss": 0.1}) == (None, None)
-    keeper = BestModelKeeper(tmp_path / "run", tmp_path / "models" / "best_model.pt")
+    keeper = BestModelKeeper(tmp_path / "run", tmp_path / "models" / "best_model.safetensors")
     (tmp_path / "run").mkdir()
+
+    def model_file(e: int) -> ModelFile:
+        return ModelFile({}, {"w": torch.full((2,), float(e))}, {}, "enc", provenance={"epoch": e})
+
     for epoch, acc, loss in ((1, 0.2, 0.9), (2, 0.5, 0.8), (3, 0.4, 0.1), (4, 0.5, 0.05)):
-        keeper.update(epoch, epoch * 10, {"demo_accuracy": acc, "loss": loss}, lambda e=epoch: {"epoch": e})
+        keeper.update(epoch, epoch * 10, {"demo_accuracy": acc, "loss": loss}, lambda e=epoch: model_file(e))
     assert keeper.best["epoch"] == 2  # not the lowest loss (4), and ties keep the earlier
-    assert load_checkpoint(tmp_path / "models" / "best_model.pt")["epoch"] == 2
+    assert read_model_file(tmp_path / "models" / "best_model.safetensors").epoch == 2
     data = json.loads((tmp_path / "run" / "best_steps.json").read_text())
     assert [h["score"] for h in data["history"]] == [0.2, 0.5, 0.4, 0.5] and data["metric"] == "demo_accuracy"
-    again = BestModelKeeper(tmp_path / "run", tmp_path / "models" / "best_model.pt")  # resume
+    again = BestModelKeeper(tmp_path / "run", tmp_path / "models" / "best_model.safetensors")  # resume
     assert again.best_score == 0.5 and len(again.history) == 4
-    assert not again.update(5, 50, {"demo_accuracy": 0.45}, lambda: {"epoch": 5})
+    assert not again.update(5, 50, {"demo_accuracy": 0.45}, lambda: model_file(5))
     assert math.isclose(again.best_score, 0.5)
 
 
 def test_only_rank0_writes(tmp_path, monkeypatch):
-    from moas.config import MoasConfig
+    from moas.config import DiffusionConfig, SampleConfig
     from moas.monitor.run_monitor import RunMonitor
+
+    settings = {"sample": SampleConfig(), "diffusion": DiffusionConfig()}
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
-    m = RunMonitor(tmp_path / "rank1", MoasConfig(), ["1girl"], encoder=None)
+    m = RunMonitor(tmp_path / "rank1", "", ["1girl"], encoder=None, **settings)
     m.log_step(1, losses={"total": 0.5}, lr=1e-3)
     assert m.on_checkpoint(1, 1, torch.nn.Linear(1, 1), lambda: {}) == {}
     m.close()
     assert not (tmp_path / "rank1").exists() and m.history.series("loss/total") == []
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
-    m0 = RunMonitor(tmp_path / "rank0", MoasConfig(), ["1girl"], encoder=None)
+    m0 = RunMonitor(tmp_path / "rank0", "", ["1girl"], encoder=None, **settings)
     m0.log_step(1, losses={"total": 0.5, "aux": 0.1}, lrs={"0": 1e-3, "1": 5e-4}, lr=1e-3)
     m0.close()
     assert m0.history.latest("loss/aux") == 0.1 and m0.history.latest("lr/1") == 5e-4

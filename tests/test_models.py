@@ -85,7 +85,7 @@ def test_diffusion_model_shapes_with_patches():
 def test_generator_trains_brain_and_unet_from_the_diffusion_loss():
     mc = ModelConfig(block_channels=[32, 32], cross_attention=[False, True], attention_head_dim=16)
     g = MoasGenerator(16, asdict(mc), asdict(TextConfig()))
-    pred = g(torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), _text())
+    pred = g(torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), _text()).pred
     pred.pow(2).mean().backward()
     brain_grads = [p.grad for p in g.brain.parameters() if p.grad is not None]
     assert brain_grads and any(gr.abs().sum() > 0 for gr in brain_grads)

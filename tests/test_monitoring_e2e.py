@@ -163,6 +163,7 @@ def test_redirected_output_has_dashboard_lines_and_no_control_codes(run):
 def test_best_checkpoint_has_highest_heldout_accuracy(run):
     from moas.checkpoint import load_checkpoint
     from moas.eval.evaluate import run_eval
+    from moas.inference.model_file import read_model_file
     from moas.inference.pipeline import Pipeline
 
     run_dir = next((run / "runs").iterdir())
@@ -179,16 +180,16 @@ def test_best_checkpoint_has_highest_heldout_accuracy(run):
     top = max(accuracy.values())
     expected = min(e for e, a in accuracy.items() if a == top)  # ties keep the earlier checkpoint
     assert best["best"]["epoch"] == expected
-    chosen = load_checkpoint(run / "models" / "best_model.pt")
+    chosen = read_model_file(run / "models" / "best_model.safetensors")
     ckpt = load_checkpoint(run / "checkpoints" / f"epoch_{expected:04d}.pt")
-    assert chosen["epoch"] == expected
+    assert chosen.epoch == expected
     # Identical weights. The MoE's usage statistics are buffers that validation's forward passes advance
     # after the checkpoint was written, so they are the only entries allowed to differ.
     stats = ("call_count", "success_rate", "load_sum", "load_calls")
     for k, v in ckpt["ema"]["model"].items():
         if not k.endswith(stats):
-            assert torch.equal(chosen["ema"]["model"][k], v), k
-    assert load_checkpoint(run / "models" / "last_model.pt")["epoch"] == 3
+            assert torch.equal(chosen.weights[k], v), k
+    assert read_model_file(run / "models" / "last_model.safetensors").epoch == 3
 
 
 def test_dashboard_under_a_pseudo_terminal(run):

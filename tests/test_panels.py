@@ -1,4 +1,4 @@
-"""Panels (issue 5 item 6): the memory expert's gated memory attention, PanelMemory, the temporal loss,
+"""Panels: the memory expert's gated memory attention, PanelMemory, the temporal loss,
 sequences in the data and the demo generator. The end-to-end run is in test_panels_e2e.py."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from moas.models.expert_agents import BatchedExperts
 from moas.models.generator import MoasGenerator
 from moas.models.moe import EXPERT_NAMES
 from moas.models.panel_memory import PanelMemory
+from moas.models.upgrade import upgrade_model_args
 from moas.train.sequences import memory_keep
 
 from .test_brain import TEXT, UNET, text_batch, tiny_brain
@@ -128,13 +129,15 @@ def test_generator_passes_panels_and_old_model_args_load_without_panel_memory():
         assert not torch.equal(g.condition(text | panels)["expert_states"][:, MEM], base[:, MEM])
     # A model file from before panel memory: its brain arguments have no panel_memory key.
     old_brain = {k: v for k, v in tiny_brain().items() if not k.startswith("panel_")}
-    old = MoasGenerator(16, UNET, TEXT, brain=old_brain)
+    old = MoasGenerator(
+        **upgrade_model_args({"resolution": 16, "model": UNET, "text": TEXT, "brain": old_brain})
+    )
     assert not old.panel_memory and old.stage("panel_memory") is None
     assert not any("mem" in k for k in old.state_dict() if "experts." in k)
-    rebuilt = MoasGenerator(**{**old.init_args, "brain": old_brain})
+    rebuilt = MoasGenerator(**upgrade_model_args({**old.init_args, "brain": old_brain}))
     rebuilt.load_state_dict(old.state_dict())  # strict: the old weights fit
     out = rebuilt.eval()(torch.randn(2, 3, 16, 16), torch.tensor([3, 500]), text | panels)  # panels ignored
-    assert out.shape == (2, 3, 16, 16)
+    assert out.pred.shape == (2, 3, 16, 16)
     assert MoasGenerator(**g.init_args).stage("panel_memory") is not None  # new files keep it
 
 
@@ -158,7 +161,8 @@ def test_memory_bridge_is_exact_at_init_then_carries_the_panels_into_pooled():
     assert not torch.allclose(pooled[0], base[0])  # the panel reaches the pooled conditioning
     assert torch.equal(pooled[1], base[1])  # a row without panels gets nothing
     old = {k: v for k, v in tiny_brain().items() if k != "memory_pooled"}  # a file from before the bridge
-    assert MoasGenerator(16, UNET, TEXT, brain=old).stage("memory_bridge") is None
+    old_args = upgrade_model_args({"resolution": 16, "model": UNET, "text": TEXT, "brain": old})
+    assert MoasGenerator(**old_args).stage("memory_bridge") is None
 
 
 def test_memory_bridge_reaches_the_first_cross_attention_token_and_nothing_else():
@@ -173,7 +177,7 @@ def test_memory_bridge_reaches_the_first_cross_attention_token_and_nothing_else(
     with torch.no_grad():
         base = g.condition(text)["context"]
         assert torch.equal(g.condition(text | panels)["context"], base)  # zero-initialised: exact
-        assert torch.equal(g(x, t, text | panels), g(x, t, text))
+        assert torch.equal(g(x, t, text | panels).pred, g(x, t, text).pred)
     g.condition(text | panels)["context"][:, 0].pow(2).sum().backward()
     assert bridge.context_proj.weight.grad.abs().sum() > 0  # trainable from the first step
     with torch.no_grad():
@@ -182,9 +186,10 @@ def test_memory_bridge_reaches_the_first_cross_attention_token_and_nothing_else(
         ctx = g.condition(text | panels)["context"]
         assert not torch.allclose(ctx[0, 0], base[0, 0])  # the panel reaches token 0 of its row
         assert torch.equal(ctx[0, 1:], base[0, 1:]) and torch.equal(ctx[1], base[1])  # and nothing else
-        assert not torch.equal(g(x, t, text | panels)[0], g(x, t, text)[0])  # the U-Net reads it
+        assert not torch.equal(g(x, t, text | panels).pred[0], g(x, t, text).pred[0])  # the U-Net reads it
     old = {k: v for k, v in tiny_brain().items() if k != "memory_context"}  # a file from before the route
-    old_bridge = MoasGenerator(16, UNET, TEXT, brain=old).stage("memory_bridge")
+    old_args = upgrade_model_args({"resolution": 16, "model": UNET, "text": TEXT, "brain": old})
+    old_bridge = MoasGenerator(**old_args).stage("memory_bridge")
     assert old_bridge is not None and old_bridge.context_proj is None
 
 

@@ -15,7 +15,7 @@ from moas.config import load_config
 from moas.data.synthetic import generate_demo_dataset
 from moas.inference.pipeline import Pipeline
 from moas.models.moe import EXPERT_NAMES
-from moas.train.loop import Trainer, train
+from moas.train.loop import build_trainer, train
 from moas.train.rotation import find_latest_checkpoint
 from moas.train.sequences import panel_parameters
 
@@ -51,10 +51,11 @@ def seq_data(tmp_path_factory) -> Path:
 
 
 def test_training_on_sequences_trains_the_memory_and_resumes_exactly(seq_data, tmp_path):
-    trainer = Trainer(tiny(tmp_path, seq_data, max_steps=6), progress=False)
-    assert trainer.panels.enabled and trainer.dataset.has_sequences()
-    params = panel_parameters(trainer.model)
-    gate = trainer.model.stage("moe").experts.memory_gate
+    trainer = build_trainer(tiny(tmp_path, seq_data, max_steps=6), progress=False)
+    assert trainer.panels.enabled and trainer.data.dataset.has_sequences()
+    model = trainer.parts.model
+    params = panel_parameters(model)
+    gate = model.stage("moe").experts.memory_gate
     assert gate.item() == 0.0
     before = [p.detach().clone() for p in params]
     grads: dict[int, float] = {}
@@ -66,7 +67,7 @@ def test_training_on_sequences_trains_the_memory_and_resumes_exactly(seq_data, t
     assert all(i in grads for i in range(len(params))), "a panel parameter got no gradient"
     # The weights that carry the signal all moved (a conv bias right before GroupNorm has ~0 gradient
     # by construction, so "every tensor changed" would be the wrong test).
-    pm, ex = trainer.model.stage("panel_memory"), trainer.model.stage("moe").experts
+    pm, ex = model.stage("panel_memory"), model.stage("moe").experts
     moved = [
         pm.vision.backbone[0].weight,
         pm.proj.weight,
@@ -108,7 +109,7 @@ def test_training_on_sequences_trains_the_memory_and_resumes_exactly(seq_data, t
 def test_generate_panels_cli_writes_panels_strip_and_metric(seq_data, workdir, capsys):
     cfg = tiny(workdir, seq_data, max_steps=4)
     train(cfg, progress=False)
-    model = str(workdir / "models" / "best_model.pt")
+    model = str(workdir / "models" / "best_model.safetensors")
     base = ["generate", "--model", model, "--steps", "2", "--quiet"]
     prompts = "1girl, red hair, forest, smile | 1girl, red hair, forest, open mouth | 1girl, red hair, forest"
     capsys.readouterr()
@@ -148,7 +149,7 @@ def test_generate_panels_cli_writes_panels_strip_and_metric(seq_data, workdir, c
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([100])
     mem = {"panel_images": history.flip(0)[None], "panel_mask": torch.ones(1, 2, dtype=torch.bool)}
     with torch.no_grad():
-        plain, with_mem = pipe.model(x, t, text), pipe.model(x, t, text | mem)
+        plain, with_mem = pipe.model(x, t, text).pred, pipe.model(x, t, text | mem).pred
         assert not torch.equal(plain, with_mem)
         bridge, to_context = (
             pipe.model.stage("memory_bridge").proj,
@@ -156,12 +157,14 @@ def test_generate_panels_cli_writes_panels_strip_and_metric(seq_data, workdir, c
         )
         assert bridge.weight.abs().sum() > 0 and to_context.weight.abs().sum() > 0  # trained on sequences too
         gate.fill_(0.0)
-        assert not torch.equal(pipe.model(x, t, text | mem), plain)  # the bridge's routes alone still act
+        assert not torch.equal(
+            pipe.model(x, t, text | mem).pred, plain
+        )  # the bridge's routes alone still act
         trained = {k: v.clone() for k, v in pipe.model.stage("memory_bridge").state_dict().items()}
         for layer in (bridge, to_context):
             layer.weight.zero_()
             layer.bias.zero_()
-        assert torch.equal(pipe.model(x, t, text | mem), plain)
+        assert torch.equal(pipe.model(x, t, text | mem).pred, plain)
         pipe.model.stage("memory_bridge").load_state_dict(trained)
         # Wide-open routes show in the 8-bit images too. After 6 warm-up steps both are still ~1e-6 (too
         # small to move a uint8 pixel), so the bridge gets definite weights: this checks the pipeline's

@@ -20,7 +20,7 @@ from moas import checkpoint as ckpt_mod
 from moas.checkpoint import load_checkpoint, verify_checkpoint
 from moas.config import load_config
 from moas.errors import CheckpointError, MoasError
-from moas.train.loop import Trainer, train
+from moas.train.loop import Trainer, build_trainer, train
 from moas.train.rng import nonfinite_tensor
 from moas.train.rotation import find_latest_checkpoint
 from moas.train.signals import TrainingInterrupted
@@ -80,9 +80,10 @@ def record_steps(mp: pytest.MonkeyPatch) -> dict[int, list[int]]:
     real = Trainer._micro_step
 
     def micro_step(self, batch, *a, **kw):
-        if self.batch_pos % self.grad_accum == 0:
-            steps[self.global_step + 1] = []
-        steps[self.global_step + 1] += [int(i) for i in batch["index"]]
+        st = self.state
+        if st.micro_in_step == 0:
+            steps[st.global_step + 1] = []
+        steps[st.global_step + 1] += [int(i) for i in batch["index"]]
         return real(self, batch, *a, **kw)
 
     mp.setattr(Trainer, "_micro_step", micro_step)
@@ -182,10 +183,10 @@ def test_non_finite_step_is_skipped_and_never_saved(tmp_path, demo_dir, monkeypa
 
 
 def test_non_finite_weights_are_refused_at_save(tmp_path, demo_dir):
-    t = Trainer(tiny(tmp_path, demo_dir / "train"), progress=False)
+    t = build_trainer(tiny(tmp_path, demo_dir / "train"), progress=False)
     t.save("checkpoint_00000000.pt")
     with torch.no_grad():
-        next(t.model.parameters()).view(-1)[0] = float("nan")
+        next(t.parts.model.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(CheckpointError, match="NaN/Inf"):
         t.save("checkpoint_00000001.pt")
     assert [p.name for p in (tmp_path / "ckpt").glob("*.pt")] == ["checkpoint_00000000.pt"]
@@ -201,11 +202,11 @@ def test_unrestorable_cuda_rng_state_is_an_error(tmp_path, demo_dir):
     del state["moas_format"]
     ckpt_mod.save_checkpoint(path, state, {"global_step": 1, "epoch": 0})
     with pytest.raises(CheckpointError, match="RNG states that cannot be restored"):
-        Trainer(tiny(tmp_path, demo_dir / "train", max_steps=2, auto_resume=True), progress=False)
+        build_trainer(tiny(tmp_path, demo_dir / "train", max_steps=2, auto_resume=True), progress=False)
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, demo_dir, monkeypatch):
-    t = Trainer(tiny(tmp_path, demo_dir / "train", keep_last=1), progress=False)
+    t = build_trainer(tiny(tmp_path, demo_dir / "train", keep_last=1), progress=False)
     first = t.save("checkpoint_00000001.pt")
     before = first.read_bytes()
     real_open = os.fdopen
@@ -228,7 +229,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, demo_dir,
             return self.f.__exit__(*a)
 
     monkeypatch.setattr(ckpt_mod.os, "fdopen", lambda fd, mode: FullDisk(real_open(fd, mode)))
-    t.global_step = 2
+    t.state.global_step = 2
     with pytest.raises(CheckpointError, match="No space left"):
         t.save("checkpoint_00000002.pt")
     monkeypatch.undo()
@@ -243,12 +244,12 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, demo_dir,
 
 @pytest.mark.parametrize("signum", [signal.SIGINT])  # SIGTERM: the CLI test in test_faults_process.py
 def test_signal_saves_at_the_step_boundary_and_exits_128_plus_n(tmp_path, demo_dir, signum):
-    t = Trainer(tiny(tmp_path, demo_dir / "train", max_steps=50, epochs=20), progress=False)
+    t = build_trainer(tiny(tmp_path, demo_dir / "train", max_steps=50, epochs=20), progress=False)
     real_step = t._optimizer_step
 
     def step_then_signal(*a, **kw):
         real_step(*a, **kw)
-        if t.global_step == 2:
+        if t.state.global_step == 2:
             os.kill(os.getpid(), signum)
             os.kill(os.getpid(), signum)  # a second signal must not disturb the save
 
@@ -305,7 +306,7 @@ def test_tampered_checkpoint_is_refused_without_running_it(tmp_path, demo_dir):
     }
     (ckpt / "epoch_9999.pt.json").write_text(json.dumps({**record, "global_step": 10**6, "epoch": 9999}))
     with pytest.raises(CheckpointError, match="cannot be loaded safely"):
-        Trainer(tiny(tmp_path, demo_dir / "train", auto_resume=True), progress=False)
+        build_trainer(tiny(tmp_path, demo_dir / "train", auto_resume=True), progress=False)
     assert not marker.exists()
 
 
@@ -329,4 +330,4 @@ def test_only_the_newest_checkpoints_keep_optimizer_state(tmp_path, demo_dir):
     assert find_latest_checkpoint(ckpt) is None
     assert find_latest_checkpoint(ckpt, resumable_only=False).name == "epoch_0001.pt"
     with pytest.raises(CheckpointError, match="holds weights only"):
-        Trainer(tiny(tmp_path, demo_dir / "train", auto_resume=True), progress=False)
+        build_trainer(tiny(tmp_path, demo_dir / "train", auto_resume=True), progress=False)

@@ -16,8 +16,8 @@ from moas.train.batches import ResumableBatchSampler, steps_per_epoch
 from moas.train.distributed import context_from_env
 from moas.train.faults import FaultInjector
 from moas.train.hpo import BATCH_CHOICES, CONTINUOUS, AutomaticHyperparameterOptimizer, Trial
-from moas.train.loop import milestone_epochs
 from moas.train.oom import is_oom, shrink_micro_batch
+from moas.train.saving import milestone_epochs
 from moas.train.signals import GracefulStop
 
 

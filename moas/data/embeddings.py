@@ -1,7 +1,7 @@
 """Device-free embeddings computed inside DataLoader workers (never a neural network there).
 
 ``_create_image_stat_embedding`` is the original's 768-d image representation built from pixel statistics;
-``_create_hash_embedding`` (defined with the text encoder in :mod:`moas.text`) is the deterministic
+``_create_hash_embedding`` (defined with the text encoder in :mod:`moas.text.hashing`) is the deterministic
 SHA-256 text fallback. Both are bit-identical across runs and processes: integer histogramming and
 float64 NumPy arithmetic in a fixed order, no Python ``hash()``, no RNG.
 """

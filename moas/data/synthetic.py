@@ -2,7 +2,7 @@
 
 Every image is a head-and-shoulders girl facing the viewer, drawn with PIL.ImageDraw at 4x supersampling
 and downsampled with LANCZOS. The layout is deliberately FIXED (only small jitter) so that a tiny diffusion
-model can learn it and so that :mod:`moas.attributes` can measure hair colour, eye colour and background
+model can learn it and so that :mod:`moas.eval.attributes` can measure hair colour, eye colour and background
 from fixed regions without any learned classifier:
 
 * hair always covers a cap on top of the head (image x 0.36-0.64, y 0.19-0.31 is hair for every style);

@@ -9,30 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import diffusers
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-)
 from tqdm.auto import tqdm
 
-SAMPLERS: dict[str, Callable] = {
-    "dpmsolver++": lambda cfg: DPMSolverMultistepScheduler.from_config(
-        cfg, algorithm_type="dpmsolver++", solver_order=2
-    ),
-    "ddim": lambda cfg: DDIMScheduler.from_config(cfg),
-    "ddpm": lambda cfg: DDPMScheduler.from_config(cfg),
-    "euler_a": lambda cfg: EulerAncestralDiscreteScheduler.from_config(cfg),
-}
+from moas.diffusion.registry import SAMPLERS
+
+STOCHASTIC = {spec.scheduler for spec in SAMPLERS.values() if spec.stochastic}
 
 
 def make_sampler(name: str, train_config: dict):
+    """The registry's sampler ``name``, built from the training scheduler's config."""
     try:
-        return SAMPLERS[name](train_config)
+        spec = SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}") from None
+    return getattr(diffusers, spec.scheduler).from_config(train_config, **spec.options)
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -62,7 +54,7 @@ def sample(
     x = initial_noise(seeds, shape, device) * scheduler.init_noise_sigma
     # CPU generators: diffusers draws one noise tensor per generator, so each image keeps its own stream.
     step_kwargs = {}
-    if isinstance(scheduler, (DDPMScheduler, EulerAncestralDiscreteScheduler)):
+    if type(scheduler).__name__ in STOCHASTIC:
         step_kwargs["generator"] = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
         x_in = scheduler.scale_model_input(x, t)

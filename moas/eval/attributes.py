@@ -13,7 +13,9 @@ CIELAB:
 
 Prototypes are not hand-set: they are the same statistics measured on clean renders of every value by every
 artist from :mod:`moas.data.synthetic` (plus 32 px and blurred 32 px copies of those renders), so the
-palettes, cel shadows, shine bands and small-image colour bleeding are all part of them.
+palettes, cel shadows, shine bands and small-image colour bleeding are all part of them. They are stored in
+``attribute_prototypes.json`` so that measuring needs nothing of the drawer; a test re-measures them from
+fresh renders and compares.
 
 Images of any size >= 24 px are resized to a canonical 64 x 64 first.
 """
@@ -21,20 +23,20 @@ Images of any size >= 24 px are resized to a canonical 64 x 64 first.
 from __future__ import annotations
 
 import functools
-import random
-from collections.abc import Sequence
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
-from moas.data import synthetic as syn
 from moas.errors import DataError
 
 CANON = 64
 MIN_SIZE = 24
 HAIR_BOX = (0.36, 0.19, 0.64, 0.31)  # x0, y0, x1, y1 as fractions of the image
-EYE_CENTRES = syn.EYES  # the layout is fixed, so image and character coordinates agree up to jitter
+EYE_CENTRES = ((0.39, 0.545), (0.61, 0.545))  # the demo's iris centres (moas.data.synthetic.EYES)
 EYE_WINDOW = (0.08, 0.10, 0.125)  # half width, extent above, extent below the eye centre
 EYE_SIGMA = (0.05, 0.06)
 EYE_TOP_K = 30  # pixels (of 64x64) kept as "iris": the most colourful, centre-weighted ones
@@ -114,40 +116,37 @@ def _eye_feature(lab: np.ndarray) -> np.ndarray:
 _FEATURES = {"hair_color": _hair_feature, "eye_color": _eye_feature, "background": _background_feature}
 
 
-@functools.lru_cache(maxsize=1)
-def _prototypes() -> dict[str, tuple[np.ndarray, list[str]]]:
-    """Per attribute: centroid features of (value, artist, variant) groups, measured on synthetic renders.
+PROTOTYPE_FILE = Path(__file__).with_name("attribute_prototypes.json")
 
-    Variants are the clean 64 px render, the same render reduced to 32 px, and that reduced render blurred,
-    so the prototypes already contain cel shadows, shine bands and the colour bleeding of small images.
-    """
-    rng = random.Random("moas-attribute-prototypes")
-    hairs, eyes, bgs = list(syn.HAIR_COLORS), list(syn.EYE_COLORS), list(syn.BACKGROUNDS)
+
+def prototype_groups(renders: Iterable[tuple[dict, str, str, Any]]) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Per attribute: the centroid feature of every (value, artist, variant) group of ``renders``.
+
+    ``renders`` yields (attributes, artist, variant, image): the demo set's clean 64 px renders, the same
+    reduced to 32 px and that reduction blurred, so the prototypes already contain cel shadows, shine bands
+    and the colour bleeding of small images (``tests/test_attributes.py`` draws them)."""
     groups: dict[tuple[str, str, str, str], list[np.ndarray]] = {}
-    for artist in syn.ARTISTS:
-        for i in range(24):  # 24 = lcm(8, 6): per artist each hair colour 3x, each eye colour/background 4x
-            attrs = {
-                "hair_color": hairs[i % 8],
-                "background": bgs[i % 6],
-                "eye_color": eyes[(i + i // 6) % 6],
-                "hair_style": syn.HAIR_STYLES[i % 4],
-                "accessories": rng.sample(syn.ACCESSORIES, rng.randint(0, 2)),
-            }
-            full = syn.draw_character(attrs, CANON, artist, rng)
-            small = full.resize((CANON // 2, CANON // 2), Image.Resampling.LANCZOS)
-            for variant, img in (
-                ("64", full),
-                ("32", small),
-                ("32blur", small.filter(ImageFilter.GaussianBlur(0.8))),
-            ):
-                lab = _canonical(img)
-                for kind, feature in _FEATURES.items():
-                    groups.setdefault((kind, attrs[kind], artist, variant), []).append(feature(lab))
+    for attrs, artist, variant, img in renders:
+        lab = _canonical(img)
+        for kind, feature in _FEATURES.items():
+            groups.setdefault((kind, attrs[kind], artist, variant), []).append(feature(lab))
     out: dict[str, tuple[np.ndarray, list[str]]] = {}
     for kind in _FEATURES:
         keys = [k for k in groups if k[0] == kind]
         out[kind] = (np.array([np.mean(groups[k], axis=0) for k in keys]), [k[1] for k in keys])
     return out
+
+
+def save_prototypes(protos: dict[str, tuple[np.ndarray, list[str]]], path: Path = PROTOTYPE_FILE) -> None:
+    data = {k: {"labels": labels, "features": feats.tolist()} for k, (feats, labels) in protos.items()}
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+@functools.lru_cache(maxsize=1)
+def _prototypes() -> dict[str, tuple[np.ndarray, list[str]]]:
+    """The stored prototypes (measured on renders of every value by every demo artist)."""
+    data = json.loads(PROTOTYPE_FILE.read_text())
+    return {k: (np.array(v["features"]), list(v["labels"])) for k, v in data.items()}
 
 
 def _nearest(feature: np.ndarray, kind: str) -> tuple[str, float, float]:

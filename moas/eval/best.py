@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from moas.checkpoint import save_checkpoint
+from moas.inference.model_file import ModelFile, model_file_path, write_model_file
 from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class BestModelKeeper:
 
     def __init__(self, run_dir: Path, save_path: Path) -> None:
         self.path = Path(run_dir) / HISTORY_FILE
-        self.save_path = Path(save_path)
+        self.save_path = model_file_path(save_path)
         self.history: list[dict] = []
         self.best: dict | None = None
         self.metric: str | None = None
@@ -57,7 +57,7 @@ class BestModelKeeper:
         return None if self.best is None else self.best.get("score")
 
     def update(
-        self, epoch: int, step: int, metrics: dict[str, float | None], model_state: Callable[[], dict]
+        self, epoch: int, step: int, metrics: dict[str, float | None], model_file: Callable[[], ModelFile]
     ) -> bool:
         """Score one checkpoint; save the model file when it is the best. Returns True when saved."""
         score, name = model_quality_score(metrics)
@@ -85,12 +85,9 @@ class BestModelKeeper:
             improved = self.best is None or self.best.get("score") is None or score > self.best["score"]
         if improved:
             self.best = entry
-            state = model_state()
-            save_checkpoint(
-                self.save_path,
-                state,
-                {"epoch": epoch, "global_step": step, "kind": "model", "score": score, "metric": name},
-            )
+            contents = model_file()
+            contents.provenance |= {"score": score, "metric": name}
+            write_model_file(self.save_path, contents)
             if score is None:
                 log.info("No validation score available; kept the newest model as %s.", self.save_path)
             else:

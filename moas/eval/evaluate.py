@@ -2,7 +2,7 @@
 
 Prompts come from the demo manifest (``moas.data.synthetic.eval_cases``): one half uses hair-colour ×
 background pairs that never occur in training (held out), the other half seen combinations. Each image is
-judged by ``moas.attributes.measure_attributes`` — a fixed region-colour measurement that knows nothing
+judged by ``moas.eval.attributes.measure_attributes`` — a fixed region-colour measurement that knows nothing
 about the generator.
 """
 
@@ -30,14 +30,15 @@ def run_eval(
     pipe: Pipeline,
     data_dir: str | Path,
     n_per_split: int = 48,
-    steps: int = 20,
-    guidance_scale: float = 3.0,
-    sampler: str = "dpmsolver++",
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    sampler: str | None = None,
     seed: int = 1234,
     batch_size: int = 16,
     progress: bool = True,
     image_dir: str | Path | None = None,
 ) -> dict:
+    steps, guidance_scale, sampler = pipe.settings(steps, guidance_scale, sampler)
     manifest = load_manifest(data_dir)
     cases = eval_cases(manifest, n_per_split, seed)
     preds: list[dict] = []

@@ -7,7 +7,7 @@ the seed and excluded from training (``train.val_fraction``; none when the folde
 * ``loss``: the weighted diffusion loss at fixed timesteps and fixed noise (seeded), comparable across
   epochs and runs;
 * ``psnr`` / ``ssim``: the model's predicted x0 against the real image at the same fixed timesteps;
-* the six per-expert / art-theory measurements of ``moas.metrics`` on the same predictions;
+* the six per-expert / art-theory measurements of ``moas.eval.metrics`` on the same predictions;
 * ``prompt_adherence``: the fraction of validation images whose own caption gives a lower denoising error
   than a mismatched caption (same timesteps and noise) — a diffusion-classifier test of whether the
   model uses the prompt. Images without a caption are not counted; ``None`` when no image counts.
@@ -22,16 +22,16 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from moas.config import DiffusionConfig, SampleConfig
 from moas.data.dataset import ArtDataset, collate, to_model_range
 from moas.data.sampler import BucketBatchSampler
-from moas.diffusion.schedule import NoiseSchedule
+from moas.diffusion.objective import DiffusionObjective
 from moas.errors import DataError
 from moas.eval.metrics import art_measurements, psnr, ssim
 from moas.text.bank import TextBank
+from moas.text.inputs import caption_inputs
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,20 @@ def find_demo_manifest(data_dir: str | Path) -> Path | None:
     return None
 
 
+def _in_order(dataset: ArtDataset, batch_size: int) -> DataLoader:
+    """Every image exactly once, in a fixed order; one image size per batch (aspect buckets)."""
+    order = BucketBatchSampler(
+        dataset.bucket_ids, [1.0] * len(dataset), batch_size, shuffle=False, fill=False
+    )
+    return DataLoader(dataset, batch_sampler=order, collate_fn=collate)
+
+
 @torch.no_grad()
 def validation_loss(
     model: torch.nn.Module,
     dataset: ArtDataset,
     bank: TextBank,
-    schedule: NoiseSchedule,
+    objective: DiffusionObjective,
     device: torch.device,
     batch_size: int = 32,
     seed: int = 0,
@@ -88,19 +96,13 @@ def validation_loss(
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
-    # One image size per batch (aspect buckets); every image exactly once, in order.
-    order = BucketBatchSampler(
-        dataset.bucket_ids, [1.0] * len(dataset), batch_size, shuffle=False, fill=False
-    )
-    for batch in DataLoader(dataset, batch_sampler=order, collate_fn=collate):
+    for batch in _in_order(dataset, batch_size):
         x0 = to_model_range(batch["pixels"]).to(device)  # (B, 3, H, W)
-        text = bank.batch(batch["captions"], device)
+        text = caption_inputs(bank, batch["captions"], device)
         for step in TIMESTEPS:
             t = torch.full((x0.shape[0],), step, dtype=torch.long, device=device)
             noise = torch.randn(x0.shape, generator=gen).to(device)
-            pred = model(schedule.add_noise(x0, noise, t), t, text).float()
-            per = F.mse_loss(pred, schedule.target(x0, noise, t), reduction="none").mean((1, 2, 3))
-            total += (per * schedule.loss_weight(t)).sum().item()
+            total += objective(model, x0, text, t, noise).weighted.sum().item()
             count += x0.shape[0]
     return total / max(count, 1)
 
@@ -122,7 +124,7 @@ class Validator:
         self,
         dataset: ArtDataset | None,
         bank: TextBank,
-        schedule: NoiseSchedule,
+        objective: DiffusionObjective,
         device: torch.device,
         seed: int,
         batch_size: int,
@@ -134,7 +136,7 @@ class Validator:
     ) -> None:
         self.dataset = dataset
         self.bank = bank
-        self.schedule = schedule
+        self.objective = objective
         self.device = device
         self.seed = seed
         self.batch_size = batch_size
@@ -147,36 +149,29 @@ class Validator:
     @torch.no_grad()
     def _denoise_metrics(self, model: torch.nn.Module) -> dict[str, float | None]:
         gen = torch.Generator().manual_seed(self.seed)
+        objective, schedule = self.objective, self.objective.schedule
         sums: dict[str, float] = {}
         n_img, wins, counted = 0, 0, 0
         captions = self.dataset.captions()
         wrong_all = mismatched_captions(captions, self.caption_pool, self.seed)
-        # One image size per batch (aspect buckets); every image exactly once, in a fixed order.
-        order = BucketBatchSampler(
-            self.dataset.bucket_ids, [1.0] * len(self.dataset), self.batch_size, shuffle=False, fill=False
-        )
-        for batch in DataLoader(self.dataset, batch_sampler=order, collate_fn=collate):
+        for batch in _in_order(self.dataset, self.batch_size):
             x0 = to_model_range(batch["pixels"]).to(self.device)  # (B, 3, H, W)
             b = x0.shape[0]
-            text = self.bank.batch(batch["captions"], self.device)
+            text = caption_inputs(self.bank, batch["captions"], self.device)
             wrong = [wrong_all[int(i)] for i in batch["index"]]
             has_wrong = torch.tensor([w is not None for w in wrong])
-            wrong_text = self.bank.batch([w or "" for w in wrong], self.device)
+            wrong_text = caption_inputs(self.bank, [w or "" for w in wrong], self.device)
             err_true, err_wrong = torch.zeros(b), torch.zeros(b)
             for step in TIMESTEPS:
                 t = torch.full((b,), step, dtype=torch.long, device=self.device)
                 noise = torch.randn(x0.shape, generator=gen).to(self.device)
-                x_t = self.schedule.add_noise(x0, noise, t)
-                pred = model(x_t, t, text).float()
-                target = self.schedule.target(x0, noise, t)
-                per = F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))
-                sums["loss"] = sums.get("loss", 0.0) + (per * self.schedule.loss_weight(t)).sum().item()
-                err_true += per.cpu()
-                if has_wrong.any():
-                    pw = model(x_t, t, wrong_text).float()
-                    err_wrong += F.mse_loss(pw, target, reduction="none").mean((1, 2, 3)).cpu()
+                out = objective(model, x0, text, t, noise)
+                sums["loss"] = sums.get("loss", 0.0) + out.weighted.sum().item()
+                err_true += out.per_sample.cpu()
+                if has_wrong.any():  # the same image, step and noise under a caption of another image
+                    err_wrong += objective(model, x0, wrong_text, t, noise).per_sample.cpu()
                 if step in PSNR_TIMESTEPS:
-                    x0_hat = self.schedule.predict_x0(x_t, pred, t).clamp(-1, 1)  # (B, 3, H, W)
+                    x0_hat = out.x0(schedule).clamp(-1, 1)  # (B, 3, H, W)
                     sums["psnr"] = sums.get("psnr", 0.0) + psnr(x0_hat, x0).sum().item()
                     sums["ssim"] = sums.get("ssim", 0.0) + ssim(x0_hat, x0).sum().item()
                     for k, v in art_measurements(x0_hat, x0).items():

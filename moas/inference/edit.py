@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from moas.config import SampleConfig
 from moas.data.dataset import to_model_range, to_uint8
 from moas.data.images import load_image
 from moas.diffusion.inpaint import repaint
@@ -41,8 +41,8 @@ class EditRequest:
     mask: str | None = None  # white = regenerate, black = keep
     outpaint: tuple[int, int, int, int] = (0, 0, 0, 0)  # left, right, top, bottom margins in pixels
     negative_prompt: str = ""
-    steps: int = 20
-    guidance_scale: float = 3.0
+    steps: int = SampleConfig.steps
+    guidance_scale: float = SampleConfig.guidance_scale
     seed: int = 0
     resample: int = 3  # RePaint jumps per step (1 = no resampling)
     quality_enhance: str | None = None
@@ -128,14 +128,8 @@ def edit(pipe: Pipeline, req: EditRequest, output: str | Path, progress: bool = 
         -1, 1
     )
     small_mask = (F.adaptive_max_pool2d(mask[None].float(), (wh, ww)) > 0).float()  # (1, 1, wh, ww)
-    both = pipe.encode([req.prompt, req.negative_prompt])
-    both = {k: v.to(dev) for k, v in both.items()}
-    cond, uncond = {k: v[:1] for k, v in both.items()}, {k: v[1:] for k, v in both.items()}
-    if pipe.style is not None:  # --style: on the conditional branch only, as in generation
-        cond["style"] = uncond["style"] = pipe.style.to(dev).view(1, -1)  # (1, S)
-        cond["style_mask"] = torch.ones(1, dtype=torch.bool, device=dev)
-        uncond["style_mask"] = torch.zeros(1, dtype=torch.bool, device=dev)
-    fn = guided(lambda x, t, text: pipe.model(x, t, text).float(), cond, uncond, req.guidance_scale)
+    cond, uncond = pipe.branches([req.prompt], req.negative_prompt)  # --style: conditional branch only
+    fn = guided(pipe.denoise, cond, uncond, req.guidance_scale)
     schedule = NoiseSchedule(make_train_scheduler(pipe.diffusion), pipe.diffusion.prediction_type, 0.0)
     with torch.no_grad():
         x = repaint(
@@ -157,8 +151,3 @@ def edit(pipe: Pipeline, req: EditRequest, output: str | Path, progress: bool = 
     )
     save_png(out, Path(output), params)
     return metrics
-
-
-def save_mask(mask: torch.Tensor, path: str | Path) -> None:
-    """Write a bool (1, H, W) mask as a black/white PNG (for tests and scripts)."""
-    Image.fromarray((mask[0].numpy() * 255).astype(np.uint8)).save(path)

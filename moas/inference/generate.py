@@ -1,7 +1,7 @@
 """``moas generate``: prompt → PNG files with the generation parameters embedded (A1111-style).
 
 The safety expert refuses prompts that match the NSFW blacklist (``moas.safety``) unless ``allow_nsfw``
-is set; the quality expert (``moas.quality.quality_score``) scores every image, and ``keep_best`` keeps
+is set; the quality expert (``moas.eval.quality.quality_score``) scores every image, and ``keep_best`` keeps
 only the K best of ``num_images`` (written best first, with the score in the PNG parameters).
 
 Panel mode (``panels`` set; ``moas generate --panels N``): N panels are generated one after another
@@ -25,7 +25,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from moas.config import SampleConfig
 from moas.data.dataset import to_model_range, to_uint8
+from moas.diffusion.registry import SAMPLERS
 from moas.errors import MoasError
 from moas.eval.quality import quality_score
 from moas.inference.pipeline import Pipeline
@@ -35,18 +37,16 @@ from moas.safety import blacklisted_terms
 
 log = logging.getLogger(__name__)
 
-SAMPLER_LABELS = {"dpmsolver++": "DPM++ 2M", "ddim": "DDIM", "ddpm": "DDPM", "euler_a": "Euler a"}
-
 
 @dataclass
 class GenerateRequest:
     prompt: str
     negative_prompt: str = ""
     num_images: int = 1
-    steps: int = 20
-    guidance_scale: float = 3.0
+    steps: int = SampleConfig.steps
+    guidance_scale: float = SampleConfig.guidance_scale
     seed: int = 0
-    sampler: str = "dpmsolver++"
+    sampler: str = SampleConfig.sampler
     width: int | None = None
     height: int | None = None
     style: str | None = None  # artist style from the model's style database (--style)
@@ -118,7 +118,7 @@ def parameters_text(
     if req.negative_prompt:
         lines.append(f"Negative prompt: {req.negative_prompt}")
     lines.append(
-        f"Steps: {req.steps}, Sampler: {SAMPLER_LABELS.get(req.sampler, req.sampler)}, CFG scale: {req.guidance_scale:g}, "
+        f"Steps: {req.steps}, Sampler: {sampler_label(req.sampler)}, CFG scale: {req.guidance_scale:g}, "
         f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model_name}, "
         + (f"Style: {req.style}, " if req.style else "")
         + f"Quality enhance: {req.quality_enhance or 'default'}, "
@@ -126,6 +126,11 @@ def parameters_text(
         + (f", Quality: {quality:.4f}" if quality is not None else "")
     )
     return "\n".join(lines)
+
+
+def sampler_label(name: str) -> str:
+    spec = SAMPLERS.get(name)
+    return spec.label if spec else name
 
 
 def output_paths(output: str | Path, n: int) -> list[Path]:

@@ -5,46 +5,47 @@ Used by ``moas generate``, ``moas eval`` and the training run's sample grids.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
 
-from moas.checkpoint import load_checkpoint
-from moas.config import DiffusionConfig
+from moas.config import DiffusionConfig, SampleConfig
 from moas.data.dataset import to_uint8
 from moas.diffusion.sampling import guided, make_sampler, sample
 from moas.diffusion.schedule import make_train_scheduler
 from moas.errors import CheckpointError, MoasError
+from moas.inference.model_file import ModelFile, load_generator, read_model_file
 from moas.io import short_hash
 from moas.models.enhance import QualityEnhancer
-from moas.models.generator import MoasGenerator, generator_from_state
+from moas.models.generator import MoasGenerator
 from moas.models.gnn import EnhancedGNN
 from moas.models.panel_memory import PanelMemory
 from moas.resources import L3CacheManager
 from moas.text.encoder import TextEncoder
-from moas.text.language import language_batch
+from moas.text.inputs import caption_inputs
 
 log = logging.getLogger(__name__)
 
 
-def load_enhancer(state: dict, path: str | Path, device: str = "cpu") -> QualityEnhancer | None:
+def load_enhancer(mf: ModelFile, path: str | Path, device: str = "cpu") -> QualityEnhancer | None:
     """The model file's trained enhancer on ``device`` (the original runs it on the CPU), or None."""
-    entry = state.get("enhancer")
-    domain = state.get("domain") or {}
-    if entry is None and "enhancer" in domain:  # a training checkpoint: the weights sit with the trainer's
-        e = state["config"].get("enhance", {})
-        args = {k: e[k] for k in ("width", "sr_channels", "sr_blocks") if k in e}
-        entry = {"args": args, "weights": domain["enhancer"]}
-    if entry is None:
+    if mf.enhancer_args is None:
         return None
     try:
-        enhancer = QualityEnhancer(**entry["args"])
-        enhancer.load_state_dict(entry["weights"])
+        enhancer = QualityEnhancer(**mf.enhancer_args)
+        enhancer.load_state_dict(mf.enhancer_weights)
     except (KeyError, TypeError, RuntimeError):
         raise CheckpointError(f"{path} has enhancer weights that do not fit this version of moas.") from None
     dev = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
     return enhancer.eval().to(dev)
+
+
+def saved_sample_config(saved: dict | None) -> SampleConfig:
+    """The model config's ``[sample]`` section (the generation defaults), filled with today's defaults."""
+    names = {f.name for f in dataclasses.fields(SampleConfig)}
+    return SampleConfig(**{k: v for k, v in (saved or {}).items() if k in names})
 
 
 class Pipeline:
@@ -55,19 +56,20 @@ class Pipeline:
         diffusion: DiffusionConfig,
         device: torch.device,
         model_hash: str = "",
-        sample_defaults: dict | None = None,
+        sample_defaults: SampleConfig | None = None,
+        enhance_mode: str = "full",
     ) -> None:
         self.model = model.eval().place(device)
         self.encoder = encoder
         self.diffusion = diffusion
         self.device = device
         self.model_hash = model_hash
-        self.sample_defaults = dict(sample_defaults or {})  # the model config's [sample] section
+        self.sample_defaults = sample_defaults or SampleConfig()  # the model config's [sample] section
         self.train_config = dict(make_train_scheduler(diffusion).config)
-        self.style_db: dict | None = None  # the artist style database saved with the model (issue 4)
+        self.style_db: dict | None = None  # the artist style database saved with the model
         self.style: torch.Tensor | None = None  # fingerprint used by __call__ (set_style)
         self.enhancer = None  # the trained QualityEnhancer (moas/models/enhance.py), when the file has one
-        self.enhance_mode = self.sample_defaults.pop("enhance_mode", "full")
+        self.enhance_mode = enhance_mode
         self.loss_weights: dict = {}  # the model config's [losses] (temporal metric weights for panels)
         # GNN outputs and the encoded previous panels are cached across sampler steps (the original's
         # L3CacheManager use at inference).
@@ -93,25 +95,33 @@ class Pipeline:
     def from_file(
         cls, path: str | Path, device: torch.device, text_model_name: str | None = None
     ) -> Pipeline:
-        """Load a model file (or a training checkpoint); its EMA weights are used."""
-        state = load_checkpoint(path, map_location="cpu")
-        model = generator_from_state(state, path)
+        """Load a model file (``.safetensors``, an earlier release's ``.pt``, or a training checkpoint);
+        its EMA weights are used."""
+        mf = read_model_file(path)
+        model = load_generator(mf, path)
+        cfg = mf.config
         try:
-            cfg, encoder_id = state["config"], state["text_encoder"]
+            text, diffusion = cfg["text"], DiffusionConfig(**cfg["diffusion"])
         except (KeyError, TypeError):
             raise CheckpointError(
                 f"{path} is a moas file but not a model (no configuration in it)."
             ) from None
         encoder = TextEncoder(
-            text_model_name or cfg["text"]["model_name"],
-            max_tokens=cfg["text"]["max_tokens"],
-            require_id=encoder_id,
+            text_model_name or text["model_name"], max_tokens=text["max_tokens"], require_id=mf.text_encoder
         )
-        defaults = dict(cfg.get("sample") or {}, enhance_mode=cfg.get("enhance", {}).get("mode", "full"))
-        pipe = cls(model, encoder, DiffusionConfig(**cfg["diffusion"]), device, short_hash(path), defaults)
-        pipe.style_db = state.get("style_db")
+        enhance = cfg.get("enhance") or {}
+        pipe = cls(
+            model,
+            encoder,
+            diffusion,
+            device,
+            short_hash(path),
+            saved_sample_config(cfg.get("sample")),
+            enhance.get("mode", "full"),
+        )
+        pipe.style_db = mf.style_db
         pipe.loss_weights = dict(cfg.get("losses") or {})
-        pipe.enhancer = load_enhancer(state, path, cfg.get("enhance", {}).get("device", "cpu"))
+        pipe.enhancer = load_enhancer(mf, path, enhance.get("device", "cpu"))
         return pipe
 
     @property
@@ -119,9 +129,8 @@ class Pipeline:
         return self.model.resolution
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.encoder.encode(prompts)
-        text = {"tokens": enc.tokens, "mask": enc.mask, "tags": enc.tags, "tag_mask": enc.tag_mask}
-        return text | language_batch(prompts)
+        """The generator's text inputs for ``prompts``, on the pipeline's device."""
+        return caption_inputs(self.encoder, prompts, self.device)
 
     @torch.no_grad()
     def explain(self, prompt: str) -> str:
@@ -134,7 +143,7 @@ class Pipeline:
             return (
                 "This model uses text-only conditioning (no expert routing or emotion analysis to explain)."
             )
-        text = {k: v.to(self.device) for k, v in self.encode([prompt]).items()}
+        text = self.encode([prompt])
         cond = self.model.condition(text)
         moe = self.model.stage("moe")
         lines = [f"Prompt language: {LANGUAGES[int(text['language'][0])]}", "Expert routing weights:"]
@@ -144,45 +153,67 @@ class Pipeline:
         lines.append("Top emotions: " + ", ".join(f"{EMOTIONS[i]} {v:.3f}" for v, i in pairs))
         return "\n".join(lines)
 
+    def settings(
+        self, steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None
+    ) -> tuple[int, float, str]:
+        """(steps, guidance scale, sampler): the given ones, else the model's own defaults."""
+        sd = self.sample_defaults
+        return (
+            sd.steps if steps is None else steps,
+            sd.guidance_scale if guidance_scale is None else guidance_scale,
+            sampler or sd.sampler,
+        )
+
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The generator's prediction in float32 (what the samplers step with)."""
+        return self.model(x, t, text).pred.float()
+
+    def branches(self, prompts: list[str], negative_prompt: str = "") -> tuple[dict, dict]:
+        """The conditional and unconditional inputs of classifier-free guidance (padded to one length): the
+        prompts, and the negative prompt for each. The style token joins the conditional branch only."""
+        n = len(prompts)
+        both = self.encode(prompts + [negative_prompt] * n)
+        cond = {k: v[:n] for k, v in both.items()}
+        uncond = {k: v[n:] for k, v in both.items()}
+        if self.style is not None:
+            style = self.style.to(self.device).expand(n, -1)  # (B, S)
+            cond["style"], uncond["style"] = style, style
+            cond["style_mask"] = torch.ones(n, dtype=torch.bool, device=self.device)  # (B,)
+            uncond["style_mask"] = torch.zeros_like(cond["style_mask"])
+        return cond, uncond
+
     @torch.no_grad()
     def __call__(
         self,
         prompts: list[str],
         seeds: list[int],
         negative_prompt: str = "",
-        steps: int = 20,
-        guidance_scale: float = 3.0,
-        sampler: str = "dpmsolver++",
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         progress: bool = False,
         batch_size: int = 16,
         panels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Images as uint8 (B, 3, H, W) at the model's base resolution.
+        """Images as uint8 (B, 3, H, W) at the model's base resolution; unset sampler settings are the
+        model's own (``sample_defaults``).
 
         ``panels``: previous panels uint8 (B, K, 3, H, W), nearest first, for the memory expert (panel
         mode). They join the conditional branch only — the unconditional branch is the null prompt with
         no memory, which is what condition dropout trained (memory is dropped with the text), so guidance
         pushes toward the previous panels as it pushes toward the prompt."""
+        steps, guidance_scale, sampler = self.settings(steps, guidance_scale, sampler)
         out = []
         for i in range(0, len(prompts), batch_size):
             p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
-            both = self.encode(p + [negative_prompt] * len(p))  # padded to one length
-            both = {k: v.to(self.device) for k, v in both.items()}
-            cond = {k: v[: len(p)] for k, v in both.items()}
-            uncond = {k: v[len(p) :] for k, v in both.items()}
-            if self.style is not None:  # the style token joins the conditional branch only
-                style = self.style.to(self.device).expand(len(p), -1)  # (B, S)
-                cond["style"], uncond["style"] = style, style
-                cond["style_mask"] = torch.ones(len(p), dtype=torch.bool, device=self.device)  # (B,)
-                uncond["style_mask"] = torch.zeros_like(cond["style_mask"])
+            cond, uncond = self.branches(p, negative_prompt)
             if panels is not None and getattr(self.model, "panel_memory", False) and panels.shape[1] > 0:
                 hist = panels[i : i + batch_size].to(self.device)  # (B, K, 3, H, W)
                 cond["panel_images"], uncond["panel_images"] = hist, hist  # guidance batches both branches
                 cond["panel_mask"] = torch.ones(hist.shape[:2], dtype=torch.bool, device=self.device)
                 uncond["panel_mask"] = torch.zeros_like(cond["panel_mask"])  # no memory: nothing encoded
-            fn = guided(lambda x, t, text: self.model(x, t, text).float(), cond, uncond, guidance_scale)
             x = sample(
-                fn,
+                guided(self.denoise, cond, uncond, guidance_scale),
                 make_sampler(sampler, self.train_config),
                 s,
                 (3, self.resolution, self.resolution),

@@ -191,7 +191,7 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
         inputs=["pooled", "language"],
         outputs=["story"],
     )
-    if a.panel_memory:  # previous panels → memory tokens for the memory expert (moas.models.panels);
+    if a.panel_memory:  # previous panels → memory tokens for the memory expert (moas.models.panel_memory);
         # registered late so a missing text input is reported first; it still runs before moe
         flow.register_module(
             "panel_memory",

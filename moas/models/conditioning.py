@@ -5,7 +5,7 @@ systems and the structure experts are later registered on the same ``DataFlow`` 
 tokens, with no change to this class or to the U-Net. Every registered stage is trained by the diffusion
 loss because its output reaches cross-attention.
 
-Inputs (from ``moas.text.TextEncoding``): ``tokens`` [B,L,768] + ``mask``, ``tags`` [B,G,768] + ``tag_mask``.
+Inputs (from ``moas.text.encoder.TextEncoding``): ``tokens`` [B,L,768] + ``mask``, ``tags`` [B,G,768] + ``tag_mask``.
 Outputs: ``context`` [B,T,768], ``context_mask`` [B,T] (True = attend) and ``pooled`` [B,768].
 """
 

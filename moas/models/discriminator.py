@@ -2,16 +2,14 @@
 
 Four stride-2 3×3 convolutions (48 → 96 → 192 → 384) with LeakyReLU(0.2), BatchNorm after all but the
 first and Dropout2d(0.25) after the first two; ``anime_features`` (1×1 convs 384 → 192 → 96); a classifier
-of global average pooling, Linear(96 → 1) and Sigmoid. It gets its own AdamW (half the generator's LR,
-betas (0.5, 0.999), AMSGrad) from ``make_discriminator_optimizer``.
+of global average pooling, Linear(96 → 1) and Sigmoid. Training gives it its own AdamW
+(``moas.train.optim.discriminator_optimizer``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-from moas.train.optim import adamw
 
 
 class AnimeStyleDiscriminator(nn.Module):
@@ -44,12 +42,3 @@ class AnimeStyleDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Probability that each image is a real anime illustration: (B, 3, H, W) in [-1, 1] → (B, 1)."""
         return self.classifier(self.anime_features(self.features(x)))
-
-
-def make_discriminator_optimizer(
-    disc: nn.Module, generator_lr: float, weight_decay: float = 1e-5
-) -> torch.optim.AdamW:
-    """The original's discriminator optimizer: AdamW at half the generator LR, betas (0.5, 0.999), AMSGrad."""
-    return adamw(
-        disc.parameters(), lr=generator_lr / 2, betas=(0.5, 0.999), weight_decay=weight_decay, amsgrad=True
-    )

@@ -11,9 +11,9 @@ once per expert: with a single query per expert, ``q·(W_k c + b_k) = (W_kᵀ q)
 attention weights sum to one, ``Σ a_l (W_v c_l + b_v) = W_v (Σ a_l c_l) + b_v``. The constant ``q·b_k``
 does not change the softmax, so it is dropped. The cost is O(B·E·D²) instead of O(B·E·L·D²).
 
-Panel memory (issue 5): built with ``memory_expert=i``, expert ``i`` (the original's "memory" expert,
+Panel memory: built with ``memory_expert=i``, expert ``i`` (the original's "memory" expert,
 temporal consistency across panels) also attends to memory tokens [B,M,D] — the previous panels' features
-from ``moas.models.panels.PanelMemory`` — with its own attention weights, and adds
+from ``moas.models.panel_memory.PanelMemory`` — with its own attention weights, and adds
 ``tanh(memory_gate) · 0.5 · attended``. ``memory_gate`` starts at 0, so a model that never saw sequences is
 exactly unchanged by memory (the added term is 0·finite), and a sample whose memory mask is all False gets
 no memory term at all. The memory attention is a plain per-token projection (one expert, a handful of

@@ -4,21 +4,24 @@
 ``tag_mask``, optionally ``language`` and inputs added by other stages) so batches stay plain dicts; the
 constructor arguments are saved with the weights so the network can be rebuilt from a model file alone.
 
+``forward`` returns a :class:`Prediction`: the U-Net's prediction and the brain's auxiliary loss (load
+balance, compression) of the same pass, so a caller never reads a side channel.
+
 ``brain`` (the ``[brain]`` config section) selects the conditioning: ``conditioning = "moas"`` installs
 the full brain (``moas.models.brain``) on the ConditioningEncoder's DataFlow; ``"text"`` — or a model file
-saved before the brain existed, whose arguments have no ``brain`` — is the text-only model.
+saved before the brain existed, whose arguments have no ``brain`` — is the text-only model. Arguments of
+files from earlier releases go through :func:`moas.models.upgrade.upgrade_model_args` first.
 
 Panels: ``text`` may carry ``panel_images`` [B,K,3,H,W] + ``panel_mask`` [B,K] (the previous panels,
 nearest first); they reach the ``panel_memory`` stage and the MoE's memory expert. Absent, they are fed
-as ``None`` and cost nothing. A model file saved before panel memory existed (its ``brain`` arguments
-have no ``panel_memory``) is rebuilt without it, so its weights still load strictly.
+as ``None`` and cost nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -34,6 +37,13 @@ STYLE_OUTPUTS = ["extra_context", "extra_context_mask"]
 CPU_PLACED = ("compression",)  # the original keeps these on the CPU to save VRAM
 
 
+class Prediction(NamedTuple):
+    """What one forward pass gives: the prediction and the brain's auxiliary loss (0 when it has none)."""
+
+    pred: torch.Tensor  # (B, 3, H, W) v or ε
+    aux_loss: torch.Tensor  # () load balance (+ compression reconstruction), weighted
+
+
 class MoasGenerator(nn.Module):
     def __init__(
         self,
@@ -47,14 +57,8 @@ class MoasGenerator(nn.Module):
         m, tx = ModelConfig(**model), TextConfig(**text)
         bc = BrainConfig(**brain) if brain is not None else BrainConfig(conditioning="text")
         self.init_args = {"resolution": resolution, "model": asdict(m), "text": asdict(tx)}
-        if style_dim:  # issue 4: optional style token (moas.models.style)
+        if style_dim:  # the optional style token (moas.models.style_token)
             self.init_args["style_dim"] = style_dim
-        if brain is not None and "panel_memory" not in brain:
-            bc.panel_memory = False  # saved before panel memory existed
-        if brain is not None and "memory_pooled" not in brain:
-            bc.memory_pooled = False  # saved before the panel memory's pooled route existed
-        if brain is not None and "memory_context" not in brain:
-            bc.memory_context = False  # saved before its cross-attention route existed
         if brain is not None:
             self.init_args["brain"] = asdict(bc)
         self.resolution = resolution
@@ -85,7 +89,6 @@ class MoasGenerator(nn.Module):
                 "style", DesignStyleSupportSystem(style_dim), ["style", "style_mask"], STYLE_OUTPUTS
             )
         self.panel_memory = bc.conditioning == "moas" and bc.panel_memory
-        self.last_aux_loss: torch.Tensor | None = None
 
     def stage(self, name: str) -> nn.Module | None:
         """A registered brain module (``moe``, ``gnn``, ``emotion``, …), or None if it is not registered."""
@@ -118,38 +121,7 @@ class MoasGenerator(nn.Module):
             extra.pop("panel_mask", None)
         return self.brain(**{k: text[k] for k in TEXT_KEYS}, **extra)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> Prediction:
         cond = self.condition(text)
-        self.last_aux_loss = cond["aux_loss"]
-        return self.unet(x_t, t, cond["context"], cond["context_mask"], cond["pooled"].to(x_t.dtype))
-
-
-def brain_aux_loss(model: nn.Module) -> torch.Tensor | float:
-    """The brain's auxiliary loss (load balance + compression) of the last forward; 0 if it has none."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    aux = getattr(inner, "last_aux_loss", None)
-    return 0.0 if aux is None else aux
-
-
-def generator_from_state(state: dict[str, Any], path: object) -> MoasGenerator:
-    """The generator of a loaded model file or training checkpoint (its EMA weights when it has them).
-
-    One clear ``CheckpointError`` when the file holds no generator or its weights do not fit this version.
-    """
-    from moas.errors import CheckpointError
-
-    try:
-        args = state["model_args"]
-        weights = state["ema"]["model"] if "ema" in state else state["model"]
-    except (KeyError, TypeError):
-        raise CheckpointError(
-            f"{path} is a moas file but not a model (no generator weights in it)."
-        ) from None
-    model = MoasGenerator(**args)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError:
-        raise CheckpointError(
-            f"{path} does not match this version of moas (its weights do not fit the model)."
-        ) from None
-    return model
+        pred = self.unet(x_t, t, cond["context"], cond["context_mask"], cond["pooled"].to(x_t.dtype))
+        return Prediction(pred, cond["aux_loss"])

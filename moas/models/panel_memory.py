@@ -48,7 +48,7 @@ class PanelMemory(nn.Module):
             max_distance, dim
         )  # index d-1 for distance d; farther ones share the last
         nn.init.normal_(self.distance.weight, std=0.02)
-        # An L3CacheManager at inference (attached by moas.pipeline; never saved): the previous panels are
+        # An L3CacheManager at inference (attached by moas.inference.pipeline; never saved): the previous panels are
         # the same at every sampler step, so they are encoded once per panel, not once per step.
         self.cache: Any = None
 

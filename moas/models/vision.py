@@ -3,7 +3,7 @@
 As in the original it is used only at inference, on an image the caller provides, where the device is
 controlled — never inside DataLoader workers (training batches use pixel statistics instead).
 
-``norm="group"`` replaces BatchNorm with GroupNorm: the panel memory (``moas.models.panels``) encodes a
+``norm="group"`` replaces BatchNorm with GroupNorm: the panel memory (``moas.models.panel_memory``) encodes a
 handful of images per step, often one, down to 1×1 feature maps, where batch statistics are undefined,
 and it must behave the same in training and at generation.
 """

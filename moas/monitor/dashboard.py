@@ -6,7 +6,7 @@ fight. When the output is not a terminal (a log file, a pipe) it prints plain li
 every ``interval_s`` seconds and whenever forced (epoch ends, checkpoints), with no control codes.
 
 It shows epoch, step, the loss terms, learning rate, throughput, ETA, RAM/VRAM and the best
-model-quality score so far, all read from the run's ``TrainingHistory`` (see ``moas.progress``).
+model-quality score so far, all read from the run's ``TrainingHistory`` (see ``moas.monitor.progress``).
 """
 
 from __future__ import annotations

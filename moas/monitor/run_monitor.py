@@ -5,7 +5,7 @@ writes (``torch.distributed``); on other ranks every method returns at once. Ten
 
 * ``loss/total`` and ``loss/<term>`` for every term the training step reports;
 * ``expert/{line_art,color,background}`` and ``art_theory/{anatomy,perspective,color_harmony}``:
-  measurements of the predicted x0 against the real x0 (``moas.metrics``), on the training batch;
+  measurements of the predicted x0 against the real x0 (``moas.eval.metrics``), on the training batch;
   ``val/expert/*`` and ``val/art_theory/*`` the same on the validation images at fixed timesteps;
 * ``lr`` (group 0) and ``lr/<group>`` per parameter group; ``train/grad_norm``;
 * ``perf/images_per_sec``, ``perf/step_time_s``, ``perf/data_wait_s``; ``system/ram_gb``,
@@ -13,7 +13,7 @@ writes (``torch.distributed``); on other ranks every method returns at once. Ten
 * ``val/loss``, ``val/psnr``, ``val/ssim``, ``val/accuracy``, ``val/prompt_adherence``,
   ``val/demo_accuracy``, and ``val/<metric>_avg`` (ValidationMetrics' running averages);
 * ``best/score``: the model-quality score used for best-step selection;
-* ``eval/self_critique`` and ``eval/creativity`` (see ``moas.quality``), ``eval/quality/<part>``;
+* ``eval/self_critique`` and ``eval/creativity`` (see ``moas.eval.quality``), ``eval/quality/<part>``;
 * images ``samples`` (fixed prompts and seeds); histograms ``hist/timesteps``, ``hist/sample_loss``
   and ``brain/<output>`` for every conditioning output (routing/emotion once the brain has them);
 * text ``config`` (the resolved config) and ``sample_prompts``.
@@ -30,7 +30,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 
-from moas.config import MoasConfig
+from moas.config import DiffusionConfig, SampleConfig
 from moas.eval.metrics import ValidationMetrics, art_measurements
 from moas.eval.quality import QUALITY_PARTS, creativity, quality_parts
 from moas.inference.pipeline import Pipeline
@@ -38,6 +38,7 @@ from moas.monitor.dashboard import Dashboard
 from moas.monitor.progress import TrainingHistory, visualize_training_progress
 from moas.monitor.sample_prompts import SamplePrompt
 from moas.text.encoder import TextEncoder
+from moas.text.inputs import caption_inputs
 
 log = logging.getLogger(__name__)
 perf_log = logging.getLogger("moas.performance")
@@ -91,11 +92,14 @@ class RunMonitor:
     def __init__(
         self,
         run_dir: Path,
-        cfg: MoasConfig,
+        config_toml: str,
         captions: list[str],
         encoder: TextEncoder,
         log_every: int = 1,
         *,
+        sample: SampleConfig,
+        diffusion: DiffusionConfig,
+        creativity_samples: int = 4,
         sample_prompts: list[SamplePrompt] | None = None,
         validator=None,
         keeper=None,
@@ -104,7 +108,7 @@ class RunMonitor:
         device: torch.device | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
-        self.cfg = cfg
+        self.sample, self.diffusion, self.creativity_samples = sample, diffusion, creativity_samples
         self.enabled = is_rank0()
         self.encoder = encoder
         self.log_every = log_every
@@ -119,7 +123,7 @@ class RunMonitor:
         self.prompts = [sp.prompt for sp in self.sample_prompts]
         self.writer = SummaryWriter(str(self.run_dir)) if self.enabled else None
         if self.writer is not None:
-            self.writer.add_text("config", "```toml\n" + cfg.to_toml() + "\n```", 0)
+            self.writer.add_text("config", "```toml\n" + config_toml + "\n```", 0)
             self.writer.add_text("sample_prompts", "\n\n".join(self.prompts), 0)
 
     # -- scalars -------------------------------------------------------------------------------------------
@@ -246,9 +250,7 @@ class RunMonitor:
         condition = getattr(model, "condition", None)
         if condition is None or self.device is None:
             return
-        enc = self.encoder.encode(self.prompts)
-        text = {"tokens": enc.tokens, "mask": enc.mask, "tags": enc.tags, "tag_mask": enc.tag_mask}
-        out = condition({k: v.to(self.device) for k, v in text.items()})
+        out = condition(caption_inputs(self.encoder, self.prompts, self.device))
         self.log_histograms(step, {k: v for k, v in out.items() if k not in ("context", "context_mask")})
 
     # -- sample grids --------------------------------------------------------------------------------------
@@ -258,8 +260,8 @@ class RunMonitor:
         log the self-critique (quality of these images) and creativity (diversity over seeds) scores."""
         if self.writer is None:
             return None
-        sc = self.cfg.sample
-        pipe = Pipeline(model, self.encoder, self.cfg.diffusion, device)
+        sc = self.sample
+        pipe = Pipeline(model, self.encoder, self.diffusion, device)
         images: list[torch.Tensor | None] = [None] * len(self.sample_prompts)
         groups: dict[tuple, list[int]] = {}
         for i, sp in enumerate(self.sample_prompts):
@@ -287,7 +289,7 @@ class RunMonitor:
         for name in QUALITY_PARTS:
             self.scalar(f"eval/quality/{name}", float(parts[name].mean()), step)
         self.scalar("eval/self_critique", float(torch.stack([parts[k] for k in QUALITY_PARTS]).mean()), step)
-        n = max(2, self.cfg.monitor.creativity_samples)
+        n = max(2, self.creativity_samples)
         first = self.sample_prompts[0]
         variety = pipe(
             [first.prompt] * n,
@@ -314,55 +316,3 @@ class RunMonitor:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
-
-
-def build_run_monitor(
-    run_dir: Path,
-    cfg: MoasConfig,
-    captions: list[str],
-    encoder: TextEncoder,
-    *,
-    val_set,
-    bank,
-    schedule,
-    device: torch.device,
-    batch_size: int,
-    progress: bool,
-) -> RunMonitor:
-    """The run's monitor with its validator (held-out/--val_dir images, demo eval) and best-model keeper."""
-    from moas.eval.best import BestModelKeeper
-    from moas.eval.validate import Validator, find_demo_manifest
-    from moas.monitor.sample_prompts import read_sample_prompts
-
-    mc = cfg.monitor
-    prompts = read_sample_prompts(mc.sample_prompts) if mc.sample_prompts else None
-    manifest = find_demo_manifest(cfg.data.data_dir)
-    validator = Validator(
-        val_set,
-        bank,
-        schedule,
-        device,
-        cfg.train.seed,
-        batch_size,
-        caption_pool=list(bank.entries),
-        demo_dir=manifest.parent if manifest else None,
-        diffusion=cfg.diffusion,
-        sample=cfg.sample,
-        eval_n=mc.eval_n,
-    )
-    keeper = BestModelKeeper(run_dir, Path(cfg.train.save_path)) if mc.select_best else None
-    dashboard = Dashboard(
-        interval_s=mc.dashboard_every_s, enabled=progress and mc.dashboard
-    )  # progress: the caller's switch
-    return RunMonitor(
-        run_dir,
-        cfg,
-        captions,
-        encoder,
-        sample_prompts=prompts,
-        validator=validator,
-        keeper=keeper,
-        dashboard=dashboard,
-        measure_every=mc.measure_every,
-        device=device,
-    )

@@ -422,5 +422,14 @@ class TextEncoder:
         )
         return enc.to(device) if device is not None else enc
 
+    def batch(
+        self, prompts: list[str], device: torch.device | str = "cpu", cache: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """The generator's four text tensors for ``prompts`` (the ``TextBank.batch`` contract; nothing to
+        cache here, every call encodes)."""
+        enc = self.encode(prompts)
+        text = {"tokens": enc.tokens, "mask": enc.mask, "tags": enc.tags, "tag_mask": enc.tag_mask}
+        return {k: v.to(device) for k, v in text.items()}
+
     def __repr__(self) -> str:
         return f"TextEncoder(encoder_id={self.encoder_id!r}, max_tokens={self.max_tokens})"

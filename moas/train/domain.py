@@ -8,7 +8,7 @@
                         (degraded → original) pairs built from the training images at ``scale``× the base
                         resolution, alternating ×2 and ×4 pairs.
 Each returns per-term values for TensorBoard (``loss/<term>``, ``disc/*``, ``enhance/*``). ``state_dict``
-holds everything needed to resume; ``model_file_entries`` what generation needs (the enhancer).
+holds everything needed to resume; the model file takes the trained ``enhancer`` for generation.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from moas.config import MoasConfig
+from moas.config_sections import EnhanceConfig, LossConfig
 from moas.data.dataset import ArtDataset, collate, to_model_range
 from moas.diffusion.schedule import NoiseSchedule
 from moas.losses import AdvancedLossFunctions, discriminator_loss
-from moas.models.discriminator import AnimeStyleDiscriminator, make_discriminator_optimizer
+from moas.models.discriminator import AnimeStyleDiscriminator
 from moas.models.enhance import QualityEnhancer
 from moas.train.degrade import degrade
 from moas.train.distributed import all_ranks_agree, average_gradients
-from moas.train.optim import adamw, load_optimizer_state
+from moas.train.optim import adamw, discriminator_optimizer, load_optimizer_state
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +54,36 @@ def hr_dataset(dataset: ArtDataset, resolution: int) -> ArtDataset:
 
 class DomainTraining:
     def __init__(
-        self, cfg: MoasConfig, dataset: ArtDataset, device: torch.device, mixed_precision: bool = False
+        self,
+        losses: LossConfig,
+        enhance: EnhanceConfig,
+        dataset: ArtDataset,
+        device: torch.device,
+        *,
+        generator_lr: float,
+        weight_decay: float,
+        term_clamp: float,
+        max_grad_norm: float,
+        seed: int,
+        mixed_precision: bool = False,
     ) -> None:
-        lc, ec = cfg.losses, cfg.enhance
-        self.cfg, self.device = cfg, device
+        lc, ec = losses, enhance
+        self.device = device
+        self.domain_weight, self.low_noise_power = lc.domain_weight, lc.low_noise_power
+        self.disc_warmup_steps, self.max_grad_norm = lc.disc_warmup_steps, max_grad_norm
+        self.enhance_every, self.enhance_batch = ec.every, ec.batch_size
         weights = {k: getattr(lc, k) for k in TERM_FIELDS}
         weights["gan"] = lc.gan if lc.adversarial else 0.0
         self.stack = None
         if lc.domain:
             self.stack = AdvancedLossFunctions(
-                weights, mixed_precision, lc.mse_weight, lc.l1_weight, lc.vgg_weights, cfg.train.loss_clamp
+                weights, mixed_precision, lc.mse_weight, lc.l1_weight, lc.vgg_weights, term_clamp
             ).to(device)
             log.info("Domain losses on the predicted x0: %s.", ", ".join(self.stack.active))
         self.disc = self.disc_opt = None
         if lc.adversarial:
             self.disc = AnimeStyleDiscriminator(lc.disc_base_channels).to(device)
-            self.disc_opt = make_discriminator_optimizer(self.disc, cfg.train.lr, cfg.train.weight_decay)
+            self.disc_opt = discriminator_optimizer(self.disc, generator_lr, weight_decay)
         self.disc_steps = 0
         self.enhancer = self.enh_opt = None
         self.enh_steps = 0
@@ -78,10 +92,10 @@ class DomainTraining:
             self.enh_opt = adamw(self.enhancer.parameters(), lr=ec.lr, betas=(0.9, 0.999), amsgrad=True)
             enh_weights = dict(ENHANCER_WEIGHTS, perceptual=lc.perceptual)
             self.enh_stack = AdvancedLossFunctions(
-                enh_weights, False, vgg_weights=lc.vgg_weights, term_clamp=cfg.train.loss_clamp
+                enh_weights, False, vgg_weights=lc.vgg_weights, term_clamp=term_clamp
             ).to(device)
-            self.hr = hr_dataset(dataset, cfg.data.resolution * ec.scale)
-            self.hr_gen = torch.Generator().manual_seed(cfg.train.seed + 17)
+            self.hr = hr_dataset(dataset, dataset.resolution * ec.scale)
+            self.hr_gen = torch.Generator().manual_seed(seed + 17)
             self._hr_iter = None
             n = sum(p.numel() for p in self.enhancer.parameters())
             log.info(
@@ -90,7 +104,7 @@ class DomainTraining:
 
     # --- generator side -------------------------------------------------------------------------------
     def disc_active(self, global_step: int) -> bool:
-        return self.disc is not None and global_step >= self.cfg.losses.disc_warmup_steps
+        return self.disc is not None and global_step >= self.disc_warmup_steps
 
     def generator_loss(
         self,
@@ -107,7 +121,7 @@ class DomainTraining:
         x0_pred = schedule.predict_x0(x_t.float(), pred.float(), t)  # (B, 3, H, W)
         if self.stack is None:
             return None, {}, x0_pred.detach()
-        w = schedule.alpha.to(t.device)[t] ** (2 * self.cfg.losses.low_noise_power)  # ᾱ_t^p, (B,)
+        w = schedule.alpha.to(t.device)[t] ** (2 * self.low_noise_power)  # ᾱ_t^p, (B,)
         fake_prob = None
         if self.disc_active(global_step):
             self.disc.eval()  # the critic judges without updating its BatchNorm statistics or dropping out
@@ -115,7 +129,7 @@ class DomainTraining:
         res = self.stack(x0_pred, x0, sample_weight=w, fake_prob=fake_prob)
         scalars = res.scalars("loss/")
         scalars["loss/domain"] = float(res.total.detach())
-        return self.cfg.losses.domain_weight * res.total, scalars, x0_pred.detach()
+        return self.domain_weight * res.total, scalars, x0_pred.detach()
 
     # --- discriminator and enhancer steps -------------------------------------------------------------
     def after_step(
@@ -125,7 +139,7 @@ class DomainTraining:
         out: dict[str, float] = {}
         if self.disc_active(global_step) and x0_pred is not None:
             out.update(self.discriminator_step(x0, x0_pred))
-        if self.enhancer is not None and global_step % self.cfg.enhance.every == 0:
+        if self.enhancer is not None and global_step % self.enhance_every == 0:
             out.update(self.enhancer_step())
         return out
 
@@ -139,7 +153,7 @@ class DomainTraining:
         self.disc_opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(self.disc.parameters())  # under DDP every rank keeps the same critic
-        torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.cfg.train.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.max_grad_norm)
         self.disc_opt.step()
         self.disc_steps += 1
         return {
@@ -152,7 +166,7 @@ class DomainTraining:
         if self._hr_iter is None:
             loader = DataLoader(
                 self.hr,
-                batch_size=min(self.cfg.enhance.batch_size, len(self.hr)),
+                batch_size=min(self.enhance_batch, len(self.hr)),
                 shuffle=True,
                 generator=self.hr_gen,
                 drop_last=True,
@@ -217,9 +231,3 @@ class DomainTraining:
             load_optimizer_state(opt, state["disc_opt" if name == "disc" else "enh_opt"])
         if self.enhancer is not None and "hr_rng" in state:
             self.hr_gen.set_state(state["hr_rng"])
-
-    def model_file_entries(self) -> dict[str, Any]:
-        """What the model file needs for the cascade: the enhancer's constructor arguments and weights."""
-        if self.enhancer is None:
-            return {}
-        return {"enhancer": {"args": self.enhancer.init_args, "weights": self.enhancer.state_dict()}}

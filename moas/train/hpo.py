@@ -8,7 +8,7 @@ parameters averaged in log space) and perturb each parameter by ±15 % when the 
 (coefficient of variation > 0.25) or ±5 % when they agree — explore where unsure, refine where settled.
 
 Each trial is a ``max_steps`` training in its own folder under ``--out`` and is scored by the validation
-loss of its EMA weights (fixed timesteps and noise; ``moas.train.validate``) on ``--val_dir``, or on the
+loss of its EMA weights (fixed timesteps and noise; ``moas.eval.validate``) on ``--val_dir``, or on the
 training images when no validation folder is given (then the score measures fit, not generalisation).
 The results table goes to ``tune_results.json`` and the console; the best settings become a TOML
 profile (``configs/tuned.toml`` by default) usable with ``moas train --config``.
@@ -128,7 +128,7 @@ def apply_params(cfg: MoasConfig, params: dict[str, float]) -> MoasConfig:
 def run_trial(cfg: MoasConfig, params: dict[str, float], folder: Path, steps: int, progress: bool) -> float:
     """Train ``steps`` optimizer steps with ``params`` in ``folder``; return the validation loss."""
     from moas.eval.validate import validation_loss
-    from moas.train.loop import Trainer
+    from moas.train.loop import build_trainer
 
     t_cfg = apply_params(cfg, params)
     tc = t_cfg.train
@@ -141,11 +141,17 @@ def run_trial(cfg: MoasConfig, params: dict[str, float], folder: Path, steps: in
     tc.epochs = max(1, math.ceil(steps / steps_per_epoch))
     tc.checkpoint_dir, tc.run_dir = str(folder / "checkpoints"), str(folder / "runs")
     tc.save_path, tc.log_dir = str(folder / "model.pt"), str(folder / "logs")
-    trainer = Trainer(t_cfg, progress=progress)
+    trainer = build_trainer(t_cfg, progress=progress)
     trainer.run()
-    val = trainer.val_set or trainer.dataset
+    data = trainer.data
     return validation_loss(
-        trainer.ema.model, val, trainer.bank, trainer.schedule, trainer.device, trainer.micro_batch, tc.seed
+        trainer.parts.ema.model,
+        data.val_set or data.dataset,
+        data.bank,
+        trainer.objective,
+        trainer.device,
+        trainer.state.micro_batch,
+        tc.seed,
     )
 
 

@@ -4,24 +4,15 @@ The original lowered the batch and recomputed gradient accumulation (2/3/4) so t
 same number of images per step. In general: the new micro-batch is the largest divisor of the effective
 batch (micro × accumulation) below the current micro-batch, and accumulation is effective ÷ micro; so
 32×1 → 16×2 → 8×4 → 4×8 … and 6×2 → 4×3 → 3×4 → 2×6. Below ``min_batch`` training stops with a clear
-message (after the emergency checkpoint is written).
+message (after the emergency checkpoint is written). The training loop does the recovery (see
+``Trainer._recover_from_oom``); this module holds its pieces.
 """
 
 from __future__ import annotations
 
 import gc
-import logging
-from typing import TYPE_CHECKING
 
 import torch
-
-from moas.errors import MoasError
-
-if TYPE_CHECKING:
-    from moas.train.loop import Trainer
-
-log = logging.getLogger(__name__)
-error_log = logging.getLogger("moas.errors")
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -49,38 +40,7 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def recover_from_oom(t: Trainer) -> None:
-    """Emergency checkpoint, smaller micro-batch with more accumulation, new DataLoader, same images."""
-    exc = t.oom_error
-    t.oom_error = None
-    t.opt.zero_grad(set_to_none=True)
-    free_memory(t.device)
-    epoch, batch_pos, gen_state = t.boundary
-    path = t.save(f"emergency_oom_epoch_{epoch + 1:04d}.pt", kind="emergency_oom")
-    shrunk = shrink_micro_batch(t.micro_batch, t.grad_accum, t.tc.min_batch_size)
-    error_log.error(
-        "Out of memory at epoch %d, batch %d, step %d (micro-batch %d × %d): %s; emergency checkpoint %s; %s.",
-        epoch + 1,
-        t.batch_pos,
-        t.global_step,
-        t.micro_batch,
-        t.grad_accum,
-        str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-        path,
-        f"recovering with micro-batch {shrunk[0]} × {shrunk[1]}" if shrunk else "cannot recover",
-    )
-    if shrunk is None:
-        raise MoasError(
-            f"Out of memory even at micro-batch {t.micro_batch} (the minimum is {t.tc.min_batch_size}); "
-            f"emergency checkpoint {path} was saved. Lower data.resolution or the model size, then resume."
-        )
-    consumed = batch_pos * t.micro_batch  # images of this epoch already learned from (per rank)
-    t.micro_batch, t.grad_accum = shrunk
-    t.epoch, t.batch_pos = epoch, consumed // t.micro_batch
-    t.gen.set_state(gen_state)
-    t._mark_boundary()
-    log.warning(
-        "Recovered from out of memory: micro-batch %d × accumulation %d (effective batch kept).",
-        t.micro_batch,
-        t.grad_accum,
-    )
+def first_line(exc: BaseException | None) -> str:
+    """The error's first line (CUDA's out-of-memory message runs to a paragraph)."""
+    text = str(exc) if exc is not None else ""
+    return text.splitlines()[0] if text else type(exc).__name__

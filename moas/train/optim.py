@@ -31,3 +31,12 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> N
     opt.load_state_dict(state)
     for group, own in zip(opt.param_groups, impl, strict=True):
         group.update(own)
+
+
+def discriminator_optimizer(
+    disc: torch.nn.Module, generator_lr: float, weight_decay: float = 1e-5
+) -> torch.optim.AdamW:
+    """The original's discriminator optimizer: AdamW at half the generator LR, betas (0.5, 0.999), AMSGrad."""
+    return adamw(
+        disc.parameters(), lr=generator_lr / 2, betas=(0.5, 0.999), weight_decay=weight_decay, amsgrad=True
+    )

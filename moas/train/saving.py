@@ -1,25 +1,32 @@
-"""Writing the trainer's checkpoints: the original's milestone epochs, and the save at the last optimizer-step
-boundary followed by rotation and optimizer-state thinning. Split from ``moas.train.loop`` (the house rule
-keeps files near 500 lines); ``Trainer.save`` calls :func:`save_trainer_checkpoint`.
+"""Writing a run's files: checkpoints at the last optimizer-step boundary (then rotation and optimizer-state
+thinning), the original's milestone epochs, and the model-file contents for generation.
+
+A checkpoint holds: weights, EMA (with its update count), optimizer, schedule, GradScaler, the position of
+the last boundary and the micro-batch split in use (``TrainState.position``), the process count, every RNG
+state (the global ones plus each rank's step generator), the AdaptiveTrainingSystem state, the side
+networks (``domain``), wall time, and what generation needs (config, constructor arguments, text-encoder
+identity, run folder).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from moas.checkpoint import epoch_checkpoint_name, save_checkpoint
 from moas.errors import CheckpointError
-from moas.train.rng import nonfinite_tensor
+from moas.inference.model_file import ModelFile, provenance
+from moas.train.distributed import DistContext
+from moas.train.faults import FaultInjector
+from moas.train.parts import TrainingParts
+from moas.train.rng import capture_rng_state, nonfinite_tensor
 from moas.train.rotation import rotate_checkpoints, thin_optimizer_states
-from moas.train.state import training_state
-
-if TYPE_CHECKING:
-    from moas.train.loop import Trainer
+from moas.train.state import TrainState
 
 log = logging.getLogger("moas.train.loop")
 
@@ -31,45 +38,124 @@ def milestone_epochs(epochs: int) -> set[int]:
     return {max(1, round(m * epochs / 260)) for m in MILESTONES_260}
 
 
-def _gather_gen_states(t: Trainer) -> list[torch.Tensor]:
-    """Every rank's step-generator state at the boundary (each rank draws its own noise)."""
-    state = t.boundary[2]
-    if not t.dist.enabled:
-        return [state]
-    import torch.distributed as dist
+@dataclass
+class RunRecord:
+    """What every file of a run records about it."""
 
-    out: list = [None] * t.dist.world_size
-    dist.all_gather_object(out, state)
+    config: dict[str, Any]  # the resolved MoasConfig as a dict
+    text_encoder: str
+    run_dir: Path
+    data_dir: str
+    seed: int
+    style_db: dict | None = None  # the artist style database, when styles are trained
+
+
+@dataclass
+class CheckpointPolicy:
+    directory: Path
+    keep_last: int  # epoch_*.pt (and checkpoint_*.pt) files kept
+    keep_optimizer_last: int  # newest checkpoints that keep optimizer state (0 = all)
+    milestones: set[int]
+
+
+def checkpoint_contents(
+    state: TrainState,
+    parts: TrainingParts,
+    record: RunRecord,
+    kind: str,
+    gens: list[torch.Tensor],
+    world: int,
+) -> dict[str, Any]:
+    """The full resumable state at ``state``'s last boundary (``gens``: every rank's generator)."""
+    return {
+        "kind": kind,
+        "train_seconds": state.train_seconds(),
+        **parts.state_dict(),
+        **state.position(),
+        "world_size": world,
+        "batch_plan": {"kind": "buckets", "seed": record.seed},
+        "rng": capture_rng_state(),
+        "train_rng": gens,
+        "config": record.config,
+        "model_args": parts.model.init_args,
+        "text_encoder": record.text_encoder,
+        "run_dir": str(record.run_dir),
+        "domain": parts.domain.state_dict(),
+    }
+
+
+def _gather_gen_states(state: TrainState, dist: DistContext) -> list[torch.Tensor]:
+    """Every rank's step-generator state at the boundary (each rank draws its own noise)."""
+    gen_state = state.boundary.gen_state
+    if not dist.enabled:
+        return [gen_state]
+    import torch.distributed as tdist
+
+    out: list = [None] * dist.world_size
+    tdist.all_gather_object(out, gen_state)
     return out
 
 
-def save_trainer_checkpoint(t: Trainer, name: str, kind: str = "checkpoint") -> Path | None:
-    """Write ``name`` in the checkpoint folder from the last step boundary (rank 0; collective)."""
-    epoch, batch_pos, _ = t.boundary
-    gens = _gather_gen_states(t)  # every rank takes part; only rank 0 writes
-    if not t.dist.is_main:
+def save_at_boundary(
+    name: str,
+    kind: str,
+    state: TrainState,
+    parts: TrainingParts,
+    record: RunRecord,
+    policy: CheckpointPolicy,
+    dist: DistContext,
+    faults: FaultInjector,
+) -> Path | None:
+    """Write ``name`` in the checkpoint folder from the last step boundary (rank 0 writes; collective)."""
+    gens = _gather_gen_states(state, dist)  # every rank takes part; only rank 0 writes
+    if not dist.is_main:
         return None
-    bad = nonfinite_tensor({"model": t.model.state_dict(), "ema": t.ema.state_dict()})
+    bad = nonfinite_tensor({"model": parts.model.state_dict(), "ema": parts.ema.state_dict()})
     if bad:
         raise CheckpointError(
             f"Refusing to save {name}: {bad} holds NaN/Inf values; the previous checkpoints are kept."
         )
-    state = training_state(t, kind, gens)
-    state["domain"] = t.domain.state_dict()
-    if delay := t.faults.save_delay():
+    contents = checkpoint_contents(state, parts, record, kind, gens, dist.world_size)
+    if delay := faults.save_delay():
         time.sleep(delay)
+    b = state.boundary
     meta = {
-        "epoch": epoch,
-        "batch_in_epoch": batch_pos,
-        "global_step": t.global_step,
+        "epoch": b.epoch,
+        "batch_in_epoch": b.batch_pos,
+        "global_step": state.global_step,
         "kind": kind,
-        "train_seconds": round(state["train_seconds"], 2),
+        "train_seconds": round(contents["train_seconds"], 2),
     }
-    path = save_checkpoint(t.ckpt_dir / name, state, meta)
+    path = save_checkpoint(policy.directory / name, contents, meta)
     # Rotation only now that the new checkpoint (and its sidecar) is complete.
-    protect = {epoch_checkpoint_name(m) for m in t.milestones}
-    rotate_checkpoints(t.ckpt_dir, keep=t.tc.keep_last, protect=protect)
-    rotate_checkpoints(t.ckpt_dir, keep=t.tc.keep_last, pattern="checkpoint_*.pt")
-    thin_optimizer_states(t.ckpt_dir, t.tc.keep_optimizer_last)
-    log.info("Saved checkpoint %s (epoch %d, batch %d, step %d).", path, epoch, batch_pos, t.global_step)
+    protect = {epoch_checkpoint_name(m) for m in policy.milestones}
+    rotate_checkpoints(policy.directory, keep=policy.keep_last, protect=protect)
+    rotate_checkpoints(policy.directory, keep=policy.keep_last, pattern="checkpoint_*.pt")
+    thin_optimizer_states(policy.directory, policy.keep_optimizer_last)
+    log.info(
+        "Saved checkpoint %s (epoch %d, batch %d, step %d).", path, b.epoch, b.batch_pos, state.global_step
+    )
     return path
+
+
+def model_file_contents(state: TrainState, parts: TrainingParts, record: RunRecord) -> ModelFile:
+    """What generation needs now: the EMA weights, the constructor arguments, config, text encoder, the
+    trained enhancer, and where the weights come from."""
+    enhancer = parts.domain.enhancer
+    return ModelFile(
+        model_args=parts.model.init_args,
+        weights=parts.ema.model.state_dict(),
+        config=record.config,
+        text_encoder=record.text_encoder,
+        enhancer_args=enhancer.init_args if enhancer is not None else None,
+        enhancer_weights=enhancer.state_dict() if enhancer is not None else None,
+        style_db=record.style_db,
+        provenance=provenance(
+            state.epoch,
+            state.global_step,
+            state.train_seconds(),
+            record.data_dir,
+            str(record.run_dir),
+            record.seed,
+        ),
+    )

@@ -1,6 +1,6 @@
 """Panel sequences in training: the memory expert's inputs and the temporal-consistency loss.
 
-Called by the training step (``moas.train.loop``) for every micro-batch:
+Called for every micro-batch (``moas.train.inputs`` for the inputs, ``moas.train.loop`` for the loss):
 
 ``inputs``  the batch's previous panels (``panels`` [B,K,3,H,W], nearest first) as the generator's
             ``panel_images`` / ``panel_mask``. Condition dropout drops the memory together with the
@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moas.config import MoasConfig
 from moas.diffusion.schedule import NoiseSchedule
 from moas.losses.temporal import TemporalConsistencyLoss
 
@@ -50,14 +49,19 @@ def panel_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 class PanelTraining:
-    def __init__(self, cfg: MoasConfig, enabled: bool) -> None:
-        lc = cfg.losses
+    def __init__(
+        self,
+        enabled: bool,
+        weight: float,
+        character_weight: float,
+        scene_weight: float,
+        low_noise_power: float,
+        term_clamp: float,
+    ) -> None:
         self.enabled = enabled  # the model has panel memory and the data has sequences
-        self.power = lc.low_noise_power
-        self.weight = lc.temporal_weight
-        self.loss_fn = TemporalConsistencyLoss(
-            lc.temporal_character_weight, lc.temporal_scene_weight, cfg.train.loss_clamp
-        )
+        self.power = low_noise_power
+        self.weight = weight
+        self.loss_fn = TemporalConsistencyLoss(character_weight, scene_weight, term_clamp)
 
     def inputs(self, batch: dict, keep: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """``panel_images`` uint8 [B,K,3,H,W] + ``panel_mask`` [B,K], or {} when no row has a panel."""

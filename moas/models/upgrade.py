@@ -1,0 +1,34 @@
+"""Constructor arguments of models saved by earlier releases, spelled as this release expects them.
+
+Model files and checkpoints store the generator's constructor arguments (``model_args``). Features were
+added to the brain over time; a file saved before one of them has no key for it, and its weights only fit
+a generator built without that feature. This is the one place that knows those keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Brain features in the order they were added; a file saved before one has no key for it.
+LATER_BRAIN_FEATURES = ("panel_memory", "memory_pooled", "memory_context")
+
+
+def features_missing(model_args: dict[str, Any]) -> tuple[str, ...]:
+    """The later brain features a saved argument set predates (none for text-only models)."""
+    brain = model_args.get("brain")
+    if brain is None:
+        return ()
+    return tuple(k for k in LATER_BRAIN_FEATURES if k not in brain)
+
+
+def upgrade_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
+    """``model_args`` of any release → arguments for this release's ``MoasGenerator`` (same weights).
+
+    A file saved before the brain existed has no ``brain`` and stays text-only; a brain saved before a
+    later feature gets that feature switched off.
+    """
+    out = dict(model_args)
+    missing = features_missing(model_args)
+    if missing:
+        out["brain"] = {**model_args["brain"], **dict.fromkeys(missing, False)}
+    return out

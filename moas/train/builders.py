@@ -1,0 +1,446 @@
+"""Builders: the only training code that reads the whole ``MoasConfig``.
+
+Each builder turns config sections into a component that takes plain typed arguments. ``build_trainer``
+assembles a run in a fixed order — seeding, data, generator, optimizer, side networks, resume — because
+the weights' random initialisation depends on it, and checkpoints pin the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from moas.config import MoasConfig
+from moas.data.artist_style import STYLE_DIM
+from moas.data.captions import CaptionAugment
+from moas.data.dataset import ArtDataset
+from moas.data.loader import loader_workers, save_style_db
+from moas.data.sampler import BucketBatchSampler
+from moas.device import autocast_dtype, resolve_device, seed_everything, set_threads
+from moas.diffusion.objective import DiffusionObjective
+from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
+from moas.errors import MoasError
+from moas.eval.best import BestModelKeeper
+from moas.eval.validate import Validator, find_demo_manifest, split_holdout
+from moas.inference.model_file import model_file_path
+from moas.models.generator import MoasGenerator
+from moas.models.upgrade import features_missing
+from moas.monitor.dashboard import Dashboard
+from moas.monitor.run_folder import new_run_dir
+from moas.monitor.run_monitor import RunMonitor
+from moas.monitor.sample_prompts import read_sample_prompts
+from moas.resources import EnhancedResourceManager
+from moas.text.bank import TextBank
+from moas.text.encoder import TextEncoder
+from moas.train.adaptive import AdaptiveTrainingSystem
+from moas.train.batches import steps_per_epoch
+from moas.train.continuous import AdvancedContinuousLearning
+from moas.train.disk import check_disk_space, checkpoint_size_estimate
+from moas.train.distributed import DistContext, init_distributed
+from moas.train.domain import DomainTraining
+from moas.train.ema import EMA
+from moas.train.faults import FaultInjector
+from moas.train.inputs import TrainingInputs
+from moas.train.optim import adamw
+from moas.train.parts import LoopSettings, Runtime, TrainingData, TrainingParts
+from moas.train.resume import find_resume, resume_state
+from moas.train.saving import CheckpointPolicy, RunRecord, milestone_epochs
+from moas.train.schedule import WarmupCosineRestarts
+from moas.train.sequences import PanelTraining
+from moas.train.state import TrainState
+
+log = logging.getLogger("moas.train.loop")
+
+
+def build_runtime(cfg: MoasConfig, dist_ctx: DistContext | None = None) -> Runtime:
+    rc = cfg.resources
+    if dist_ctx is None:
+        dist_ctx, device_name = init_distributed(rc.device)
+    else:
+        device_name = rc.device
+    device = resolve_device(device_name)
+    threads = set_threads(rc.cpu_threads)
+    resources = EnhancedResourceManager(
+        rc.max_ram_gb, rc.max_vram_gb, rc.cpu_threads, rc.loader_workers, device
+    )
+    return Runtime(dist_ctx, device, threads, resources, autocast_dtype(device, cfg.train.mixed_precision))
+
+
+def model_divisor(cfg: MoasConfig) -> int:
+    """Image sides must be divisible by this for the U-Net: patch_size * 2**(levels - 1)."""
+    return cfg.model.patch_size * 2 ** (len(cfg.model.block_channels) - 1)
+
+
+def build_dataset(cfg: MoasConfig, folder: str, encoder=None, progress: bool = True) -> ArtDataset:
+    """A validated dataset of ``folder`` (the cache is built on the way)."""
+    d = cfg.data
+    ds = ArtDataset(
+        folder,
+        d.resolution,
+        d.cache_dir,
+        bucketing=d.bucketing,
+        divisor=model_divisor(cfg),
+        max_aspect=d.bucket_max_aspect,
+        extract_style=d.extract_style,
+        # Previous panels only matter to a model with panel memory (moas.models.panel_memory).
+        panel_context=cfg.train.panel_context
+        if cfg.brain.conditioning == "moas" and cfg.brain.panel_memory
+        else 0,
+    )
+    ds.validate(d.max_bad_fraction, progress=progress, report_dir=cfg.train.log_dir, encoder=encoder)
+    return ds
+
+
+def caption_augment(cfg: MoasConfig) -> CaptionAugment:
+    d = cfg.data
+    return CaptionAugment(d.keep_tokens, d.shuffle_tags, d.tag_dropout, d.caption_dropout)
+
+
+def build_data(cfg: MoasConfig, resume: dict | None, progress: bool, runtime: Runtime) -> TrainingData:
+    """Text encoder (first: validation can embed captions with it), dataset, validation set, text bank."""
+    encoder = TextEncoder(
+        cfg.text.model_name,
+        max_tokens=cfg.text.max_tokens,
+        require_id=resume["text_encoder"] if resume else None,
+    )
+    dataset = build_dataset(cfg, cfg.data.data_dir, encoder, progress)
+    log.info(
+        "Data: %d images in %s (%d skipped); device %s, %d threads.",
+        len(dataset),
+        cfg.data.data_dir,
+        len(dataset.skipped),
+        runtime.device,
+        runtime.threads,
+    )
+    val_set = None
+    if cfg.data.val_dir:
+        val_set = build_dataset(cfg, cfg.data.val_dir, encoder, progress)
+        log.info("Validation: %d images in %s.", len(val_set), cfg.data.val_dir)
+    else:  # hold out a seed-fixed slice of the training folder (excluded from training)
+        dataset, val_set = split_holdout(
+            dataset, cfg.monitor.val_fraction, cfg.train.seed, cfg.monitor.val_min_images
+        )
+        if val_set is not None:
+            log.info("Validation: %d images held out of %s.", len(val_set), cfg.data.data_dir)
+    captions = dataset.captions()
+    val_captions = val_set.captions() if val_set else []
+    bank = TextBank(encoder, captions + val_captions, progress=progress)
+    return TrainingData(encoder, dataset, val_set, captions, bank)
+
+
+def generator_args(cfg: MoasConfig, saved_args: dict | None = None) -> dict:
+    """The generator's constructor arguments from the config; a checkpoint from before a later brain
+    feature (``saved_args``) is rebuilt without it, so its weights load strictly."""
+    brain = asdict(cfg.brain)
+    for key in features_missing(saved_args) if saved_args is not None else ():
+        brain[key] = False
+    style_dim = STYLE_DIM if cfg.data.extract_style else 0
+    return {
+        "resolution": cfg.data.resolution,
+        "model": asdict(cfg.model),
+        "text": asdict(cfg.text),
+        "style_dim": style_dim,
+        "brain": brain,
+    }
+
+
+def build_generator(cfg: MoasConfig, device: torch.device, saved_args: dict | None = None) -> MoasGenerator:
+    return MoasGenerator(**generator_args(cfg, saved_args)).place(device)
+
+
+def build_optimizer(cfg: MoasConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    tc = cfg.train
+    return adamw(
+        model.parameters(),
+        lr=tc.lr,
+        betas=tuple(tc.betas),
+        weight_decay=tc.weight_decay,
+        eps=tc.eps,
+        amsgrad=tc.amsgrad,
+    )
+
+
+def build_schedule(cfg: MoasConfig, opt: torch.optim.Optimizer, steps_per_epoch: int) -> WarmupCosineRestarts:
+    tc = cfg.train
+    return WarmupCosineRestarts(
+        opt,
+        tc.epochs,
+        steps_per_epoch,
+        tc.warmup_fraction,
+        tc.restart_fraction,
+        tc.restart_mult,
+        tc.eta_min,
+    )
+
+
+def build_plan(cfg: MoasConfig, dataset: ArtDataset, micro_batch: int, grad_accum: int) -> BucketBatchSampler:
+    """The batch plan: one unit per optimizer step (micro-batch × accumulation images of one aspect bucket,
+    drawn by sample weight), a pure function of (seed, epoch)."""
+    return BucketBatchSampler(
+        dataset.bucket_ids, dataset.weights(), micro_batch * grad_accum, seed=cfg.train.seed
+    )
+
+
+def build_domain(
+    cfg: MoasConfig, dataset: ArtDataset, device: torch.device, mixed_precision: bool = False
+) -> DomainTraining:
+    tc = cfg.train
+    return DomainTraining(
+        cfg.losses,
+        cfg.enhance,
+        dataset,
+        device,
+        generator_lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        term_clamp=tc.loss_clamp,
+        max_grad_norm=tc.max_grad_norm,
+        seed=tc.seed,
+        mixed_precision=mixed_precision,
+    )
+
+
+def build_panels(cfg: MoasConfig, enabled: bool) -> PanelTraining:
+    lc = cfg.losses
+    return PanelTraining(
+        enabled,
+        lc.temporal_weight,
+        lc.temporal_character_weight,
+        lc.temporal_scene_weight,
+        lc.low_noise_power,
+        cfg.train.loss_clamp,
+    )
+
+
+def build_schedule_tables(cfg: MoasConfig) -> NoiseSchedule:
+    dc = cfg.diffusion
+    return NoiseSchedule(make_train_scheduler(dc), dc.prediction_type, dc.min_snr_gamma)
+
+
+def build_objective(cfg: MoasConfig) -> DiffusionObjective:
+    return DiffusionObjective(build_schedule_tables(cfg))
+
+
+def build_adaptive(cfg: MoasConfig) -> AdaptiveTrainingSystem | None:
+    tc = cfg.train
+    return AdaptiveTrainingSystem(tc.adaptive_window, max_lr=1e-3) if tc.adaptive_lr else None
+
+
+def build_continuous(cfg: MoasConfig) -> AdvancedContinuousLearning | None:
+    bc = cfg.brain
+    return AdvancedContinuousLearning(bc.continuous_rate) if bc.continuous_learning else None
+
+
+def build_ema(cfg: MoasConfig, model: torch.nn.Module) -> EMA:
+    return EMA(model, cfg.train.ema_decay)
+
+
+def model_paths(save_path: str) -> tuple[Path, Path]:
+    """(the model for generation, the last weights): ``.safetensors`` files, ``last_model`` beside the
+    save path (``final_model`` if the save path is itself called last_model)."""
+    model_path = model_file_path(save_path)
+    stem = "last_model" if model_path.stem != "last_model" else "final_model"
+    return model_path, model_path.with_name(stem + model_path.suffix)
+
+
+def log_resources(resources: EnhancedResourceManager, cfg: MoasConfig) -> None:
+    snap = resources.snapshot()
+    log.info(
+        "Resources: RAM %.1f GB available (process %.1f GB, page cache %.1f GB)%s; "
+        "resolution-table batch at %d px: %d.",
+        snap.ram_available_gb,
+        snap.process_rss_gb,
+        snap.page_cache_gb,
+        f", VRAM {snap.vram_free_gb:.1f} of {snap.vram_total_gb:.1f} GB free" if resources.cuda else "",
+        cfg.data.resolution,
+        resources.resolution_batch(cfg.train.batch_size, cfg.data.resolution),
+    )
+
+
+def build_monitor(
+    cfg: MoasConfig,
+    run_dir: Path,
+    data: TrainingData,
+    objective: DiffusionObjective,
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+) -> RunMonitor:
+    """The run's monitor with its validator (held-out/--val_dir images, demo eval) and best-model keeper."""
+    mc = cfg.monitor
+    prompts = read_sample_prompts(mc.sample_prompts) if mc.sample_prompts else None
+    manifest = find_demo_manifest(cfg.data.data_dir)
+    validator = Validator(
+        data.val_set,
+        data.bank,
+        objective,
+        device,
+        cfg.train.seed,
+        batch_size,
+        caption_pool=list(data.bank.entries),
+        demo_dir=manifest.parent if manifest else None,
+        diffusion=cfg.diffusion,
+        sample=cfg.sample,
+        eval_n=mc.eval_n,
+    )
+    save_path = model_paths(cfg.train.save_path)[0]
+    keeper = BestModelKeeper(run_dir, save_path) if mc.select_best else None
+    dashboard = Dashboard(interval_s=mc.dashboard_every_s, enabled=progress and mc.dashboard)
+    return RunMonitor(
+        run_dir,
+        cfg.to_toml(),
+        data.captions,
+        data.encoder,
+        sample=cfg.sample,
+        diffusion=cfg.diffusion,
+        creativity_samples=mc.creativity_samples,
+        sample_prompts=prompts,
+        validator=validator,
+        keeper=keeper,
+        dashboard=dashboard,
+        measure_every=mc.measure_every,
+        device=device,
+    )
+
+
+def build_run(
+    cfg: MoasConfig, progress: bool = True, dist_ctx: DistContext | None = None, dashboard: bool | None = None
+) -> dict:
+    """Every piece of a run, as the Trainer's keyword arguments; a checkpoint is restored with
+    ``train.auto_resume``. The order is fixed (see the module docstring)."""
+    tc = cfg.train
+    runtime = build_runtime(cfg, dist_ctx)
+    dist, device = runtime.dist, runtime.device
+    seed_everything(tc.seed)
+    faults = FaultInjector()
+    resume_path, resume = find_resume(tc.checkpoint_dir, tc.auto_resume)
+    data = build_data(cfg, resume, progress, runtime)
+    model = build_generator(cfg, device, resume["model_args"] if resume is not None else None)
+    continuous = build_continuous(cfg)
+    ema = build_ema(cfg, model)
+    opt = build_optimizer(cfg, model)
+    state = TrainState(
+        micro_batch=min(tc.batch_size, max(1, len(data.dataset) // dist.world_size)),
+        grad_accum=tc.grad_accum_steps,
+        gen=torch.Generator().manual_seed(tc.seed + 1_000_003 * dist.rank),  # each rank its own noise
+    )
+
+    def plan(micro_batch: int, grad_accum: int) -> BucketBatchSampler:
+        return build_plan(cfg, data.dataset, micro_batch, grad_accum)
+
+    steps = steps_per_epoch(plan(state.micro_batch, state.grad_accum), dist.world_size)
+    if steps < 1:
+        raise MoasError(
+            f"No full batch can be formed from {data.dataset.root} for {dist.world_size} process(es) "
+            "(too few images, or every sample weight is 0 — check multiply.txt files)."
+        )
+    sched = build_schedule(cfg, opt, steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
+    domain = build_domain(cfg, data.dataset, device, runtime.amp_dtype is not None)
+    if not model.panel_memory:
+        data.dataset.panel_context = 0
+    panels = build_panels(cfg, model.panel_memory and data.dataset.has_sequences() and tc.panel_context > 0)
+    if panels.enabled:
+        n_seq = sum(j >= 0 for j in data.dataset.prev_indices())
+        log.info("Panel sequences: %d images follow a previous panel.", n_seq)
+    objective = build_objective(cfg)
+    parts = TrainingParts(model, model, ema, opt, sched, scaler, build_adaptive(cfg), continuous, domain)
+    log.info(
+        "Generator: %.1fM parameters; %d steps/epoch × %d epochs; micro-batch %d × accumulation %d%s.",
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        steps,
+        tc.epochs,
+        state.micro_batch,
+        state.grad_accum,
+        f" × {dist.world_size} processes" if dist.enabled else "",
+    )
+    log_resources(runtime.resources, cfg)
+    previous_run = Path()
+    if resume is not None:
+        state, previous_run = resume_state(resume, resume_path, state, parts, dist.rank, dist.world_size)
+        domain.load_state_dict(resume.get("domain"))
+        del resume
+    state.mark_boundary()
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        parts.ddp_model = DistributedDataParallel(model, device_ids=ids)
+    policy = CheckpointPolicy(
+        Path(tc.checkpoint_dir), tc.keep_last, tc.keep_optimizer_last, milestone_epochs(tc.epochs)
+    )
+    monitor, run_dir = None, previous_run
+    if dist.is_main:  # the disk check comes before the run folder: a disk too small leaves nothing behind
+        side = [m for m in (domain.disc, domain.enhancer) if m is not None]
+        sizes = checkpoint_size_estimate(model, side, tc.amsgrad)
+        check_disk_space(
+            policy.directory,
+            sizes,
+            tc.epochs,
+            tc.save_every,
+            tc.keep_last,
+            tc.keep_optimizer_last,
+            len(policy.milestones),
+        )
+        # A resumed run keeps writing to its TensorBoard folder, so its curves continue.
+        resumed_run = state.global_step > 0 and previous_run.name and previous_run.is_dir()
+        run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+        save_style_db(data.dataset, run_dir)
+        monitor = build_monitor(
+            cfg,
+            run_dir,
+            data,
+            objective,
+            device,
+            state.micro_batch,
+            progress if dashboard is None else dashboard,
+        )
+        total = tc.epochs * steps
+        monitor.set_status(  # for the dashboard's progress and ETA
+            epochs=tc.epochs,
+            total_steps=min(total, tc.max_steps) if tc.max_steps else total,
+            session_start_step=state.global_step,
+        )
+    state.session_start = time.perf_counter()
+    record = RunRecord(
+        cfg.to_dict(),
+        data.encoder.encoder_id,
+        run_dir,
+        cfg.data.data_dir,
+        tc.seed,
+        data.dataset.style_db.to_dict() if cfg.data.extract_style else None,
+    )
+    settings = LoopSettings(
+        epochs=tc.epochs,
+        max_steps=tc.max_steps,
+        save_every=tc.save_every,
+        save_every_steps=tc.save_every_steps,
+        sample_every=tc.sample_every,
+        max_grad_norm=tc.max_grad_norm,
+        loss_clamp=tc.loss_clamp,
+        min_batch_size=tc.min_batch_size,
+        cond_dropout=cfg.diffusion.cond_dropout,
+        style_dropout=cfg.data.style_dropout,
+        loader_workers=loader_workers(cfg.data.num_workers, cfg.resources.loader_workers),
+    )
+    return {
+        "settings": settings,
+        "state": state,
+        "parts": parts,
+        "data": data,
+        "objective": objective,
+        "inputs": TrainingInputs(data.bank, caption_augment(cfg), tc.seed, panels),
+        "panels": panels,
+        "plan": plan,
+        "runtime": runtime,
+        "record": record,
+        "policy": policy,
+        "monitor": monitor,
+        "faults": faults,
+        "model_paths": model_paths(tc.save_path),
+        "progress": progress,
+    }

@@ -1,0 +1,102 @@
+"""The parts of a training run, built by ``moas.train.builders`` and used by the loop (``moas.train.loop``):
+the objects it updates (``TrainingParts``, with their checkpoint state), its data, where it computes, and
+the loop's settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moas.data.dataset import ArtDataset
+from moas.models.generator import MoasGenerator
+from moas.resources import EnhancedResourceManager
+from moas.text.bank import TextBank
+from moas.text.encoder import TextEncoder
+from moas.train.adaptive import AdaptiveTrainingSystem
+from moas.train.continuous import AdvancedContinuousLearning
+from moas.train.distributed import DistContext
+from moas.train.domain import DomainTraining
+from moas.train.ema import EMA
+from moas.train.optim import load_optimizer_state
+from moas.train.schedule import WarmupCosineRestarts
+
+
+@dataclass
+class TrainingParts:
+    model: MoasGenerator
+    ddp_model: nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
+    ema: EMA
+    opt: torch.optim.Optimizer
+    sched: WarmupCosineRestarts
+    scaler: torch.amp.GradScaler
+    adaptive: AdaptiveTrainingSystem | None  # the original's loss-curve lr rules (off by default)
+    continuous: AdvancedContinuousLearning | None  # routing/expert-weight adjustment between epochs
+    domain: DomainTraining  # domain losses, discriminator, enhancer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "adaptive": self.adaptive.state_dict() if self.adaptive else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Raises KeyError, RuntimeError, ValueError or TypeError when ``state`` does not fit these parts."""
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        load_optimizer_state(self.opt, state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.adaptive is not None and "adaptive" in state:
+            self.adaptive.load_state_dict(state["adaptive"])
+
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def lrs(self) -> dict[str, float]:
+        """Learning rate per parameter group (named where the group has a name)."""
+        return {g.get("name", str(k)): g["lr"] for k, g in enumerate(self.opt.param_groups)}
+
+
+@dataclass
+class Runtime:
+    """Where and how the run computes."""
+
+    dist: DistContext
+    device: torch.device
+    threads: int
+    resources: EnhancedResourceManager
+    amp_dtype: torch.dtype | None  # autocast dtype; None = fp32
+
+
+@dataclass
+class TrainingData:
+    encoder: TextEncoder
+    dataset: ArtDataset
+    val_set: ArtDataset | None
+    captions: list[str]
+    bank: TextBank
+
+
+@dataclass
+class LoopSettings:
+    """The loop's settings (from ``[train]``, ``[diffusion]`` and ``[data]``)."""
+
+    epochs: int
+    max_steps: int  # 0 = no limit
+    save_every: int  # epochs between checkpoints
+    save_every_steps: int  # 0 = only per epoch
+    sample_every: int  # epochs between sample grids (0 = none)
+    max_grad_norm: float
+    loss_clamp: float
+    min_batch_size: int  # out-of-memory recovery stops below this micro-batch
+    cond_dropout: float  # null-prompt probability
+    style_dropout: float  # probability of hiding the style token
+    loader_workers: int
