@@ -273,42 +273,7 @@ def _add_download(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="moas",
-        description="Multiverse Origin Studio: train an anime/manga text-to-image model from scratch on your images, then generate.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Run 'moas COMMAND --help' for the flags of each command. The original spellings "
-        "'moas --train ...' and 'moas --generate ...' also work.",
-    )
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
-    _add_train(
-        sub.add_parser(
-            "train", help="train a model on a folder of images", epilog=EPILOG_TRAIN, formatter_class=fmt
-        )
-    )
-    _add_generate(
-        sub.add_parser(
-            "generate", help="generate images from a prompt", epilog=EPILOG_GENERATE, formatter_class=fmt
-        )
-    )
-    _add_train(
-        sub.add_parser(
-            "doctor",
-            help="check devices, memory, disk, data, text encoder and checkpoints (writes logs/diagnosis.log)",
-            epilog="examples:\n  moas doctor --profile rtx3060_12gb --data_dir ./data/train",
-            formatter_class=fmt,
-        )
-    )
-    t = sub.add_parser(
-        "tune",
-        help="search lr, batch size, weight decay and betas with short trainings",
-        epilog="examples:\n  moas tune --data_dir ./data/train --val_dir ./data/val --trials 20 --budget_minutes 120\n"
-        "  moas tune --data_dir data/demo/train --trials 3 --steps 20 --best_config configs/tuned.toml",
-        formatter_class=fmt,
-    )
+def _add_tune(t: argparse.ArgumentParser) -> None:
     _add_train(t)
     t.add_argument("--trials", type=int, default=10, help="number of trials (the first 5 are random)")
     t.add_argument(
@@ -317,17 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=50, help="optimizer steps per trial")
     t.add_argument("--out", default="tune", help="folder for the trials and tune_results.json")
     t.add_argument("--best_config", default="configs/tuned.toml", help="where the best settings are written")
-    _add_edit(
-        sub.add_parser(
-            "edit",
-            help="inpaint a masked region or outpaint the borders",
-            epilog=EPILOG_EDIT,
-            formatter_class=fmt,
-        )
-    )
-    m = sub.add_parser(
-        "make-data", help="draw the built-in demo data set (anime characters with tag captions)"
-    )
+
+
+def _add_make_data(m: argparse.ArgumentParser) -> None:
     m.add_argument("--out", default="data/demo", help="output folder (images go to OUT/train/<artist>/)")
     m.add_argument("--n_images", type=int, default=1200, help="number of images")
     m.add_argument("--size", type=int, default=64, help="image side in pixels")
@@ -348,25 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         "each with probability P (brief later-panel descriptions, so the panel memory has something to "
         "carry over); 0 = full captions",
     )
-    _add_prepare(
-        sub.add_parser(
-            "prepare",
-            help="run the quality filters over a local image folder",
-            epilog=EPILOG_PREPARE,
-            formatter_class=fmt,
-        )
-    )
-    _add_download(
-        sub.add_parser(
-            "download",
-            help="download filtered, captioned training images from Danbooru",
-            epilog=EPILOG_DOWNLOAD,
-            formatter_class=fmt,
-        )
-    )
-    e = sub.add_parser(
-        "eval", help="measure prompt adherence on the demo data's seen and held-out combinations"
-    )
+
+
+def _add_eval(e: argparse.ArgumentParser) -> None:
     e.add_argument("--model", default="models/best_model.safetensors", help="model file to evaluate")
     e.add_argument("--data_dir", default="data/demo", help="demo data folder (with manifest.json)")
     e.add_argument("--n", type=int, default=48, help="images per split (held-out and seen)")
@@ -380,17 +321,61 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save_images", help="also write every evaluated image to this folder")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
-    i = sub.add_parser(
-        "inspect",
-        help="parameter counts of every component and the DataFlow graph",
-        epilog=EPILOG_INSPECT,
-        formatter_class=fmt,
-    )
+
+
+def _add_inspect(i: argparse.ArgumentParser) -> None:
     i.add_argument("--model", help="a model file or checkpoint to inspect (instead of a profile)")
     i.add_argument("--profile", help="hardware profile from configs/ (default cpu_tiny)")
     i.add_argument("--config", help="a TOML file whose values override the profile")
     i.add_argument("--graph", action="store_true", help="also print the DataFlow graph in execution order")
     _add_brain_flags(i)
+
+
+# command → (adds its flags, one-line help, examples shown under its --help)
+SUBCOMMANDS = {
+    "train": (_add_train, "train a model on a folder of images", EPILOG_TRAIN),
+    "generate": (_add_generate, "generate images from a prompt", EPILOG_GENERATE),
+    "doctor": (
+        _add_train,
+        "check devices, memory, disk, data, text encoder and checkpoints (writes logs/diagnosis.log)",
+        "examples:\n  moas doctor --profile rtx3060_12gb --data_dir ./data/train",
+    ),
+    "tune": (
+        _add_tune,
+        "search lr, batch size, weight decay and betas with short trainings",
+        "examples:\n  moas tune --data_dir ./data/train --val_dir ./data/val --trials 20 --budget_minutes 120\n"
+        "  moas tune --data_dir data/demo/train --trials 3 --steps 20 --best_config configs/tuned.toml",
+    ),
+    "edit": (_add_edit, "inpaint a masked region or outpaint the borders", EPILOG_EDIT),
+    "make-data": (
+        _add_make_data,
+        "draw the built-in demo data set (anime characters with tag captions)",
+        None,
+    ),
+    "prepare": (_add_prepare, "run the quality filters over a local image folder", EPILOG_PREPARE),
+    "download": (
+        _add_download,
+        "download filtered, captioned training images from Danbooru",
+        EPILOG_DOWNLOAD,
+    ),
+    "eval": (_add_eval, "measure prompt adherence on the demo data's seen and held-out combinations", None),
+    "inspect": (_add_inspect, "parameter counts of every component and the DataFlow graph", EPILOG_INSPECT),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moas",
+        description="Multiverse Origin Studio: train an anime/manga text-to-image model from scratch on your images, then generate.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'moas COMMAND --help' for the flags of each command. The original spellings "
+        "'moas --train ...' and 'moas --generate ...' also work.",
+    )
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add_flags, help_text, epilog) in SUBCOMMANDS.items():
+        extra = {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter} if epilog else {}
+        add_flags(sub.add_parser(name, help=help_text, **extra))
     return parser
 
 

@@ -152,7 +152,9 @@ def test_only_builders_and_commands_read_the_whole_config():
         name
         for name, path in modules().items()
         if any(
-            isinstance(n, ast.ImportFrom) and n.module == "moas.config" and any(a.name == "MoasConfig" for a in n.names)
+            isinstance(n, ast.ImportFrom)
+            and n.module == "moas.config"
+            and any(a.name == "MoasConfig" for a in n.names)
             for n in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
         )
     }

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from moas.data.synthetic import (
+from moas.data.synthetic_draw import (
     ACCESSORIES,
     BACKGROUNDS,
     EXPRESSIONS,

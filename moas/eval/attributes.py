@@ -119,7 +119,9 @@ _FEATURES = {"hair_color": _hair_feature, "eye_color": _eye_feature, "background
 PROTOTYPE_FILE = Path(__file__).with_name("attribute_prototypes.json")
 
 
-def prototype_groups(renders: Iterable[tuple[dict, str, str, Any]]) -> dict[str, tuple[np.ndarray, list[str]]]:
+def prototype_groups(
+    renders: Iterable[tuple[dict, str, str, Any]],
+) -> dict[str, tuple[np.ndarray, list[str]]]:
     """Per attribute: the centroid feature of every (value, artist, variant) group of ``renders``.
 
     ``renders`` yields (attributes, artist, variant, image): the demo set's clean 64 px renders, the same

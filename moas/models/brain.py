@@ -96,10 +96,30 @@ def build_gnn(a: BrainArgs, version: int) -> EnhancedGNN:
 
 
 def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
-    """Register the brain on ``enc.flow``; returns the GNN versions not registered (kept for ablation)."""
-    flow, d = enc.flow, a.expert_dim
+    """Register the brain on ``enc.flow``; returns the GNN versions not registered (kept for ablation).
+
+    The registration order fixes the graph's order and the weights' initialisation order, so it stays."""
     if a.gnn_version not in GNN_VERSIONS:
         raise ValueError(f"gnn_version must be one of {GNN_VERSIONS}")
+    _register_understanding(enc, a)
+    _register_moe_and_graph(enc, a)
+    _register_experts(enc.flow, a)
+    if a.panel_memory:  # registered late so a missing text input is reported first; it still runs before moe
+        _register_panel_memory(enc.flow, a)
+    if a.compression:
+        for dst in ("emotion", "understanding", "moe", "story"):
+            enc.flow.connect("compression", "pooled_compressed", dst, "pooled")
+    widths = _token_widths(a)
+    bridge = ContextBridge(widths, CONTEXT_DIM, "moe_output")
+    enc.flow.register_module(
+        "bridge", bridge, inputs=list(widths), outputs=["extra_context", "extra_context_mask", "pooled_delta"]
+    )
+    return nn.ModuleDict({f"gnn_v{v}": build_gnn(a, v) for v in GNN_VERSIONS if v != a.gnn_version})
+
+
+def _register_understanding(enc: ConditioningEncoder, a: BrainArgs) -> None:
+    """[compression,] emotion and deep understanding of the (compressed) pooled text and the tokens."""
+    flow = enc.flow
     if a.compression:
         flow.register_module(
             "compression",
@@ -108,8 +128,6 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
             outputs=["pooled_compressed", "compression_loss"],
         )
         enc.aux_weights["compression.compression_loss"] = 1.0
-    ctx = ["context", "context_mask"] if a.expert_context else []
-    mem = ["memory", "memory_mask"] if a.panel_memory else []
     flow.register_module(
         "emotion",
         EmotionalArtisticUnderstanding(CONTEXT_DIM, a.hidden_dim, a.dropout),
@@ -131,6 +149,14 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
         inputs=["pooled", "context", "context_mask"],
         outputs=["understanding"],
     )
+
+
+def _register_moe_and_graph(enc: ConditioningEncoder, a: BrainArgs) -> None:
+    """The 14-expert MoE (+ its load-balance loss), the GNN over the expert states, the 1024→512 bridge and
+    the structure generator that reads the graph."""
+    flow, d = enc.flow, a.expert_dim
+    ctx = ["context", "context_mask"] if a.expert_context else []
+    mem = ["memory", "memory_mask"] if a.panel_memory else []
     flow.register_module(
         "moe",
         EnhancedMoE(
@@ -164,18 +190,13 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
         "structure", StructureGenerator(d, a.dropout), inputs=["embedding"], outputs=["structure"]
     )
     flow.connect("gnn", "graph_features", "structure", "embedding")
-    flow.register_module(
-        "line_art",
-        AdvancedLineArtExpert(d, a.dropout),
-        inputs=["embedding", "structure"],
-        outputs=["line_art"],
-    )
-    flow.register_module(
-        "background",
-        BackgroundExpert(d, a.dropout),
-        inputs=["embedding", "structure"],
-        outputs=["background"],
-    )
+
+
+def _register_experts(flow, a: BrainArgs) -> None:
+    """The structure-driven art experts, the mood-driven colour expert and the story system."""
+    d = a.expert_dim
+    for name, cls in (("line_art", AdvancedLineArtExpert), ("background", BackgroundExpert)):
+        flow.register_module(name, cls(d, a.dropout), inputs=["embedding", "structure"], outputs=[name])
     flow.register_module(
         "color",
         AdvancedColorExpert(d, 10, a.dropout),
@@ -191,27 +212,21 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
         inputs=["pooled", "language"],
         outputs=["story"],
     )
-    if a.panel_memory:  # previous panels → memory tokens for the memory expert (moas.models.panel_memory);
-        # registered late so a missing text input is reported first; it still runs before moe
-        flow.register_module(
-            "panel_memory",
-            PanelMemory(d, tuple(a.panel_channels), CONTEXT_DIM, a.panel_max_distance),
-            inputs=["panel_images", "panel_mask"],
-            outputs=["memory", "memory_mask"],
-        )
-        if a.memory_pooled:
-            flow.register_module(
-                "memory_bridge",
-                MemoryBridge(d, CONTEXT_DIM, a.memory_context),
-                inputs=["memory", "memory_mask"],
-                outputs=["pooled_delta", "context_delta"],
-            )
-    if a.compression:
-        for dst in ("emotion", "understanding", "moe", "story"):
-            flow.connect("compression", "pooled_compressed", dst, "pooled")
-    widths = _token_widths(a)
-    bridge = ContextBridge(widths, CONTEXT_DIM, "moe_output")
+
+
+def _register_panel_memory(flow, a: BrainArgs) -> None:
+    """Previous panels → memory tokens for the memory expert (moas.models.panel_memory), and their direct
+    routes into the pooled conditioning and the first context token (MemoryBridge)."""
     flow.register_module(
-        "bridge", bridge, inputs=list(widths), outputs=["extra_context", "extra_context_mask", "pooled_delta"]
+        "panel_memory",
+        PanelMemory(a.expert_dim, tuple(a.panel_channels), CONTEXT_DIM, a.panel_max_distance),
+        inputs=["panel_images", "panel_mask"],
+        outputs=["memory", "memory_mask"],
     )
-    return nn.ModuleDict({f"gnn_v{v}": build_gnn(a, v) for v in GNN_VERSIONS if v != a.gnn_version})
+    if a.memory_pooled:
+        flow.register_module(
+            "memory_bridge",
+            MemoryBridge(a.expert_dim, CONTEXT_DIM, a.memory_context),
+            inputs=["memory", "memory_mask"],
+            outputs=["pooled_delta", "context_delta"],
+        )

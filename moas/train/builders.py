@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -306,19 +307,12 @@ def build_monitor(
     )
 
 
-def build_run(
-    cfg: MoasConfig, progress: bool = True, dist_ctx: DistContext | None = None, dashboard: bool | None = None
-) -> dict:
-    """Every piece of a run, as the Trainer's keyword arguments; a checkpoint is restored with
-    ``train.auto_resume``. The order is fixed (see the module docstring)."""
-    tc = cfg.train
-    runtime = build_runtime(cfg, dist_ctx)
-    dist, device = runtime.dist, runtime.device
-    seed_everything(tc.seed)
-    faults = FaultInjector()
-    resume_path, resume = find_resume(tc.checkpoint_dir, tc.auto_resume)
-    data = build_data(cfg, resume, progress, runtime)
-    model = build_generator(cfg, device, resume["model_args"] if resume is not None else None)
+def build_parts(
+    cfg: MoasConfig, runtime: Runtime, data: TrainingData, saved_args: dict | None
+) -> tuple[TrainingParts, TrainState, Callable[[int, int], BucketBatchSampler], int]:
+    """(the trained objects, the starting state, the batch plan for a micro-batch split, steps per epoch)."""
+    tc, dist, device = cfg.train, runtime.dist, runtime.device
+    model = build_generator(cfg, device, saved_args)
     continuous = build_continuous(cfg)
     ema = build_ema(cfg, model)
     opt = build_optimizer(cfg, model)
@@ -340,13 +334,6 @@ def build_run(
     sched = build_schedule(cfg, opt, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
     domain = build_domain(cfg, data.dataset, device, runtime.amp_dtype is not None)
-    if not model.panel_memory:
-        data.dataset.panel_context = 0
-    panels = build_panels(cfg, model.panel_memory and data.dataset.has_sequences() and tc.panel_context > 0)
-    if panels.enabled:
-        n_seq = sum(j >= 0 for j in data.dataset.prev_indices())
-        log.info("Panel sequences: %d images follow a previous panel.", n_seq)
-    objective = build_objective(cfg)
     parts = TrainingParts(model, model, ema, opt, sched, scaler, build_adaptive(cfg), continuous, domain)
     log.info(
         "Generator: %.1fM parameters; %d steps/epoch × %d epochs; micro-batch %d × accumulation %d%s.",
@@ -357,64 +344,34 @@ def build_run(
         state.grad_accum,
         f" × {dist.world_size} processes" if dist.enabled else "",
     )
-    log_resources(runtime.resources, cfg)
-    previous_run = Path()
-    if resume is not None:
-        state, previous_run = resume_state(resume, resume_path, state, parts, dist.rank, dist.world_size)
-        domain.load_state_dict(resume.get("domain"))
-        del resume
-    state.mark_boundary()
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+    return parts, state, plan, steps
 
-        ids = [device.index] if device.type == "cuda" else None
-        parts.ddp_model = DistributedDataParallel(model, device_ids=ids)
-    policy = CheckpointPolicy(
-        Path(tc.checkpoint_dir), tc.keep_last, tc.keep_optimizer_last, milestone_epochs(tc.epochs)
-    )
-    monitor, run_dir = None, previous_run
-    if dist.is_main:  # the disk check comes before the run folder: a disk too small leaves nothing behind
-        side = [m for m in (domain.disc, domain.enhancer) if m is not None]
-        sizes = checkpoint_size_estimate(model, side, tc.amsgrad)
-        check_disk_space(
-            policy.directory,
-            sizes,
-            tc.epochs,
-            tc.save_every,
-            tc.keep_last,
-            tc.keep_optimizer_last,
-            len(policy.milestones),
-        )
-        # A resumed run keeps writing to its TensorBoard folder, so its curves continue.
-        resumed_run = state.global_step > 0 and previous_run.name and previous_run.is_dir()
-        run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
-        (run_dir / "config.toml").write_text(cfg.to_toml())
-        save_style_db(data.dataset, run_dir)
-        monitor = build_monitor(
-            cfg,
-            run_dir,
-            data,
-            objective,
-            device,
-            state.micro_batch,
-            progress if dashboard is None else dashboard,
-        )
-        total = tc.epochs * steps
-        monitor.set_status(  # for the dashboard's progress and ETA
-            epochs=tc.epochs,
-            total_steps=min(total, tc.max_steps) if tc.max_steps else total,
-            session_start_step=state.global_step,
-        )
-    state.session_start = time.perf_counter()
-    record = RunRecord(
-        cfg.to_dict(),
-        data.encoder.encoder_id,
-        run_dir,
-        cfg.data.data_dir,
-        tc.seed,
-        data.dataset.style_db.to_dict() if cfg.data.extract_style else None,
-    )
-    settings = LoopSettings(
+
+def build_run_folder(
+    cfg: MoasConfig,
+    data: TrainingData,
+    parts: TrainingParts,
+    state: TrainState,
+    previous_run: Path,
+    policy: CheckpointPolicy,
+) -> Path:
+    """Rank 0: the disk check (before anything is written, so a disk too small leaves nothing behind),
+    then the run folder — the previous one for a resumed run, so its TensorBoard curves continue."""
+    tc, domain = cfg.train, parts.domain
+    side = [m for m in (domain.disc, domain.enhancer) if m is not None]
+    sizes = checkpoint_size_estimate(parts.model, side, tc.amsgrad)
+    args = (tc.epochs, tc.save_every, tc.keep_last, tc.keep_optimizer_last, len(policy.milestones))
+    check_disk_space(policy.directory, sizes, *args)
+    resumed_run = state.global_step > 0 and previous_run.name and previous_run.is_dir()
+    run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    save_style_db(data.dataset, run_dir)
+    return run_dir
+
+
+def loop_settings(cfg: MoasConfig) -> LoopSettings:
+    tc = cfg.train
+    return LoopSettings(
         epochs=tc.epochs,
         max_steps=tc.max_steps,
         save_every=tc.save_every,
@@ -427,8 +384,60 @@ def build_run(
         style_dropout=cfg.data.style_dropout,
         loader_workers=loader_workers(cfg.data.num_workers, cfg.resources.loader_workers),
     )
+
+
+def build_run(
+    cfg: MoasConfig, progress: bool = True, dist_ctx: DistContext | None = None, dashboard: bool | None = None
+) -> dict:
+    """Every piece of a run, as the Trainer's keyword arguments; a checkpoint is restored with
+    ``train.auto_resume``. The order is fixed (see the module docstring)."""
+    tc = cfg.train
+    runtime = build_runtime(cfg, dist_ctx)
+    dist, device = runtime.dist, runtime.device
+    seed_everything(tc.seed)
+    faults = FaultInjector()
+    resume_path, resume = find_resume(tc.checkpoint_dir, tc.auto_resume)
+    data = build_data(cfg, resume, progress, runtime)
+    parts, state, plan, steps = build_parts(cfg, runtime, data, resume["model_args"] if resume else None)
+    model = parts.model
+    if not model.panel_memory:
+        data.dataset.panel_context = 0
+    panels = build_panels(cfg, model.panel_memory and data.dataset.has_sequences() and tc.panel_context > 0)
+    if panels.enabled:
+        n_seq = sum(j >= 0 for j in data.dataset.prev_indices())
+        log.info("Panel sequences: %d images follow a previous panel.", n_seq)
+    objective = build_objective(cfg)
+    log_resources(runtime.resources, cfg)
+    previous_run = Path()
+    if resume is not None:
+        state, previous_run = resume_state(resume, resume_path, state, parts, dist.rank, dist.world_size)
+        parts.domain.load_state_dict(resume.get("domain"))
+        del resume
+    state.mark_boundary()
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        parts.ddp_model = DistributedDataParallel(model, device_ids=ids)
+    policy = CheckpointPolicy(
+        Path(tc.checkpoint_dir), tc.keep_last, tc.keep_optimizer_last, milestone_epochs(tc.epochs)
+    )
+    monitor, run_dir = None, previous_run
+    if dist.is_main:
+        run_dir = build_run_folder(cfg, data, parts, state, previous_run, policy)
+        show = progress if dashboard is None else dashboard
+        monitor = build_monitor(cfg, run_dir, data, objective, device, state.micro_batch, show)
+        total = tc.epochs * steps
+        monitor.set_status(  # for the dashboard's progress and ETA
+            epochs=tc.epochs,
+            total_steps=min(total, tc.max_steps) if tc.max_steps else total,
+            session_start_step=state.global_step,
+        )
+    state.session_start = time.perf_counter()
+    style_db = data.dataset.style_db.to_dict() if cfg.data.extract_style else None
+    record = RunRecord(cfg.to_dict(), data.encoder.encoder_id, run_dir, cfg.data.data_dir, tc.seed, style_db)
     return {
-        "settings": settings,
+        "settings": loop_settings(cfg),
         "state": state,
         "parts": parts,
         "data": data,
