@@ -2,7 +2,7 @@
 
     python bench/brain.py steps                        # step time + FLOPs, cpu_tiny and rtx3060_12gb sizes
     python bench/brain.py steps --profiles cpu_tiny --iters 8
-    python bench/brain.py routing --model models/best_model.pt --data_dir data/demo   # mean routing per expert
+    python bench/brain.py routing --model models/best_model.safetensors --data_dir data/demo   # mean routing per expert
     python bench/brain.py compare --moas bench/brain_demo_moas.json --text bench/learning.json --steps bench/brain_steps.json
 
 ``steps`` builds both generators in one process and times full training steps (forward, backward, AdamW)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from moas.checkpoint import verify_checkpoint  # noqa: E402
 from moas.config import load_config  # noqa: E402
 from moas.monitor.logs import setup_logging  # noqa: E402
-from moas.train.loop import Trainer  # noqa: E402
+from moas.train.loop import Trainer, build_trainer  # noqa: E402
 
 GB = 1024**3
 
@@ -54,14 +54,14 @@ def make_trainer(args, root: Path) -> Trainer:
         },
         "resources": {"device": "cuda"},
     }
-    return Trainer(load_config("rtx3060_12gb", None, over, use_env=False), progress=False)
+    return build_trainer(load_config("rtx3060_12gb", None, over, use_env=False), progress=False)
 
 
 def phase_fit(args, root: Path) -> dict:
     cap(12.0)
     torch.cuda.reset_peak_memory_stats()
     t = make_trainer(args, root)
-    start = (t.micro_batch, t.grad_accum)
+    start = (t.state.micro_batch, t.state.grad_accum)
     t0 = time.perf_counter()
     r = t.run()
     return {
@@ -79,12 +79,12 @@ def phase_fit(args, root: Path) -> dict:
 def phase_squeeze(args, root: Path) -> dict:
     cap(12.0)
     t = make_trainer(args, root)
-    start = (t.micro_batch, t.grad_accum)
+    start = (t.state.micro_batch, t.state.grad_accum)
     real_boundary = t._at_boundary
 
     def boundary_then_squeeze() -> bool:
         stop = real_boundary()
-        if t.global_step == args.squeeze_at:
+        if t.state.global_step == args.squeeze_at:
             torch.cuda.empty_cache()
             cap(args.squeeze_gb)
         return stop

@@ -24,12 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from moas.checkpoint import load_checkpoint  # noqa: E402
+from moas.checkpoint import checkpoint_record, load_checkpoint  # noqa: E402
 from moas.config import load_config, tomllib  # noqa: E402
 from moas.data.synthetic import generate_demo_dataset  # noqa: E402
 from moas.eval.evaluate import run_eval  # noqa: E402
 from moas.inference.pipeline import Pipeline  # noqa: E402
-from moas.io import read_sidecar  # noqa: E402
 from moas.monitor.logs import setup_logging  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 
@@ -85,7 +84,7 @@ def main() -> int:
     rows = []
     ckpts = sorted(Path("checkpoints").glob("epoch_*.pt"))
     for ckpt in ckpts[-1:] if a.final_only else ckpts:
-        meta = read_sidecar(ckpt) or {}
+        meta = checkpoint_record(ckpt) or {}
         if "train_seconds" not in meta:  # older checkpoints keep it only inside the state
             meta["train_seconds"] = float(load_checkpoint(ckpt).get("train_seconds", 0.0))
         pipe = Pipeline.from_file(ckpt, torch.device("cpu"))

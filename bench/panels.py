@@ -59,8 +59,8 @@ from moas.data.dataset import center_crop_resize, to_model_range  # noqa: E402
 from moas.data.synthetic import EYE_COLORS, HAIR_COLORS, generate_demo_dataset, held_out_pairs  # noqa: E402
 from moas.data.synthetic_panels import write_sequences  # noqa: E402
 from moas.eval.attributes import measure_attributes  # noqa: E402
+from moas.inference.model_file import read_model_file  # noqa: E402
 from moas.inference.pipeline import Pipeline  # noqa: E402
-from moas.io import read_sidecar  # noqa: E402
 from moas.losses.temporal import sequence_metrics  # noqa: E402
 from moas.monitor.logs import setup_logging  # noqa: E402
 from moas.train.loop import train  # noqa: E402
@@ -295,7 +295,11 @@ def main() -> int:
         "data": {"data_dir": "data/demo/train"},
         "enhance": {"train": False},
         "resources": {"cpu_threads": a.threads},
-        "train": {"checkpoint_dir": "checkpoints", "save_path": "models/panels.pt", "sample_every": 0},
+        "train": {
+            "checkpoint_dir": "checkpoints",
+            "save_path": "models/panels.safetensors",
+            "sample_every": 0,
+        },
     }
     if a.epochs:
         overrides["train"]["epochs"] = a.epochs
@@ -362,12 +366,12 @@ def main() -> int:
     paths = {"model": model_path}
     last = train_meta.get("last_model_path")
     if last and Path(last).is_file() and Path(last).resolve() != model_path.resolve():
-        if (read_sidecar(Path(last)) or {}).get("epoch") != (read_sidecar(model_path) or {}).get("epoch"):
+        if read_model_file(last).epoch != read_model_file(model_path).epoch:
             paths["last"] = Path(last)  # the monitor kept an earlier epoch as the model: score both
     for name, path in paths.items():
         pipe = Pipeline.from_file(path, torch.device("cpu"))
         res = evaluate(pipe, seqs, cfg, seed=1000, weights=weights)
-        res["epoch"] = (read_sidecar(path) or {}).get("epoch")
+        res["epoch"] = read_model_file(path).epoch
         res["gate_tanh"] = gate_value(pipe)
         res["memory_signal"] = memory_signal(pipe, seqs, Path("eval_sequences"), cfg.data.resolution)
         for arm in ("memory", "no_memory"):
@@ -383,7 +387,7 @@ def main() -> int:
         with torch.no_grad():
             pipe.model.stage("moe").experts.memory_gate.fill_(math.atanh(v))
         res = evaluate(pipe, seqs, cfg, seed=1000, weights=weights)
-        res["epoch"] = (read_sidecar(model_path) or {}).get("epoch")
+        res["epoch"] = read_model_file(model_path).epoch
         res["gate_tanh"] = gate_value(pipe)
         res["memory_signal"] = memory_signal(pipe, seqs, Path("eval_sequences"), cfg.data.resolution)
         for arm in ("memory", "no_memory"):

@@ -5,7 +5,7 @@ from torch import nn
 
 from moas.text.bank import TextBank
 from moas.train.ema import EMA
-from moas.train.loop import milestone_epochs
+from moas.train.saving import milestone_epochs
 from moas.train.schedule import WarmupCosineRestarts
 
 
