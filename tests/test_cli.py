@@ -72,7 +72,16 @@ def test_train_writes_checkpoints_model_and_tensorboard(trained):
     ):
         assert key in state
     assert state["epoch"] == 2 and state["text_encoder"] == "st:all-MiniLM-L6-v2"
-    assert verify_model_file(trained / "models" / "best_model.safetensors")
+    model_file = trained / "models" / "best_model.safetensors"
+    assert verify_model_file(model_file)
+    from safetensors import safe_open
+
+    from moas.models.generator import MoasGenerator
+
+    with safe_open(str(model_file), framework="pt") as f:  # the ecosystem's reader, no moas code
+        meta = f.metadata()
+    assert json.loads(meta["provenance"])["epoch"] in (1, 2) and meta["text_encoder"] == "st:all-MiniLM-L6-v2"
+    assert MoasGenerator(**json.loads(meta["model_args"])).resolution == 16
     run_dir = next((trained / "runs").iterdir())
     assert (run_dir / "config.toml").is_file() and (run_dir / "samples" / "epoch_0002.png").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

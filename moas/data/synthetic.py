@@ -25,13 +25,16 @@ from typing import Any
 
 from moas.data.synthetic_draw import (  # noqa: F401 (the demo vocabulary is part of this module's interface)
     ACCESSORIES,
+    ACCESSORY_TAGS,
     ARTISTS,
+    BACKGROUND_TAGS,
     BACKGROUNDS,
     EXPRESSIONS,
     EYE_COLORS,
     EYES,
     HAIR_COLORS,
     HAIR_STYLES,
+    STYLE_TAGS,
     _check,
     draw_character,
     prompt_for,

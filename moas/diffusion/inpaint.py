@@ -24,7 +24,7 @@ def repaint(
     known: torch.Tensor,
     mask: torch.Tensor,
     seeds: list[int],
-    steps: int = 20,
+    steps: int,
     resample: int = 3,
     progress: bool = False,
 ) -> torch.Tensor:
