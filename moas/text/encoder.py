@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from moas.errors import TextEncoderError
-from moas.text.hashing import BASE_DIM, _cached_hash, _create_hash_embedding  # noqa: F401
+from moas.text.hashing import BASE_DIM, _cached_hash
 
 logger = logging.getLogger(__name__)
 

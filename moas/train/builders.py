@@ -243,6 +243,8 @@ def model_paths(save_path: str) -> tuple[Path, Path]:
     """(the model for generation, the last weights): ``.safetensors`` files, ``last_model`` beside the
     save path (``final_model`` if the save path is itself called last_model)."""
     model_path = model_file_path(save_path)
+    if model_path != Path(save_path):
+        log.info("Model files are .safetensors: %s is written as %s.", save_path, model_path)
     stem = "last_model" if model_path.stem != "last_model" else "final_model"
     return model_path, model_path.with_name(stem + model_path.suffix)
 
@@ -269,6 +271,7 @@ def build_monitor(
     device: torch.device,
     batch_size: int,
     progress: bool,
+    model_path: Path,
 ) -> RunMonitor:
     """The run's monitor with its validator (held-out/--val_dir images, demo eval) and best-model keeper."""
     mc = cfg.monitor
@@ -287,8 +290,7 @@ def build_monitor(
         sample=cfg.sample,
         eval_n=mc.eval_n,
     )
-    save_path = model_paths(cfg.train.save_path)[0]
-    keeper = BestModelKeeper(run_dir, save_path) if mc.select_best else None
+    keeper = BestModelKeeper(run_dir, model_path) if mc.select_best else None
     dashboard = Dashboard(interval_s=mc.dashboard_every_s, enabled=progress and mc.dashboard)
     return RunMonitor(
         run_dir,
@@ -422,11 +424,11 @@ def build_run(
     policy = CheckpointPolicy(
         Path(tc.checkpoint_dir), tc.keep_last, tc.keep_optimizer_last, milestone_epochs(tc.epochs)
     )
-    monitor, run_dir = None, previous_run
+    monitor, run_dir, paths = None, previous_run, model_paths(tc.save_path)
     if dist.is_main:
         run_dir = build_run_folder(cfg, data, parts, state, previous_run, policy)
         show = progress if dashboard is None else dashboard
-        monitor = build_monitor(cfg, run_dir, data, objective, device, state.micro_batch, show)
+        monitor = build_monitor(cfg, run_dir, data, objective, device, state.micro_batch, show, paths[0])
         total = tc.epochs * steps
         monitor.set_status(  # for the dashboard's progress and ETA
             epochs=tc.epochs,
@@ -450,6 +452,6 @@ def build_run(
         "policy": policy,
         "monitor": monitor,
         "faults": faults,
-        "model_paths": model_paths(tc.save_path),
+        "model_paths": paths,
         "progress": progress,
     }

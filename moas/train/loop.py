@@ -157,6 +157,7 @@ class Trainer:
         self.group_bad = False
         stop = False
         t_data = time.perf_counter()
+        group_loss, t_step, data_time = 0.0, t_data, 0.0
         for batch in bar:
             t_batch = time.perf_counter()
             j = st.micro_in_step

@@ -56,6 +56,7 @@ def resume_state(
         # Same images, different sharding: convert the position through the images consumed.
         consumed = state.batch_pos * state.micro_batch * saved_world
         state.batch_pos = consumed // (state.micro_batch * world_size)
+        state.batch_pos -= state.batch_pos % state.grad_accum  # continue at the start of a step
         log.warning(
             "Checkpoint was written by %d processes; position converted for %d.", saved_world, world_size
         )
