@@ -216,13 +216,9 @@ def build_panels(cfg: MoasConfig, enabled: bool) -> PanelTraining:
     )
 
 
-def build_schedule_tables(cfg: MoasConfig) -> NoiseSchedule:
-    dc = cfg.diffusion
-    return NoiseSchedule(make_train_scheduler(dc), dc.prediction_type, dc.min_snr_gamma)
-
-
 def build_objective(cfg: MoasConfig) -> DiffusionObjective:
-    return DiffusionObjective(build_schedule_tables(cfg))
+    dc = cfg.diffusion
+    return DiffusionObjective(NoiseSchedule(make_train_scheduler(dc), dc.prediction_type, dc.min_snr_gamma))
 
 
 def build_adaptive(cfg: MoasConfig) -> AdaptiveTrainingSystem | None:

@@ -104,7 +104,6 @@ class Trainer:
         self.domain_logs: dict[str, float] = {}
         self.x0_batch = self.x0_pred = None  # the last micro-batch's images and predicted x0 (critic)
         self.last_loss, self.ips = float("nan"), 0.0
-        self.last_val_loss: float | None = None
         self.oom_error: BaseException | None = None
         self.group_bad = False
 
@@ -342,8 +341,7 @@ class Trainer:
         if done % s.save_every == 0 or last or done in self.policy.milestones:
             self.save(epoch_checkpoint_name(done), kind="epoch")
             if self.monitor is not None:  # validation, best-model file, progress.png (rank 0)
-                metrics = self.monitor.on_checkpoint(done, st.global_step, p.ema.model, self._model_file)
-                self.last_val_loss = metrics.get("loss", self.last_val_loss)
+                self.monitor.on_checkpoint(done, st.global_step, p.ema.model, self._model_file)
         if self.monitor is not None and s.sample_every and (done % s.sample_every == 0 or last):
             self.monitor.sample_grid(p.ema.model, done, st.global_step, self.device)
 

@@ -40,11 +40,6 @@ class TrainState:
     session_start: float = field(default_factory=time.perf_counter)
 
     @property
-    def effective_batch(self) -> int:
-        """Images per optimizer step on one process."""
-        return self.micro_batch * self.grad_accum
-
-    @property
     def micro_in_step(self) -> int:
         """This micro-batch's place in its optimizer step (0 for the first)."""
         return self.batch_pos % self.grad_accum
