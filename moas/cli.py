@@ -39,6 +39,7 @@ def _train_overrides(a: argparse.Namespace) -> dict:
     put("monitor", "val_fraction", a.val_fraction)
     if a.auto_resume:
         put("train", "auto_resume", True)
+    put("train", "init_from", a.init_from)
     put("resources", "device", a.device)
     put("brain", "conditioning", a.conditioning)
     put("brain", "gnn_version", a.gnn_version)
@@ -60,7 +61,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     main_rank = context_from_env().is_main
     setup_logging(cfg.train.log_dir if main_rank else None, a.verbose, quiet_console=not main_rank)
     if cfg.monitor.sample_prompts:  # a bad prompts file fails before any data is read
-        from moas.monitor.sample_prompts import read_sample_prompts
+        from moas.inference.prompt_file import read_sample_prompts
 
         read_sample_prompts(cfg.monitor.sample_prompts)
     if main_rank:
@@ -94,8 +95,8 @@ def _load_pipeline(model: str, device: str):
     return Pipeline.from_file(model, resolve_device(device))
 
 
-def cmd_generate(a: argparse.Namespace) -> int:
-    from moas.inference.generate import GenerateRequest, generate, validate_request
+def _generate_request(a: argparse.Namespace):
+    from moas.inference.generate import GenerateRequest
 
     req = GenerateRequest(
         prompt=a.prompt or "",
@@ -109,9 +110,38 @@ def cmd_generate(a: argparse.Namespace) -> int:
         keep_best=a.keep_best,
         quality_enhance=a.quality_enhance,
         panels=a.panels,
+        init_image=a.init_image,
+        strength=a.strength,
     )
     if a.steps is not None:  # checked before loading anything; unset ones come from the model
         req.steps = a.steps
+    if a.guidance_scale is not None:
+        req.guidance_scale = a.guidance_scale
+    return req
+
+
+def _generate_batch(a: argparse.Namespace, req, progress: bool) -> int:
+    from moas.inference.batch import generate_batch, read_batch
+
+    if a.prompt or a.panels is not None:
+        raise MoasError("--from_file gives the prompts; it cannot be combined with --prompt or --panels.")
+    req.prompt = "batch"  # each line replaces it
+    lines = read_batch(a.from_file, req, a.steps is not None, a.guidance_scale is not None)
+    pipe = _load_pipeline(a.model, a.device)
+    paths = generate_batch(pipe, lines, a.output, Path(a.model).stem, a.sampler, progress)
+    for p in paths:
+        print(f"wrote {p}")
+    print(f"{len(lines)} prompts from {a.from_file}, {len(paths)} images")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from moas.inference.generate import generate, validate_request
+
+    req = _generate_request(a)
+    progress = not a.quiet and sys.stderr.isatty()
+    if a.from_file:
+        return _generate_batch(a, req, progress)
     validate_request(req)
     pipe = _load_pipeline(a.model, a.device)
     if a.explain:
@@ -120,14 +150,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if req.panels is not None:
         from moas.inference.generate import describe_metric, generate_panels
 
-        paths, report = generate_panels(
-            pipe, req, a.output, Path(a.model).stem, progress=not a.quiet and sys.stderr.isatty()
-        )
+        paths, report = generate_panels(pipe, req, a.output, Path(a.model).stem, progress=progress)
         for p in paths:
             print(f"wrote {p}")
         print(describe_metric(report))
         return 0
-    paths = generate(pipe, req, a.output, Path(a.model).stem, progress=not a.quiet and sys.stderr.isatty())
+    paths = generate(pipe, req, a.output, Path(a.model).stem, progress=progress)
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -318,6 +346,27 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webui(a: argparse.Namespace) -> int:
+    try:
+        from moas.webui.app import serve
+    except ImportError as e:
+        raise MoasError(
+            f"The web UI needs its extra packages ({e.name} is missing); install them with "
+            'pip install -e ".[webui]".'
+        ) from None
+    if not 1 <= a.port <= 65535:
+        raise MoasError("--port must be between 1 and 65535.")
+    serve(
+        models_dir=a.models_dir,
+        model=a.model,
+        host="0.0.0.0" if a.listen else "127.0.0.1",
+        port=a.port,
+        output_dir=a.output_dir,
+        device=a.device,
+    )
+    return 0
+
+
 COMMANDS = {
     "tune": cmd_tune,
     "doctor": cmd_doctor,
@@ -329,6 +378,7 @@ COMMANDS = {
     "download": cmd_download,
     "inspect": cmd_inspect,
     "edit": cmd_edit,
+    "webui": cmd_webui,
 }
 
 

@@ -17,6 +17,8 @@ EPILOG_TRAIN = """examples:
   moas train --data_dir ./data/train --auto_resume                  # continue after a crash
   moas train --profile original --dry-run                          # print the resolved config and exit
   moas train --data_dir ./data/train --sample_prompts prompts.txt   # fixed prompts for the sample grids
+  moas train --init_from models/best_model.safetensors --data_dir ./data/alice \
+      --checkpoint_dir checkpoints/alice --save_path models/alice.safetensors   # fine-tune on a new folder
 Settings resolve as: profile < --config FILE < MOAS_<SECTION>_<FIELD> variables (.env) < flags."""
 
 EPILOG_GENERATE = """examples:
@@ -28,6 +30,8 @@ EPILOG_GENERATE = """examples:
       # 2 panels: story_panel0.png, story_panel1.png, the strip story.png and story_panels.json
       # (the temporal consistency of each consecutive pair)
   moas generate --prompt "1girl, blue hair, beach" --panels 4 --output strip.png   # one prompt, 4 panels
+  moas generate --from_file prompts.txt --output out/batch.png   # out/batch_000.png, one per line
+  moas generate --prompt "1girl, silver hair, night city" --init_image sketch.png --strength 0.6
 Same seed, prompt and settings → the same image. Settings are stored in the PNG (A1111 'parameters')."""
 
 
@@ -52,6 +56,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         "--auto_resume",
         action="store_true",
         help="continue from the newest valid checkpoint in --checkpoint_dir",
+    )
+    p.add_argument(
+        "--init_from",
+        metavar="MODEL",
+        help="fine-tune: start a new run from this model file's weights (new optimizer, schedule and run "
+        "folder); its architecture and text encoder must match this run's",
     )
     p.add_argument("--profile", help="hardware profile from configs/: cpu_tiny, rtx3060_12gb or original")
     p.add_argument("--config", help="a TOML file whose values override the profile")
@@ -164,6 +174,17 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
         "--style",
         help="artist style learned from a data folder (model trained with data.extract_style = true)",
     )
+    _add_generate_modes(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the brain's routing weight per expert, the top emotions and the detected language",
+    )
+
+
+def _add_generate_modes(p: argparse.ArgumentParser) -> None:
+    """Batch (--from_file), image-to-image (--init_image) and panel sequences (--panels)."""
     p.add_argument(
         "--panels",
         type=int,
@@ -176,11 +197,23 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
         "prompt is reused. Writes <stem>_panel<k>.png, the strip as --output and <stem>_panels.json with the "
         "temporal-consistency metric (lower = more consistent). Not with --num_images or --keep_best",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
-        "--explain",
-        action="store_true",
-        help="print the brain's routing weight per expert, the top emotions and the detected language",
+        "--from_file",
+        metavar="FILE",
+        help="a batch: one prompt per line, each optionally followed by --seed N, --steps N, --scale X, "
+        "--negative TEXT; the model loads once; line k is written as <stem>_<k>.png (instead of --prompt)",
+    )
+    p.add_argument(
+        "--init_image",
+        metavar="PATH",
+        help="image-to-image: start from this image (centre-cropped and resized to the model's resolution)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.75,
+        help="with --init_image: how much to change it, 0 (keep it) to 1 (ignore it; plain text-to-image "
+        "with the same seed); default 0.75",
     )
 
 
@@ -331,6 +364,28 @@ def _add_inspect(i: argparse.ArgumentParser) -> None:
     _add_brain_flags(i)
 
 
+EPILOG_WEBUI = """examples:
+  moas webui                                   # http://127.0.0.1:7860, models from ./models
+  moas webui --models_dir runs/exp1/models --port 7861
+  moas webui --listen                          # also reachable from other machines on the network
+The model stays loaded between requests; requests queue and run one at a time."""
+
+
+def _add_webui(w: argparse.ArgumentParser) -> None:
+    w.add_argument(
+        "--models_dir", default="models", help="folder whose .safetensors model files the picker offers"
+    )
+    w.add_argument("--model", help="the model to load first (default: the newest file in --models_dir)")
+    w.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    w.add_argument(
+        "--listen",
+        action="store_true",
+        help="bind to 0.0.0.0 so other machines can connect (default: 127.0.0.1, this machine only)",
+    )
+    w.add_argument("--output_dir", default="outputs/webui", help="where generated PNGs are written")
+    w.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
 # command → (adds its flags, one-line help, examples shown under its --help)
 SUBCOMMANDS = {
     "train": (_add_train, "train a model on a folder of images", EPILOG_TRAIN),
@@ -360,6 +415,7 @@ SUBCOMMANDS = {
     ),
     "eval": (_add_eval, "measure prompt adherence on the demo data's seen and held-out combinations", None),
     "inspect": (_add_inspect, "parameter counts of every component and the DataFlow graph", EPILOG_INSPECT),
+    "webui": (_add_webui, "a local web UI: generate, image-to-image, inpainting, PNG info", EPILOG_WEBUI),
 }
 
 

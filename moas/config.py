@@ -160,6 +160,7 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     save_path: str = "models/best_model.safetensors"  # the model for generation (EMA weights, arguments)
     auto_resume: bool = False
+    init_from: str = ""  # a model file whose weights start this run (fine-tuning); fresh optimizer + schedule
     run_dir: str = "runs"
     log_dir: str = "logs"
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit; for tests and benchmarks)

@@ -43,3 +43,27 @@ def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else the platform's), or "CPU"."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def hardware_name(device: torch.device) -> str:
+    """What a run trained on, for a person: the GPU's name and memory, or the CPU's name and cores."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GB)"
+    if device.type == "mps":
+        return f"Apple GPU (mps), {cpu_name()}"
+    return f"{cpu_name()}, {os.cpu_count()} cores (CPU)"

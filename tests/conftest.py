@@ -67,3 +67,25 @@ def workdir(tmp_path, monkeypatch) -> Path:
         if k.startswith("MOAS_"):
             monkeypatch.delenv(k)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny model trained for one epoch through ``moas train`` (shared, read-only: copy before changing).
+
+    Returns the run's folder: ``data/demo/train`` (16 images), ``models/best_model.safetensors`` (+ its
+    card), ``checkpoints/``, ``runs/``."""
+    from moas.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert (
+            main(["make-data", "--out", "data/demo", "--n_images", "16", "--size", "32", "--seed", "1"]) == 0
+        )
+        args = ["train", "--config", str(TINY_CONFIG), "--data_dir", "data/demo/train", "--epochs", "1"]
+        assert main([*args, "--quiet"]) == 0
+    finally:
+        os.chdir(cwd)
+    return root

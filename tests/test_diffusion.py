@@ -97,3 +97,40 @@ def test_classifier_free_guidance_formula():
         ]
         == 3.0
     )
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+def test_image_to_image_starts_at_the_schedules_noise_level(name, strength):
+    """From an all-zero init image, the first network input at the first timestep run holds only noise of
+    the training schedule's level there, whatever the sampler's internal scaling; round(s·steps) steps run."""
+    cfg = DiffusionConfig()
+    train_sched = make_train_scheduler(cfg)
+    calls = []
+
+    def fn(x, t):
+        calls.append((x.clone(), int(t[0])))
+        return torch.zeros_like(x)
+
+    init = torch.zeros(1, 3, 64, 64)
+    sample(fn, make_sampler(name, dict(train_sched.config)), [5], (3, 64, 64), 10, 1.0, torch.device("cpu"),
+           init=init, strength=strength)  # fmt: skip
+    assert len(calls) == round(10 * strength)
+    x0, t0 = calls[0]
+    level = (1 - train_sched.alphas_cumprod[t0]).sqrt()
+    assert x0.std().item() == pytest.approx(level.item(), rel=0.05)
+
+
+def test_image_to_image_strength_bounds():
+    train_sched = make_train_scheduler(DiffusionConfig())
+    init = torch.rand(2, 3, 8, 8) * 2 - 1
+
+    def fn(x, t):
+        return 0.5 * x
+
+    def run(strength, init=init):
+        return sample(fn, make_sampler("ddim", dict(train_sched.config)), [1, 2], (3, 8, 8), 6, 1.0,
+                      torch.device("cpu"), init=init, strength=strength)  # fmt: skip
+
+    assert torch.equal(run(0.0), init)  # nothing runs: the input comes back
+    assert torch.equal(run(1.0), run(1.0, None))  # strength 1 ignores the init: text-to-image

@@ -14,8 +14,8 @@ from PIL import Image
 from moas.errors import ConfigError
 from moas.eval.metrics import MEASURES, ValidationMetrics, art_measurements, psnr, ssim
 from moas.eval.quality import creativity, quality_parts, quality_score
+from moas.inference.prompt_file import read_sample_prompts
 from moas.monitor.progress import PANELS, TrainingHistory, visualize_training_progress
-from moas.monitor.sample_prompts import read_sample_prompts
 
 
 def smooth_images(b: int = 2, size: int = 32) -> torch.Tensor:

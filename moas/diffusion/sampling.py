@@ -34,6 +34,22 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device
     ).to(device)
 
 
+def start_from(
+    scheduler, init: torch.Tensor, noise: torch.Tensor, strength: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-to-image (SDEdit): ``init`` noised to the level ``strength`` of the schedule, and the timesteps
+    left to run from there. The number of steps run is ``round(strength · steps)``; 0 keeps ``init``."""
+    timesteps = scheduler.timesteps
+    run = min(len(timesteps), round(strength * len(timesteps)))
+    if run == 0:
+        return init, timesteps[:0]
+    begin = len(timesteps) - run
+    if hasattr(scheduler, "set_begin_index"):  # sigma schedulers index their tables from the first step
+        scheduler.set_begin_index(begin)
+    t0 = timesteps[begin : begin + 1].expand(init.shape[0])
+    return scheduler.add_noise(init, noise, t0), timesteps[begin:]
+
+
 @torch.no_grad()
 def sample(
     model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -44,19 +60,27 @@ def sample(
     guidance_scale: float,
     device: torch.device,
     progress: bool = False,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Run the reverse process and return images in [-1, 1], shape (B, C, H, W).
 
     ``model_fn(x, t)`` returns the guided prediction for the whole batch (see ``guided``). The ancestral
-    noise of stochastic samplers is drawn from per-image generators.
+    noise of stochastic samplers is drawn from per-image generators. ``init`` (B, C, H, W) in [-1, 1] with
+    ``strength`` < 1 starts from that image instead of pure noise (``start_from``); strength 1 ignores it,
+    so it equals text-to-image with the same seeds.
     """
     scheduler.set_timesteps(steps, device=device)
-    x = initial_noise(seeds, shape, device) * scheduler.init_noise_sigma
+    noise = initial_noise(seeds, shape, device)
+    if init is None or strength >= 1.0:
+        x, timesteps = noise * scheduler.init_noise_sigma, scheduler.timesteps
+    else:
+        x, timesteps = start_from(scheduler, init.to(device=device, dtype=noise.dtype), noise, strength)
     # CPU generators: diffusers draws one noise tensor per generator, so each image keeps its own stream.
     step_kwargs = {}
     if type(scheduler).__name__ in STOCHASTIC:
         step_kwargs["generator"] = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+    for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
         x_in = scheduler.scale_model_input(x, t)
         tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
         pred = model_fn(x_in, tt)

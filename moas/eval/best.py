@@ -18,7 +18,8 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from moas.inference.model_file import ModelFile, model_file_path, write_model_file
+from moas.inference.model_card import save_model
+from moas.inference.model_file import ModelFile, model_file_path
 from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class BestModelKeeper:
             self.best = entry
             contents = model_file()
             contents.provenance |= {"score": score, "metric": name}
-            write_model_file(self.save_path, contents)
+            save_model(self.save_path, contents)
             if score is None:
                 log.info("No validation score available; kept the newest model as %s.", self.save_path)
             else:

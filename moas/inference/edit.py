@@ -14,18 +14,17 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from moas.config import SampleConfig
 from moas.data.dataset import to_model_range, to_uint8
-from moas.data.images import load_image
 from moas.diffusion.inpaint import repaint
 from moas.diffusion.sampling import guided
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
-from moas.errors import DataError, ImageDecodeError, MoasError
+from moas.errors import MoasError
 from moas.inference.generate import cascade, save_png
+from moas.inference.image_input import read_array
 from moas.inference.pipeline import Pipeline
 from moas.losses.seam import seam_metrics
 
@@ -63,23 +62,12 @@ def parse_outpaint(text: str | None) -> tuple[int, int, int, int]:
     return parts  # type: ignore[return-value]
 
 
-def _read(path: str, what: str, mode: str) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"The {what} {p} does not exist.")
-    try:
-        img = load_image(p)
-    except ImageDecodeError as e:
-        raise DataError(f"The {what} {p} cannot be read: {e}") from None
-    return np.asarray(img.convert(mode), dtype=np.uint8).copy()
-
-
 def load_canvas(req: EditRequest) -> tuple[torch.Tensor, torch.Tensor]:
     """The canvas uint8 (3, H, W) and the region to generate, bool (1, H, W)."""
-    rgb = torch.from_numpy(_read(req.image, "image", "RGB")).permute(2, 0, 1)  # (3, h, w)
+    rgb = torch.from_numpy(read_array(req.image, "image", "RGB")).permute(2, 0, 1)  # (3, h, w)
     h, w = rgb.shape[-2:]
     if req.mask:
-        m = torch.from_numpy(_read(req.mask, "mask", "L"))[None] >= 128  # (1, h, w)
+        m = torch.from_numpy(read_array(req.mask, "mask", "L"))[None] >= 128  # (1, h, w)
         if tuple(m.shape[-2:]) != (h, w):
             raise MoasError(
                 f"The mask is {m.shape[-1]}x{m.shape[-2]} but the image is {w}x{h}; they must match."

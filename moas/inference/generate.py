@@ -30,6 +30,7 @@ from moas.data.dataset import to_model_range, to_uint8
 from moas.diffusion.registry import SAMPLERS
 from moas.errors import MoasError
 from moas.eval.quality import quality_score
+from moas.inference.image_input import init_image
 from moas.inference.pipeline import Pipeline
 from moas.io import atomic_write_bytes
 from moas.models.enhance import MODES, QualityEnhancer
@@ -54,6 +55,8 @@ class GenerateRequest:
     keep_best: int | None = None  # keep only the K best-scoring of num_images
     quality_enhance: str | None = None  # full | resolution | detail | color | none; None: the model's default
     panels: int | None = None  # panel mode: number of panels (0 = one per '|'-separated prompt)
+    init_image: str | None = None  # image-to-image: the image to start from (--init_image)
+    strength: float = 0.75  # image-to-image: share of the schedule run from it (0 = the image, 1 = txt2img)
 
 
 def panel_prompts(req: GenerateRequest) -> list[str]:
@@ -100,6 +103,13 @@ def validate_request(req: GenerateRequest) -> None:
                 "--panels makes one sequence; it cannot be combined with --num_images or --keep_best."
             )
         panel_prompts(req)
+    if req.init_image is not None:
+        if not 0.0 <= req.strength <= 1.0:
+            raise MoasError(f"--strength must be between 0 and 1, got {req.strength:g}.")
+        if req.panels is not None:
+            raise MoasError("--init_image cannot be combined with --panels.")
+        if not Path(req.init_image).is_file():
+            raise MoasError(f"The init image {req.init_image} does not exist.")
     for name, v in (("--width", req.width), ("--height", req.height)):
         if v is not None and not 8 <= v <= 4096:
             raise MoasError(f"{name} must be between 8 and 4096 pixels.")
@@ -122,6 +132,11 @@ def parameters_text(
         f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model_name}, "
         + (f"Style: {req.style}, " if req.style else "")
         + f"Quality enhance: {req.quality_enhance or 'default'}, "
+        + (
+            f"Denoising strength: {req.strength:g}, Init image: {Path(req.init_image).name}, "
+            if req.init_image
+            else ""
+        )
         + "Version: moas"
         + (f", Quality: {quality:.4f}" if quality is not None else "")
     )
@@ -197,6 +212,10 @@ def generate(
     paths = output_paths(output, keep)
     seeds = [req.seed + i for i in range(req.num_images)]
     pipe.set_style(req.style)
+    init = None
+    if req.init_image is not None:
+        init = init_image(req.init_image, pipe.resolution, pipe.resolution)
+        init = init[None].expand(req.num_images, -1, -1, -1)
     images = pipe(
         [req.prompt] * req.num_images,
         seeds=seeds,
@@ -205,6 +224,8 @@ def generate(
         guidance_scale=req.guidance_scale,
         sampler=req.sampler,
         progress=progress,
+        init_images=init,
+        strength=req.strength,
     )
     mode = req.quality_enhance or pipe.enhance_mode
     images = cascade(images, pipe.enhancer, req.width, req.height, mode)

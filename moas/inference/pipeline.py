@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from moas.config import DiffusionConfig, SampleConfig
-from moas.data.dataset import to_uint8
+from moas.data.dataset import to_model_range, to_uint8
 from moas.diffusion.sampling import guided, make_sampler, sample
 from moas.diffusion.schedule import make_train_scheduler
 from moas.errors import CheckpointError, MoasError
@@ -194,6 +194,8 @@ class Pipeline:
         progress: bool = False,
         batch_size: int = 16,
         panels: torch.Tensor | None = None,
+        init_images: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> torch.Tensor:
         """Images as uint8 (B, 3, H, W) at the model's base resolution; unset sampler settings are the
         model's own (``sample_defaults``).
@@ -201,7 +203,10 @@ class Pipeline:
         ``panels``: previous panels uint8 (B, K, 3, H, W), nearest first, for the memory expert (panel
         mode). They join the conditional branch only — the unconditional branch is the null prompt with
         no memory, which is what condition dropout trained (memory is dropped with the text), so guidance
-        pushes toward the previous panels as it pushes toward the prompt."""
+        pushes toward the previous panels as it pushes toward the prompt.
+
+        ``init_images``: uint8 (B, 3, H, W) at the base resolution for image-to-image; ``strength`` in [0, 1]
+        is how much of the schedule is run from them (0 returns them, 1 is text-to-image)."""
         steps, guidance_scale, sampler = self.settings(steps, guidance_scale, sampler)
         out = []
         for i in range(0, len(prompts), batch_size):
@@ -212,6 +217,7 @@ class Pipeline:
                 cond["panel_images"], uncond["panel_images"] = hist, hist  # guidance batches both branches
                 cond["panel_mask"] = torch.ones(hist.shape[:2], dtype=torch.bool, device=self.device)
                 uncond["panel_mask"] = torch.zeros_like(cond["panel_mask"])  # no memory: nothing encoded
+            init = None if init_images is None else to_model_range(init_images[i : i + batch_size])
             x = sample(
                 guided(self.denoise, cond, uncond, guidance_scale),
                 make_sampler(sampler, self.train_config),
@@ -221,6 +227,8 @@ class Pipeline:
                 guidance_scale,
                 self.device,
                 progress=progress,
+                init=init,
+                strength=strength,
             )
             out.append(to_uint8(x).cpu())
         return torch.cat(out, 0)

@@ -34,9 +34,9 @@ from moas.config import DiffusionConfig, SampleConfig
 from moas.eval.metrics import ValidationMetrics, art_measurements
 from moas.eval.quality import QUALITY_PARTS, creativity, quality_parts
 from moas.inference.pipeline import Pipeline
+from moas.inference.prompt_file import SamplePrompt
 from moas.monitor.dashboard import Dashboard
 from moas.monitor.progress import TrainingHistory, visualize_training_progress
-from moas.monitor.sample_prompts import SamplePrompt
 from moas.text.encoder import TextEncoder
 from moas.text.inputs import caption_inputs
 

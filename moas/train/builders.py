@@ -21,19 +21,20 @@ from moas.data.captions import CaptionAugment
 from moas.data.dataset import ArtDataset
 from moas.data.loader import loader_workers, save_style_db
 from moas.data.sampler import BucketBatchSampler
-from moas.device import autocast_dtype, resolve_device, seed_everything, set_threads
+from moas.data.summary import data_summary
+from moas.device import autocast_dtype, hardware_name, resolve_device, seed_everything, set_threads
 from moas.diffusion.objective import DiffusionObjective
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.errors import MoasError
 from moas.eval.best import BestModelKeeper
 from moas.eval.validate import Validator, find_demo_manifest, split_holdout
-from moas.inference.model_file import model_file_path
+from moas.inference.model_file import ModelFile
+from moas.inference.prompt_file import read_sample_prompts
 from moas.models.generator import MoasGenerator
 from moas.models.upgrade import features_missing
 from moas.monitor.dashboard import Dashboard
 from moas.monitor.run_folder import new_run_dir
 from moas.monitor.run_monitor import RunMonitor
-from moas.monitor.sample_prompts import read_sample_prompts
 from moas.resources import EnhancedResourceManager
 from moas.text.bank import TextBank
 from moas.text.encoder import TextEncoder
@@ -45,11 +46,18 @@ from moas.train.distributed import DistContext, init_distributed
 from moas.train.domain import DomainTraining
 from moas.train.ema import EMA
 from moas.train.faults import FaultInjector
+from moas.train.init_from import (
+    base_record,
+    check_compatible,
+    load_base_enhancer,
+    load_base_weights,
+    read_base_model,
+)
 from moas.train.inputs import TrainingInputs
 from moas.train.optim import adamw
 from moas.train.parts import LoopSettings, Runtime, TrainingData, TrainingParts
 from moas.train.resume import find_resume, resume_state
-from moas.train.saving import CheckpointPolicy, RunRecord, milestone_epochs
+from moas.train.saving import CheckpointPolicy, RunRecord, milestone_epochs, model_paths
 from moas.train.schedule import WarmupCosineRestarts
 from moas.train.sequences import PanelTraining
 from moas.train.state import TrainState
@@ -69,6 +77,13 @@ def build_runtime(cfg: MoasConfig, dist_ctx: DistContext | None = None) -> Runti
         rc.max_ram_gb, rc.max_vram_gb, rc.cpu_threads, rc.loader_workers, device
     )
     return Runtime(dist_ctx, device, threads, resources, autocast_dtype(device, cfg.train.mixed_precision))
+
+
+def training_data_summary(cfg: MoasConfig, data: TrainingData) -> dict:
+    """The model card's data section: the training images, and how many were held out of the folder."""
+    ds = data.dataset
+    held_out = len(data.val_set) if data.val_set is not None and not cfg.data.val_dir else 0
+    return data_summary(ds.paths, data.captions, ds.root, held_out)
 
 
 def model_divisor(cfg: MoasConfig) -> int:
@@ -101,13 +116,24 @@ def caption_augment(cfg: MoasConfig) -> CaptionAugment:
     return CaptionAugment(d.keep_tokens, d.shuffle_tags, d.tag_dropout, d.caption_dropout)
 
 
-def build_data(cfg: MoasConfig, resume: dict | None, progress: bool, runtime: Runtime) -> TrainingData:
-    """Text encoder (first: validation can embed captions with it), dataset, validation set, text bank."""
-    encoder = TextEncoder(
-        cfg.text.model_name,
-        max_tokens=cfg.text.max_tokens,
-        require_id=resume["text_encoder"] if resume else None,
-    )
+def build_base(cfg: MoasConfig, resume_path: Path | None) -> ModelFile | None:
+    """The ``--init_from`` model of a new run, checked against the run's architecture before minutes of
+    data loading; None without one, and for a resumed run (its checkpoint holds the fine-tuned weights)."""
+    if not cfg.train.init_from or resume_path is not None:
+        if cfg.train.init_from:
+            log.info("Resuming %s; --init_from was applied when this run started.", resume_path)
+        return None
+    base = read_base_model(cfg.train.init_from)
+    with torch.device("meta"):
+        run_args = MoasGenerator(**generator_args(cfg)).init_args
+    check_compatible(base, cfg.train.init_from, run_args)
+    return base
+
+
+def build_data(cfg: MoasConfig, encoder_id: str | None, progress: bool, runtime: Runtime) -> TrainingData:
+    """Text encoder (first: validation can embed captions with it; ``encoder_id``: the one a checkpoint or
+    base model was trained with), dataset, validation set, text bank."""
+    encoder = TextEncoder(cfg.text.model_name, max_tokens=cfg.text.max_tokens, require_id=encoder_id)
     dataset = build_dataset(cfg, cfg.data.data_dir, encoder, progress)
     log.info(
         "Data: %d images in %s (%d skipped); device %s, %d threads.",
@@ -235,16 +261,6 @@ def build_ema(cfg: MoasConfig, model: torch.nn.Module) -> EMA:
     return EMA(model, cfg.train.ema_decay)
 
 
-def model_paths(save_path: str) -> tuple[Path, Path]:
-    """(the model for generation, the last weights): ``.safetensors`` files, ``last_model`` beside the
-    save path (``final_model`` if the save path is itself called last_model)."""
-    model_path = model_file_path(save_path)
-    if model_path != Path(save_path):
-        log.info("Model files are .safetensors: %s is written as %s.", save_path, model_path)
-    stem = "last_model" if model_path.stem != "last_model" else "final_model"
-    return model_path, model_path.with_name(stem + model_path.suffix)
-
-
 def log_resources(resources: EnhancedResourceManager, cfg: MoasConfig) -> None:
     snap = resources.snapshot()
     log.info(
@@ -306,11 +322,19 @@ def build_monitor(
 
 
 def build_parts(
-    cfg: MoasConfig, runtime: Runtime, data: TrainingData, saved_args: dict | None
+    cfg: MoasConfig,
+    runtime: Runtime,
+    data: TrainingData,
+    saved_args: dict | None,
+    base: ModelFile | None = None,
 ) -> tuple[TrainingParts, TrainState, Callable[[int, int], BucketBatchSampler], int]:
-    """(the trained objects, the starting state, the batch plan for a micro-batch split, steps per epoch)."""
+    """(the trained objects, the starting state, the batch plan for a micro-batch split, steps per epoch).
+
+    ``base``: the ``--init_from`` model whose weights the generator (and its EMA copy) start from."""
     tc, dist, device = cfg.train, runtime.dist, runtime.device
     model = build_generator(cfg, device, saved_args)
+    if base is not None:
+        load_base_weights(model, base, tc.init_from)
     continuous = build_continuous(cfg)
     ema = build_ema(cfg, model)
     opt = build_optimizer(cfg, model)
@@ -332,6 +356,12 @@ def build_parts(
     sched = build_schedule(cfg, opt, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
     domain = build_domain(cfg, data.dataset, device, runtime.amp_dtype is not None)
+    if base is not None:
+        log.info(
+            "Starting from the weights of %s%s; optimizer, schedule and step count are new.",
+            tc.init_from,
+            " (and its enhancer)" if load_base_enhancer(domain.enhancer, base) else "",
+        )
     parts = TrainingParts(model, model, ema, opt, sched, scaler, build_adaptive(cfg), continuous, domain)
     log.info(
         "Generator: %.1fM parameters; %d steps/epoch × %d epochs; micro-batch %d × accumulation %d%s.",
@@ -395,8 +425,11 @@ def build_run(
     seed_everything(tc.seed)
     faults = FaultInjector()
     resume_path, resume = find_resume(tc.checkpoint_dir, tc.auto_resume)
-    data = build_data(cfg, resume, progress, runtime)
-    parts, state, plan, steps = build_parts(cfg, runtime, data, resume["model_args"] if resume else None)
+    base = build_base(cfg, resume_path)
+    encoder_id = resume["text_encoder"] if resume else base.text_encoder if base else None
+    data = build_data(cfg, encoder_id, progress, runtime)
+    saved_args = resume["model_args"] if resume else None
+    parts, state, plan, steps = build_parts(cfg, runtime, data, saved_args, base)
     model = parts.model
     if not model.panel_memory:
         data.dataset.panel_context = 0
@@ -433,7 +466,17 @@ def build_run(
         )
     state.session_start = time.perf_counter()
     style_db = data.dataset.style_db.to_dict() if cfg.data.extract_style else None
-    record = RunRecord(cfg.to_dict(), data.encoder.encoder_id, run_dir, cfg.data.data_dir, tc.seed, style_db)
+    record = RunRecord(
+        cfg.to_dict(),
+        data.encoder.encoder_id,
+        run_dir,
+        cfg.data.data_dir,
+        tc.seed,
+        style_db,
+        training_data_summary(cfg, data),
+        hardware_name(device),
+        base_record(tc.init_from, base) if tc.init_from else None,
+    )
     return {
         "settings": loop_settings(cfg),
         "state": state,

@@ -34,7 +34,7 @@ from moas.data.dataset import smart_collate_fn, to_model_range
 from moas.data.loader import loader_kwargs
 from moas.diffusion.objective import DiffusionObjective, ObjectiveOutput
 from moas.errors import MoasError
-from moas.inference.model_file import write_model_file
+from moas.inference.model_card import save_model
 from moas.monitor.step_log import StepReport, report_step
 from moas.train.batches import ResumableBatchSampler
 from moas.train.builders import build_run
@@ -338,12 +338,13 @@ class Trainer:
         log.info(
             "Epoch %d/%d: loss %.4f, lr %.2e, %.1f img/s.", done, s.epochs, self.last_loss, p.lr(), self.ips
         )
+        # The grid first, so the model card of a model chosen at this epoch shows this epoch's samples.
+        if self.monitor is not None and s.sample_every and (done % s.sample_every == 0 or last):
+            self.monitor.sample_grid(p.ema.model, done, st.global_step, self.device)
         if done % s.save_every == 0 or last or done in self.policy.milestones:
             self.save(epoch_checkpoint_name(done), kind="epoch")
             if self.monitor is not None:  # validation, best-model file, progress.png (rank 0)
                 self.monitor.on_checkpoint(done, st.global_step, p.ema.model, self._model_file)
-        if self.monitor is not None and s.sample_every and (done % s.sample_every == 0 or last):
-            self.monitor.sample_grid(p.ema.model, done, st.global_step, self.device)
 
     # ----------------------------------------------------------------------------------- files
     def save(self, name: str, kind: str = "checkpoint") -> Path | None:
@@ -412,10 +413,10 @@ class Trainer:
         model_path, last_path = self.model_paths
         if self.dist.is_main:
             contents = self._model_file()
-            write_model_file(last_path, contents)
+            save_model(last_path, contents)
             keeper = self.monitor.keeper
             if keeper is None or keeper.best is None or not model_path.is_file():
-                write_model_file(model_path, contents)
+                save_model(model_path, contents)
             else:
                 log.info(
                     "Best checkpoint: epoch %d (%s %s).",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch
 
 from moas.checkpoint import epoch_checkpoint_name, save_checkpoint
 from moas.errors import CheckpointError
-from moas.inference.model_file import ModelFile, provenance
+from moas.inference.model_file import ModelFile, model_file_path, provenance
 from moas.train.distributed import DistContext
 from moas.train.faults import FaultInjector
 from moas.train.parts import TrainingParts
@@ -48,6 +48,9 @@ class RunRecord:
     data_dir: str
     seed: int
     style_db: dict | None = None  # the artist style database, when styles are trained
+    data_summary: dict = field(default_factory=dict)  # moas.data.summary: images, captions, tags, weights
+    hardware: str = ""
+    base_model: dict | None = None  # the --init_from model, for a fine-tuned run
 
 
 @dataclass
@@ -157,5 +160,27 @@ def model_file_contents(state: TrainState, parts: TrainingParts, record: RunReco
             record.data_dir,
             str(record.run_dir),
             record.seed,
-        ),
+        )
+        | {
+            "data": record.data_summary,
+            "hardware": record.hardware,
+            "base_model": record.base_model,
+            "sample_grid": newest_sample_grid(record.run_dir),
+        },
     )
+
+
+def newest_sample_grid(run_dir: Path) -> str | None:
+    """The run's newest sample grid (``samples/epoch_*.png``), for the model card."""
+    grids = sorted(Path(run_dir).glob("samples/epoch_*.png"))
+    return str(grids[-1]) if grids else None
+
+
+def model_paths(save_path: str) -> tuple[Path, Path]:
+    """(the model for generation, the last weights): ``.safetensors`` files, ``last_model`` beside the
+    save path (``final_model`` if the save path is itself called last_model)."""
+    model_path = model_file_path(save_path)
+    if model_path != Path(save_path):
+        log.info("Model files are .safetensors: %s is written as %s.", save_path, model_path)
+    stem = "last_model" if model_path.stem != "last_model" else "final_model"
+    return model_path, model_path.with_name(stem + model_path.suffix)

@@ -1,4 +1,5 @@
-"""``--sample_prompts FILE``: the fixed prompts of the periodic sample grids.
+"""Prompt files: ``moas train --sample_prompts FILE`` (the fixed prompts of the periodic sample grids) and
+``moas generate --from_file FILE`` (a batch, one image set per line).
 
 One prompt per line, optionally followed by per-line overrides ``--seed N``, ``--steps N``, ``--scale X``
 (guidance scale) and ``--negative TEXT`` (rest of the line); blank lines and lines starting with ``#`` are
@@ -63,22 +64,24 @@ def parse_sample_prompt_line(line: str, where: str) -> SamplePrompt:
     return sp
 
 
-def read_sample_prompts(path: str | Path) -> list[SamplePrompt]:
-    """Parse a sample-prompts file (see the module doc); a bad line is a ConfigError naming its number."""
+def read_sample_prompts(
+    path: str | Path, max_prompts: int = MAX_PROMPTS, what: str = "Sample prompts file"
+) -> list[SamplePrompt]:
+    """Parse a prompts file (see the module doc); a bad line is a ConfigError naming its number."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise ConfigError(f"Sample prompts file {path} does not exist.") from None
+        raise ConfigError(f"{what} {path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"Sample prompts file {path} could not be read ({e}).") from None
+        raise ConfigError(f"{what} {path} could not be read ({e}).") from None
     prompts = []
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if line and not line.startswith("#"):
             prompts.append(parse_sample_prompt_line(line, f"{path}, line {n}"))
     if not prompts:
-        raise ConfigError(f"Sample prompts file {path} has no prompts (one prompt per line).")
-    if len(prompts) > MAX_PROMPTS:
-        raise ConfigError(f"Sample prompts file {path} has {len(prompts)} prompts; at most {MAX_PROMPTS}.")
+        raise ConfigError(f"{what} {path} has no prompts (one prompt per line).")
+    if len(prompts) > max_prompts:
+        raise ConfigError(f"{what} {path} has {len(prompts)} prompts; at most {max_prompts}.")
     return prompts
