@@ -46,13 +46,34 @@ def _train_overrides(a: argparse.Namespace) -> dict:
     return o
 
 
-def cmd_train(a: argparse.Namespace) -> int:
-    from moas.config import load_config
+def _config(a: argparse.Namespace):
+    """The resolved config and, when no profile was named, the machine's profile choice (with its reason).
 
-    cfg = load_config(a.profile, a.config, _train_overrides(a))
+    A profile named by --profile or MOAS_PROFILE (.env included) always wins over the machine's."""
+    from moas.config import deep_merge, load_config, load_dotenv_file
+
+    load_dotenv_file()
+    choice = None
+    if not a.profile and not os.environ.get("MOAS_PROFILE"):
+        from moas.device import detect_profile
+
+        choice = detect_profile()
+    overrides = _train_overrides(a)
+    if choice is not None:
+        overrides = deep_merge(choice.overrides, overrides)  # --device still wins
+    cfg = load_config(choice.profile if choice else a.profile, a.config, overrides)
+    return cfg, choice
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    cfg, choice = _config(a)
     if a.dry_run:
+        if choice is not None:
+            print(f"# {choice.notice()}")
         print(cfg.to_toml())
         return 0
+    if choice is not None:
+        print(f"moas: {choice.notice()}", file=sys.stderr)
     from moas.doctor import run_checks
     from moas.monitor.logs import setup_logging
     from moas.train.distributed import context_from_env, shutdown_distributed
@@ -300,11 +321,12 @@ def cmd_download(a: argparse.Namespace) -> int:
 
 
 def cmd_tune(a: argparse.Namespace) -> int:
-    from moas.config import load_config
     from moas.monitor.logs import setup_logging
     from moas.train.hpo import results_table, tune
 
-    cfg = load_config(a.profile, a.config, _train_overrides(a))
+    cfg, choice = _config(a)
+    if choice is not None:
+        print(f"moas: {choice.notice()}", file=sys.stderr)
     setup_logging(cfg.train.log_dir, a.verbose)
     opt = tune(cfg, a.trials, a.budget_minutes, a.steps, a.out, a.best_config, a.seed or 0, progress=False)
     print(results_table(opt))
@@ -313,13 +335,12 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 
 def cmd_doctor(a: argparse.Namespace) -> int:
-    from moas.config import load_config
-    from moas.doctor import format_table, run_checks
+    from moas.doctor import format_table, profile_check, run_checks
     from moas.monitor.logs import setup_logging
 
-    cfg = load_config(a.profile, a.config, _train_overrides(a))
+    cfg, choice = _config(a)
     setup_logging(cfg.train.log_dir, a.verbose)
-    results = run_checks(cfg)
+    results = [profile_check(cfg, choice), *run_checks(cfg)]
     print(format_table(results))
     return 1 if any(c.status == "fail" for c in results) else 0
 

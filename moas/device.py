@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -67,3 +68,54 @@ def hardware_name(device: torch.device) -> str:
     if device.type == "mps":
         return f"Apple GPU (mps), {cpu_name()}"
     return f"{cpu_name()}, {os.cpu_count()} cores (CPU)"
+
+
+# The rtx3060_12gb profile is sized for a 12 GB card with about 0.6 GB reserved; below this, the small
+# profile is the one that fits.
+GPU_PROFILE_MIN_GB = 10.0
+PROFILE_NAMES = ("cpu_tiny", "rtx3060_12gb", "original")
+
+
+@dataclass(frozen=True)
+class ProfileChoice:
+    """The hardware profile a run without ``--profile`` gets, why, and the device it puts the run on."""
+
+    profile: str
+    reason: str
+    overrides: dict = field(default_factory=dict)  # config values on top of the profile (the device)
+
+    def notice(self) -> str:
+        others = "|".join(p for p in PROFILE_NAMES if p != self.profile)
+        return (
+            f"No --profile given: {self.reason}, so this run uses the {self.profile} profile "
+            f"(choose another with --profile {others})."
+        )
+
+
+def choose_profile(cuda_gb: float | None, cuda_name: str = "", mps: bool = False) -> ProfileChoice:
+    """The profile for a machine: ``cuda_gb`` is the first CUDA GPU's memory (None: no CUDA GPU)."""
+    if cuda_gb is not None and cuda_gb >= GPU_PROFILE_MIN_GB:
+        return ProfileChoice("rtx3060_12gb", f"found {cuda_name} with {cuda_gb:.0f} GB")
+    if cuda_gb is not None:
+        return ProfileChoice(
+            "cpu_tiny",
+            f"found {cuda_name} with {cuda_gb:.1f} GB, under the {GPU_PROFILE_MIN_GB:.0f} GB the "
+            "rtx3060_12gb profile needs; the small model trains on that GPU",
+            {"resources": {"device": "cuda"}},
+        )
+    if mps:
+        return ProfileChoice(
+            "cpu_tiny",
+            "found an Apple GPU (mps) and no CUDA GPU; the small model trains on it",
+            {"resources": {"device": "mps"}},
+        )
+    return ProfileChoice("cpu_tiny", "no CUDA GPU found; the 32-px demo-sized model trains on the CPU")
+
+
+def detect_profile() -> ProfileChoice:
+    """``choose_profile`` for this machine."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return choose_profile(props.total_memory / 2**30, props.name)
+    mps = getattr(torch.backends, "mps", None)
+    return choose_profile(None, mps=bool(mps and mps.is_available()))

@@ -20,6 +20,7 @@ import psutil
 import torch
 
 from moas.config import MoasConfig
+from moas.device import ProfileChoice
 from moas.errors import MoasError
 
 diag = logging.getLogger("moas.diagnosis")
@@ -126,6 +127,19 @@ CHECKS: tuple[Callable[[MoasConfig], Check], ...] = (
     _resume,
     _logging,
 )
+
+
+def profile_check(cfg: MoasConfig, choice: ProfileChoice | None) -> Check:
+    """Which profile the run gets and why; a warning when a CUDA GPU sits idle under a CPU profile."""
+    why = choice.reason if choice is not None else "chosen with --profile or MOAS_PROFILE"
+    if cfg.resources.device == "cpu" and torch.cuda.is_available():
+        return Check(
+            "profile",
+            "warn",
+            f"{cfg.profile} ({why}) trains on the CPU although a CUDA GPU is present; "
+            "use --profile rtx3060_12gb or --device cuda",
+        )
+    return Check("profile", "ok", f"{cfg.profile} ({why}), device {cfg.resources.device}")
 
 
 def run_checks(cfg: MoasConfig, quick: bool = False) -> list[Check]:
