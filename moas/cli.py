@@ -65,12 +65,40 @@ def _config(a: argparse.Namespace):
     return cfg, choice
 
 
+def _plans_text(cfg) -> str:
+    """The dry-run's plans as TOML comments (the printed config stays a valid --config file)."""
+    from moas.train.plans import memory_plan
+
+    if cfg.resources.device == "cpu":
+        text = "memory plan: none needed, this profile trains on the CPU (RAM is checked at start)"
+    else:
+        text = memory_plan(cfg).describe() + "\n  (the run applies this plan when it starts on a CUDA GPU)"
+    return "\n".join(f"# {line}" for line in text.splitlines())
+
+
+def _plan_for_gpu(cfg):
+    """On a CUDA GPU: the memory plan applied (micro-batch, accumulation, checkpointing, enhancer batch)."""
+    from moas.device import resolve_device
+
+    if resolve_device(cfg.resources.device).type != "cuda":
+        return cfg
+    from moas.train.plans import apply_memory_plan, memory_plan
+
+    plan = memory_plan(cfg)
+    for line in plan.describe().splitlines():
+        log.info(line)
+    if not plan.fits:
+        log.warning("The memory plan exceeds resources.max_vram_gb; out-of-memory recovery will step down.")
+    return apply_memory_plan(cfg, plan)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     cfg, choice = _config(a)
     if a.dry_run:
         if choice is not None:
             print(f"# {choice.notice()}")
         print(cfg.to_toml())
+        print(_plans_text(cfg))
         return 0
     if choice is not None:
         print(f"moas: {choice.notice()}", file=sys.stderr)
@@ -87,6 +115,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         read_sample_prompts(cfg.monitor.sample_prompts)
     if main_rank:
         run_checks(cfg, quick=True)  # writes logs/diagnosis.log; problems are warnings here
+    cfg = _plan_for_gpu(cfg)
     # tqdm bars redraw with carriage returns, so they only go to a terminal; a log file gets the
     # dashboard's plain lines instead.
     tty = sys.stderr.isatty()

@@ -36,13 +36,21 @@ LAYERS = {
     "train": 5,
     "studio": 6,
     "doctor": 6,
+    "webui": 6,  # the web UI: only moas.cli imports it
     "cli": 7,
     "cli_args": 7,
     "__main__": 7,
     "__init__": 0,
 }
 # Builders and commands: the only modules that may take the whole MoasConfig.
-CONFIG_READERS = {"moas.config", "moas.cli", "moas.doctor", "moas.train.builders", "moas.train.hpo"}
+CONFIG_READERS = {
+    "moas.config",
+    "moas.cli",
+    "moas.doctor",
+    "moas.train.builders",
+    "moas.train.hpo",
+    "moas.train.plans",
+}
 
 
 def modules() -> dict[str, Path]:
@@ -131,6 +139,16 @@ def test_every_import_points_down_or_sideways():
     assert all(m.split(".")[1] in LAYERS for m in graph if m.count(".")), "a module outside LAYERS"
     upward = [f"{a} -> {b}" for a, deps in graph.items() for b in deps if layer(b) > layer(a)]
     assert not upward, upward
+
+
+def test_only_the_cli_imports_the_web_ui():
+    """Gradio is an optional extra: nothing but the ``moas webui`` command may pull it in."""
+    importers = {
+        a
+        for a, deps in import_graph().items()
+        if not a.startswith("moas.webui") and any(b.startswith("moas.webui") for b in deps)
+    }
+    assert importers <= {"moas.cli"}, sorted(importers)
 
 
 def test_files_and_functions_stay_small():

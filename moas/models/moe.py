@@ -169,7 +169,7 @@ class EnhancedMoE(nn.Module):
         self.success_rate.mul_(1 - STAT_ALPHA).add_(STAT_ALPHA * success.to(self.success_rate.device))
         self.load_sum += routing.mean(0).double()
         self.load_calls += 1
-        self.routing_history.append(routing.mean(0).float().cpu())
+        self.routing_history.append(routing.detach().mean(0).float())  # on the device: no sync per forward
         self.routing_calls += 1
 
     def recent_routing(self, since_call: int = 0) -> torch.Tensor:
@@ -177,13 +177,13 @@ class EnhancedMoE(nn.Module):
         n = min(len(self.routing_history), self.routing_calls - since_call)
         if n <= 0:
             return torch.empty(0, self.num_experts)
-        return torch.stack(list(self.routing_history)[-n:])
+        return torch.stack(list(self.routing_history)[-n:]).cpu()
 
     def mean_routing(self) -> torch.Tensor:
         """Mean routing weight per expert over the recorded history (uniform when there is none)."""
         if not self.routing_history:
             return torch.full((self.num_experts,), 1.0 / self.num_experts)
-        return torch.stack(list(self.routing_history)).mean(0)
+        return torch.stack(list(self.routing_history)).mean(0).cpu()
 
     def expert_stats(self) -> dict[str, dict[str, float]]:
         """Per-expert call_count, avg_time, success_rate and mean routing weight, by expert name."""

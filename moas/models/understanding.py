@@ -68,7 +68,8 @@ class EmotionalArtisticUnderstanding(nn.Module):
         artistic = self.artistic_fusion(torch.cat([style, *elements], -1))  # (B, 768)
         # The emotion scores are concatenated to the embedding and mapped into the visual representation.
         visual = self.emotion_to_visual(torch.cat([emotion, scores], -1))  # (B, 768)
-        self.score_history.append(scores.detach().float().mean(0).cpu())
+        # Kept on the device: a .cpu() here would wait for the GPU on every forward; readers move them.
+        self.score_history.append(scores.detach().float().mean(0))
         return {"emotion_embedding": visual, "emotion_scores": scores, "artistic": artistic}
 
 

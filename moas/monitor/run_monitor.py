@@ -175,7 +175,7 @@ class RunMonitor:
         if emotion is not None and emotion.score_history:
             from moas.models.understanding import EMOTIONS
 
-            scores = torch.stack(list(emotion.score_history))  # (N, 10)
+            scores = torch.stack(list(emotion.score_history)).cpu()  # (N, 10)
             for i, name in enumerate(EMOTIONS):
                 self.writer.add_histogram(f"emotion/{name}", scores[:, i], step)
                 self.writer.add_scalar(f"emotion_mean/{name}", float(scores[:, i].mean()), step)

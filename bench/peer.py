@@ -1,0 +1,207 @@
+"""moas's trainer against a plain diffusers-example-style loop on the same U-Net, and the model FLOP
+utilisation of both against this machine's measured matmul peak.
+
+    python bench/peer.py                  # writes bench/peer.json
+    python bench/peer.py --steps 20 --rounds 2
+
+Both train the ``cpu_tiny`` U-Net with text conditioning (``--conditioning text``; the enhancer off, as it
+is another network) on the demo data at the same batch, fp32, the same threads:
+
+* **moas**: ``moas.train.loop.train`` as ``moas train`` runs it — its DataLoader, the text bank, the
+  diffusion objective with Min-SNR weighting, gradient clipping, AMSGrad AdamW, the lr schedule, EMA, the
+  NaN/Inf guard and its TensorBoard logging every step. Steps/s from the wall time between the logged
+  steps (the run's set-up and final save excluded); no checkpoint, validation or sample grid falls inside.
+* **peer**: what the diffusers text-to-image example does per step, with everything precomputed: images
+  and token embeddings in memory, a linear projection of the tokens into cross-attention (the example's
+  frozen text encoder costs nothing extra either), ``DDPMScheduler.add_noise``, the v-prediction target,
+  plain MSE, AdamW and an EMA update.
+
+Rounds alternate (moas, peer, moas, peer…) in one process, so a change of machine load hits both. The
+ratio is moas's images/s over the peer's. MFU: FLOPs of one training step of the U-Net
+(``torch.utils.flop_counter``) × steps/s ÷ the peak of a 4096² fp32 matmul measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
+
+from moas.config import load_config  # noqa: E402
+from moas.data.dataset import to_model_range  # noqa: E402
+from moas.data.synthetic import generate_demo_dataset  # noqa: E402
+from moas.device import cpu_name  # noqa: E402
+from moas.diffusion.schedule import make_train_scheduler  # noqa: E402
+from moas.text.encoder import TextEncoder  # noqa: E402
+from moas.text.inputs import caption_inputs  # noqa: E402
+from moas.train.builders import build_dataset, generator_args  # noqa: E402
+from moas.train.loop import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def matmul_peak(threads: int, n: int = 4096, reps: int = 5) -> float:
+    """FLOP/s of a dense fp32 n×n matmul, the best of ``reps``."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def bench_config(data_dir: Path, work: Path, steps: int):
+    overrides = {
+        "data": {"data_dir": str(data_dir)},
+        "brain": {"conditioning": "text"},
+        "enhance": {"train": False},
+        "train": {
+            "epochs": 1000,
+            "max_steps": steps,
+            "save_every": 1000,
+            "sample_every": 0,
+            "checkpoint_dir": str(work / "ckpt"),
+            "save_path": str(work / "models" / "m.safetensors"),
+            "run_dir": str(work / "runs"),
+            "log_dir": str(work / "logs"),
+        },
+        "monitor": {"val_fraction": 0.0, "select_best": False},
+    }
+    return load_config("cpu_tiny", None, overrides, use_env=False)
+
+
+def moas_round(data_dir: Path, steps: int, skip: int) -> float:
+    """Images/s of ``steps`` optimizer steps of moas's trainer (the first ``skip`` are warm-up)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = bench_config(data_dir, Path(tmp), steps)
+        train(cfg, progress=False, dashboard=False)
+        ea = EventAccumulator(str(next((Path(tmp) / "runs").iterdir())))
+        ea.Reload()
+        ev = ea.Scalars("loss/total")
+        per_step = (ev[-1].wall_time - ev[skip].wall_time) / (ev[-1].step - ev[skip].step)
+        return cfg.train.batch_size / per_step
+
+
+class Peer:
+    """The diffusers example's training step on precomputed images and token embeddings."""
+
+    def __init__(self, cfg, data_dir: Path) -> None:
+        self.cfg = cfg
+        dataset = build_dataset(cfg, str(data_dir), progress=False)
+        self.images = torch.stack([to_model_range(dataset[i]["pixels"]) for i in range(len(dataset))])
+        enc = TextEncoder(cfg.text.model_name, max_tokens=cfg.text.max_tokens)
+        text = caption_inputs(enc, dataset.captions(), "cpu")
+        self.tokens, self.mask = text["tokens"], text["mask"]
+        m = generator_args(cfg)["model"]
+        from moas.models.unet import DiffusionModel
+
+        ref = DiffusionModel(cfg.data.resolution, m["block_channels"], m["cross_attention"], m["layers_per_block"],
+                             m["attention_head_dim"], patch_size=m["patch_size"])  # fmt: skip
+        self.patch = m["patch_size"]
+        self.unet = UNet2DConditionModel.from_config(ref.unet.config)
+        self.proj = torch.nn.Linear(self.tokens.shape[-1], self.unet.config.cross_attention_dim)
+        params = list(self.unet.parameters()) + list(self.proj.parameters())
+        self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.ema = [p.detach().clone() for p in params]
+        self.params = params
+        self.sched = DDPMScheduler.from_config(make_train_scheduler(cfg.diffusion).config)
+        self.batch = cfg.train.batch_size
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        x0 = self.images[idx]
+        if self.patch > 1:
+            x0 = torch.nn.functional.pixel_unshuffle(x0, self.patch)
+        noise = torch.randn(x0.shape, generator=self.gen)
+        t = torch.randint(0, self.sched.config.num_train_timesteps, (len(idx),), generator=self.gen)
+        noisy = self.sched.add_noise(x0, noise, t)
+        ctx = self.proj(self.tokens[idx])
+        pooled = (ctx * self.mask[idx, :, None]).sum(1) / self.mask[idx].sum(1, keepdim=True).clamp(min=1)
+        pred = self.unet(noisy, t, ctx, class_labels=pooled, encoder_attention_mask=self.mask[idx]).sample
+        return torch.nn.functional.mse_loss(pred, self.sched.get_velocity(x0, noise, t))
+
+    def step(self) -> None:
+        idx = torch.randint(0, len(self.images), (self.batch,), generator=self.gen)
+        loss = self.forward_loss(idx)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.cfg.train.ema_decay)
+
+    def images_per_sec(self, steps: int, skip: int) -> float:
+        for _ in range(skip):
+            self.step()
+        t = time.perf_counter()
+        for _ in range(steps - skip):
+            self.step()
+        return self.batch * (steps - skip) / (time.perf_counter() - t)
+
+    def step_flops(self) -> int:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        idx = torch.arange(self.batch) % len(self.images)
+        with FlopCounterMode(display=False) as fc:
+            self.forward_loss(idx).backward()
+        self.opt.zero_grad(set_to_none=True)
+        return fc.get_total_flops()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=24, help="optimizer steps per round")
+    ap.add_argument("--skip", type=int, default=4, help="warm-up steps not timed")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--n_images", type=int, default=400)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "peer.json"))
+    a = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "demo"
+        generate_demo_dataset(data, n_images=a.n_images, size=32, seed=0, progress=False)
+        cfg = bench_config(data / "train", Path(tmp), a.steps)
+        torch.set_num_threads(cfg.resources.cpu_threads)
+        threads = torch.get_num_threads()
+        peer = Peer(cfg, data / "train")
+        moas_ips, peer_ips = [], []
+        for r in range(a.rounds):
+            moas_ips.append(moas_round(data / "train", a.steps, a.skip))
+            torch.set_num_threads(threads)
+            peer_ips.append(peer.images_per_sec(a.steps, a.skip))
+            print(f"round {r + 1}: moas {moas_ips[-1]:.2f} img/s, peer {peer_ips[-1]:.2f} img/s", flush=True)
+        flops = peer.step_flops()
+    peak = matmul_peak(threads)
+    m, p = statistics.median(moas_ips), statistics.median(peer_ips)
+    result = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {threads} threads",
+        "batch": cfg.train.batch_size,
+        "resolution": cfg.data.resolution,
+        "moas_images_per_sec": [round(v, 3) for v in moas_ips],
+        "peer_images_per_sec": [round(v, 3) for v in peer_ips],
+        "ratio_moas_over_peer": round(m / p, 3),
+        "unet_step_gflop": round(flops / 1e9, 2),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "mfu_moas": round(flops * m / cfg.train.batch_size / peak, 4),
+        "mfu_peer": round(flops * p / cfg.train.batch_size / peak, 4),
+    }
+    print(json.dumps(result, indent=2))
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""A memory plan before the first step: predicted peak accelerator memory, and the micro-batch,
+accumulation and gradient checkpointing that fit a budget while keeping the effective batch.
+
+The peak of a training step is the training state (weights, gradients, AdamW/AMSGrad moments, the EMA copy,
+the side networks' states, autocast's low-precision weight copies) plus what the forward keeps for the
+backward, plus the backward's own working set. The kept activations are *traced*, not guessed: one forward
+runs on the meta device (shapes only, no memory, a fraction of a second even at 300 M parameters) under a
+saved-tensors hook that adds up every tensor autograd keeps. Attention is traced as the fused kernels run
+it on a GPU (query, key, value, output and the log-sum-exp; not the full attention matrix). The backward's
+working set is a measured multiple of the kept activations (``BACKWARD_FACTOR``, calibrated on the CPU
+against allocator peaks; ``bench/memory_plan.py`` re-measures it and the predictor's error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+GB = 1024**3
+# Peak of a step ≈ state (gradients included) + BACKWARD_FACTOR × traced kept activations: gradients are
+# allocated while the backward frees activations, so the two never peak together (bench/memory_plan.py).
+BACKWARD_FACTOR = 0.85
+# Allocator overhead: fragmentation and the CUDA context, as a share of the budget kept free.
+RESERVE_FRACTION = 0.05
+# Below this micro-batch a GPU step is launch-bound; gradient checkpointing is preferred to going lower.
+MIN_EFFICIENT_MICRO_BATCH = 4
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@contextmanager
+def _fused_attention_shapes():
+    """On the meta device, attention without dropout as the fused GPU kernels keep it for the backward."""
+    real = F.scaled_dot_product_attention
+
+    class Fused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+            lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):  # never run: the trace stops after the forward
+            raise NotImplementedError
+
+    def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        if q.device.type != "meta" or dropout_p > 0:
+            return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+        return Fused.apply(q, k, v)
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+def traced_activation_bytes(forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of every tensor autograd keeps for the backward of ``forward()`` (views counted once, the
+    trained weights not at all: they are state)."""
+    kept: dict[int, int] = {}
+    hold: list[torch.Tensor] = []  # keeps ids unique while tracing
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        if not (base.is_leaf and base.requires_grad):
+            kept[id(base)] = _tensor_bytes(base)
+            hold.append(base)
+        return t
+
+    with _fused_attention_shapes(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    hold.clear()
+    return sum(kept.values())
+
+
+@dataclass
+class StateBytes:
+    """Training state that lives for the whole run (bytes)."""
+
+    weights: int  # the generator's fp32 weights
+    grads: int  # their gradients
+    optimizer: int  # AdamW moments (three tensors per weight with AMSGrad)
+    ema: int  # the EMA copy
+    side: int  # discriminator and enhancer: weights, gradients, moments
+    cast_weights: int = 0  # autocast's low-precision copies of the weights
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.ema + self.side + self.cast_weights
+
+
+def state_bytes(
+    model: torch.nn.Module, side: list[torch.nn.Module], amsgrad: bool, amp_bytes: int | None
+) -> StateBytes:
+    """The state of ``model`` (+ ``side`` networks, AMSGrad) trained with autocast to ``amp_bytes``-byte
+    floats (None: fp32)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    w = sum(_tensor_bytes(p) for p in model.parameters())
+    g = sum(_tensor_bytes(p) for p in params)
+    side_w = sum(_tensor_bytes(p) for m in side for p in m.parameters())
+    cast = sum(p.numel() for p in params) * amp_bytes if amp_bytes else 0
+    return StateBytes(w, g, (3 if amsgrad else 2) * g, w, side_w * (2 + 3), cast)
+
+
+@dataclass
+class MemoryPlan:
+    budget: int
+    micro_batch: int
+    grad_accum: int
+    checkpointing: bool
+    enhance_batch: int
+    state: StateBytes
+    activations: int  # traced kept activations of one micro-batch
+    step_peak: int  # the generator step's predicted peak
+    enhancer_peak: int  # the enhancer step's predicted peak (0 without an enhancer)
+    fits: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return max(self.step_peak, self.enhancer_peak)
+
+    def describe(self) -> str:
+        s = self.state
+        lines = [
+            f"memory plan: predicted peak {self.peak / GB:.2f} GB of the {self.budget / GB:.1f} GB budget"
+            + ("" if self.fits else " — DOES NOT FIT"),
+            f"  state {s.total / GB:.2f} GB: weights {s.weights / GB:.2f}, gradients {s.grads / GB:.2f}, "
+            f"optimizer {s.optimizer / GB:.2f}, EMA {s.ema / GB:.2f}, side networks {s.side / GB:.2f}, "
+            f"autocast copies {s.cast_weights / GB:.2f}",
+            f"  generator step: micro-batch {self.micro_batch} × accumulation {self.grad_accum}, gradient "
+            f"checkpointing {'on' if self.checkpointing else 'off'}: activations "
+            f"{self.activations / GB:.2f} GB, peak {self.step_peak / GB:.2f} GB",
+        ]
+        if self.enhancer_peak:
+            lines.append(
+                f"  enhancer step: {self.enhance_batch} pairs, peak {self.enhancer_peak / GB:.2f} GB"
+            )
+        return "\n".join(lines + [f"  {n}" for n in self.notes])
+
+
+def _micro_batches(batch_size: int, effective: int, min_batch: int) -> list[int]:
+    """Candidate micro-batches, largest first: divisors of the effective batch up to ``batch_size``."""
+    found = [m for m in range(min(batch_size, effective), min_batch - 1, -1) if effective % m == 0]
+    return found or [max(min_batch, 1)]
+
+
+def plan_memory(
+    budget: int,
+    state: StateBytes,
+    activations: Callable[[int, bool], int],
+    batch_size: int,
+    grad_accum: int,
+    min_batch: int = 1,
+    checkpointing: str | bool = "auto",
+    enhancer: Callable[[int], int] | None = None,
+    enhance_batch: int = 0,
+) -> MemoryPlan:
+    """The largest micro-batch (a divisor of the effective batch ``batch_size × grad_accum``) whose step fits
+    ``budget``, first without gradient checkpointing, then with it (``checkpointing`` "auto"; True/False
+    force it); the enhancer's batch halves until its step fits. ``activations(m, ckpt)`` and
+    ``enhancer(b)`` return traced kept-activation bytes."""
+    usable = int(budget * (1 - RESERVE_FRACTION))
+    effective = batch_size * grad_accum
+    modes = [False, True] if checkpointing == "auto" else [bool(checkpointing)]
+    options = []  # (micro-batch, checkpointing, activations, peak) of the largest fitting micro-batch per mode
+    for ckpt in modes:
+        for m in _micro_batches(batch_size, effective, min_batch):
+            act = activations(m, ckpt)
+            peak = state.total + int(BACKWARD_FACTOR * act)
+            if peak <= usable:
+                break
+        options.append((m, ckpt, act, peak))
+    # Recomputing the forward costs about a third more compute; a small micro-batch costs utilisation.
+    # Without checkpointing while its micro-batch keeps the GPU busy, else with it.
+    plain = options[0]
+    fits_plain = plain[3] <= usable and (plain[0] >= MIN_EFFICIENT_MICRO_BATCH or plain[0] == batch_size)
+    choice = plain if fits_plain or len(options) == 1 else options[1]
+    notes: list[str] = []
+    m, ckpt, act, peak = choice
+    if m < batch_size:
+        notes.append(
+            f"micro-batch {batch_size} does not fit; {m} × {effective // m} keeps the effective batch of {effective}"
+        )
+    enh_peak, eb = 0, enhance_batch
+    if enhancer is not None and enhance_batch:
+        while True:
+            enh_peak = state.total + int(BACKWARD_FACTOR * enhancer(eb))
+            if enh_peak <= usable or eb == 1:
+                break
+            eb //= 2
+        if eb < enhance_batch:
+            notes.append(f"enhancer pairs per step lowered from {enhance_batch} to {eb} to fit")
+    fits = peak <= usable and (enh_peak <= usable)
+    if not fits:
+        notes.append("even the smallest settings exceed the budget: lower data.resolution or the model size")
+    return MemoryPlan(budget, m, effective // m, ckpt, eb, state, act, peak, enh_peak, fits, notes)

@@ -1,0 +1,115 @@
+"""The run's plans from its resolved config, before anything is allocated: the memory plan (what the step
+will take on the accelerator, and the micro-batch / accumulation / checkpointing that fit) for
+``moas train --dry-run`` and the start of a CUDA run.
+
+Everything is built on the meta device, so a 300 M-parameter profile is planned in about a second on a
+machine without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from moas.config import MoasConfig
+from moas.data.buckets import make_buckets
+from moas.models.discriminator import AnimeStyleDiscriminator
+from moas.models.enhance import QualityEnhancer
+from moas.models.generator import MoasGenerator
+from moas.text.encoder import HASH_ID, TextEncoder
+from moas.text.inputs import caption_inputs
+from moas.train.builders import generator_args, model_divisor
+from moas.train.memory_plan import GB, MemoryPlan, plan_memory, state_bytes, traced_activation_bytes
+
+# A long caption: the planned text length is the longest the encoder gives.
+_PLAN_CAPTION = ", ".join(f"tag{i} word" for i in range(64))
+
+
+def amp_bytes(cfg: MoasConfig) -> int | None:
+    """Bytes per float under the run's autocast on a GPU (None: fp32)."""
+    return None if cfg.train.mixed_precision == "no" else 2
+
+
+def largest_side(cfg: MoasConfig) -> tuple[int, int]:
+    """(height, width) of the training bucket with the most pixels."""
+    d = cfg.data
+    if not d.bucketing:
+        return d.resolution, d.resolution
+    w, h = max(make_buckets(d.resolution, model_divisor(cfg)), key=lambda wh: wh[0] * wh[1])
+    return h, w
+
+
+def _text(cfg: MoasConfig, batch: int) -> dict[str, torch.Tensor]:
+    enc = TextEncoder(require_id=HASH_ID, max_tokens=cfg.text.max_tokens)
+    one = caption_inputs(enc, [_PLAN_CAPTION], "cpu")
+    return {k: v.expand(batch, *v.shape[1:]).to("meta") for k, v in one.items()}
+
+
+def _generator_activations(cfg: MoasConfig, model: MoasGenerator, batch: int, ckpt: bool) -> int:
+    h, w = largest_side(cfg)
+    dtype = next(model.parameters()).dtype  # the activations' dtype: bf16 stands for autocast
+    unet = model.unet.unet
+    if ckpt:
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
+    model.train()
+    x = torch.empty(batch, 3, h, w, device="meta", dtype=dtype)
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    text = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _text(cfg, batch).items()}
+
+    def forward() -> torch.Tensor:
+        out = model(x, t, text)
+        return out.pred.float().square().mean()
+
+    return traced_activation_bytes(forward)
+
+
+def _enhancer_activations(cfg: MoasConfig, enhancer: QualityEnhancer, batch: int) -> int:
+    side = cfg.data.resolution * cfg.enhance.scale
+    lr = torch.empty(batch, 3, side // 2, side // 2, device="meta")
+    hr = torch.empty(batch, 3, side, side, device="meta")
+
+    def forward() -> torch.Tensor:
+        up = enhancer.upscale(lr, (side, side), "full")
+        full = enhancer.refine(up, "full")
+        return (up - hr).square().mean() + (full - hr).square().mean()
+
+    return traced_activation_bytes(forward)
+
+
+def memory_plan(cfg: MoasConfig, budget_gb: float | None = None) -> MemoryPlan:
+    """The memory plan of ``cfg`` on a GPU with ``budget_gb`` (default ``resources.max_vram_gb``)."""
+    tc = cfg.train
+    with torch.device("meta"):
+        model = MoasGenerator(**generator_args(cfg)).to(torch.bfloat16 if amp_bytes(cfg) else torch.float32)
+        state_model = MoasGenerator(**generator_args(cfg))  # fp32 master weights
+        enhancer = None
+        if cfg.enhance.train:
+            ec = cfg.enhance
+            enhancer = QualityEnhancer(ec.width, ec.sr_channels, ec.sr_blocks)
+        disc = AnimeStyleDiscriminator(cfg.losses.disc_base_channels) if cfg.losses.adversarial else None
+    side = [m for m in (enhancer, disc) if m is not None]
+    state = state_bytes(state_model, side, tc.amsgrad, amp_bytes(cfg))
+    budget = int((cfg.resources.max_vram_gb if budget_gb is None else budget_gb) * GB)
+    return plan_memory(
+        budget,
+        state,
+        lambda m, ckpt: _generator_activations(cfg, model, m, ckpt),
+        tc.batch_size,
+        tc.grad_accum_steps,
+        tc.min_batch_size,
+        getattr(tc, "gradient_checkpointing", "auto"),
+        (lambda b: _enhancer_activations(cfg, enhancer, b)) if enhancer is not None else None,
+        cfg.enhance.batch_size if enhancer is not None else 0,
+    )
+
+
+def apply_memory_plan(cfg: MoasConfig, plan: MemoryPlan) -> MoasConfig:
+    """``cfg`` with the plan's micro-batch, accumulation and enhancer batch (the effective batch kept)."""
+    train = replace(cfg.train, batch_size=plan.micro_batch, grad_accum_steps=plan.grad_accum)
+    if hasattr(train, "gradient_checkpointing"):
+        train = replace(train, gradient_checkpointing=plan.checkpointing)
+    enhance = replace(cfg.enhance, batch_size=plan.enhance_batch or cfg.enhance.batch_size)
+    return replace(cfg, train=train, enhance=enhance)
