@@ -7,6 +7,8 @@ same format.
 
 Loading always uses ``torch.load(..., weights_only=True)``; nothing here ever unpickles arbitrary
 objects. To keep that possible, :func:`save_checkpoint` only accepts tensors and plain Python values.
+:func:`rewrite_checkpoint` shrinks a checkpoint in place (the training run's old ones), reading it
+memory-mapped.
 
 Sidecar rules when loading (``verify=True``): sidecar present and matching -> load; present but
 mismatching or unreadable -> :class:`~moas.errors.CheckpointError`; absent (e.g. a model file copied
@@ -23,6 +25,7 @@ import logging
 import os
 import pickle
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,33 @@ def validate_state(state: dict[str, Any]) -> None:
     _check_plain(state, "state", set())
 
 
+def _check_savable(state: dict[str, Any], meta: dict[str, Any]) -> None:
+    validate_state(state)
+    clash = SIDECAR_RESERVED & meta.keys()
+    if clash:
+        raise ValueError(f"checkpoint meta may not set reserved keys {sorted(clash)}")
+    try:  # checked before the (possibly slow) serialisation of the state
+        json.dumps(meta, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"checkpoint meta is not JSON-serialisable: {exc}") from exc
+
+
+def _serialise(state: dict[str, Any]) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save({**state, "moas_format": CHECKPOINT_FORMAT}, buf)
+    return buf
+
+
+def _write(target: Path, buf: io.BytesIO, meta: dict[str, Any]) -> Path:
+    # A memoryview of the buffer avoids copying a possibly multi-GB checkpoint once more.
+    with buf.getbuffer() as data:
+        try:
+            write_with_sidecar(target, data, CHECKPOINT_FORMAT, meta)
+        except OSError as exc:
+            raise CheckpointError(f"Could not write checkpoint {target}: {exc.strerror or exc}.") from exc
+    return target
+
+
 def save_checkpoint(
     path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, Any] | None = None
 ) -> Path:
@@ -88,26 +118,34 @@ def save_checkpoint(
     Raises TypeError for unsavable values (a bug) and CheckpointError when the file cannot be written.
     """
     target = Path(path)
-    validate_state(state)
     meta = dict(meta or {})
-    clash = SIDECAR_RESERVED & meta.keys()
-    if clash:
-        raise ValueError(f"checkpoint meta may not set reserved keys {sorted(clash)}")
-    try:  # checked before the (possibly slow) serialisation of the state
-        json.dumps(meta, sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"checkpoint meta is not JSON-serialisable: {exc}") from exc
+    _check_savable(state, meta)
     if target.is_dir():
         raise CheckpointError(f"Cannot save a checkpoint to {target} because it is a directory.")
-    buf = io.BytesIO()
-    torch.save({**state, "moas_format": CHECKPOINT_FORMAT}, buf)
-    # A memoryview of the buffer avoids copying a possibly multi-GB checkpoint once more.
-    with buf.getbuffer() as data:
-        try:
-            write_with_sidecar(target, data, CHECKPOINT_FORMAT, meta)
-        except OSError as exc:
-            raise CheckpointError(f"Could not write checkpoint {target}: {exc.strerror or exc}.") from exc
-    return target
+    return _write(target, _serialise(state), meta)
+
+
+def rewrite_checkpoint(
+    path: str | os.PathLike[str],
+    reduce: Callable[[dict[str, Any]], dict[str, Any]],
+    meta: dict[str, Any],
+) -> Path:
+    """Replace a verified checkpoint by ``reduce(its contents)``, atomically and with a new sidecar.
+
+    For shrinking old checkpoints (dropping the optimizer state, keeping bf16 weights): the file is read
+    once, memory-mapped, so only what ``reduce`` keeps is ever serialised in memory — never the whole file
+    twice. Raises CheckpointError when the file does not verify or cannot be read or written.
+    """
+    target = Path(path)
+    state = load_checkpoint_mapped(target)
+    kept = reduce(state)
+    del state
+    meta = dict(meta)
+    _check_savable(kept, meta)
+    buf = _serialise(kept)
+    # The last views of the mapped file go before it is replaced (Windows cannot replace a mapped file).
+    del kept
+    return _write(target, buf, meta)
 
 
 def checkpoint_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -176,7 +214,10 @@ def load_checkpoint(
         raise
     except Exception as exc:  # torch raises many types (RuntimeError, EOFError, UnpicklingError, ...)
         raise CheckpointError(_describe_load_failure(p, data, exc)) from exc
+    return _check_format(state, p)
 
+
+def _check_format(state: Any, p: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "moas_format" not in state:
         raise CheckpointError(f"{p} is not a moas checkpoint (it lacks the moas_format marker).")
     if state["moas_format"] != CHECKPOINT_FORMAT:
@@ -184,6 +225,30 @@ def load_checkpoint(
             f"{p} uses checkpoint format {state['moas_format']!r}, which this version of moas cannot read."
         )
     return state
+
+
+def load_checkpoint_mapped(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint whose sidecar matches it, memory-mapped (weights-only, on the CPU).
+
+    Its tensors stay in the file's pages (the OS page cache) until read, so a multi-GB checkpoint is not
+    copied into process memory; reading from the file while it is replaced is safe on POSIX only, hence
+    :func:`rewrite_checkpoint` drops them first. A missing or mismatching sidecar is a CheckpointError.
+    """
+    p = Path(path)
+    record = read_sidecar(p, CHECKPOINT_FORMAT)
+    if record is None or not matches_sidecar(p, record):
+        raise CheckpointError(
+            f"Checkpoint {p} is incomplete or corrupt (it does not match its record {sidecar_path(p).name})."
+        )
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # as in load_checkpoint; the first bytes tell a foreign file from a broken one
+        with open(p, "rb") as f:
+            head = f.read(4)
+        raise CheckpointError(_describe_load_failure(p, head, exc)) from exc
+    return _check_format(state, p)
 
 
 def epoch_checkpoint_name(epoch: int) -> str:

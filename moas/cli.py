@@ -67,12 +67,13 @@ def _config(a: argparse.Namespace):
 
 def _plans_text(cfg) -> str:
     """The dry-run's plans as TOML comments (the printed config stays a valid --config file)."""
-    from moas.train.plans import memory_plan
+    from moas.train.plans import disk_plan, memory_plan
 
     if cfg.resources.device == "cpu":
         text = "memory plan: none needed, this profile trains on the CPU (RAM is checked at start)"
     else:
         text = memory_plan(cfg).describe() + "\n  (the run applies this plan when it starts on a CUDA GPU)"
+    text += "\n" + disk_plan(cfg).describe()
     return "\n".join(f"# {line}" for line in text.splitlines())
 
 

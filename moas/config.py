@@ -152,6 +152,10 @@ class TrainConfig:
     save_every_steps: int = 0  # also write checkpoint_<step>.pt every N optimizer steps (0 = off)
     keep_last: int = 30  # epoch_*.pt (and checkpoint_*.pt) files kept; milestones are never deleted
     keep_optimizer_last: int = 3  # only the newest N epoch/step checkpoints keep optimizer state (0 = all)
+    # What the older ones keep (docs/training.md, "Checkpoint policy"): full | thinned (no optimizer
+    # state) | ema_bf16 (the EMA generator in bf16 + the enhancer: weights only, not resumable).
+    old_checkpoint: str = "thinned"
+    keep_emergency: int = 2  # emergency_*.pt (out of memory, crashes) kept; newer than the last save never go
     min_batch_size: int = 1  # out-of-memory recovery stops below this micro-batch (the original's 2)
     adaptive_lr: bool = False  # AdaptiveTrainingSystem: scale the lr from the recent loss curve
     adaptive_window: int = 10  # optimizer steps per AdaptiveTrainingSystem decision
@@ -167,6 +171,10 @@ class TrainConfig:
     panel_context: int = (
         2  # previous panels of a sequence (<stem>_p<N> files) fed to the memory expert; 0 = off
     )
+    # Speed switches of the U-Net (moas.train.speed); none changes what is computed beyond float rounding.
+    gradient_checkpointing: bool | str = "auto"  # true | false | auto (off unless the memory planner asks)
+    channels_last: bool | str = "auto"  # NHWC U-Net weights: true | false | auto (on for CUDA, off elsewhere)
+    compile: bool = False  # torch.compile the U-Net's forward (uncompiled, after one warning, if it fails)
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs must be at least 1")
@@ -189,10 +197,20 @@ class TrainConfig:
         _check(self.keep_last >= 1, "train.keep_last must be at least 1")
         _check(self.save_every_steps >= 0, "train.save_every_steps must be 0 or more")
         _check(self.keep_optimizer_last >= 0, "train.keep_optimizer_last must be 0 or more")
+        _check(
+            self.old_checkpoint in ("full", "thinned", "ema_bf16"),
+            "train.old_checkpoint must be full, thinned or ema_bf16",
+        )
+        _check(self.keep_emergency >= 0, "train.keep_emergency must be 0 or more")
         _check(self.min_batch_size >= 1, "train.min_batch_size must be at least 1")
         _check(self.adaptive_window >= 4, "train.adaptive_window must be at least 4")
         _check(self.max_steps >= 0, "train.max_steps must be 0 or more")
         _check(0 <= self.panel_context <= 8, "train.panel_context must be between 0 and 8")
+        for name in ("gradient_checkpointing", "channels_last"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() in ("true", "false"):  # MOAS_TRAIN_* variables
+                setattr(self, name, value.lower() == "true")
+            _check(getattr(self, name) in ("auto", True, False), f"train.{name} must be true, false or auto")
 
 
 @dataclass

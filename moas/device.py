@@ -38,9 +38,14 @@ def set_threads(cpu_threads: int) -> int:
 
 
 def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
-    """The autocast dtype: bf16 where supported, else fp16 (with a GradScaler); None = fp32 (CPU)."""
-    if device.type != "cuda" or mode == "no":
+    """The autocast dtype: bf16 where supported, else fp16 (with a GradScaler); None = fp32.
+
+    On the CPU ``auto`` means fp32, so the demo and its pinned numbers stay as they are; an explicit
+    ``bf16`` or ``fp16`` is honoured there, which lets the tests run the mixed-precision path without a GPU."""
+    if mode == "no" or device.type not in ("cuda", "cpu"):
         return None
+    if device.type == "cpu":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
     if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16

@@ -19,11 +19,23 @@ import pytest
 import torch
 
 from moas import io as moas_io
-from moas.checkpoint import epoch_checkpoint_name, load_checkpoint, save_checkpoint, verify_checkpoint
+from moas.checkpoint import (
+    checkpoint_record,
+    epoch_checkpoint_name,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from moas.errors import CheckpointError
 from moas.io import atomic_write_bytes, file_sha256, short_hash, sidecar_path
 from moas.train.rng import capture_rng_state, restore_rng_state
-from moas.train.rotation import find_latest_checkpoint, rotate_checkpoints
+from moas.train.rotation import (
+    contents_of,
+    find_latest_checkpoint,
+    reduce_old_checkpoints,
+    rotate_checkpoints,
+    rotate_emergency_checkpoints,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -363,3 +375,113 @@ def test_malformed_rng_state_raises_and_changes_nothing() -> None:
     assert random.getstate() == before  # validation happens before anything is applied
     with pytest.raises(ValueError):
         restore_rng_state({**good, "cuda": ["not a tensor"]})
+
+
+# --------------------------------------------------------------------------- reducing old checkpoints
+
+
+def _save_training_like(directory: Path, name: str, step: int) -> Path:
+    """A checkpoint shaped like the training loop's (weights, EMA, optimizer, enhancer), 10 steps an epoch."""
+    weights = {"w": torch.full((64,), float(step)), "buf": torch.arange(4, dtype=torch.float64)}
+    state = {
+        "kind": "epoch",
+        "epoch": step // 10,
+        "global_step": step,
+        "model": {k: v.clone() for k, v in weights.items()},
+        "ema": {"model": weights, "num_updates": step, "decay": 0.99},
+        "optimizer": {"state": {0: {"exp_avg": torch.zeros(64)}}, "param_groups": []},
+        "domain": {"enhancer": {"e": torch.ones(8)}, "enh_opt": {"state": {}}, "enh_steps": 1},
+        "rng": {"torch_cpu": torch.zeros(8, dtype=torch.uint8)},
+        "model_args": {"resolution": 16},
+        "config": {"enhance": {"width": 8}},
+        "text_encoder": "st:test",
+    }
+    return save_checkpoint(
+        directory / name, state, {"epoch": step // 10, "global_step": step, "kind": "epoch"}
+    )
+
+
+def test_old_checkpoints_are_reduced_to_bf16_ema_weights_read_memory_mapped(tmp_path, monkeypatch):
+    paths = [_save_training_like(tmp_path, epoch_checkpoint_name(e), 10 * e) for e in range(1, 5)]
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    assert reduce_old_checkpoints(tmp_path, keep_full=2, mode="ema_bf16") == [paths[1], paths[0]]
+    assert calls and all(c.get("weights_only") is True and c.get("mmap") is True for c in calls)
+    for p in paths[2:]:  # the newest two are untouched
+        assert verify_checkpoint(p) and "optimizer" in load_checkpoint(p)
+    for p, step in ((paths[0], 10), (paths[1], 20)):
+        record = checkpoint_record(p)
+        assert record["contents"] == "ema_bf16" and record["resumable"] is False
+        assert (record["epoch"], record["global_step"]) == (step // 10, step)
+        state = load_checkpoint(p)
+        assert set(state) == {
+            *("kind", "epoch", "global_step", "model_args", "config", "text_encoder", "ema", "domain"),
+            *("resumable", "contents", "moas_format"),
+        }
+        assert state["ema"]["model"]["w"].dtype == torch.bfloat16 and state["ema"]["num_updates"] == step
+        assert torch.equal(state["ema"]["model"]["w"].float(), torch.full((64,), float(step)))
+        assert state["ema"]["model"]["buf"].dtype == torch.float64  # only float32 tensors shrink
+        assert set(state["domain"]) == {"enhancer"}
+    assert find_latest_checkpoint(tmp_path) == paths[3]
+    assert reduce_old_checkpoints(tmp_path, keep_full=2, mode="ema_bf16") == []  # nothing left to reduce
+    for p in paths[2:]:
+        p.write_bytes(b"corrupt")
+    assert find_latest_checkpoint(tmp_path) is None  # weights-only files never resume
+    assert find_latest_checkpoint(tmp_path, resumable_only=False) == paths[1]
+
+
+def test_thinned_checkpoints_drop_every_optimizer_and_can_shrink_further(tmp_path):
+    old, new = (_save_training_like(tmp_path, epoch_checkpoint_name(e), 10 * e) for e in (1, 2))
+    assert reduce_old_checkpoints(tmp_path, keep_full=1, mode="thinned") == [old]
+    state = load_checkpoint(old)
+    assert "optimizer" not in state and "enh_opt" not in state["domain"] and "model" in state
+    assert state["ema"]["model"]["w"].dtype == torch.float32
+    assert checkpoint_record(old)["contents"] == "thinned"
+    assert reduce_old_checkpoints(tmp_path, keep_full=1, mode="full") == []
+    assert reduce_old_checkpoints(tmp_path, keep_full=0, mode="ema_bf16") == []  # 0: all keep their state
+    assert reduce_old_checkpoints(tmp_path, keep_full=1, mode="ema_bf16") == [old]
+    assert contents_of(checkpoint_record(old)) == "ema_bf16" and contents_of(checkpoint_record(new)) == "full"
+
+
+def test_a_corrupt_old_checkpoint_is_left_alone(tmp_path, caplog):
+    old, _new = (_save_training_like(tmp_path, epoch_checkpoint_name(e), 10 * e) for e in (1, 2))
+    data = bytearray(old.read_bytes())
+    data[-100] ^= 0xFF  # same size, wrong checksum
+    old.write_bytes(bytes(data))
+    assert reduce_old_checkpoints(tmp_path, keep_full=1, mode="ema_bf16") == []
+    assert "Not reducing" in caplog.text and "corrupt" in caplog.text
+    assert contents_of(checkpoint_record(old)) == "full"  # still the full checkpoint's record
+
+
+def test_emergency_checkpoints_keep_the_newest_and_those_after_the_last_save(tmp_path):
+    def emergency(step: int) -> Path:
+        return _save_training_like(tmp_path, f"emergency_oom_epoch_{step:04d}.pt", step)
+
+    em = {s: emergency(s) for s in (5, 12, 15, 25, 30)}
+    e1, e2 = (_save_training_like(tmp_path, epoch_checkpoint_name(e), 10 * e) for e in (1, 2))
+    # Newer than the newest epoch checkpoint (step 20): 25 and 30, kept even with keep=0.
+    assert sorted(rotate_emergency_checkpoints(tmp_path, keep=0)) == [em[5], em[12], em[15]]
+    assert {p.name for p in tmp_path.glob("emergency_*.pt")} == {em[25].name, em[30].name}
+    assert not sidecar_path(em[5]).exists()
+    e4 = _save_training_like(tmp_path, epoch_checkpoint_name(4), 40)
+    assert rotate_emergency_checkpoints(tmp_path, keep=2) == []  # the newest two
+    # Older than the newest two full checkpoints (steps 40 and 30), they shrink like the others.
+    assert reduce_old_checkpoints(tmp_path, keep_full=2, mode="ema_bf16") == [em[25], e2, e1]
+    assert {contents_of(checkpoint_record(p)) for p in (e4, em[30])} == {"full"}
+    assert rotate_emergency_checkpoints(tmp_path, keep=1) == [em[25]]
+    assert rotate_emergency_checkpoints(tmp_path / "missing", keep=1) == []
+
+
+def test_the_newest_epoch_checkpoint_stays_full_beside_newer_emergency_ones(tmp_path):
+    e1, e2 = (_save_training_like(tmp_path, epoch_checkpoint_name(e), 10 * e) for e in (1, 2))
+    for step in (25, 27):
+        _save_training_like(tmp_path, f"emergency_epoch_{step:04d}.pt", step)
+    assert reduce_old_checkpoints(tmp_path, keep_full=2, mode="ema_bf16") == [e1]
+    assert contents_of(checkpoint_record(e2)) == "full" and "optimizer" in load_checkpoint(e2)
+    assert rotate_emergency_checkpoints(tmp_path, keep=0) == []  # both newer than the last save

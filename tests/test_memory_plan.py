@@ -101,6 +101,8 @@ def test_dry_run_prints_the_plan(capsys, workdir):
     out = capsys.readouterr().out
     peak = float(re.search(r"# memory plan: predicted peak ([\d.]+) GB of the 11.4 GB budget", out).group(1))
     assert peak <= 11.4
+    disk = re.search(r"# Disk plan: 52 checkpoints over 260 epochs; at most ([\d.]+) GB of checkpoints", out)
+    assert float(disk.group(1)) <= 25.0
     assert main(["train", "--profile", "cpu_tiny", "--dry-run"]) == 0
     assert "memory plan: none needed" in capsys.readouterr().out
 

@@ -4,6 +4,10 @@ The network only does ``forward(x_t, t, context, context_mask, pooled) -> predic
 and sampling live in ``moas.diffusion``. ``patch_size`` > 1 folds p×p pixel patches into channels
 (pixel-unshuffle) before the U-Net and unfolds them after, which makes the full-resolution level p² times
 cheaper — the difference between minutes and hours on a 2-core CPU.
+
+Two switches change how the U-Net computes, not what: ``use_channels_last`` (NHWC weights and inputs, which
+cuDNN's convolutions run fastest in on tensor-core GPUs) and ``use_gradient_checkpointing`` (each block's
+activations are recomputed in the backward pass instead of stored: less memory for some more compute).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class DiffusionModel(nn.Module):
         if resolution % (patch_size * 2 ** (len(block_channels) - 1)):
             raise ValueError("resolution must be divisible by patch_size * 2**(levels - 1)")
         self.patch_size = patch_size
+        self.channels_last = False
         ch = in_channels * patch_size**2
         down = tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross_attention)
         up = tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross_attention))
@@ -52,6 +57,16 @@ class DiffusionModel(nn.Module):
             projection_class_embeddings_input_dim=cross_attention_dim,
         )
 
+    def use_channels_last(self, on: bool = True) -> None:
+        self.channels_last = on
+        self.unet.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+    def use_gradient_checkpointing(self, on: bool = True) -> None:
+        if on:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+
     def forward(
         self,
         x: torch.Tensor,  # (B, 3, H, W) noisy image in [-1, 1] scale
@@ -62,6 +77,8 @@ class DiffusionModel(nn.Module):
     ) -> torch.Tensor:
         p = self.patch_size
         h = F.pixel_unshuffle(x, p) if p > 1 else x  # (B, 3p², H/p, W/p)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         out = self.unet(
             h, t, encoder_hidden_states=context, encoder_attention_mask=context_mask, class_labels=pooled
         ).sample

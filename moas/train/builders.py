@@ -41,7 +41,7 @@ from moas.text.encoder import TextEncoder
 from moas.train.adaptive import AdaptiveTrainingSystem
 from moas.train.batches import steps_per_epoch
 from moas.train.continuous import AdvancedContinuousLearning
-from moas.train.disk import check_disk_space, checkpoint_size_estimate
+from moas.train.disk import SavePolicy, bytes_of, check_disk_space, plan_disk
 from moas.train.distributed import DistContext, init_distributed
 from moas.train.domain import DomainTraining
 from moas.train.ema import EMA
@@ -56,10 +56,12 @@ from moas.train.init_from import (
 from moas.train.inputs import TrainingInputs
 from moas.train.optim import adamw
 from moas.train.parts import LoopSettings, Runtime, TrainingData, TrainingParts
+from moas.train.precision import grad_scaler
 from moas.train.resume import find_resume, resume_state
-from moas.train.saving import CheckpointPolicy, RunRecord, milestone_epochs, model_paths
+from moas.train.saving import CheckpointPolicy, RunRecord, model_paths
 from moas.train.schedule import WarmupCosineRestarts
 from moas.train.sequences import PanelTraining
+from moas.train.speed import speed_up_unet
 from moas.train.state import TrainState
 
 log = logging.getLogger("moas.train.loop")
@@ -213,7 +215,7 @@ def build_plan(cfg: MoasConfig, dataset: ArtDataset, micro_batch: int, grad_accu
 
 
 def build_domain(
-    cfg: MoasConfig, dataset: ArtDataset, device: torch.device, mixed_precision: bool = False
+    cfg: MoasConfig, dataset: ArtDataset, device: torch.device, amp_dtype: torch.dtype | None = None
 ) -> DomainTraining:
     tc = cfg.train
     return DomainTraining(
@@ -226,7 +228,7 @@ def build_domain(
         term_clamp=tc.loss_clamp,
         max_grad_norm=tc.max_grad_norm,
         seed=tc.seed,
-        mixed_precision=mixed_precision,
+        amp_dtype=amp_dtype,
     )
 
 
@@ -337,6 +339,7 @@ def build_parts(
         load_base_weights(model, base, tc.init_from)
     continuous = build_continuous(cfg)
     ema = build_ema(cfg, model)
+    speed_up_unet(model, ema.model, device, tc.channels_last, tc.gradient_checkpointing, tc.compile)
     opt = build_optimizer(cfg, model)
     state = TrainState(
         micro_batch=min(tc.batch_size, max(1, len(data.dataset) // dist.world_size)),
@@ -354,8 +357,8 @@ def build_parts(
             "(too few images, or every sample weight is 0 — check multiply.txt files)."
         )
     sched = build_schedule(cfg, opt, steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp_dtype == torch.float16)
-    domain = build_domain(cfg, data.dataset, device, runtime.amp_dtype is not None)
+    scaler = grad_scaler(device, runtime.amp_dtype)
+    domain = build_domain(cfg, data.dataset, device, runtime.amp_dtype)
     if base is not None:
         log.info(
             "Starting from the weights of %s%s; optimizer, schedule and step count are new.",
@@ -386,10 +389,9 @@ def build_run_folder(
     """Rank 0: the disk check (before anything is written, so a disk too small leaves nothing behind),
     then the run folder — the previous one for a resumed run, so its TensorBoard curves continue."""
     tc, domain = cfg.train, parts.domain
-    side = [m for m in (domain.disc, domain.enhancer) if m is not None]
-    sizes = checkpoint_size_estimate(parts.model, side, tc.amsgrad)
-    args = (tc.epochs, tc.save_every, tc.keep_last, tc.keep_optimizer_last, len(policy.milestones))
-    check_disk_space(policy.directory, sizes, *args)
+    saves = SavePolicy.of(tc, policy.milestones)
+    nets = (bytes_of(parts.model), bytes_of(domain.enhancer), bytes_of(domain.disc))
+    check_disk_space(policy.directory, plan_disk(saves, *nets, amsgrad=tc.amsgrad))
     resumed_run = state.global_step > 0 and previous_run.name and previous_run.is_dir()
     run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
     (run_dir / "config.toml").write_text(cfg.to_toml())
@@ -450,9 +452,7 @@ def build_run(
 
         ids = [device.index] if device.type == "cuda" else None
         parts.ddp_model = DistributedDataParallel(model, device_ids=ids)
-    policy = CheckpointPolicy(
-        Path(tc.checkpoint_dir), tc.keep_last, tc.keep_optimizer_last, milestone_epochs(tc.epochs)
-    )
+    policy = CheckpointPolicy.of(tc)
     monitor, run_dir, paths = None, previous_run, model_paths(tc.save_path)
     if dist.is_main:
         run_dir = build_run_folder(cfg, data, parts, state, previous_run, policy)

@@ -9,12 +9,19 @@
                         resolution, alternating ×2 and ×4 pairs.
 Each returns per-term values for TensorBoard (``loss/<term>``, ``disc/*``, ``enhance/*``). ``state_dict``
 holds everything needed to resume; the model file takes the trained ``enhancer`` for generation.
+
+Under mixed precision the two side networks' forward passes run in autocast and each has its own GradScaler
+(``moas.train.precision``). Their steps come after the generator's has been applied, so an out-of-memory
+error in one is recovered on the spot: the step is redone on the same batch in more chunks
+(``moas.train.oom.retry_in_chunks``), and the chunk count is kept for the following steps.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -28,7 +35,9 @@ from moas.models.discriminator import AnimeStyleDiscriminator
 from moas.models.enhance import QualityEnhancer
 from moas.train.degrade import degrade
 from moas.train.distributed import all_ranks_agree, average_gradients
+from moas.train.oom import retry_in_chunks
 from moas.train.optim import adamw, discriminator_optimizer, load_optimizer_state
+from moas.train.precision import autocast_factory, grad_scaler, load_scaler_state, scaled_step
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +74,15 @@ class DomainTraining:
         term_clamp: float,
         max_grad_norm: float,
         seed: int,
-        mixed_precision: bool = False,
+        amp_dtype: torch.dtype | None = None,  # the autocast dtype (None = fp32)
     ) -> None:
         lc, ec = losses, enhance
         self.device = device
+        mixed_precision = amp_dtype is not None
+        self._autocast = autocast_factory(device, amp_dtype) or nullcontext
+        self.disc_scaler, self.enh_scaler = grad_scaler(device, amp_dtype), grad_scaler(device, amp_dtype)
+        # Pieces each side step's batch is cut into: more after an out-of-memory error.
+        self.disc_chunks = self.enh_chunks = 1
         self.domain_weight, self.low_noise_power = lc.domain_weight, lc.low_noise_power
         self.disc_warmup_steps, self.max_grad_norm = lc.disc_warmup_steps, max_grad_norm
         self.enhance_every, self.enhance_batch = ec.every, ec.batch_size
@@ -145,22 +159,43 @@ class DomainTraining:
 
     def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
         self.disc.train()
-        real_p, fake_p = self.disc(real.float()), self.disc(fake.float().clamp(-1, 1))
-        loss = discriminator_loss(real_p, fake_p)
-        if not all_ranks_agree(bool(torch.isfinite(loss))):
+        logs, self.disc_chunks = retry_in_chunks(
+            lambda k: self._discriminator_backward(real, fake, k),
+            self.disc_chunks,
+            real.shape[0],
+            self.device,
+            "discriminator",
+        )
+        if not all_ranks_agree(math.isfinite(logs["disc/loss"])):
             log.warning("Non-finite discriminator loss; its step is skipped.")
+            self.disc_opt.zero_grad(set_to_none=True)
             return {}
-        self.disc_opt.zero_grad(set_to_none=True)
-        loss.backward()
         average_gradients(self.disc.parameters())  # under DDP every rank keeps the same critic
-        torch.nn.utils.clip_grad_norm_(self.disc.parameters(), self.max_grad_norm)
-        self.disc_opt.step()
+        scaled_step(self.disc_scaler, self.disc_opt, list(self.disc.parameters()), self.max_grad_norm)
         self.disc_steps += 1
-        return {
-            "disc/loss": loss.item(),
-            "disc/real": real_p.mean().item(),
-            "disc/fake": fake_p.mean().item(),
-        }
+        return logs
+
+    def _discriminator_backward(
+        self, real: torch.Tensor, fake: torch.Tensor, chunks: int
+    ) -> dict[str, float]:
+        """The critic's loss and gradients, over ``chunks`` pieces of the batch (each weighted by its share,
+        so the gradients are the whole batch's); its TensorBoard scalars."""
+        self.disc_opt.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        for r, f in zip(real.tensor_split(chunks), fake.tensor_split(chunks), strict=True):
+            with self._autocast():
+                real_p, fake_p = self.disc(r.float()), self.disc(f.float().clamp(-1, 1))  # (b, 1) each
+            real_p, fake_p = real_p.float(), fake_p.float()
+            w = r.shape[0] / real.shape[0]
+            loss = discriminator_loss(real_p, fake_p) * w
+            self.disc_scaler.scale(loss).backward()
+            scalars = {
+                "loss": loss.item(),
+                "real": real_p.mean().item() * w,
+                "fake": fake_p.mean().item() * w,
+            }
+            _accumulate(logs, {f"disc/{k}": v for k, v in scalars.items()})
+        return logs
 
     def _hr_batch(self) -> torch.Tensor:
         if self._hr_iter is None:
@@ -175,12 +210,15 @@ class DomainTraining:
             self._hr_iter = itertools.chain.from_iterable(itertools.repeat(loader))
         return to_model_range(next(self._hr_iter)["pixels"]).to(self.device)  # (B, 3, H, W)
 
-    def enhancer_loss(self, hr: torch.Tensor, factor: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """SR-only and full-mode outputs of a degraded copy, both scored against the original."""
-        lr = degrade(hr.cpu(), factor, self.hr_gen).to(self.device)  # (B, 3, H/f, W/f)
+    def enhancer_loss(
+        self, hr: torch.Tensor, lr: torch.Tensor, factor: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """SR-only and full-mode outputs of ``lr`` (``hr`` degraded ``factor``×), both scored against ``hr``."""
         size = tuple(hr.shape[-2:])
-        up = self.enhancer.upscale(lr, size, "full")  # (B, 3, H, W)
-        full = self.enhancer.refine(up, "full")
+        with self._autocast():
+            up = self.enhancer.upscale(lr, size, "full")  # (B, 3, H, W)
+            full = self.enhancer.refine(up, "full")
+        up, full = up.float(), full.float()
         r_sr, r_full = self.enh_stack(up, hr), self.enh_stack(full, hr)
         scalars = {f"enhance/{k}": float(v) for k, v in r_full.terms.items()}
         scalars[f"enhance/sr_x{factor}"] = float(r_sr.total.detach())
@@ -190,16 +228,39 @@ class DomainTraining:
     def enhancer_step(self) -> dict[str, float]:
         self.enhancer.train()
         factor = 2 if self.enh_steps % 2 == 0 else 4  # alternate the ×2 and ×4 heads
-        loss, scalars = self.enhancer_loss(self._hr_batch(), factor)
-        if not all_ranks_agree(bool(torch.isfinite(loss)) and loss.requires_grad):
+        hr = self._hr_batch()  # (B, 3, H, W)
+        # Degraded once for the whole batch, so a redo in chunks trains on the same pairs.
+        lr = degrade(hr.cpu(), factor, self.hr_gen).to(self.device)  # (B, 3, H/f, W/f)
+        scalars, self.enh_chunks = retry_in_chunks(
+            lambda k: self._enhancer_backward(hr, lr, factor, k),
+            self.enh_chunks,
+            hr.shape[0],
+            self.device,
+            "enhancer",
+        )
+        if not all_ranks_agree(scalars is not None):
             log.warning("Enhancer loss not usable at enhancer step %d; skipped.", self.enh_steps)
+            self.enh_opt.zero_grad(set_to_none=True)
             return {}
-        self.enh_opt.zero_grad(set_to_none=True)
-        loss.backward()
         average_gradients(self.enhancer.parameters())  # under DDP every rank keeps the same enhancer
-        torch.nn.utils.clip_grad_norm_(self.enhancer.parameters(), 1.0)
-        self.enh_opt.step()
+        scaled_step(self.enh_scaler, self.enh_opt, list(self.enhancer.parameters()), 1.0)
         self.enh_steps += 1
+        return scalars
+
+    def _enhancer_backward(
+        self, hr: torch.Tensor, lr: torch.Tensor, factor: int, chunks: int
+    ) -> dict[str, float] | None:
+        """The enhancer's gradients over ``chunks`` pieces of the batch, each weighted by its share; its
+        TensorBoard scalars, or None when a loss is not finite or has no gradient."""
+        self.enh_opt.zero_grad(set_to_none=True)
+        scalars: dict[str, float] = {}
+        for h, low in zip(hr.tensor_split(chunks), lr.tensor_split(chunks), strict=True):
+            loss, terms = self.enhancer_loss(h, low, factor)
+            if not (bool(torch.isfinite(loss)) and loss.requires_grad):
+                return None
+            w = h.shape[0] / hr.shape[0]
+            self.enh_scaler.scale(loss * w).backward()
+            _accumulate(scalars, {k: v * w for k, v in terms.items()})
         return scalars
 
     # --- persistence ----------------------------------------------------------------------------------
@@ -212,12 +273,24 @@ class DomainTraining:
             state["enhancer"] = self.enhancer.state_dict()
             state["enh_opt"] = self.enh_opt.state_dict()
             state["hr_rng"] = self.hr_gen.get_state()
+        # Only what differs from a fresh start, so checkpoints of fp32 runs keep their exact contents.
+        for name, module, scaler, chunks in (
+            ("disc", self.disc, self.disc_scaler, self.disc_chunks),
+            ("enh", self.enhancer, self.enh_scaler, self.enh_chunks),
+        ):
+            if module is not None and scaler.is_enabled():
+                state[f"{name}_scaler"] = scaler.state_dict()
+            if chunks > 1:
+                state[f"{name}_chunks"] = chunks
         return state
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Restore from a checkpoint; parts missing from an older checkpoint start fresh (logged)."""
         state = state or {}
         self.disc_steps, self.enh_steps = int(state.get("disc_steps", 0)), int(state.get("enh_steps", 0))
+        self.disc_chunks, self.enh_chunks = int(state.get("disc_chunks", 1)), int(state.get("enh_chunks", 1))
+        load_scaler_state(self.disc_scaler, state.get("disc_scaler"))
+        load_scaler_state(self.enh_scaler, state.get("enh_scaler"))
         for name, module, opt in (
             ("disc", self.disc, self.disc_opt),
             ("enhancer", self.enhancer, self.enh_opt),
@@ -231,3 +304,9 @@ class DomainTraining:
             load_optimizer_state(opt, state["disc_opt" if name == "disc" else "enh_opt"])
         if self.enhancer is not None and "hr_rng" in state:
             self.hr_gen.set_state(state["hr_rng"])
+
+
+def _accumulate(total: dict[str, float], values: dict[str, float]) -> None:
+    """Add ``values`` into ``total`` (the first chunk's values are taken as they are)."""
+    for k, v in values.items():
+        total[k] = total[k] + v if k in total else v

@@ -8,8 +8,8 @@ losses, the NaN/Inf guard, backward; ``_optimizer_step`` applies an accumulated 
 everything from the config; where the run is lives in a :class:`~moas.train.state.TrainState`.
 
 The objective is min-SNR-weighted v-prediction (or ε) with null-prompt dropout for classifier-free
-guidance; AMP (bf16, else fp16 + GradScaler) on CUDA, fp32 on CPU; gradient accumulation, clipping, a
-NaN/Inf guard, EMA.
+guidance; AMP (bf16, else fp16 + GradScaler; ``moas.train.precision``) on CUDA, fp32 on CPU unless asked;
+gradient accumulation, clipping, a NaN/Inf guard, EMA.
 
 Exact resume: everything random in a step comes from the state's generator, whose state is checkpointed
 (``moas.train.draws``); the batch plan is a pure function of (seed, epoch); checkpoints are taken at
@@ -44,6 +44,7 @@ from moas.train.faults import FaultInjector
 from moas.train.inputs import TrainingInputs
 from moas.train.oom import first_line, free_memory, is_oom, shrink_micro_batch
 from moas.train.parts import LoopSettings, Runtime, TrainingData, TrainingParts
+from moas.train.precision import autocast_factory
 from moas.train.saving import CheckpointPolicy, RunRecord, model_file_contents, save_at_boundary
 from moas.train.sequences import PanelTraining, ddp_touch
 from moas.train.signals import GracefulStop, TrainingInterrupted
@@ -96,15 +97,14 @@ class Trainer:
         self.runtime, self.record, self.policy, self.monitor = runtime, record, policy, monitor
         self.faults, self.model_paths, self.progress = faults, model_paths, progress
         self.dist, self.device = runtime.dist, runtime.device
-        amp = runtime.amp_dtype
-        self._autocast = (lambda: torch.autocast(self.device.type, dtype=amp)) if amp else None
+        self._autocast = autocast_factory(self.device, runtime.amp_dtype)
         self.stopper: GracefulStop | None = None
         self.draws: StepDraws | None = None  # the current optimizer step's random numbers
         self.loss_terms: dict[str, float] = {}  # the last micro-batch's loss terms, for TensorBoard
         self.domain_logs: dict[str, float] = {}
         self.x0_batch = self.x0_pred = None  # the last micro-batch's images and predicted x0 (critic)
         self.last_loss, self.ips = float("nan"), 0.0
-        self.oom_error: BaseException | None = None
+        self.oom_message = ""  # the out-of-memory error's first line (the error would keep its activations)
         self.group_bad = False
 
     # ----------------------------------------------------------------------------------- the loop
@@ -116,9 +116,10 @@ class Trainer:
                     try:
                         finished = self._run_epoch()
                     except _OOMSignal:
+                        finished = None  # recovered below, once the error and what its frames hold are gone
+                    if finished is None:
                         self._recover_from_oom()
-                        continue
-                    if finished:
+                    elif finished:
                         break
             except (MoasError, KeyboardInterrupt):
                 raise
@@ -169,7 +170,7 @@ class Trainer:
             except Exception as exc:
                 if not is_oom(exc):
                     raise
-                self.oom_error = exc
+                self.oom_message = first_line(exc)
                 bar.close()
                 raise _OOMSignal from None
             st.batch_pos += 1
@@ -282,7 +283,8 @@ class Trainer:
             for g in p.opt.param_groups:
                 g["lr"] = lr
         p.ema.update(p.model)
-        scalars = {**self.domain_logs, **p.domain.after_step(self.x0_batch, self.x0_pred, st.global_step)}
+        st.mark_boundary()  # the generator has learned from this step: an emergency checkpoint continues after it
+        scalars = {**self.domain_logs, **self._side_steps()}
         now = time.perf_counter()
         self.ips = b * st.grad_accum * self.dist.world_size / max(now - t_step, 1e-9)
         report = StepReport(
@@ -302,6 +304,27 @@ class Trainer:
             scalars=scalars,
         )
         report_step(self.monitor, report, self.runtime.resources.brief(), bar)
+
+    def _side_steps(self) -> dict[str, float]:
+        """The discriminator's and the enhancer's steps. They recover from out of memory themselves (the same
+        batch in more chunks); one that runs out even one image at a time ends the run after an emergency
+        checkpoint."""
+        st = self.state
+        try:
+            return self.parts.domain.after_step(self.x0_batch, self.x0_pred, st.global_step)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            message = first_line(exc)
+        self.x0_batch = self.x0_pred = None
+        free_memory(self.device)
+        path = self.save(emergency_checkpoint_name(st, oom=True), kind="emergency_oom")
+        error_log.error("Out of memory in a side network's step at step %d: %s.", st.global_step, message)
+        raise MoasError(
+            f"Out of memory in the discriminator or enhancer step even one image at a time ({message}); "
+            f"emergency checkpoint {path} was saved. Lower enhance.batch_size or enhance.scale (or turn "
+            "enhance.train or losses.adversarial off), then resume."
+        )
 
     def _at_boundary(self) -> bool:
         """After each optimizer step: remember the boundary, react to signals, periodic saves, max_steps."""
@@ -358,9 +381,10 @@ class Trainer:
 
     def _recover_from_oom(self) -> None:
         """Emergency checkpoint, smaller micro-batch with more accumulation, new DataLoader, same images."""
-        st, exc = self.state, self.oom_error
-        self.oom_error = None
+        st, message = self.state, self.oom_message
+        self.oom_message = ""
         self.parts.opt.zero_grad(set_to_none=True)
+        self.x0_batch = self.x0_pred = self.draws = None  # redrawn when the step is redone
         free_memory(self.device)
         path = self.save(emergency_checkpoint_name(st, oom=True), kind="emergency_oom")
         shrunk = shrink_micro_batch(st.micro_batch, st.grad_accum, self.settings.min_batch_size)
@@ -371,7 +395,7 @@ class Trainer:
             st.global_step,
             st.micro_batch,
             st.grad_accum,
-            first_line(exc),
+            message,
             path,
             f"recovering with micro-batch {shrunk[0]} × {shrunk[1]}" if shrunk else "cannot recover",
         )

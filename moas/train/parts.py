@@ -22,6 +22,7 @@ from moas.train.distributed import DistContext
 from moas.train.domain import DomainTraining
 from moas.train.ema import EMA
 from moas.train.optim import load_optimizer_state
+from moas.train.precision import load_scaler_state
 from moas.train.schedule import WarmupCosineRestarts
 
 
@@ -32,7 +33,7 @@ class TrainingParts:
     ema: EMA
     opt: torch.optim.Optimizer
     sched: WarmupCosineRestarts
-    scaler: torch.amp.GradScaler
+    scaler: torch.amp.GradScaler  # the generator's (the side networks have theirs in ``domain``)
     adaptive: AdaptiveTrainingSystem | None  # the original's loss-curve lr rules (off by default)
     continuous: AdvancedContinuousLearning | None  # routing/expert-weight adjustment between epochs
     domain: DomainTraining  # domain losses, discriminator, enhancer
@@ -53,7 +54,7 @@ class TrainingParts:
         self.ema.load_state_dict(state["ema"])
         load_optimizer_state(self.opt, state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        load_scaler_state(self.scaler, state.get("scaler"))
         if self.adaptive is not None and "adaptive" in state:
             self.adaptive.load_state_dict(state["adaptive"])
 

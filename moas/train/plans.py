@@ -1,6 +1,7 @@
 """The run's plans from its resolved config, before anything is allocated: the memory plan (what the step
 will take on the accelerator, and the micro-batch / accumulation / checkpointing that fit) for
-``moas train --dry-run`` and the start of a CUDA run.
+``moas train --dry-run`` and the start of a CUDA run, and the disk plan (what its checkpoints and model
+files will take at their peak).
 
 Everything is built on the meta device, so a 300 M-parameter profile is planned in about a second on a
 machine without a GPU.
@@ -20,7 +21,9 @@ from moas.models.generator import MoasGenerator
 from moas.text.encoder import HASH_ID, TextEncoder
 from moas.text.inputs import caption_inputs
 from moas.train.builders import generator_args, model_divisor
+from moas.train.disk import DiskPlan, SavePolicy, bytes_of, plan_disk
 from moas.train.memory_plan import GB, MemoryPlan, plan_memory, state_bytes, traced_activation_bytes
+from moas.train.saving import milestone_epochs
 
 # A long caption: the planned text length is the longest the encoder gives.
 _PLAN_CAPTION = ", ".join(f"tag{i} word" for i in range(64))
@@ -68,8 +71,9 @@ def _generator_activations(cfg: MoasConfig, model: MoasGenerator, batch: int, ck
 
 def _enhancer_activations(cfg: MoasConfig, enhancer: QualityEnhancer, batch: int) -> int:
     side = cfg.data.resolution * cfg.enhance.scale
-    lr = torch.empty(batch, 3, side // 2, side // 2, device="meta")
-    hr = torch.empty(batch, 3, side, side, device="meta")
+    dtype = next(enhancer.parameters()).dtype  # bf16 stands for autocast, as for the generator
+    lr = torch.empty(batch, 3, side // 2, side // 2, device="meta", dtype=dtype)
+    hr = torch.empty(batch, 3, side, side, device="meta", dtype=dtype)
 
     def forward() -> torch.Tensor:
         up = enhancer.upscale(lr, (side, side), "full")
@@ -79,19 +83,36 @@ def _enhancer_activations(cfg: MoasConfig, enhancer: QualityEnhancer, batch: int
     return traced_activation_bytes(forward)
 
 
+def meta_networks(
+    cfg: MoasConfig,
+) -> tuple[MoasGenerator, QualityEnhancer | None, AnimeStyleDiscriminator | None]:
+    """The networks ``cfg`` trains, on the meta device (shapes only)."""
+    with torch.device("meta"):
+        generator = MoasGenerator(**generator_args(cfg))
+        e = cfg.enhance
+        enhancer = QualityEnhancer(e.width, e.sr_channels, e.sr_blocks) if e.train else None
+        disc = AnimeStyleDiscriminator(cfg.losses.disc_base_channels) if cfg.losses.adversarial else None
+    return generator, enhancer, disc
+
+
+def disk_plan(cfg: MoasConfig, steps_per_epoch: int = 0) -> DiskPlan:
+    """What the run's checkpoints and model files take at their peak (``moas/train/disk.py``)."""
+    tc = cfg.train
+    policy = SavePolicy.of(tc, milestone_epochs(tc.epochs), steps_per_epoch)
+    nets = (bytes_of(m) for m in meta_networks(cfg))
+    return plan_disk(policy, *nets, amsgrad=tc.amsgrad)
+
+
 def memory_plan(cfg: MoasConfig, budget_gb: float | None = None) -> MemoryPlan:
     """The memory plan of ``cfg`` on a GPU with ``budget_gb`` (default ``resources.max_vram_gb``)."""
     tc = cfg.train
+    state_model, enhancer, disc = meta_networks(cfg)  # fp32 master weights
     with torch.device("meta"):
         model = MoasGenerator(**generator_args(cfg)).to(torch.bfloat16 if amp_bytes(cfg) else torch.float32)
-        state_model = MoasGenerator(**generator_args(cfg))  # fp32 master weights
-        enhancer = None
-        if cfg.enhance.train:
-            ec = cfg.enhance
-            enhancer = QualityEnhancer(ec.width, ec.sr_channels, ec.sr_blocks)
-        disc = AnimeStyleDiscriminator(cfg.losses.disc_base_channels) if cfg.losses.adversarial else None
     side = [m for m in (enhancer, disc) if m is not None]
     state = state_bytes(state_model, side, tc.amsgrad, amp_bytes(cfg))
+    if enhancer is not None and amp_bytes(cfg):  # the side networks run under autocast too
+        enhancer = enhancer.to(torch.bfloat16)
     budget = int((cfg.resources.max_vram_gb if budget_gb is None else budget_gb) * GB)
     return plan_memory(
         budget,

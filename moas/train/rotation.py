@@ -1,7 +1,9 @@
-"""Which checkpoints exist, which is newest, and which to delete or thin: the training run's rotation.
+"""Which checkpoints exist, which is newest, and which to delete or reduce: the training run's rotation.
 
 Only complete checkpoints count (a sidecar that matches the file, :mod:`moas.checkpoint`); stray temp files
-of dead writers are removed on the way.
+of dead writers are removed on the way. A checkpoint's sidecar says what it holds (``contents``): ``full``
+(everything, resumable), ``thinned`` (no optimizer states) or ``ema_bf16`` (the EMA generator in bf16 and
+the enhancer: a weights-only checkpoint to generate from, evaluate or fine-tune). Only full ones resume.
 """
 
 from __future__ import annotations
@@ -11,20 +13,40 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moas.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint, verify_checkpoint
+import torch
+
+from moas.checkpoint import CHECKPOINT_FORMAT, rewrite_checkpoint, verify_checkpoint
 from moas.errors import CheckpointError
 from moas.io import SIDECAR_RESERVED, clean_stray_temp_files, read_sidecar, sidecar_path
 
 logger = logging.getLogger(__name__)
 
 # File names the training loop writes (kept compatible with the original system's layout).
-CHECKPOINT_PATTERNS = (
-    "epoch_*.pt",
-    "emergency_epoch_*.pt",
-    "emergency_oom_epoch_*.pt",
-    "best_model*.pt",
-    "checkpoint_*.pt",
+REGULAR_PATTERNS = ("epoch_*.pt", "checkpoint_*.pt")
+EMERGENCY_PATTERNS = ("emergency_epoch_*.pt", "emergency_oom_epoch_*.pt")  # out of memory, crashes
+CHECKPOINT_PATTERNS = (*REGULAR_PATTERNS, *EMERGENCY_PATTERNS, "best_model*.pt")
+CONTENTS = ("ema_bf16", "thinned", "full")  # what a checkpoint holds, smallest first
+# What a weights-only checkpoint keeps beside the weights: what generation and `moas inspect` read.
+WEIGHTS_ONLY_KEYS = (
+    "kind",
+    "epoch",
+    "batch_in_epoch",
+    "global_step",
+    "train_seconds",
+    "config",
+    "model_args",
+    "text_encoder",
+    "run_dir",
 )
+SIDE_OPTIMIZERS = ("disc_opt", "enh_opt")  # in ``domain``: the discriminator's and enhancer's AdamW
+
+
+def contents_of(record: dict[str, Any]) -> str:
+    """What a checkpoint holds, from its sidecar (files thinned by earlier releases say only resumable)."""
+    contents = record.get("contents")
+    if contents in CONTENTS:
+        return contents
+    return "thinned" if record.get("resumable") is False else "full"
 
 
 def _order_key(path: Path, record: dict[str, Any]) -> tuple[int, int, float]:
@@ -36,6 +58,10 @@ def _order_key(path: Path, record: dict[str, Any]) -> tuple[int, int, float]:
     except OSError:
         mtime = 0.0
     return (as_int(record.get("global_step")), as_int(record.get("epoch")), mtime)
+
+
+def _newest_first(items: list[tuple[Path, dict[str, Any]]]) -> list[tuple[Path, dict[str, Any]]]:
+    return sorted(items, key=lambda item: _order_key(*item), reverse=True)
 
 
 def _recorded_checkpoints(directory: Path, patterns: tuple[str, ...]) -> list[tuple[Path, dict[str, Any]]]:
@@ -68,8 +94,8 @@ def find_latest_checkpoint(directory: str | os.PathLike[str], resumable_only: bo
     """Return the verified checkpoint with the highest global_step (then epoch, then mtime).
 
     Incomplete or corrupt checkpoints are skipped with a warning; stray temp files from dead
-    writers are removed. With ``resumable_only`` (the default), checkpoints whose optimizer state was
-    dropped by :func:`thin_optimizer_states` (sidecar ``"resumable": false``) are skipped too.
+    writers are removed. With ``resumable_only`` (the default), checkpoints reduced by
+    :func:`reduce_old_checkpoints` (sidecar ``"resumable": false``: thinned or weights-only) are skipped too.
     Returns None if the directory is missing or holds no such checkpoint.
     """
     d = Path(directory)
@@ -79,7 +105,7 @@ def find_latest_checkpoint(directory: str | os.PathLike[str], resumable_only: bo
     candidates = _recorded_checkpoints(d, CHECKPOINT_PATTERNS)
     if resumable_only:
         candidates = [(p, r) for p, r in candidates if r.get("resumable") is not False]
-    candidates.sort(key=lambda item: _order_key(*item), reverse=True)
+    candidates = _newest_first(candidates)
     # Hash only until the newest good one is found: hashing every multi-GB file would be slow.
     for p, _record in candidates:
         if verify_checkpoint(p):
@@ -90,37 +116,92 @@ def find_latest_checkpoint(directory: str | os.PathLike[str], resumable_only: bo
     return None
 
 
-def thin_optimizer_states(
-    directory: str | os.PathLike[str],
-    keep: int,
-    patterns: tuple[str, ...] = ("epoch_*.pt", "checkpoint_*.pt"),
-) -> list[Path]:
-    """Drop the optimizer state from all but the newest ``keep`` checkpoints (0 = keep it everywhere).
+def reduced_state(state: dict[str, Any], mode: str) -> dict[str, Any]:
+    """What an old checkpoint keeps, marked not resumable: everything but the optimizer states
+    (``thinned``), or the EMA generator in bf16, the enhancer and what generation needs (``ema_bf16``)."""
+    if mode == "thinned":
+        kept = {k: v for k, v in state.items() if k not in ("optimizer", "moas_format")}
+        if isinstance(kept.get("domain"), dict):
+            kept["domain"] = {k: v for k, v in kept["domain"].items() if k not in SIDE_OPTIMIZERS}
+    else:
+        try:
+            ema, args = dict(state["ema"]), state["model_args"]
+            weights = ema.pop("model")
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError("it holds no EMA generator weights") from None
+        # bf16 keeps float32's range, so the weights stay usable; float64 buffers stay as they are.
+        ema["model"] = {
+            k: v.to(torch.bfloat16) if v.dtype == torch.float32 else v for k, v in weights.items()
+        }
+        kept = {k: state[k] for k in WEIGHTS_ONLY_KEYS if k in state} | {"ema": ema, "model_args": args}
+        enhancer = (state.get("domain") or {}).get("enhancer")
+        if enhancer is not None:
+            kept["domain"] = {"enhancer": enhancer}
+    return {**kept, "resumable": False, "contents": mode}
+
+
+def reduce_old_checkpoints(directory: str | os.PathLike[str], keep_full: int, mode: str) -> list[Path]:
+    """Reduce all but the newest ``keep_full`` full checkpoints to ``mode`` (``thinned`` or ``ema_bf16``;
+    ``full`` or ``keep_full`` 0 reduce nothing). Returns the reduced paths.
 
     The optimizer state (AdamW/AMSGrad: three tensors per weight) is most of a checkpoint's size and only
-    needed to resume, which uses the newest checkpoints. A thinned checkpoint keeps weights, EMA and all
-    other state, is rewritten atomically with ``"resumable": false`` in its sidecar, and is skipped by
-    :func:`find_latest_checkpoint`. Returns the thinned paths.
+    needed to resume, which uses the newest checkpoints. Milestones and emergency checkpoints are reduced
+    like the others; the newest full epoch/step checkpoint always stays full, so emergency checkpoints
+    (written at abnormal moments) never leave a run without an ordinary place to resume from. Each file is
+    rewritten atomically (:func:`~moas.checkpoint.rewrite_checkpoint`, read memory-mapped) with its new
+    ``contents`` and ``"resumable": false`` in its sidecar, so :func:`find_latest_checkpoint` skips it.
     """
-    if keep <= 0:
+    if keep_full <= 0 or mode == "full":
         return []
     d = Path(directory)
-    found = [(p, r) for p, r in _recorded_checkpoints(d, patterns) if r.get("resumable") is not False]
-    found.sort(key=lambda item: _order_key(*item), reverse=True)
-    thinned = []
-    for p, record in found[keep:]:
-        try:
-            state = load_checkpoint(p)
-        except CheckpointError as exc:
-            logger.warning("Not thinning %s: %s", p, exc)
+    regular = _recorded_checkpoints(d, REGULAR_PATTERNS)
+    emergency = _recorded_checkpoints(d, EMERGENCY_PATTERNS)
+    full = _newest_first([(p, r) for p, r in regular + emergency if contents_of(r) == "full"])
+    regular_paths = {p for p, _ in regular}
+    keep = {p for p, _ in full[:keep_full]}
+    keep.update(next(([p] for p, _ in full if p in regular_paths), []))  # the newest full epoch/step one
+    reduced = []
+    for p, record in _newest_first(regular + emergency):
+        if p in keep or CONTENTS.index(contents_of(record)) <= CONTENTS.index(mode):
             continue
-        state.pop("moas_format", None)
-        state.pop("optimizer", None)
-        state["resumable"] = False
         meta = {k: v for k, v in record.items() if k not in SIDECAR_RESERVED}
-        save_checkpoint(p, state, {**meta, "resumable": False})
-        thinned.append(p)
-    return thinned
+        try:
+            rewrite_checkpoint(
+                p, lambda s: reduced_state(s, mode), {**meta, "resumable": False, "contents": mode}
+            )
+        except CheckpointError as exc:
+            logger.warning("Not reducing %s: %s", p, exc)
+            continue
+        reduced.append(p)
+    return reduced
+
+
+def _delete(p: Path) -> bool:
+    try:
+        # Sidecar first: if we crash in between, the leftover data file is simply unrecorded.
+        sidecar_path(p).unlink(missing_ok=True)
+        p.unlink(missing_ok=True)
+    except OSError as exc:
+        logger.warning("Could not delete old checkpoint %s: %s", p, exc)
+        return False
+    return True
+
+
+def rotate_emergency_checkpoints(directory: str | os.PathLike[str], keep: int = 2) -> list[Path]:
+    """Delete all but the newest ``keep`` ``emergency_*`` checkpoints (written on out of memory and
+    crashes); one newer than the newest resumable epoch/step checkpoint is never deleted: it holds the
+    run's latest progress. Returns the deleted paths."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    regular = _recorded_checkpoints(d, REGULAR_PATTERNS)
+    resumable = _newest_first([(p, r) for p, r in regular if r.get("resumable") is not False])
+    floor = _order_key(*resumable[0]) if resumable else None
+    deleted = []
+    for p, record in _newest_first(_recorded_checkpoints(d, EMERGENCY_PATTERNS))[keep:]:
+        if floor is not None and _order_key(p, record) <= floor and _delete(p):
+            deleted.append(p)
+    return deleted
 
 
 def rotate_checkpoints(
@@ -144,15 +225,8 @@ def rotate_checkpoints(
         for p, rec in _recorded_checkpoints(d, (pattern,))
         if p.name not in protect and str(p) not in protect
     ]
-    candidates.sort(key=lambda item: _order_key(*item), reverse=True)
     deleted: list[Path] = []
-    for p, _record in candidates[keep:]:
-        try:
-            # Sidecar first: if we crash in between, the leftover data file is simply unrecorded.
-            sidecar_path(p).unlink(missing_ok=True)
-            p.unlink(missing_ok=True)
-        except OSError as exc:
-            logger.warning("Could not delete old checkpoint %s: %s", p, exc)
-            continue
-        deleted.append(p)
+    for p, _record in _newest_first(candidates)[keep:]:
+        if _delete(p):
+            deleted.append(p)
     return deleted

@@ -1,5 +1,5 @@
-"""Writing a run's files: checkpoints at the last optimizer-step boundary (then rotation and optimizer-state
-thinning), the original's milestone epochs, and the model-file contents for generation.
+"""Writing a run's files: checkpoints at the last optimizer-step boundary (then rotation and the reduction
+of older ones), the original's milestone epochs, and the model-file contents for generation.
 
 A checkpoint holds: weights, EMA (with its update count), optimizer, schedule, GradScaler, the position of
 the last boundary and the micro-batch split in use (``TrainState.position``), the process count, every RNG
@@ -25,7 +25,7 @@ from moas.train.distributed import DistContext
 from moas.train.faults import FaultInjector
 from moas.train.parts import TrainingParts
 from moas.train.rng import capture_rng_state, nonfinite_tensor
-from moas.train.rotation import rotate_checkpoints, thin_optimizer_states
+from moas.train.rotation import reduce_old_checkpoints, rotate_checkpoints, rotate_emergency_checkpoints
 from moas.train.state import TrainState
 
 log = logging.getLogger("moas.train.loop")
@@ -59,6 +59,20 @@ class CheckpointPolicy:
     keep_last: int  # epoch_*.pt (and checkpoint_*.pt) files kept
     keep_optimizer_last: int  # newest checkpoints that keep optimizer state (0 = all)
     milestones: set[int]
+    old_checkpoint: str = "thinned"  # what older ones keep: full | thinned | ema_bf16
+    keep_emergency: int = 2  # emergency_*.pt files kept
+
+    @classmethod
+    def of(cls, train: Any) -> CheckpointPolicy:
+        """From the ``train.*`` settings of these names (a ``TrainConfig``)."""
+        return cls(
+            Path(train.checkpoint_dir),
+            train.keep_last,
+            train.keep_optimizer_last,
+            milestone_epochs(train.epochs),
+            train.old_checkpoint,
+            train.keep_emergency,
+        )
 
 
 def checkpoint_contents(
@@ -134,7 +148,8 @@ def save_at_boundary(
     protect = {epoch_checkpoint_name(m) for m in policy.milestones}
     rotate_checkpoints(policy.directory, keep=policy.keep_last, protect=protect)
     rotate_checkpoints(policy.directory, keep=policy.keep_last, pattern="checkpoint_*.pt")
-    thin_optimizer_states(policy.directory, policy.keep_optimizer_last)
+    rotate_emergency_checkpoints(policy.directory, policy.keep_emergency)
+    reduce_old_checkpoints(policy.directory, policy.keep_optimizer_last, policy.old_checkpoint)
     log.info(
         "Saved checkpoint %s (epoch %d, batch %d, step %d).", path, b.epoch, b.batch_pos, state.global_step
     )
