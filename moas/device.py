@@ -100,7 +100,16 @@ class ProfileChoice:
 def choose_profile(cuda_gb: float | None, cuda_name: str = "", mps: bool = False) -> ProfileChoice:
     """The profile for a machine: ``cuda_gb`` is the first CUDA GPU's memory (None: no CUDA GPU)."""
     if cuda_gb is not None and cuda_gb >= GPU_PROFILE_MIN_GB:
-        return ProfileChoice("rtx3060_12gb", f"found {cuda_name} with {cuda_gb:.0f} GB")
+        if cuda_gb <= 12.5:
+            return ProfileChoice("rtx3060_12gb", f"found {cuda_name} with {cuda_gb:.0f} GB")
+        # A larger card: the same model and effective batch; the memory plan gets the card's memory (less
+        # the same 0.6 GB reserve), so it can take larger micro-batches with less accumulation.
+        budget = round(cuda_gb - 0.6, 1)
+        return ProfileChoice(
+            "rtx3060_12gb",
+            f"found {cuda_name} with {cuda_gb:.0f} GB; the memory plan may use {budget} GB of it",
+            {"resources": {"max_vram_gb": budget}},
+        )
     if cuda_gb is not None:
         return ProfileChoice(
             "cpu_tiny",
