@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"smoke": a.smoke, "device": torch.cuda.get_device_name() if not a.smoke else "cpu"}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate_demo_dataset(tmp / "demo", n_images=48, size=32 if a.smoke else 128, seed=0, progress=False)
+        generate_demo_dataset(
+            tmp / "demo", n_images=16 if a.smoke else 64, size=32 if a.smoke else 128, seed=0, progress=False
+        )
         data = tmp / "demo" / "train"
         if not a.smoke:
             res["plan"] = memory_plan(run_config(a, data, tmp / "p"), a.cap_gb).describe()

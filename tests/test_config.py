@@ -36,11 +36,13 @@ def test_precedence_profile_file_env_flags(workdir, monkeypatch):
 
 def test_dotenv_file_is_read(workdir, monkeypatch):
     (workdir / ".env").write_text("MOAS_TRAIN_BATCH_SIZE=5\nMOAS_PROFILE=original\n")
-    monkeypatch.delenv("MOAS_PROFILE", raising=False)
+    for name in ("MOAS_PROFILE", "MOAS_TRAIN_BATCH_SIZE"):
+        # Recorded as absent, so the teardown removes what the .env file puts into the environment (a
+        # delenv of an absent variable records nothing, and the profile leaked into later tests).
+        monkeypatch.setenv(name, "unset")
+        monkeypatch.delenv(name)
     cfg = load_config()
     assert cfg.train.batch_size == 5 and cfg.profile == "original"
-    monkeypatch.delenv("MOAS_TRAIN_BATCH_SIZE")
-    monkeypatch.delenv("MOAS_PROFILE")
 
 
 @pytest.mark.parametrize(
