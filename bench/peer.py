@@ -12,13 +12,16 @@ is another network) on the demo data at the same batch, fp32, the same threads:
   NaN/Inf guard and its TensorBoard logging every step. Steps/s from the wall time between the logged
   steps (the run's set-up and final save excluded); no checkpoint, validation or sample grid falls inside.
 * **peer**: what the diffusers text-to-image example does per step, with everything precomputed: images
-  and token embeddings in memory, a linear projection of the tokens into cross-attention (the example's
-  frozen text encoder costs nothing extra either), ``DDPMScheduler.add_noise``, the v-prediction target,
-  plain MSE, AdamW and an EMA update.
+  and the text encoder's outputs in memory (the example's frozen text encoder costs nothing per step
+  either), ``DDPMScheduler.add_noise``, the v-prediction target, plain MSE, AdamW and an EMA update. It
+  trains the same network as moas — ``MoasGenerator`` with text conditioning: the U-Net and the
+  ConditioningEncoder's text context (pooled + tag + token streams through a residual MLP) — so the ratio
+  measures the trainer, not two networks. (Until 2026-12-02 the peer fed the U-Net a linear projection of
+  the tokens only, a network ~25 % cheaper per step than moas's; ``--peer_network unet`` keeps that arm.)
 
 Rounds alternate (moas, peer, moas, peer…) in one process, so a change of machine load hits both. The
-ratio is moas's images/s over the peer's. MFU: FLOPs of one training step of the U-Net
-(``torch.utils.flop_counter``) × steps/s ÷ the peak of a 4096² fp32 matmul measured here.
+ratio is moas's images/s over the peer's. MFU: FLOPs of one training step
+(the peer's network, ``torch.utils.flop_counter``) × steps/s ÷ the peak of a 4096² fp32 matmul measured here.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from moas.data.dataset import to_model_range  # noqa: E402
 from moas.data.synthetic import generate_demo_dataset  # noqa: E402
 from moas.device import cpu_name  # noqa: E402
 from moas.diffusion.schedule import make_train_scheduler  # noqa: E402
+from moas.models.generator import MoasGenerator  # noqa: E402
 from moas.text.encoder import TextEncoder  # noqa: E402
 from moas.text.inputs import caption_inputs  # noqa: E402
 from moas.train.builders import build_dataset, generator_args  # noqa: E402
@@ -100,22 +104,23 @@ def moas_round(data_dir: Path, steps: int, skip: int) -> float:
 class Peer:
     """The diffusers example's training step on precomputed images and token embeddings."""
 
-    def __init__(self, cfg, data_dir: Path) -> None:
+    def __init__(self, cfg, data_dir: Path, network: str = "same") -> None:
         self.cfg = cfg
         dataset = build_dataset(cfg, str(data_dir), progress=False)
         self.images = torch.stack([to_model_range(dataset[i]["pixels"]) for i in range(len(dataset))])
         enc = TextEncoder(cfg.text.model_name, max_tokens=cfg.text.max_tokens)
-        text = caption_inputs(enc, dataset.captions(), "cpu")
-        self.tokens, self.mask = text["tokens"], text["mask"]
-        m = generator_args(cfg)["model"]
-        from moas.models.unet import DiffusionModel
-
-        ref = DiffusionModel(cfg.data.resolution, m["block_channels"], m["cross_attention"], m["layers_per_block"],
-                             m["attention_head_dim"], patch_size=m["patch_size"])  # fmt: skip
-        self.patch = m["patch_size"]
-        self.unet = UNet2DConditionModel.from_config(ref.unet.config)
-        self.proj = torch.nn.Linear(self.tokens.shape[-1], self.unet.config.cross_attention_dim)
-        params = list(self.unet.parameters()) + list(self.proj.parameters())
+        self.text = caption_inputs(enc, dataset.captions(), "cpu")  # (N, L, 768) tokens, (N, G, 768) tags, masks
+        self.tokens, self.mask = self.text["tokens"], self.text["mask"]
+        self.network = network
+        self.generator = MoasGenerator(**generator_args(cfg))
+        ref = self.generator.unet
+        self.patch = ref.patch_size
+        if network == "same":
+            params = list(self.generator.parameters())
+        else:
+            self.unet = UNet2DConditionModel.from_config(ref.unet.config)
+            self.proj = torch.nn.Linear(self.tokens.shape[-1], self.unet.config.cross_attention_dim)
+            params = list(self.unet.parameters()) + list(self.proj.parameters())
         self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.ema = [p.detach().clone() for p in params]
         self.params = params
@@ -125,6 +130,12 @@ class Peer:
 
     def forward_loss(self, idx: torch.Tensor) -> torch.Tensor:
         x0 = self.images[idx]
+        if self.network == "same":
+            noise = torch.randn(x0.shape, generator=self.gen)
+            t = torch.randint(0, self.sched.config.num_train_timesteps, (len(idx),), generator=self.gen)
+            noisy = self.sched.add_noise(x0, noise, t)
+            pred = self.generator(noisy, t, {k: v[idx] for k, v in self.text.items()}).pred
+            return torch.nn.functional.mse_loss(pred, self.sched.get_velocity(x0, noise, t))
         if self.patch > 1:
             x0 = torch.nn.functional.pixel_unshuffle(x0, self.patch)
         noise = torch.randn(x0.shape, generator=self.gen)
@@ -168,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", type=int, default=4, help="warm-up steps not timed")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--n_images", type=int, default=400)
+    ap.add_argument(
+        "--peer_network",
+        choices=("same", "unet"),
+        default="same",
+        help="same: the peer trains moas's network; unet: the U-Net on a linear projection of the tokens",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "peer.json"))
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = bench_config(data / "train", Path(tmp), a.steps)
         torch.set_num_threads(cfg.resources.cpu_threads)
         threads = torch.get_num_threads()
-        peer = Peer(cfg, data / "train")
+        peer = Peer(cfg, data / "train", a.peer_network)
         moas_ips, peer_ips = [], []
         for r in range(a.rounds):
             moas_ips.append(moas_round(data / "train", a.steps, a.skip))
@@ -190,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{cpu_name()}, {os.cpu_count()} cores, {threads} threads",
         "batch": cfg.train.batch_size,
         "resolution": cfg.data.resolution,
+        "peer_network": a.peer_network,
         "moas_images_per_sec": [round(v, 3) for v in moas_ips],
         "peer_images_per_sec": [round(v, 3) for v in peer_ips],
         "ratio_moas_over_peer": round(m / p, 3),
-        "unet_step_gflop": round(flops / 1e9, 2),
+        "step_gflop": round(flops / 1e9, 2),
         "matmul_peak_gflops": round(peak / 1e9, 1),
         "mfu_moas": round(flops * m / cfg.train.batch_size / peak, 4),
         "mfu_peer": round(flops * p / cfg.train.batch_size / peak, 4),

@@ -2,6 +2,9 @@
 
     python bench/threads.py            # writes bench/threads.json (about 5 minutes on an idle 2-core box)
 
+The last two settings start at 2 threads with the trainer's thread governor (``moas.train.threads``),
+polled after every step with a 1-second interval; "final_threads" is where it settled.
+
 Each setting runs in its own process (OpenMP reads its environment once): the ``cpu_tiny`` generator's
 training step (forward, backward, AdamW; batch 32 at 32 px) ``--steps`` times, reporting the median step
 time. "busy" runs a competing process that keeps one core at 100 % (a pure-Python loop) for the whole
@@ -32,6 +35,10 @@ from moas.train.builders import generator_args
 torch.manual_seed(0)
 torch.set_num_threads(int(sys.argv[1]))
 steps = int(sys.argv[2])
+governor = None
+if sys.argv[3] == "governed":  # the trainer's thread governor, polled once per step as the trainer does
+    from moas.train.threads import ThreadGovernor
+    governor = ThreadGovernor(int(sys.argv[1]), interval_s=float(sys.argv[4]))
 cfg = load_config("cpu_tiny", use_env=False)
 model = MoasGenerator(**generator_args(cfg)).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -46,11 +53,14 @@ for i in range(steps + 2):
     opt.zero_grad(set_to_none=True)
     if i >= 2:
         times.append(time.perf_counter() - t0)
-print(statistics.median(times))
+    if governor is not None:
+        governor.poll()
+print(statistics.median(times), torch.get_num_threads())
 """
 
 
-def one(threads: int, busy: bool, passive: bool, steps: int) -> float:
+def one(threads: int, busy: bool, passive: bool, steps: int, governed: bool = False) -> tuple[float, int]:
+    """(median step seconds, the thread count at the end) of one setting in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -58,7 +68,7 @@ def one(threads: int, busy: bool, passive: bool, steps: int) -> float:
     try:
         time.sleep(0.5 if busy else 0)
         out = subprocess.run(
-            [sys.executable, "-c", WORKER, str(threads), str(steps)],
+            [sys.executable, "-c", WORKER, str(threads), str(steps), "governed" if governed else "fixed", "1.0"],
             env=env,
             capture_output=True,
             text=True,
@@ -68,24 +78,35 @@ def one(threads: int, busy: bool, passive: bool, steps: int) -> float:
         if hog is not None:
             hog.kill()
             hog.wait()
-    return float(out.stdout.strip().splitlines()[-1])
+    median, final = out.stdout.strip().splitlines()[-1].split()
+    return float(median), int(final)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "bench" / "threads.json"))
     a = ap.parse_args(argv)
     rows = []
-    for passive in (False, True):
-        for threads in (2, 1):
-            for busy in (False, True):
-                s = one(threads, busy, passive, a.steps)
-                row = {"threads": threads, "busy_core": busy, "omp_passive": passive, "step_s": round(s, 3)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    settings = [(t, busy, passive, False) for passive in (False, True) for t in (2, 1) for busy in (False, True)]
+    # The trainer's governor (moas.train.threads): starts at 2 threads, reads the machine every second.
+    settings += [(2, busy, False, True) for busy in (False, True)]
+    for threads, busy, passive, governed in settings:
+        s, final = one(threads, busy, passive, a.steps, governed)
+        row = {
+            "threads": threads,
+            "busy_core": busy,
+            "omp_passive": passive,
+            "governed": governed,
+            "final_threads": final,
+            "step_s": round(s, 3),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     idle2 = next(
-        r["step_s"] for r in rows if r["threads"] == 2 and not r["busy_core"] and not r["omp_passive"]
+        r["step_s"]
+        for r in rows
+        if r["threads"] == 2 and not r["busy_core"] and not r["omp_passive"] and not r["governed"]
     )
     for r in rows:
         r["vs_2_threads_idle"] = round(r["step_s"] / idle2, 2)

@@ -81,11 +81,14 @@ class ModelConfig:
         default_factory=lambda: [False, True, True]
     )  # cross-attn at each level
     layers_per_block: int = 1
-    attention_head_dim: int = 32  # channels per attention head
+    attention_head_dim: int = 32  # channels per attention head: a level of C channels has C // this heads
     cross_attention_dim: int = 768  # text/context width (the original's 768)
     norm_num_groups: int = 32
     conditioning_layers: int = 1  # zero-initialised residual MLP blocks in the ConditioningEncoder
     patch_size: int = 1  # fold p×p pixel patches into channels before the U-Net (p² cheaper top level)
+    # Set only for model files saved before the head rule above: they ran attention_head_dim heads at every
+    # level (moas.models.upgrade sets it when loading them); new models never set it.
+    legacy_head_count: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -101,6 +104,11 @@ class ModelConfig:
             "model.block_channels must be multiples of model.norm_num_groups",
         )
         _check(self.patch_size in (1, 2, 4), "model.patch_size must be 1, 2 or 4")
+        _check(
+            self.legacy_head_count
+            or all(c % self.attention_head_dim == 0 for c, a in zip(self.block_channels, self.cross_attention) if a),
+            "model.attention_head_dim (channels per head) must divide the width of every cross-attention level",
+        )
         _check(
             self.cross_attention_dim == 768,
             "model.cross_attention_dim must be 768 (the text encoder's width)",
@@ -233,6 +241,9 @@ class ResourceConfig:
     max_ram_gb: float = 14.4  # the original's budget: 16 GB - 1.6 GB OS reserve
     max_vram_gb: float = 11.4  # 12 GB - 0.6 GB reserve
     cpu_threads: int = 10  # torch intra-op threads (capped at the machine's cores)
+    # On the CPU, use fewer threads while other processes hold cores (moas.train.threads): spinning OpenMP
+    # threads on a shared core make a step ~3x slower. Off: the thread count never changes.
+    adapt_threads: bool = True
     loader_workers: int = 8  # upper bound for DataLoader workers
 
     def __post_init__(self) -> None:

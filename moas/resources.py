@@ -100,10 +100,13 @@ class EnhancedResourceManager:
         return max(snap.process_rss_gb / max(budget, 1e-9), machine)
 
     def vram_fraction(self, snap: ResourceSnapshot) -> float:
+        """VRAM pressure: what live tensors hold against the budget. Not what the allocator has reserved: a
+        run planned to the card keeps its cache near the budget by design and reuses it, so emptying the
+        cache would only make it allocate again (and synchronise every step)."""
         if not self.cuda:
             return 0.0
         budget = min(self.max_vram_gb or snap.vram_total_gb, snap.vram_total_gb)
-        return snap.vram_reserved_gb / max(budget, 1e-9)
+        return snap.vram_allocated_gb / max(budget, 1e-9)
 
     def cleanup_level(self, snap: ResourceSnapshot) -> str | None:
         ram, vram = self.ram_fraction(snap), self.vram_fraction(snap)
@@ -122,9 +125,10 @@ class EnhancedResourceManager:
                 torch.cuda.synchronize(self.device)
         self.cleanups[level] += 1
 
-    def maybe_cleanup(self) -> str | None:
-        """Check the thresholds and clean up if one is crossed; returns the level applied (or None)."""
-        snap = self.snapshot()
+    def maybe_cleanup(self, snap: ResourceSnapshot | None = None) -> str | None:
+        """Check the thresholds (on ``snap``, or a new snapshot) and clean up if one is crossed; returns the
+        level applied (or None)."""
+        snap = snap or self.snapshot()
         level = self.cleanup_level(snap)
         if level:
             log.info(
@@ -168,9 +172,9 @@ class EnhancedResourceManager:
             idx = min(idx + 1, len(ladder) - 1)
         return ladder[idx]
 
-    def brief(self) -> str:
-        """One line for performance.log."""
-        s = self.snapshot()
+    def brief(self, snap: ResourceSnapshot | None = None) -> str:
+        """One line for performance.log (of ``snap``, or a new snapshot)."""
+        s = snap or self.snapshot()
         line = (
             f"rss_gb={s.process_rss_gb:.2f} ram_used_gb={s.ram_used_gb:.2f} page_cache_gb={s.page_cache_gb:.2f} "
             f"ram_avail_gb={s.ram_available_gb:.2f} cpu_pct={s.cpu_percent:.0f}"

@@ -92,3 +92,52 @@ def test_generator_trains_brain_and_unet_from_the_diffusion_loss():
     assert all(p.grad is not None for p in g.unet.parameters() if p.requires_grad)
     rebuilt = MoasGenerator(**g.init_args)
     rebuilt.load_state_dict(g.state_dict())  # constructor args rebuild the same network
+
+
+def _heads(model: nn.Module) -> dict[str, int]:
+    return {n: m.heads for n, m in model.named_modules() if n.endswith(("attn1", "attn2"))}
+
+
+def test_attention_heads_are_channels_over_head_dim_per_level():
+    m = DiffusionModel(32, [64, 128, 192], [False, True, True], attention_head_dim=32, patch_size=2)
+    heads = _heads(m)
+    assert heads["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2"] == 4  # 128 // 32
+    assert heads["unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1"] == 6  # 192 // 32
+    assert heads["unet.mid_block.attentions.0.transformer_blocks.0.attn2"] == 6
+    assert heads["unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1"] == 4
+    for name, mod in m.named_modules():
+        if name.endswith("attn1"):
+            assert mod.inner_dim // mod.heads == 32  # every head has head_dim channels
+
+
+def test_files_from_before_the_head_rule_keep_their_head_count():
+    from moas.config import MoasConfig
+    from moas.models.upgrade import upgrade_model_args
+    from moas.train.builders import generator_args
+
+    mc = ModelConfig(block_channels=[32, 32], cross_attention=[False, True], attention_head_dim=16)
+    new = MoasGenerator(16, asdict(mc), asdict(TextConfig()))
+    assert set(_heads(new).values()) == {2}
+    old_args = dict(new.init_args)
+    old_args["model"] = {k: v for k, v in old_args["model"].items() if k != "legacy_head_count"}
+    up = upgrade_model_args(old_args)
+    assert up["model"]["legacy_head_count"] is True
+    old = MoasGenerator(**up)
+    assert set(_heads(old).values()) == {16}  # diffusers' reading of attention_head_dim, as trained
+    old.load_state_dict(new.state_dict())  # same weights, another head split
+    x, t, text = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), _text()
+    with torch.no_grad():
+        assert not torch.allclose(old(x, t, text).pred, new(x, t, text).pred)
+    assert upgrade_model_args(new.init_args)["model"]["legacy_head_count"] is False
+    # resuming (or fine-tuning) such a run keeps its split; a new run gets the rule
+    assert generator_args(MoasConfig(), old_args)["model"]["legacy_head_count"] is True
+    assert generator_args(MoasConfig())["model"]["legacy_head_count"] is False
+
+
+def test_head_dim_must_divide_the_attention_levels():
+    import pytest
+
+    from moas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention_head_dim"):
+        ModelConfig(block_channels=[32, 96], cross_attention=[False, True], attention_head_dim=64)

@@ -12,7 +12,7 @@ import torch
 from moas.data.sampler import BucketBatchSampler
 from moas.resources import EnhancedResourceManager, L3CacheManager
 from moas.train.adaptive import AdaptiveTrainingSystem
-from moas.train.batches import ResumableBatchSampler, steps_per_epoch
+from moas.train.batches import ResumableBatchSampler, RunBatchSampler, steps_per_epoch
 from moas.train.distributed import context_from_env
 from moas.train.faults import FaultInjector
 from moas.train.hpo import BATCH_CHOICES, CONTINUOUS, AutomaticHyperparameterOptimizer, Trial
@@ -53,6 +53,43 @@ def test_a_smaller_micro_batch_trains_on_the_same_images_in_every_step():
     assert sum(ResumableBatchSampler(plan, 2, 3, micro_batch=4), []) == sum(
         ResumableBatchSampler(plan, 2, 6, micro_batch=2), []
     )
+
+
+class PidDataset(torch.utils.data.Dataset):
+    """Item i = (i, the pid of the process that loaded it)."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return i, os.getpid()
+
+
+def test_one_loader_with_persistent_workers_serves_every_epoch_and_a_new_micro_batch():
+    from torch.utils.data import DataLoader
+
+    from moas.data.loader import loader_kwargs
+
+    plan = BucketBatchSampler([0] * 40, [1.0] * 40, 8, seed=2)
+    batches = RunBatchSampler()
+    loader = DataLoader(PidDataset(), batch_sampler=batches, **loader_kwargs(2, torch.device("cpu")))
+    seen, pids = [], set()
+    batches.position(ResumableBatchSampler(plan, 0, micro_batch=8))
+    for k, (idx, pid) in enumerate(loader):  # an epoch left early, as out-of-memory recovery leaves it
+        pids |= set(pid.tolist())
+        if k == 1:
+            break
+    for epoch, start, micro in ((0, 4, 4), (1, 0, 4), (2, 0, 8)):  # resumed at a step, then whole epochs
+        batches.position(ResumableBatchSampler(plan, epoch, start, micro_batch=micro))
+        got = []
+        for idx, pid in loader:
+            got.append(idx.tolist())
+            pids |= set(pid.tolist())
+        seen.append(got)
+        assert got == list(ResumableBatchSampler(plan, epoch, start, micro_batch=micro))
+    assert len(seen[0]) == len(ResumableBatchSampler(plan, 0, micro_batch=4)) - 4
+    assert len(pids) == 2 and os.getpid() not in pids  # the same two worker processes all along
+    del loader
 
 
 def test_resumable_sampler_skips_and_shards_evenly():

@@ -35,19 +35,25 @@ class NoiseSchedule:
         self.prediction_type = prediction_type
         self.min_snr_gamma = min_snr_gamma
 
-    def _at(self, table: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return table.to(t.device)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    def _on(self, device: torch.device) -> None:
+        """Keep the tables where the timesteps are: moved once, not copied to the GPU at every lookup."""
+        if self.alpha.device != device:
+            self.alpha, self.sigma, self.snr = (x.to(device) for x in (self.alpha, self.sigma, self.snr))
+
+    def _at(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        self._on(t.device)
+        return getattr(self, name)[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._at(self.alpha, t) * x0 + self._at(self.sigma, t) * noise
+        return self._at("alpha", t) * x0 + self._at("sigma", t) * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "epsilon":
             return noise
-        return self._at(self.alpha, t) * noise - self._at(self.sigma, t) * x0  # v
+        return self._at("alpha", t) * noise - self._at("sigma", t) * x0  # v
 
     def predict_x0(self, x_t: torch.Tensor, pred: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s = self._at(self.alpha, t), self._at(self.sigma, t)
+        a, s = self._at("alpha", t), self._at("sigma", t)
         if self.prediction_type == "epsilon":
             return (x_t - s * pred) / a
         return a * x_t - s * pred
@@ -60,6 +66,7 @@ class NoiseSchedule:
         """
         if self.min_snr_gamma <= 0:
             return torch.ones(t.shape, device=t.device)
-        snr = self.snr.to(t.device)[t]
+        self._on(t.device)
+        snr = self.snr[t]
         clipped = snr.clamp(max=self.min_snr_gamma)
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr

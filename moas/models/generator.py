@@ -82,6 +82,7 @@ class MoasGenerator(nn.Module):
             cross_attention_dim=m.cross_attention_dim,
             norm_num_groups=m.norm_num_groups,
             patch_size=m.patch_size,
+            legacy_head_count=m.legacy_head_count,
         )
         self.style_dim = style_dim
         if style_dim:

@@ -18,6 +18,19 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 
+def attention_heads(
+    block_channels: list[int], head_dim: int, legacy: bool = False
+) -> tuple[int, ...]:
+    """Attention heads per level: ``channels // head_dim``, so every head has ``head_dim`` channels.
+
+    ``legacy``: models saved before this rule ran ``head_dim`` heads at every level (diffusers takes its
+    ``attention_head_dim`` argument as a head count), e.g. 32 heads of 4 channels at a 128-wide level; their
+    weights fit either way, so they keep the head split they were trained with."""
+    if legacy:
+        return (head_dim,) * len(block_channels)
+    return tuple(max(1, c // head_dim) for c in block_channels)
+
+
 class DiffusionModel(nn.Module):
     def __init__(
         self,
@@ -30,10 +43,12 @@ class DiffusionModel(nn.Module):
         norm_num_groups: int = 32,
         patch_size: int = 1,
         in_channels: int = 3,
+        legacy_head_count: bool = False,
     ) -> None:
         super().__init__()
         if resolution % (patch_size * 2 ** (len(block_channels) - 1)):
             raise ValueError("resolution must be divisible by patch_size * 2**(levels - 1)")
+        heads = attention_heads(block_channels, attention_head_dim, legacy_head_count)
         self.patch_size = patch_size
         self.channels_last = False
         ch = in_channels * patch_size**2
@@ -48,7 +63,8 @@ class DiffusionModel(nn.Module):
             up_block_types=up,
             mid_block_type="UNetMidBlock2DCrossAttn",
             layers_per_block=layers_per_block,
-            attention_head_dim=attention_head_dim,
+            # diffusers reads this argument as the number of heads per level (its own naming quirk).
+            attention_head_dim=heads,
             cross_attention_dim=cross_attention_dim,
             norm_num_groups=norm_num_groups,
             # The pooled text vector joins the timestep embedding: a cheap, fast-learning global path

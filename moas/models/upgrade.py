@@ -25,9 +25,13 @@ def upgrade_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
     """``model_args`` of any release → arguments for this release's ``MoasGenerator`` (same weights).
 
     A file saved before the brain existed has no ``brain`` and stays text-only; a brain saved before a
-    later feature gets that feature switched off.
+    later feature gets that feature switched off; a U-Net saved before the per-level head rule keeps its
+    old head count (``legacy_head_count``).
     """
     out = dict(model_args)
+    if "model" in out and "legacy_head_count" not in out["model"]:
+        # Saved before heads = channels // attention_head_dim: keep the head split it was trained with.
+        out["model"] = {**out["model"], "legacy_head_count": True}
     missing = features_missing(model_args)
     if missing:
         out["brain"] = {**model_args["brain"], **dict.fromkeys(missing, False)}

@@ -58,3 +58,25 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, len(self.batches) - self.start_batch)
+
+
+class RunBatchSampler(Sampler[list[int]]):
+    """The batch sampler of the run's one DataLoader: it yields whatever epoch position it was last given.
+
+    A DataLoader asks its batch sampler for a new iterator each time it is iterated, in the main process, so
+    moving this sampler to the next epoch (or to a smaller micro-batch after an out-of-memory error) is all
+    it takes to keep one loader — and its persistent worker processes — for the whole run."""
+
+    def __init__(self) -> None:
+        self.current: ResumableBatchSampler | None = None
+
+    def position(self, sampler: ResumableBatchSampler) -> None:
+        self.current = sampler
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.current is None:
+            raise RuntimeError("RunBatchSampler.position() must be called before the loader is iterated")
+        yield from self.current
+
+    def __len__(self) -> int:
+        return 0 if self.current is None else len(self.current)

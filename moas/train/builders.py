@@ -31,7 +31,7 @@ from moas.eval.validate import Validator, find_demo_manifest, split_holdout
 from moas.inference.model_file import ModelFile
 from moas.inference.prompt_file import read_sample_prompts
 from moas.models.generator import MoasGenerator
-from moas.models.upgrade import features_missing
+from moas.models.upgrade import features_missing, upgrade_model_args
 from moas.monitor.dashboard import Dashboard
 from moas.monitor.run_folder import new_run_dir
 from moas.monitor.run_monitor import RunMonitor
@@ -63,6 +63,7 @@ from moas.train.schedule import WarmupCosineRestarts
 from moas.train.sequences import PanelTraining
 from moas.train.speed import speed_up_unet
 from moas.train.state import TrainState
+from moas.train.threads import thread_governor
 
 log = logging.getLogger("moas.train.loop")
 
@@ -78,7 +79,9 @@ def build_runtime(cfg: MoasConfig, dist_ctx: DistContext | None = None) -> Runti
     resources = EnhancedResourceManager(
         rc.max_ram_gb, rc.max_vram_gb, rc.cpu_threads, rc.loader_workers, device
     )
-    return Runtime(dist_ctx, device, threads, resources, autocast_dtype(device, cfg.train.mixed_precision))
+    governor = thread_governor(rc.adapt_threads, device, threads)
+    amp = autocast_dtype(device, cfg.train.mixed_precision)
+    return Runtime(dist_ctx, device, threads, resources, amp, governor)
 
 
 def training_data_summary(cfg: MoasConfig, data: TrainingData) -> dict:
@@ -127,7 +130,7 @@ def build_base(cfg: MoasConfig, resume_path: Path | None) -> ModelFile | None:
         return None
     base = read_base_model(cfg.train.init_from)
     with torch.device("meta"):
-        run_args = MoasGenerator(**generator_args(cfg)).init_args
+        run_args = MoasGenerator(**generator_args(cfg, base.model_args)).init_args
     check_compatible(base, cfg.train.init_from, run_args)
     return base
 
@@ -163,14 +166,17 @@ def build_data(cfg: MoasConfig, encoder_id: str | None, progress: bool, runtime:
 
 def generator_args(cfg: MoasConfig, saved_args: dict | None = None) -> dict:
     """The generator's constructor arguments from the config; a checkpoint from before a later brain
-    feature (``saved_args``) is rebuilt without it, so its weights load strictly."""
-    brain = asdict(cfg.brain)
-    for key in features_missing(saved_args) if saved_args is not None else ():
-        brain[key] = False
+    feature (``saved_args``) is rebuilt without it, so its weights load strictly, and one from before the
+    per-level head rule (or a fine-tune of such a model) keeps the head split it was trained with."""
+    brain, model = asdict(cfg.brain), asdict(cfg.model)
+    if saved_args is not None:
+        for key in features_missing(saved_args):
+            brain[key] = False
+        model["legacy_head_count"] = upgrade_model_args(saved_args)["model"]["legacy_head_count"]
     style_dim = STYLE_DIM if cfg.data.extract_style else 0
     return {
         "resolution": cfg.data.resolution,
-        "model": asdict(cfg.model),
+        "model": model,
         "text": asdict(cfg.text),
         "style_dim": style_dim,
         "brain": brain,
@@ -430,7 +436,7 @@ def build_run(
     base = build_base(cfg, resume_path)
     encoder_id = resume["text_encoder"] if resume else base.text_encoder if base else None
     data = build_data(cfg, encoder_id, progress, runtime)
-    saved_args = resume["model_args"] if resume else None
+    saved_args = resume["model_args"] if resume else base.model_args if base else None
     parts, state, plan, steps = build_parts(cfg, runtime, data, saved_args, base)
     model = parts.model
     if not model.panel_memory:

@@ -36,7 +36,7 @@ from moas.diffusion.objective import DiffusionObjective, ObjectiveOutput
 from moas.errors import MoasError
 from moas.inference.model_card import save_model
 from moas.monitor.step_log import StepReport, report_step
-from moas.train.batches import ResumableBatchSampler
+from moas.train.batches import ResumableBatchSampler, RunBatchSampler
 from moas.train.builders import build_run
 from moas.train.distributed import broadcast_from_main
 from moas.train.draws import StepDraws
@@ -106,6 +106,17 @@ class Trainer:
         self.last_loss, self.ips = float("nan"), 0.0
         self.oom_message = ""  # the out-of-memory error's first line (the error would keep its activations)
         self.group_bad = False
+        self._batches = RunBatchSampler()  # moved to each epoch's position; the loader stays
+        self._data_loader: DataLoader | None = None
+
+    def _loader(self) -> DataLoader:
+        """The run's one DataLoader: its worker processes (spawned, persistent) live as long as the run."""
+        if self._data_loader is None:
+            kw = loader_kwargs(self.settings.loader_workers, self.device)
+            self._data_loader = DataLoader(
+                self.data.dataset, batch_sampler=self._batches, collate_fn=smart_collate_fn, **kw
+            )
+        return self._data_loader
 
     # ----------------------------------------------------------------------------------- the loop
     def run(self) -> TrainResult:
@@ -126,6 +137,9 @@ class Trainer:
             except Exception as exc:
                 self._emergency_save(exc)
                 raise
+            finally:
+                # The loader's iterator stops its persistent workers when it is freed.
+                self._data_loader = None
         return self._finish()
 
     def _run_epoch(self) -> bool:
@@ -140,11 +154,9 @@ class Trainer:
             st.micro_batch,
         )
         n_batches = len(sampler.batches)
-        kw = loader_kwargs(self.settings.loader_workers, self.device)
-        kw["persistent_workers"] = False  # a new loader per epoch (and after an out-of-memory recovery)
-        loader = DataLoader(self.data.dataset, batch_sampler=sampler, collate_fn=smart_collate_fn, **kw)
+        self._batches.position(sampler)
         bar = tqdm(
-            loader,
+            self._loader(),
             desc=f"epoch {st.epoch + 1}/{self.settings.epochs}",
             unit="batch",
             disable=not self.progress or not self.dist.is_main,
@@ -303,7 +315,12 @@ class Trainer:
             lrs=p.lrs(),
             scalars=scalars,
         )
-        report_step(self.monitor, report, self.runtime.resources.brief(), bar)
+        resources = self.runtime.resources
+        snap = resources.snapshot()  # one reading per step serves the log line and the cleanup check
+        report_step(self.monitor, report, resources.brief(snap), bar)
+        resources.maybe_cleanup(snap)
+        if self.runtime.governor is not None:
+            self.runtime.governor.poll()
 
     def _side_steps(self) -> dict[str, float]:
         """The discriminator's and the enhancer's steps. They recover from out of memory themselves (the same
@@ -341,7 +358,6 @@ class Trainer:
             )
         if s.save_every_steps and st.global_step % s.save_every_steps == 0:
             self.save(step_checkpoint_name(st.global_step))
-        self.runtime.resources.maybe_cleanup()
         return bool(s.max_steps and st.global_step >= s.max_steps)
 
     def _end_epoch(self, stop: bool) -> None:

@@ -24,6 +24,7 @@ from moas.train.ema import EMA
 from moas.train.optim import load_optimizer_state
 from moas.train.precision import load_scaler_state
 from moas.train.schedule import WarmupCosineRestarts
+from moas.train.threads import ThreadGovernor
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Runtime:
     threads: int
     resources: EnhancedResourceManager
     amp_dtype: torch.dtype | None  # autocast dtype; None = fp32
+    governor: ThreadGovernor | None = None  # CPU threads that follow the free cores (moas.train.threads)
 
 
 @dataclass
