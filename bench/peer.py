@@ -109,7 +109,9 @@ class Peer:
         dataset = build_dataset(cfg, str(data_dir), progress=False)
         self.images = torch.stack([to_model_range(dataset[i]["pixels"]) for i in range(len(dataset))])
         enc = TextEncoder(cfg.text.model_name, max_tokens=cfg.text.max_tokens)
-        self.text = caption_inputs(enc, dataset.captions(), "cpu")  # (N, L, 768) tokens, (N, G, 768) tags, masks
+        self.text = caption_inputs(
+            enc, dataset.captions(), "cpu"
+        )  # (N, L, 768) tokens, (N, G, 768) tags, masks
         self.tokens, self.mask = self.text["tokens"], self.text["mask"]
         self.network = network
         self.generator = MoasGenerator(**generator_args(cfg))

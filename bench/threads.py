@@ -68,7 +68,15 @@ def one(threads: int, busy: bool, passive: bool, steps: int, governed: bool = Fa
     try:
         time.sleep(0.5 if busy else 0)
         out = subprocess.run(
-            [sys.executable, "-c", WORKER, str(threads), str(steps), "governed" if governed else "fixed", "1.0"],
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                str(threads),
+                str(steps),
+                "governed" if governed else "fixed",
+                "1.0",
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -88,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "threads.json"))
     a = ap.parse_args(argv)
     rows = []
-    settings = [(t, busy, passive, False) for passive in (False, True) for t in (2, 1) for busy in (False, True)]
+    settings = [
+        (t, busy, passive, False) for passive in (False, True) for t in (2, 1) for busy in (False, True)
+    ]
     # The trainer's governor (moas.train.threads): starts at 2 threads, reads the machine every second.
     settings += [(2, busy, False, True) for busy in (False, True)]
     for threads, busy, passive, governed in settings:

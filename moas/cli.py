@@ -83,9 +83,20 @@ def _plan_for_gpu(cfg):
 
     if resolve_device(cfg.resources.device).type != "cuda":
         return cfg
-    from moas.train.plans import apply_memory_plan, memory_plan
+    import torch
 
-    plan = memory_plan(cfg)
+    from moas.train.plans import apply_memory_plan, memory_plan, plan_budget_gb
+
+    free_gb = torch.cuda.mem_get_info(resolve_device(cfg.resources.device))[0] / 2**30
+    budget = plan_budget_gb(cfg.resources.max_vram_gb, free_gb)
+    if budget < cfg.resources.max_vram_gb:  # less is free than the plan would fill
+        log.warning(
+            "Only %.1f GB of the GPU's memory is free now (other programs hold the rest, e.g. the display); "
+            "the memory plan uses that instead of resources.max_vram_gb = %.1f.",
+            free_gb,
+            cfg.resources.max_vram_gb,
+        )
+    plan = memory_plan(cfg, budget)
     for line in plan.describe().splitlines():
         log.info(line)
     if not plan.fits:

@@ -37,6 +37,7 @@ class DataConfig:
     resolution: int = 32  # training side length in pixels (square centre crop); the U-Net's base resolution
     cache_dir: str = "cache/preprocessed"  # content-keyed tensor cache of decoded, resized pixels
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+    ram_cache_gb: float = 1.0  # cache entries kept in RAM after their first read (shared among workers)
     max_bad_fraction: float = 0.5  # stop before epoch 1 if more than this fraction of files is unreadable
     bucketing: bool = False  # aspect-ratio buckets (area ≈ resolution²) instead of the square centre crop
     bucket_max_aspect: float = 2.0  # most elongated bucket allowed (long side / short side)
@@ -53,6 +54,7 @@ class DataConfig:
             "data.resolution must be a multiple of 8, at least 16",
         )
         _check(self.num_workers >= 0, "data.num_workers must be 0 or more")
+        _check(self.ram_cache_gb >= 0, "data.ram_cache_gb must be 0 or more")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be between 0 and 1")
         _check(self.bucket_max_aspect >= 1.0, "data.bucket_max_aspect must be at least 1")
         _check(self.keep_tokens >= 0, "data.keep_tokens must be 0 or more")
@@ -106,7 +108,11 @@ class ModelConfig:
         _check(self.patch_size in (1, 2, 4), "model.patch_size must be 1, 2 or 4")
         _check(
             self.legacy_head_count
-            or all(c % self.attention_head_dim == 0 for c, a in zip(self.block_channels, self.cross_attention) if a),
+            or all(
+                c % self.attention_head_dim == 0
+                for c, a in zip(self.block_channels, self.cross_attention, strict=True)
+                if a
+            ),
             "model.attention_head_dim (channels per head) must divide the width of every cross-attention level",
         )
         _check(

@@ -172,6 +172,20 @@ class EnhancedResourceManager:
             idx = min(idx + 1, len(ladder) - 1)
         return ladder[idx]
 
+    def log_start(self, resolution: int, base_batch: int) -> None:
+        """One line at the start of a run: what is free, and the resolution table's batch."""
+        snap = self.snapshot()
+        log.info(
+            "Resources: RAM %.1f GB available (process %.1f GB, page cache %.1f GB)%s; "
+            "resolution-table batch at %d px: %d.",
+            snap.ram_available_gb,
+            snap.process_rss_gb,
+            snap.page_cache_gb,
+            f", VRAM {snap.vram_free_gb:.1f} of {snap.vram_total_gb:.1f} GB free" if self.cuda else "",
+            resolution,
+            self.resolution_batch(base_batch, resolution),
+        )
+
     def brief(self, snap: ResourceSnapshot | None = None) -> str:
         """One line for performance.log (of ``snap``, or a new snapshot)."""
         s = snap or self.snapshot()

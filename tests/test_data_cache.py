@@ -151,3 +151,38 @@ def test_kill_during_cache_write_leaves_no_entry_that_loads_wrong(tmp_path):
     fresh.validate(progress=False)
     for i in range(5):
         assert torch.equal(d[i]["pixels"], fresh[i]["pixels"])
+
+
+def test_entries_stay_in_ram_up_to_the_budget_and_the_first_ones_are_kept(tmp_path, monkeypatch):
+    data = _folder(_mk(tmp_path / "data"), n=6)
+    plain = ArtDataset(data, 16, tmp_path / "cache")
+    plain.validate(progress=False, encoder=TextEncoder(None, allow_bundled=False))
+    expected = [plain[i] for i in range(len(plain))]
+    reads: list[Path] = []
+    real = ds.load_entry
+    monkeypatch.setattr(ds, "load_entry", lambda p, size: reads.append(Path(p)) or real(p, size))
+    entry_bytes = sum(
+        t.numel() * t.element_size() for t in real(plain._entries[0], (16, 16)).values() if torch.is_tensor(t)
+    )
+
+    unvalidated = ArtDataset(data, 16, tmp_path / "cache", ram_cache_bytes=10**9)
+    unvalidated[0], unvalidated[0]
+    assert unvalidated._ram == {}  # only entries validation has checked are kept
+
+    def epochs(budget: int) -> list[int]:
+        d = ArtDataset(data, 16, tmp_path / "cache", ram_cache_bytes=budget)
+        d.validate(progress=False, encoder=TextEncoder(None, allow_bundled=False))
+        reads.clear()
+        counts = []
+        for _ in range(3):
+            for i in range(len(d)):
+                item = d[i]
+                assert torch.equal(item["pixels"], expected[i]["pixels"])
+                assert torch.equal(item["image_embed"], expected[i]["image_embed"])
+            counts.append(len(reads))
+            reads.clear()
+        return counts
+
+    assert epochs(10**9) == [6, 0, 0]  # everything fits: later epochs read no file
+    assert epochs(int(2.5 * entry_bytes)) == [6, 4, 4]  # two fit: those two are never read again
+    assert epochs(0) == [6, 6, 6]  # off

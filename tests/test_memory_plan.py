@@ -19,7 +19,7 @@ from moas.train.memory_plan import (
     plan_memory,
     traced_activation_bytes,
 )
-from moas.train.plans import apply_memory_plan, memory_plan
+from moas.train.plans import apply_memory_plan, memory_plan, plan_budget_gb
 
 
 def test_trace_counts_what_autograd_keeps():
@@ -94,6 +94,17 @@ def test_the_rtx3060_profile_is_planned_under_its_budget():
     planned = apply_memory_plan(cfg, plan)
     assert planned.train.batch_size == plan.micro_batch and planned.enhance.batch_size == plan.enhance_batch
     assert plan.state.weights > 0.9 * GB  # the ~300 M-parameter generator, counted on the meta device
+
+
+def test_a_card_with_less_free_memory_than_the_budget_is_planned_for_what_is_free():
+    assert plan_budget_gb(11.4, 11.9) == 11.4  # a 12 GB card with nothing else on it
+    assert plan_budget_gb(11.4, 11.0) == 11.4  # still holds all the plan fills (95 % of the budget)
+    assert plan_budget_gb(11.4, 10.6) == 10.6  # the display holds 1.3 GB
+    cfg = load_config("rtx3060_12gb", use_env=False)
+    tight = memory_plan(cfg, plan_budget_gb(11.4, 9.0))
+    assert tight.fits and tight.peak <= 9.0 * GB
+    assert tight.micro_batch * tight.grad_accum == cfg.train.batch_size * cfg.train.grad_accum_steps
+    assert (tight.micro_batch, tight.checkpointing) != (memory_plan(cfg).micro_batch, False)
 
 
 def test_dry_run_prints_the_plan(capsys, workdir):

@@ -2,7 +2,8 @@
 
 * gradient checkpointing and channels_last compute what the default U-Net computes (to float rounding);
 * the EMA's one-call ``torch._foreach_lerp_`` gives the same bits as the per-tensor loop it replaces;
-* ``torch.compile`` failing, at once or at the first call, leaves one warning and an uncompiled U-Net;
+* ``torch.compile`` failing, at once, at the first call or in a later backward, leaves one warning and an
+  uncompiled U-Net (a failed step is redone from its start);
 * an out-of-memory error in the enhancer's step is recovered by redoing it in chunks, after the failed
   pass's activations are gone; one that cannot be recovered ends the run with a checkpoint that resumes.
 """
@@ -205,6 +206,81 @@ def test_an_out_of_memory_error_in_the_compiled_unet_is_not_taken_for_a_compile_
     assert compile_forward(model.unet)
     with pytest.raises(torch.OutOfMemoryError), torch.no_grad():
         model(*unet_inputs())
+
+
+def failing_in_backward(path: str = "/site-packages/torch/_inductor/output_code.py"):
+    """A stand-in for a compiled forward whose generated backward kernel fails at its second use, as
+    inductor's did on this CPU (a stride assertion): the raising frame lives at ``path``."""
+    ns: dict = {}
+    exec(
+        compile(
+            "def kernel(g):\n    raise AssertionError('expected size 4==6, stride mismatch')\n", path, "exec"
+        ),
+        ns,
+    )
+
+    class Boom(torch.autograd.Function):
+        uses = 0
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            Boom.uses += 1
+            return ns["kernel"](g) if Boom.uses == 2 else g
+
+    def compiler(fn, **kw):
+        def compiled(*a, **k):
+            out = fn(*a, **k)
+            return type(out)(sample=Boom.apply(out.sample))
+
+        return compiled
+
+    return compiler
+
+
+def test_compile_that_fails_in_a_later_backward_redoes_that_step_uncompiled(
+    tmp_path, demo_dir, monkeypatch, caplog
+):
+    """Step 2's backward raises from the compiler's code: the step is redone from its start with the eager
+    U-Net, so the run ends with exactly the weights and losses of a run that never compiled."""
+    eager = train(
+        tiny(tmp_path / "eager", demo_dir / "train", max_steps=3, grad_accum_steps=1), progress=False
+    )
+    monkeypatch.setattr(torch, "compile", failing_in_backward())
+    cfg = tiny(tmp_path / "compiled", demo_dir / "train", max_steps=3, grad_accum_steps=1, compile=True)
+    with caplog.at_level(logging.WARNING, logger="moas.train.loop"):
+        compiled = train(cfg, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "stride mismatch" in warnings[0]
+    assert compiled.global_step == eager.global_step == 3 and compiled.skipped_steps == 0
+    a = load_checkpoint(find_latest_checkpoint(tmp_path / "eager" / "ckpt"))
+    b = load_checkpoint(find_latest_checkpoint(tmp_path / "compiled" / "ckpt"))
+    differ = {k for k, v in a["model"].items() if not torch.equal(v, b["model"][k])}
+    # Only the MoE's usage counters differ: they count the failed forward pass as well.
+    assert differ == {
+        f"brain.flow.stages.moe.{k}" for k in ("call_count", "success_rate", "load_sum", "load_calls")
+    }
+    assert [v for _, v in tensorboard_scalars(compiled.run_dir, "loss/total")] == [
+        v for _, v in tensorboard_scalars(eager.run_dir, "loss/total")
+    ]
+
+
+def test_only_errors_from_the_compiler_are_taken_for_compile_failures():
+    ours = failing_in_backward("/home/me/moas/losses/terms.py")
+    for compiler, expected in ((failing_in_backward(), True), (ours, False)):
+        model = tiny_unet()
+        compiled = compile_forward(model.unet, compiler)
+        loss = model(*unet_inputs()).sum()
+        loss.backward()  # the first backward works
+        with pytest.raises(AssertionError) as err:
+            model(*unet_inputs()).sum().backward()
+        assert compiled.caused(err.value) is expected
+    assert not compiled.caused(torch.OutOfMemoryError("CUDA out of memory."))
+    compiled.fall_back(RuntimeError("x"))
+    assert not compiled.active and not compiled.caused(err.value)
 
 
 # -------------------------------------------------------------------------------- out of memory

@@ -75,7 +75,7 @@ def test_one_loader_with_persistent_workers_serves_every_epoch_and_a_new_micro_b
     loader = DataLoader(PidDataset(), batch_sampler=batches, **loader_kwargs(2, torch.device("cpu")))
     seen, pids = [], set()
     batches.position(ResumableBatchSampler(plan, 0, micro_batch=8))
-    for k, (idx, pid) in enumerate(loader):  # an epoch left early, as out-of-memory recovery leaves it
+    for k, (_idx, pid) in enumerate(loader):  # an epoch left early, as out-of-memory recovery leaves it
         pids |= set(pid.tolist())
         if k == 1:
             break

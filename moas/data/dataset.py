@@ -113,6 +113,7 @@ class ArtDataset(Dataset):
         max_aspect: float = 2.0,
         extract_style: bool = False,
         panel_context: int = 0,
+        ram_cache_bytes: int = 0,
     ) -> None:
         self.root = Path(root)
         self.panel_context = panel_context  # previous panels loaded per item (0: none)
@@ -138,6 +139,12 @@ class ArtDataset(Dataset):
         self._entries: list[Path | None] | None = None  # known entry files after validate()
         self._captions: list[str] | None = None
         self.rebuilt = 0  # entries (re)built by this process, for tests and the report
+        # Validated entries kept in RAM after their first read, up to this many bytes per process (split
+        # between DataLoader workers); the first ones that fit stay, so a set larger than the budget still
+        # gets that share of hits every epoch, where least-recently-used would cycle through and hit none.
+        self.ram_cache_bytes = ram_cache_bytes
+        self._ram: dict[int, dict[str, torch.Tensor]] = {}
+        self._ram_used = 0
 
     # ---- the original's disabled fallback -------------------------------------------------------
 
@@ -325,6 +332,23 @@ class ArtDataset(Dataset):
         return torch.stack(out) if out else torch.zeros(0, 3, *size, dtype=torch.uint8)
 
     def _load_entry(self, index: int) -> dict[str, torch.Tensor]:
+        entry = self._ram.get(index)
+        if entry is None:
+            entry = self._read_entry(index)
+            self._keep_in_ram(index, entry)
+        return entry
+
+    def _keep_in_ram(self, index: int, entry: dict[str, torch.Tensor]) -> None:
+        if self._entries is None or not self.ram_cache_bytes:  # only what validation checked
+            return
+        worker = torch.utils.data.get_worker_info()
+        budget = self.ram_cache_bytes // (worker.num_workers if worker is not None else 1)
+        size = sum(t.numel() * t.element_size() for t in entry.values() if isinstance(t, torch.Tensor))
+        if self._ram_used + size <= budget:
+            self._ram[index] = entry
+            self._ram_used += size
+
+    def _read_entry(self, index: int) -> dict[str, torch.Tensor]:
         path = self.paths[index]
         b = self.bucket_ids[index]
         ep = self._entries[index] if self._entries is not None else None

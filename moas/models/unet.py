@@ -18,9 +18,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 
-def attention_heads(
-    block_channels: list[int], head_dim: int, legacy: bool = False
-) -> tuple[int, ...]:
+def attention_heads(block_channels: list[int], head_dim: int, legacy: bool = False) -> tuple[int, ...]:
     """Attention heads per level: ``channels // head_dim``, so every head has ``head_dim`` channels.
 
     ``legacy``: models saved before this rule ran ``head_dim`` heads at every level (diffusers takes its

@@ -107,6 +107,7 @@ def build_dataset(cfg: MoasConfig, folder: str, encoder=None, progress: bool = T
         divisor=model_divisor(cfg),
         max_aspect=d.bucket_max_aspect,
         extract_style=d.extract_style,
+        ram_cache_bytes=int(d.ram_cache_gb * 2**30),
         # Previous panels only matter to a model with panel memory (moas.models.panel_memory).
         panel_context=cfg.train.panel_context
         if cfg.brain.conditioning == "moas" and cfg.brain.panel_memory
@@ -269,20 +270,6 @@ def build_ema(cfg: MoasConfig, model: torch.nn.Module) -> EMA:
     return EMA(model, cfg.train.ema_decay)
 
 
-def log_resources(resources: EnhancedResourceManager, cfg: MoasConfig) -> None:
-    snap = resources.snapshot()
-    log.info(
-        "Resources: RAM %.1f GB available (process %.1f GB, page cache %.1f GB)%s; "
-        "resolution-table batch at %d px: %d.",
-        snap.ram_available_gb,
-        snap.process_rss_gb,
-        snap.page_cache_gb,
-        f", VRAM {snap.vram_free_gb:.1f} of {snap.vram_total_gb:.1f} GB free" if resources.cuda else "",
-        cfg.data.resolution,
-        resources.resolution_batch(cfg.train.batch_size, cfg.data.resolution),
-    )
-
-
 def build_monitor(
     cfg: MoasConfig,
     run_dir: Path,
@@ -345,7 +332,9 @@ def build_parts(
         load_base_weights(model, base, tc.init_from)
     continuous = build_continuous(cfg)
     ema = build_ema(cfg, model)
-    speed_up_unet(model, ema.model, device, tc.channels_last, tc.gradient_checkpointing, tc.compile)
+    compiled = speed_up_unet(
+        model, ema.model, device, tc.channels_last, tc.gradient_checkpointing, tc.compile
+    )
     opt = build_optimizer(cfg, model)
     state = TrainState(
         micro_batch=min(tc.batch_size, max(1, len(data.dataset) // dist.world_size)),
@@ -371,7 +360,8 @@ def build_parts(
             tc.init_from,
             " (and its enhancer)" if load_base_enhancer(domain.enhancer, base) else "",
         )
-    parts = TrainingParts(model, model, ema, opt, sched, scaler, build_adaptive(cfg), continuous, domain)
+    adaptive = build_adaptive(cfg)
+    parts = TrainingParts(model, model, ema, opt, sched, scaler, adaptive, continuous, domain, compiled)
     log.info(
         "Generator: %.1fM parameters; %d steps/epoch × %d epochs; micro-batch %d × accumulation %d%s.",
         sum(p.numel() for p in model.parameters()) / 1e6,
@@ -446,7 +436,7 @@ def build_run(
         n_seq = sum(j >= 0 for j in data.dataset.prev_indices())
         log.info("Panel sequences: %d images follow a previous panel.", n_seq)
     objective = build_objective(cfg)
-    log_resources(runtime.resources, cfg)
+    runtime.resources.log_start(cfg.data.resolution, cfg.train.batch_size)
     previous_run = Path()
     if resume is not None:
         state, previous_run = resume_state(resume, resume_path, state, parts, dist.rank, dist.world_size)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,28 +47,18 @@ from moas.train.precision import autocast_factory
 from moas.train.saving import CheckpointPolicy, RunRecord, model_file_contents, save_at_boundary
 from moas.train.sequences import PanelTraining, ddp_touch
 from moas.train.signals import GracefulStop, TrainingInterrupted
-from moas.train.state import TrainState, emergency_checkpoint_name, step_checkpoint_name
+from moas.train.state import TrainResult, TrainState, emergency_checkpoint_name, step_checkpoint_name
 
 log = logging.getLogger(__name__)
 error_log = logging.getLogger("moas.errors")
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    model_path: Path
-    epochs_done: int
-    global_step: int
-    final_loss: float
-    images_per_sec: float
-    skipped_steps: int = 0
-    micro_batch: int = 0
-    grad_accum: int = 0
-    last_model_path: Path | None = None  # the final weights; model_path is the best-scoring checkpoint
-
-
 class _OOMSignal(Exception):
     """Raised inside the batch loop to leave it and recover from an out-of-memory error."""
+
+
+class _RedoStep(Exception):
+    """Raised inside the batch loop to leave it and redo the current optimizer step from its start."""
 
 
 class Trainer:
@@ -128,6 +117,11 @@ class Trainer:
                         finished = self._run_epoch()
                     except _OOMSignal:
                         finished = None  # recovered below, once the error and what its frames hold are gone
+                    except _RedoStep:  # the compiled U-Net failed inside a step: redo it uncompiled
+                        self.parts.opt.zero_grad(set_to_none=True)
+                        self.x0_batch = self.x0_pred = self.draws = None
+                        self.state = self.state.at_boundary()
+                        continue
                     if finished is None:
                         self._recover_from_oom()
                     elif finished:
@@ -180,6 +174,11 @@ class Trainer:
                 self.faults.next_batch()
                 group_loss += self._micro_step(batch, last_of_group=j + 1 == st.grad_accum) / st.grad_accum
             except Exception as exc:
+                compiled = self.parts.compiled
+                if compiled is not None and compiled.caused(exc):  # e.g. in the compiled backward
+                    compiled.fall_back(exc)
+                    bar.close()
+                    raise _RedoStep from None
                 if not is_oom(exc):
                     raise
                 self.oom_message = first_line(exc)

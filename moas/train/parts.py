@@ -24,6 +24,7 @@ from moas.train.ema import EMA
 from moas.train.optim import load_optimizer_state
 from moas.train.precision import load_scaler_state
 from moas.train.schedule import WarmupCosineRestarts
+from moas.train.speed import CompiledForward
 from moas.train.threads import ThreadGovernor
 
 
@@ -38,6 +39,7 @@ class TrainingParts:
     adaptive: AdaptiveTrainingSystem | None  # the original's loss-curve lr rules (off by default)
     continuous: AdvancedContinuousLearning | None  # routing/expert-weight adjustment between epochs
     domain: DomainTraining  # domain losses, discriminator, enhancer
+    compiled: CompiledForward | None = None  # the U-Net's torch.compile'd forward, when on
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -22,7 +22,14 @@ from moas.text.encoder import HASH_ID, TextEncoder
 from moas.text.inputs import caption_inputs
 from moas.train.builders import generator_args, model_divisor
 from moas.train.disk import DiskPlan, SavePolicy, bytes_of, plan_disk
-from moas.train.memory_plan import GB, MemoryPlan, plan_memory, state_bytes, traced_activation_bytes
+from moas.train.memory_plan import (
+    GB,
+    RESERVE_FRACTION,
+    MemoryPlan,
+    plan_memory,
+    state_bytes,
+    traced_activation_bytes,
+)
 from moas.train.saving import milestone_epochs
 
 # A long caption: the planned text length is the longest the encoder gives.
@@ -101,6 +108,15 @@ def disk_plan(cfg: MoasConfig, steps_per_epoch: int = 0) -> DiskPlan:
     policy = SavePolicy.of(tc, milestone_epochs(tc.epochs), steps_per_epoch)
     nets = (bytes_of(m) for m in meta_networks(cfg))
     return plan_disk(policy, *nets, amsgrad=tc.amsgrad)
+
+
+def plan_budget_gb(configured_gb: float, free_gb: float) -> float:
+    """The memory the plan may use: ``resources.max_vram_gb`` while what is free when the run starts holds
+    the part of it the plan fills (all but its reserve), else what is free (a display on the same card
+    holds some, and so may another program)."""
+    if free_gb >= configured_gb * (1 - RESERVE_FRACTION):
+        return configured_gb
+    return round(free_gb, 2)
 
 
 def memory_plan(cfg: MoasConfig, budget_gb: float | None = None) -> MemoryPlan:

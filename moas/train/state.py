@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,3 +92,19 @@ def step_checkpoint_name(step: int) -> str:
 def emergency_checkpoint_name(state: TrainState, oom: bool = False) -> str:
     """``emergency_epoch_0003.pt`` (``emergency_oom_…`` after out of memory): the epoch of the boundary."""
     return f"emergency{'_oom' if oom else ''}_epoch_{state.boundary.epoch + 1:04d}.pt"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports: its folders and files, where it ended, its last speed."""
+
+    run_dir: Path
+    model_path: Path
+    epochs_done: int
+    global_step: int
+    final_loss: float
+    images_per_sec: float
+    skipped_steps: int = 0
+    micro_batch: int = 0
+    grad_accum: int = 0
+    last_model_path: Path | None = None  # the final weights; model_path is the best-scoring checkpoint

@@ -42,22 +42,48 @@ class ThreadGovernor:
         self.changes = 0
         self._process = psutil.Process()
         self._children: dict[int, psutil.Process] = {}
+        self._child_base: dict[int, float] = {}  # a child's CPU time when first seen
+        self._child_used: dict[int, float] = {}  # ... and what it has used since
+        self._gone = 0.0  # CPU-seconds of children that have ended
+        self._last: tuple[float, float, float] | None = None
         self._pending: int | None = None
         self._next = clock() + interval_s
-        self.read_usage()  # the first reading of a cpu_percent counter only starts it
+        self.read_usage()  # the first reading only sets the baseline
+
+    def _cpu_seconds(self) -> tuple[float, float, float]:
+        """(wall time, CPU-seconds the machine has been busy, CPU-seconds of this process and its children).
+
+        Counters of its own, read as differences between two of its calls: ``psutil.cpu_percent`` keeps one
+        process-wide baseline that every caller resets (the resource manager reads it each step)."""
+        t = psutil.cpu_times()
+        # Linux counts guest time inside user time as well; steal (another VM ran) is not free for us.
+        total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+        busy = total - t.idle - getattr(t, "iowait", 0.0)
+        own = self._process.cpu_times()
+        current: dict[int, float] = {}  # each child's CPU-seconds since it was first seen
+        for child in self._process.children(recursive=True):
+            known = self._children.setdefault(child.pid, child)
+            try:
+                c = known.cpu_times()
+            except psutil.Error:  # it ended meanwhile
+                continue
+            current[child.pid] = c.user + c.system - self._child_base.setdefault(child.pid, c.user + c.system)
+        for pid in self._child_used.keys() - current.keys():  # ended: keep what it used
+            self._gone += self._child_used.pop(pid)
+            self._children.pop(pid, None)
+            self._child_base.pop(pid, None)
+        self._child_used.update(current)
+        return time.monotonic(), busy, own.user + own.system + self._gone + sum(current.values())
 
     def read_usage(self) -> tuple[float, float]:
         """(cores busy on the whole machine, cores used by this process and its children) since the last
         reading."""
-        machine = psutil.cpu_percent(interval=None) / 100 * self.cores
-        mine = self._process.cpu_percent(interval=None) / 100
-        for child in self._process.children(recursive=True):
-            known = self._children.setdefault(child.pid, child)
-            try:
-                mine += known.cpu_percent(interval=None) / 100
-            except psutil.Error:  # it ended meanwhile
-                self._children.pop(child.pid, None)
-        return machine, mine
+        now = self._cpu_seconds()
+        last, self._last = self._last, now
+        if last is None:
+            return 0.0, 0.0
+        wall = max(now[0] - last[0], 1e-6)
+        return (now[1] - last[1]) / wall, (now[2] - last[2]) / wall
 
     def wanted(self, machine: float, mine: float) -> int:
         others = max(0.0, machine - mine)
