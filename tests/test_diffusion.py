@@ -36,7 +36,7 @@ def _oracle(ns, target_img):
     """The exact denoiser for data that is always ``target_img``: it knows x0, so v = (α x_t − x0)/σ."""
 
     def fn(x, t):
-        a, s = ns._at(ns.alpha, t), ns._at(ns.sigma, t)
+        a, s = ns._at("alpha", t), ns._at("sigma", t)
         return (a * x - target_img) / s
 
     return fn
