@@ -48,7 +48,8 @@ from moas.diffusion.schedule import make_train_scheduler  # noqa: E402
 from moas.models.generator import MoasGenerator  # noqa: E402
 from moas.text.encoder import TextEncoder  # noqa: E402
 from moas.text.inputs import caption_inputs  # noqa: E402
-from moas.train.builders import build_dataset, generator_args  # noqa: E402
+from moas.train.builders import generator_args  # noqa: E402
+from moas.train.data_setup import build_dataset  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

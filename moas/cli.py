@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from moas.cli_args import build_parser, translate_original_flags
-from moas.errors import MoasError
+from moas.errors import DataError, MoasError
 
 log = logging.getLogger("moas")
 
@@ -280,25 +280,39 @@ def cmd_make_data(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from moas.eval.evaluate import run_eval, summary, write_json
+    from moas.eval.folder_cli import eval_folder, image_folder
+    from moas.eval.folder_eval import summary_text
+    from moas.eval.validate import find_demo_manifest
 
     if a.n < 1:
         raise MoasError("--n must be at least 1.")
+    if not Path(a.data_dir).is_dir():
+        raise DataError(f"Data folder {a.data_dir} does not exist or is not a folder.")
     pipe = _load_pipeline(a.model, a.device)
-    result = run_eval(
-        pipe,
-        a.data_dir,
-        n_per_split=a.n,
-        steps=a.steps,
-        guidance_scale=a.guidance_scale,
-        sampler=a.sampler,
-        seed=a.seed,
-        progress=not a.quiet and sys.stderr.isatty(),  # tqdm redraws need a terminal
-        image_dir=a.save_images,
-    )
+    progress = not a.quiet and sys.stderr.isatty()  # tqdm redraws need a terminal
+    common = {"steps": a.steps, "guidance_scale": a.guidance_scale, "sampler": a.sampler, "seed": a.seed}
+    result: dict = {}
+    if find_demo_manifest(a.data_dir) is not None:  # the demo's attribute table stays on the demo
+        result = run_eval(
+            pipe, a.data_dir, n_per_split=a.n, progress=progress, image_dir=a.save_images, **common
+        )
+        print(summary(result))
+    folder = image_folder(a.data_dir)
+    result["folder"] = eval_folder(pipe, folder, a.n_folder, progress=progress, **common)
+    print(summary_text(result["folder"]))
     out = Path(a.json) if a.json else Path(a.model).with_name("eval.json")
     write_json(result, out)
-    print(summary(result))
     print(f"full result: {out}")
+    return 0
+
+
+def cmd_caption(a: argparse.Namespace) -> int:
+    from moas.eval.caption import caption_folder, describe
+
+    result = caption_folder(
+        a.data_dir, a.seed, a.threshold, progress=not a.quiet and sys.stderr.isatty(), max_tags=a.max_tags
+    )
+    print(describe(result))
     return 0
 
 
@@ -436,6 +450,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "make-data": cmd_make_data,
     "eval": cmd_eval,
+    "caption": cmd_caption,
     "prepare": cmd_prepare,
     "download": cmd_download,
     "inspect": cmd_inspect,

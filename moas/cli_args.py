@@ -342,8 +342,19 @@ def _add_make_data(m: argparse.ArgumentParser) -> None:
 
 def _add_eval(e: argparse.ArgumentParser) -> None:
     e.add_argument("--model", default="models/best_model.safetensors", help="model file to evaluate")
-    e.add_argument("--data_dir", default="data/demo", help="demo data folder (with manifest.json)")
-    e.add_argument("--n", type=int, default=48, help="images per split (held-out and seen)")
+    e.add_argument(
+        "--data_dir",
+        default="data/demo",
+        help="any folder of captioned images (the one the model trained on gives held-out prompts); on the "
+        "demo data (with manifest.json) the attribute table is printed too",
+    )
+    e.add_argument("--n", type=int, default=48, help="demo data: images per split (held-out and seen)")
+    e.add_argument(
+        "--n_folder",
+        type=int,
+        default=64,
+        help="images drawn from held-out captions for tag adherence, KID and memorisation",
+    )
     e.add_argument("--steps", type=int, default=None, help="sampler steps (default from the model's config)")
     e.add_argument(
         "--guidance_scale", type=float, default=None, help="guidance scale (default from the model's config)"
@@ -354,6 +365,30 @@ def _add_eval(e: argparse.ArgumentParser) -> None:
     e.add_argument("--save_images", help="also write every evaluated image to this folder")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+EPILOG_CAPTION = """What it does:
+  1. trains a small tag model from scratch on the folder's captioned images (comma-separated tags in
+     .txt/.caption files; needs 10 captioned images and 2 tags used on 3 or more), a few minutes on a
+     CPU for a few thousand images, or reuses the one in DATA_DIR/.moas/ when those are unchanged;
+  2. writes <stem>.txt for each image with no caption file: the tags it sees with probability
+     >= --threshold, most likely first.
+Existing .txt and .caption files are never overwritten; an image with no tag above the threshold stays
+uncaptioned. The captions it writes are listed in DATA_DIR/.moas/auto_captions.json and never train the
+tag model. Read a few before training on them.
+examples:
+  moas caption --data_dir data/train
+  moas caption --data_dir data/train --threshold 0.7        # fewer, surer tags"""
+
+
+def _add_caption(c: argparse.ArgumentParser) -> None:
+    c.add_argument(
+        "--data_dir", required=True, help="folder of images, some captioned (searched recursively)"
+    )
+    c.add_argument("--threshold", type=float, default=0.5, help="lowest tag probability written (0.5)")
+    c.add_argument("--max_tags", type=int, default=20, help="at most this many tags per caption (20)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the tag model's split and training (0)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_inspect(i: argparse.ArgumentParser) -> None:
@@ -413,7 +448,17 @@ SUBCOMMANDS = {
         "download filtered, captioned training images from Danbooru",
         EPILOG_DOWNLOAD,
     ),
-    "eval": (_add_eval, "measure prompt adherence on the demo data's seen and held-out combinations", None),
+    "caption": (
+        _add_caption,
+        "tag uncaptioned images with a tag model trained on the captioned ones",
+        EPILOG_CAPTION,
+    ),
+    "eval": (
+        _add_eval,
+        "measure a model on a folder: tag adherence, KID and memorisation by the folder's own tag model "
+        "(and the attribute table on the demo data)",
+        None,
+    ),
     "inspect": (_add_inspect, "parameter counts of every component and the DataFlow graph", EPILOG_INSPECT),
     "webui": (_add_webui, "a local web UI: generate, image-to-image, inpainting, PNG info", EPILOG_WEBUI),
 }

@@ -47,6 +47,14 @@ class DataConfig:
     caption_dropout: float = 0.0  # per-epoch probability of training an image on the empty caption
     extract_style: bool = False  # style fingerprints per artist folder → one extra conditioning token
     style_dropout: float = 0.1  # probability of hiding the style token in a training step
+    # Non-leaky image augmentation (moas.data.augment): each transform applied with this probability and
+    # its parameters given to the U-Net (zeros at sampling). 0 = off.
+    augment: float = 0.0
+    augment_flip: bool = True  # mirror (left/right swapped in the caption)
+    augment_max_zoom: float = 1.25  # zoom-in up to this factor; crops stay inside the picture
+    augment_max_rotation: float = 5.0  # degrees
+    augment_color: float = 0.1  # brightness ±, contrast and saturation ×exp(±) this much
+    augment_margin: float = 1.25  # the cache keeps the crop this much larger to crop from
 
     def __post_init__(self) -> None:
         _check(
@@ -60,6 +68,11 @@ class DataConfig:
         _check(self.keep_tokens >= 0, "data.keep_tokens must be 0 or more")
         for name in ("tag_dropout", "caption_dropout", "style_dropout"):
             _check(0.0 <= getattr(self, name) < 1.0, f"data.{name} must be in [0, 1)")
+        _check(0.0 <= self.augment <= 1.0, "data.augment must be a probability in [0, 1]")
+        _check(self.augment_max_zoom >= 1.0, "data.augment_max_zoom must be at least 1")
+        _check(0.0 <= self.augment_max_rotation <= 45.0, "data.augment_max_rotation must be 0-45 degrees")
+        _check(0.0 <= self.augment_color <= 1.0, "data.augment_color must be in [0, 1]")
+        _check(self.augment_margin >= 1.0, "data.augment_margin must be at least 1")
 
 
 @dataclass

@@ -213,7 +213,9 @@ def test_bad_input_gives_one_sentence_and_nonzero_exit(trained, workdir, capsys)
     assert run("generate", "--model", str(bad), "--prompt", "1girl") != 0
     assert "bad.pt" in one_error_line(capsys)
     assert run("eval", "--model", str(model), "--data_dir", str(workdir / "empty")) != 0
-    assert "manifest" in one_error_line(capsys)
+    assert "No images found" in one_error_line(capsys)  # eval takes any folder, not only the demo's
+    assert run("eval", "--model", str(model), "--data_dir", str(workdir / "nowhere")) != 0
+    assert "does not exist" in one_error_line(capsys)
 
 
 def test_a_corrupt_image_among_good_ones_is_skipped(demo_dir, workdir, caplog):

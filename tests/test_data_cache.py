@@ -160,7 +160,7 @@ def test_entries_stay_in_ram_up_to_the_budget_and_the_first_ones_are_kept(tmp_pa
     expected = [plain[i] for i in range(len(plain))]
     reads: list[Path] = []
     real = ds.load_entry
-    monkeypatch.setattr(ds, "load_entry", lambda p, size: reads.append(Path(p)) or real(p, size))
+    monkeypatch.setattr(ds, "load_entry", lambda p, size, hr=None: reads.append(Path(p)) or real(p, size, hr))
     entry_bytes = sum(
         t.numel() * t.element_size() for t in real(plain._entries[0], (16, 16)).values() if torch.is_tensor(t)
     )

@@ -48,6 +48,7 @@ CONFIG_READERS = {
     "moas.cli",
     "moas.doctor",
     "moas.train.builders",
+    "moas.train.data_setup",
     "moas.train.hpo",
     "moas.train.plans",
 }

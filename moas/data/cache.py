@@ -1,6 +1,7 @@
 """The preprocessed-tensor cache (the original's SSDOptimizer): one ``.pt`` file per image.
 
-An entry holds tensors only — ``pixels`` uint8 [3, H, W] at the training size, ``image_embed`` float32
+An entry holds tensors only — ``pixels`` uint8 [3, H, W] at the training size, optionally ``pixels_hr`` uint8
+[3, H', W'], the same crop larger for image augmentation to crop from, ``image_embed`` float32
 [768], ``style`` float32 [STYLE_DIM], optionally ``text_embed`` float32 [768] (the pooled embedding of the
 stored caption) — plus a version number. Entries are written atomically (temp file + rename) and read with
 ``weights_only=True``; anything that does not load, or loads with the wrong shapes, is reported as corrupt
@@ -35,8 +36,12 @@ def entry_path(cache_dir: Path, image: Path, key: str) -> Path:
     return cache_dir / f"{image.stem[:40]}-{key[:24]}.pt"
 
 
-def load_entry(path: Path, size: tuple[int, int]) -> dict[str, torch.Tensor] | None:
-    """The entry at ``path`` if it exists and is intact; None if missing; None + a warning if corrupt."""
+def load_entry(
+    path: Path, size: tuple[int, int], hr_size: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor] | None:
+    """The entry at ``path`` if it exists and is intact; None if missing; None + a warning if corrupt.
+
+    ``hr_size`` (width, height): the entry must also hold ``pixels_hr`` of that size."""
     if not path.is_file():
         return None
     try:
@@ -49,6 +54,7 @@ def load_entry(path: Path, size: tuple[int, int]) -> dict[str, torch.Tensor] | N
             and tuple(px.shape) == (3, size[1], size[0])
             and tuple(entry["image_embed"].shape) == (IMAGE_EMBED_DIM,)
             and tuple(entry["style"].shape) == (STYLE_DIM,)
+            and (hr_size is None or _hr_ok(entry.get("pixels_hr"), hr_size))
             and ("text_embed" not in entry or tuple(entry["text_embed"].shape) == (IMAGE_EMBED_DIM,))
         )
         if not ok:
@@ -57,6 +63,10 @@ def load_entry(path: Path, size: tuple[int, int]) -> dict[str, torch.Tensor] | N
     except Exception as e:  # any unreadable entry is rebuilt from the image
         log.warning("Cache entry %s is corrupt (%s); rebuilding it.", path.name, type(e).__name__)
         return None
+
+
+def _hr_ok(px: torch.Tensor | None, hr_size: tuple[int, int]) -> bool:
+    return px is not None and px.dtype == torch.uint8 and tuple(px.shape) == (3, hr_size[1], hr_size[0])
 
 
 def save_entry(path: Path, entry: dict[str, torch.Tensor]) -> None:

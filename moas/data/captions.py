@@ -46,6 +46,21 @@ def read_caption(image_path: Path) -> str:
     return ""
 
 
+def warn_coverage(captioned: int, total: int, root: Path) -> None:
+    """Uncaptioned images train on the null prompt: fine for a few, a quiet disaster for most."""
+    if captioned * 2 < total:
+        log.warning(
+            "Only %d of %d images in %s have a caption; the other %d train on the empty prompt, so prompts "
+            "will steer the model little. Add .txt tag files, or write them with 'moas caption --data_dir "
+            "%s' (it learns tags from the captioned images).",
+            captioned,
+            total,
+            root,
+            total - captioned,
+            root,
+        )
+
+
 @dataclass(frozen=True)
 class CaptionAugment:
     """Per-epoch caption changes (all off by default)."""

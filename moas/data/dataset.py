@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from moas.data.artist_style import STYLE_DIM, ArtistStyleDatabase, StyleAnalyzer, style_key
 from moas.data.buckets import make_buckets, nearest_bucket
 from moas.data.cache import cache_key, entry_path, load_entry, save_entry
-from moas.data.captions import CAPTION_SUFFIXES, read_caption
+from moas.data.captions import CAPTION_SUFFIXES, read_caption, warn_coverage
 from moas.data.embeddings import _create_image_stat_embedding
 from moas.data.images import load_image, scan_image_files
 from moas.data.sampler import sample_weights
@@ -114,6 +114,7 @@ class ArtDataset(Dataset):
         extract_style: bool = False,
         panel_context: int = 0,
         ram_cache_bytes: int = 0,
+        hr_margin: float = 0.0,
     ) -> None:
         self.root = Path(root)
         self.panel_context = panel_context  # previous panels loaded per item (0: none)
@@ -143,6 +144,9 @@ class ArtDataset(Dataset):
         # between DataLoader workers); the first ones that fit stay, so a set larger than the budget still
         # gets that share of hits every epoch, where least-recently-used would cycle through and hit none.
         self.ram_cache_bytes = ram_cache_bytes
+        # > 1: entries also keep the crop at this multiple of the training size (``pixels_hr``) for the
+        # image augmentation to crop from (moas.data.augment).
+        self.hr_margin = hr_margin
         self._ram: dict[int, dict[str, torch.Tensor]] = {}
         self._ram_used = 0
 
@@ -159,7 +163,15 @@ class ArtDataset(Dataset):
 
     @property
     def mode(self) -> str:
-        return "bucket" if self.bucketing else "square"
+        base = "bucket" if self.bucketing else "square"
+        return f"{base}+hr{self.hr_margin:g}" if self.hr_margin > 1 else base
+
+    def _hr(self, bucket: int) -> tuple[int, int] | None:
+        """(width, height) of the larger copy kept for bucket ``bucket``, or None when none is kept."""
+        if self.hr_margin <= 1:
+            return None
+        w, h = self.buckets[bucket]
+        return (round(w * self.hr_margin), round(h * self.hr_margin))
 
     def _target(self, size: tuple[int, int]) -> int:
         return nearest_bucket(size[0], size[1], self.buckets) if self.bucketing else 0
@@ -177,7 +189,11 @@ class ArtDataset(Dataset):
 
     def _build(self, img: Image.Image, bucket: int, caption: str) -> dict[str, torch.Tensor]:
         px = _to_tensor(center_crop_resize(img, self.buckets[bucket]))  # (3, H, W)
-        return {"pixels": px, "image_embed": _create_image_stat_embedding(px), "style": self.analyzer(px)}
+        entry = {"pixels": px, "image_embed": _create_image_stat_embedding(px), "style": self.analyzer(px)}
+        hr = self._hr(bucket)
+        if hr is not None:
+            entry["pixels_hr"] = _to_tensor(center_crop_resize(img, hr))  # (3, H', W')
+        return entry
 
     def validate(
         self,
@@ -209,7 +225,7 @@ class ArtDataset(Dataset):
                 entry, b, ep = None, 0, None
                 if size is not None:
                     b, ep = self._key_entry(path, data, size, caption)
-                    entry = load_entry(ep, self.buckets[b]) if ep is not None else None
+                    entry = load_entry(ep, self.buckets[b], self._hr(b)) if ep is not None else None
                 if entry is None:
                     img = load_image(path)  # full decode: the safe-intake checks and their reasons
                     b, ep = self._key_entry(path, data, img.size, caption)
@@ -247,6 +263,7 @@ class ArtDataset(Dataset):
                 f"{len(skipped)} of {total} image files in {self.root} are unreadable "
                 f"(more than the allowed {max_bad_fraction:.0%}); see the dataset report and warnings above."
             )
+        warn_coverage(report["captioned"], len(good), self.root)
         if encoder is not None and self.cache_dir is not None:
             self._fill_text_embeddings(encoder, no_text, progress)
         self.style_keys = [style_key(p, self.root) for p in good]
@@ -269,7 +286,8 @@ class ArtDataset(Dataset):
             pooled = encoder.encode([self._captions[i] for i in part]).pooled  # (n, 768)
             for j, i in enumerate(part):
                 ep = self._entries[i]
-                entry = load_entry(ep, self.buckets[self.bucket_ids[i]])
+                b = self.bucket_ids[i]
+                entry = load_entry(ep, self.buckets[b], self._hr(b))
                 if entry is not None:
                     save_entry(ep, {**entry, "text_embed": pooled[j].float().contiguous()})
             bar.update(len(part))
@@ -277,12 +295,14 @@ class ArtDataset(Dataset):
 
     def report(self) -> dict:
         reasons = Counter(r for _, r in self.skipped)
+        captions = self._captions if self._captions is not None else []
         return {
             "root": str(self.root),
             "total": len(self.paths) + len(self.skipped),
             "valid": len(self.paths),
             "skipped": len(self.skipped),
             "by_reason": dict(sorted(reasons.items())),
+            "captioned": sum(1 for c in captions if c),
             "buckets": {f"{w}x{h}": self.bucket_ids.count(i) for i, (w, h) in enumerate(self.buckets)},
         }
 
@@ -353,7 +373,7 @@ class ArtDataset(Dataset):
         b = self.bucket_ids[index]
         ep = self._entries[index] if self._entries is not None else None
         if ep is not None:
-            entry = load_entry(ep, self.buckets[b])
+            entry = load_entry(ep, self.buckets[b], self._hr(b))
             if entry is not None:
                 return entry
         # Lazy path: not validated yet, no cache, or a damaged entry.
@@ -363,7 +383,7 @@ class ArtDataset(Dataset):
         if self._entries is None and size is not None:
             b, ep = self._key_entry(path, data, size, caption)
             self.bucket_ids[index] = b
-            entry = load_entry(ep, self.buckets[b]) if ep is not None else None
+            entry = load_entry(ep, self.buckets[b], self._hr(b)) if ep is not None else None
             if entry is not None:
                 return entry
         img = load_image(path)
@@ -394,6 +414,8 @@ class ArtDataset(Dataset):
         }
         if "text_embed" in entry:
             item["text_embed"] = entry["text_embed"]
+        if "pixels_hr" in entry:
+            item["pixels_hr"] = entry["pixels_hr"]
         item["prev_index"] = self.prev_indices()[index]
         if self.panel_context > 0:
             try:
@@ -431,6 +453,8 @@ def smart_collate_fn(items: list[dict]) -> dict:
         "captions": [it["caption"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
     }
+    if all("pixels_hr" in it for it in items):
+        batch["pixels_hr"] = torch.stack([it["pixels_hr"] for it in items])  # (B, 3, H', W') uint8
     if all("image_embed" in it for it in items):
         batch["image_embed"] = torch.stack([it["image_embed"] for it in items])  # (B, 768)
     if all("style" in it for it in items):

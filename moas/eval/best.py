@@ -3,10 +3,16 @@
 The score (higher is better) is, in this order of preference:
 
 1. ``demo_accuracy``: on the demo data, the held-out attribute accuracy of ``moas eval``;
-2. ``prompt_adherence``: on user data, the diffusion-classifier prompt adherence on the validation images;
-3. ``ssim``: when no image has a usable caption, the validation SSIM of the predicted x0.
+2. ``folder_score``: on user data, tag adherence and KID of images drawn from held-out captions, measured
+   by the folder's own tag model (``moas.eval.folder_score``);
+3. ``prompt_adherence``: without a tag model, the diffusion-classifier prompt adherence on the validation
+   images;
+4. ``ssim``: when no image has a usable caption, the validation SSIM of the predicted x0.
 
-Never the training loss. Ties keep the earlier checkpoint. The history of every scored checkpoint is
+Never the training loss. Ties keep the earlier checkpoint. A checkpoint whose samples copy training images
+(``memorised`` above ``memorisation_limit``: nearest / second-nearest training image < 1/3, Gu et al.
+2025) is never chosen, however it scores: on a few thousand images a model that memorises looks best by
+every distance to the training set just before it stops being useful. The history of every scored checkpoint is
 written to ``<run>/best_steps.json``; when nothing can be scored (no validation images, no demo
 manifest) the newest checkpoint is kept and the history says so.
 """
@@ -24,7 +30,7 @@ from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-SCORE_PREFERENCE = ("demo_accuracy", "prompt_adherence", "ssim")
+SCORE_PREFERENCE = ("demo_accuracy", "folder_score", "prompt_adherence", "ssim")
 HISTORY_FILE = "best_steps.json"
 
 
@@ -40,8 +46,9 @@ def model_quality_score(metrics: dict[str, float | None]) -> tuple[float | None,
 class BestModelKeeper:
     """Writes ``save_path`` whenever a checkpoint beats the best score so far; records the history."""
 
-    def __init__(self, run_dir: Path, save_path: Path) -> None:
+    def __init__(self, run_dir: Path, save_path: Path, memorisation_limit: float = 1.0) -> None:
         self.path = Path(run_dir) / HISTORY_FILE
+        self.memorisation_limit = memorisation_limit
         self.save_path = model_file_path(save_path)
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -79,8 +86,20 @@ class BestModelKeeper:
             "metric": name,
             **{k: v for k, v in metrics.items() if v is not None},
         }
+        memorised = metrics.get("memorised")
+        vetoed = memorised is not None and memorised > self.memorisation_limit
+        entry["vetoed"] = vetoed
         self.history.append(entry)
-        if score is None:
+        if vetoed:
+            log.warning(
+                "Checkpoint of epoch %d not eligible as the best model: %.0f%% of its samples copy a "
+                "training image (limit %.0f%%).",
+                epoch,
+                100 * memorised,
+                100 * self.memorisation_limit,
+            )
+            improved = False
+        elif score is None:
             improved = self.best is None or self.best.get("score") is None
         else:
             improved = self.best is None or self.best.get("score") is None or score > self.best["score"]

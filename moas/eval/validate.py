@@ -11,6 +11,9 @@ the seed and excluded from training (``train.val_fraction``; none when the folde
 * ``prompt_adherence``: the fraction of validation images whose own caption gives a lower denoising error
   than a mismatched caption (same timesteps and noise) — a diffusion-classifier test of whether the
   model uses the prompt. Images without a caption are not counted; ``None`` when no image counts.
+* ``folder_adherence``, ``folder_kid``, ``memorised`` (+ ``_features`` / ``_pixels``) and ``folder_score``:
+  images drawn from the held-out captions, measured by the folder's own tag model
+  (``moas.eval.folder_score``); absent when the folder's captions cannot train one;
 * ``accuracy``: on the demo data (a ``manifest.json`` beside the training folder) the held-out attribute
   accuracy of ``moas eval``; on other data the prompt adherence.
 """
@@ -62,7 +65,20 @@ def _subset(dataset: ArtDataset, keep: list[int]) -> ArtDataset:
     for name, value in vars(dataset).items():
         if isinstance(value, list) and len(value) == n:  # paths, cache entries, buckets, captions, styles
             setattr(out, name, [value[i] for i in keep])
+    out._ram, out._ram_used = {}, 0  # the RAM cache is keyed by index: each view needs its own
     return out
+
+
+def join_subsets(a: ArtDataset, b: ArtDataset) -> tuple[ArtDataset, list[int], list[int]]:
+    """One view of two disjoint splits of a folder (``a`` first) and the indices of each in it."""
+    na, nb = len(a), len(b)
+    out = copy.copy(a)
+    for name, value in vars(a).items():
+        other = getattr(b, name, None)
+        if isinstance(value, list) and len(value) == na and isinstance(other, list) and len(other) == nb:
+            setattr(out, name, value + other)
+    out._ram, out._ram_used = {}, 0
+    return out, list(range(na)), list(range(na, na + nb))
 
 
 def find_demo_manifest(data_dir: str | Path) -> Path | None:
@@ -133,6 +149,7 @@ class Validator:
         diffusion: DiffusionConfig | None = None,
         sample: SampleConfig | None = None,
         eval_n: int = 8,
+        folder=None,
     ) -> None:
         self.dataset = dataset
         self.bank = bank
@@ -145,6 +162,7 @@ class Validator:
         self.diffusion = diffusion or DiffusionConfig()
         self.sample = sample or SampleConfig()
         self.eval_n = eval_n
+        self.folder = folder  # moas.eval.folder_score.FolderScorer, or None
 
     @torch.no_grad()
     def _denoise_metrics(self, model: torch.nn.Module) -> dict[str, float | None]:
@@ -186,17 +204,20 @@ class Validator:
         out["prompt_adherence"] = wins / counted if counted else None
         return out
 
+    def _pipeline(self, model: torch.nn.Module, encoder):
+        from moas.inference.pipeline import Pipeline
+
+        return Pipeline(model, encoder, self.diffusion, self.device)
+
     def demo_accuracy(self, model: torch.nn.Module, encoder) -> float | None:
         """Held-out attribute accuracy of ``moas eval`` (n = ``eval_n`` per split) on the demo data."""
         if self.demo_dir is None:
             return None
         from moas.eval.evaluate import run_eval
-        from moas.inference.pipeline import Pipeline
 
-        pipe = Pipeline(model, encoder, self.diffusion, self.device)
         try:
             result = run_eval(
-                pipe,
+                self._pipeline(model, encoder),
                 self.demo_dir,
                 n_per_split=self.eval_n,
                 steps=self.sample.steps,
@@ -209,6 +230,17 @@ class Validator:
             return None
         return float(result["held_out"]["mean"])
 
+    def folder_metrics(self, model: torch.nn.Module, encoder) -> dict[str, float | None]:
+        """Tag adherence, KID, memorisation and their score on the folder (empty without a scorer)."""
+        if self.folder is None:
+            return {}
+        try:
+            s = self.sample
+            return self.folder(self._pipeline(model, encoder), s.steps, s.guidance_scale, s.sampler)
+        except DataError as e:
+            log.warning("Folder evaluation skipped: %s", e)
+            return {}
+
     def run(self, model: torch.nn.Module, encoder) -> dict[str, float | None]:
         """All validation numbers for ``model`` (put in eval mode; the caller restores train mode)."""
         model.eval()
@@ -216,6 +248,7 @@ class Validator:
         if self.dataset is not None and len(self.dataset):
             out.update(self._denoise_metrics(model))
         demo = self.demo_accuracy(model, encoder)
+        out.update(self.folder_metrics(model, encoder))
         out["demo_accuracy"] = demo
         out["accuracy"] = demo if demo is not None else out.get("prompt_adherence")
         return out

@@ -71,6 +71,8 @@ class Pipeline:
         self.enhancer = None  # the trained QualityEnhancer (moas/models/enhance.py), when the file has one
         self.enhance_mode = enhance_mode
         self.loss_weights: dict = {}  # the model config's [losses] (temporal metric weights for panels)
+        self.model_config: dict = {}  # the training configuration saved with the model (when from a file)
+        self.provenance: dict = {}  # its training data folder, seed, epoch, … (when from a file)
         # GNN outputs and the encoded previous panels are cached across sampler steps (the original's
         # L3CacheManager use at inference).
         self.l3_cache = L3CacheManager()
@@ -121,6 +123,7 @@ class Pipeline:
         )
         pipe.style_db = mf.style_db
         pipe.loss_weights = dict(cfg.get("losses") or {})
+        pipe.model_config, pipe.provenance = cfg, dict(mf.provenance)
         pipe.enhancer = load_enhancer(mf, path, enhance.get("device", "cpu"))
         return pipe
 

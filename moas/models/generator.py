@@ -1,7 +1,8 @@
 """MoasGenerator: the trainable text-to-image network = conditioning brain + U-Net.
 
 ``forward(x_t, t, text)`` takes the text encoding as a dict of tensors (``tokens``, ``mask``, ``tags``,
-``tag_mask``, optionally ``language`` and inputs added by other stages) so batches stay plain dicts; the
+``tag_mask``, optionally ``language``, ``augment`` — the image-augmentation parameters of a training batch,
+never given at sampling — and inputs added by other stages) so batches stay plain dicts; the
 constructor arguments are saved with the weights so the network can be rebuilt from a model file alone.
 
 ``forward`` returns a :class:`Prediction`: the U-Net's prediction and the brain's auxiliary loss (load
@@ -52,6 +53,7 @@ class MoasGenerator(nn.Module):
         text: dict[str, Any],
         style_dim: int = 0,
         brain: dict[str, Any] | None = None,
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
         m, tx = ModelConfig(**model), TextConfig(**text)
@@ -61,6 +63,8 @@ class MoasGenerator(nn.Module):
             self.init_args["style_dim"] = style_dim
         if brain is not None:
             self.init_args["brain"] = asdict(bc)
+        if augment_dim:  # trained with non-leaky image augmentation (moas.data.augment)
+            self.init_args["augment_dim"] = augment_dim
         self.resolution = resolution
         self.conditioning = bc.conditioning
         self.placement = bc.placement
@@ -83,6 +87,7 @@ class MoasGenerator(nn.Module):
             norm_num_groups=m.norm_num_groups,
             patch_size=m.patch_size,
             legacy_head_count=m.legacy_head_count,
+            augment_dim=augment_dim,
         )
         self.style_dim = style_dim
         if style_dim:
@@ -107,7 +112,7 @@ class MoasGenerator(nn.Module):
 
     def condition(self, text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Inputs other than the text streams pass through to the DataFlow untouched (unused ones are ignored).
-        extra = {k: v for k, v in text.items() if k not in TEXT_KEYS}
+        extra = {k: v for k, v in text.items() if k not in TEXT_KEYS and k != "augment"}
         b, dev = text["tokens"].shape[0], text["tokens"].device
         if self.conditioning == "moas" and "language" not in extra:
             extra["language"] = torch.zeros(b, dtype=torch.long, device=dev)  # English
@@ -124,5 +129,6 @@ class MoasGenerator(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> Prediction:
         cond = self.condition(text)
-        pred = self.unet(x_t, t, cond["context"], cond["context_mask"], cond["pooled"].to(x_t.dtype))
+        pooled = cond["pooled"].to(x_t.dtype)
+        pred = self.unet(x_t, t, cond["context"], cond["context_mask"], pooled, text.get("augment"))
         return Prediction(pred, cond["aux_loss"])

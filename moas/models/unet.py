@@ -42,6 +42,7 @@ class DiffusionModel(nn.Module):
         patch_size: int = 1,
         in_channels: int = 3,
         legacy_head_count: bool = False,
+        augment_dim: int = 0,
     ) -> None:
         super().__init__()
         if resolution % (patch_size * 2 ** (len(block_channels) - 1)):
@@ -71,6 +72,13 @@ class DiffusionModel(nn.Module):
             projection_class_embeddings_input_dim=cross_attention_dim,
         )
 
+        # Image-augmentation parameters join the pooled vector through a bias-free, zero-initialised
+        # projection: an untrained one and an all-zero input (sampling) both leave the network unchanged.
+        self.augment_embed: nn.Linear | None = None
+        if augment_dim:
+            self.augment_embed = nn.Linear(augment_dim, cross_attention_dim, bias=False)
+            nn.init.zeros_(self.augment_embed.weight)
+
     def use_channels_last(self, on: bool = True) -> None:
         self.channels_last = on
         self.unet.to(memory_format=torch.channels_last if on else torch.contiguous_format)
@@ -88,7 +96,10 @@ class DiffusionModel(nn.Module):
         context: torch.Tensor,  # (B, T, 768)
         context_mask: torch.Tensor,  # (B, T) bool, True = attend
         pooled: torch.Tensor,  # (B, 768)
+        augment: torch.Tensor | None = None,  # (B, augment_dim) augmentation parameters; None = zeros
     ) -> torch.Tensor:
+        if augment is not None and self.augment_embed is not None:
+            pooled = pooled + self.augment_embed(augment.to(pooled.dtype))
         p = self.patch_size
         h = F.pixel_unshuffle(x, p) if p > 1 else x  # (B, 3p², H/p, W/p)
         if self.channels_last:

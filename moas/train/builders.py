@@ -17,17 +17,16 @@ import torch
 
 from moas.config import MoasConfig
 from moas.data.artist_style import STYLE_DIM
-from moas.data.captions import CaptionAugment
+from moas.data.augment import AUG_DIM
 from moas.data.dataset import ArtDataset
 from moas.data.loader import loader_workers, save_style_db
 from moas.data.sampler import BucketBatchSampler
-from moas.data.summary import data_summary
 from moas.device import autocast_dtype, hardware_name, resolve_device, seed_everything, set_threads
 from moas.diffusion.objective import DiffusionObjective
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.errors import MoasError
 from moas.eval.best import BestModelKeeper
-from moas.eval.validate import Validator, find_demo_manifest, split_holdout
+from moas.eval.validate import Validator, find_demo_manifest
 from moas.inference.model_file import ModelFile
 from moas.inference.prompt_file import read_sample_prompts
 from moas.models.generator import MoasGenerator
@@ -36,11 +35,16 @@ from moas.monitor.dashboard import Dashboard
 from moas.monitor.run_folder import new_run_dir
 from moas.monitor.run_monitor import RunMonitor
 from moas.resources import EnhancedResourceManager
-from moas.text.bank import TextBank
-from moas.text.encoder import TextEncoder
 from moas.train.adaptive import AdaptiveTrainingSystem
 from moas.train.batches import steps_per_epoch
 from moas.train.continuous import AdvancedContinuousLearning
+from moas.train.data_setup import (
+    build_data,
+    build_folder_scorer,
+    caption_augment,
+    image_augment,
+    training_data_summary,
+)
 from moas.train.disk import SavePolicy, bytes_of, check_disk_space, plan_disk
 from moas.train.distributed import DistContext, init_distributed
 from moas.train.domain import DomainTraining
@@ -84,44 +88,6 @@ def build_runtime(cfg: MoasConfig, dist_ctx: DistContext | None = None) -> Runti
     return Runtime(dist_ctx, device, threads, resources, amp, governor)
 
 
-def training_data_summary(cfg: MoasConfig, data: TrainingData) -> dict:
-    """The model card's data section: the training images, and how many were held out of the folder."""
-    ds = data.dataset
-    held_out = len(data.val_set) if data.val_set is not None and not cfg.data.val_dir else 0
-    return data_summary(ds.paths, data.captions, ds.root, held_out)
-
-
-def model_divisor(cfg: MoasConfig) -> int:
-    """Image sides must be divisible by this for the U-Net: patch_size * 2**(levels - 1)."""
-    return cfg.model.patch_size * 2 ** (len(cfg.model.block_channels) - 1)
-
-
-def build_dataset(cfg: MoasConfig, folder: str, encoder=None, progress: bool = True) -> ArtDataset:
-    """A validated dataset of ``folder`` (the cache is built on the way)."""
-    d = cfg.data
-    ds = ArtDataset(
-        folder,
-        d.resolution,
-        d.cache_dir,
-        bucketing=d.bucketing,
-        divisor=model_divisor(cfg),
-        max_aspect=d.bucket_max_aspect,
-        extract_style=d.extract_style,
-        ram_cache_bytes=int(d.ram_cache_gb * 2**30),
-        # Previous panels only matter to a model with panel memory (moas.models.panel_memory).
-        panel_context=cfg.train.panel_context
-        if cfg.brain.conditioning == "moas" and cfg.brain.panel_memory
-        else 0,
-    )
-    ds.validate(d.max_bad_fraction, progress=progress, report_dir=cfg.train.log_dir, encoder=encoder)
-    return ds
-
-
-def caption_augment(cfg: MoasConfig) -> CaptionAugment:
-    d = cfg.data
-    return CaptionAugment(d.keep_tokens, d.shuffle_tags, d.tag_dropout, d.caption_dropout)
-
-
 def build_base(cfg: MoasConfig, resume_path: Path | None) -> ModelFile | None:
     """The ``--init_from`` model of a new run, checked against the run's architecture before minutes of
     data loading; None without one, and for a resumed run (its checkpoint holds the fine-tuned weights)."""
@@ -136,35 +102,6 @@ def build_base(cfg: MoasConfig, resume_path: Path | None) -> ModelFile | None:
     return base
 
 
-def build_data(cfg: MoasConfig, encoder_id: str | None, progress: bool, runtime: Runtime) -> TrainingData:
-    """Text encoder (first: validation can embed captions with it; ``encoder_id``: the one a checkpoint or
-    base model was trained with), dataset, validation set, text bank."""
-    encoder = TextEncoder(cfg.text.model_name, max_tokens=cfg.text.max_tokens, require_id=encoder_id)
-    dataset = build_dataset(cfg, cfg.data.data_dir, encoder, progress)
-    log.info(
-        "Data: %d images in %s (%d skipped); device %s, %d threads.",
-        len(dataset),
-        cfg.data.data_dir,
-        len(dataset.skipped),
-        runtime.device,
-        runtime.threads,
-    )
-    val_set = None
-    if cfg.data.val_dir:
-        val_set = build_dataset(cfg, cfg.data.val_dir, encoder, progress)
-        log.info("Validation: %d images in %s.", len(val_set), cfg.data.val_dir)
-    else:  # hold out a seed-fixed slice of the training folder (excluded from training)
-        dataset, val_set = split_holdout(
-            dataset, cfg.monitor.val_fraction, cfg.train.seed, cfg.monitor.val_min_images
-        )
-        if val_set is not None:
-            log.info("Validation: %d images held out of %s.", len(val_set), cfg.data.data_dir)
-    captions = dataset.captions()
-    val_captions = val_set.captions() if val_set else []
-    bank = TextBank(encoder, captions + val_captions, progress=progress)
-    return TrainingData(encoder, dataset, val_set, captions, bank)
-
-
 def generator_args(cfg: MoasConfig, saved_args: dict | None = None) -> dict:
     """The generator's constructor arguments from the config; a checkpoint from before a later brain
     feature (``saved_args``) is rebuilt without it, so its weights load strictly, and one from before the
@@ -175,12 +112,16 @@ def generator_args(cfg: MoasConfig, saved_args: dict | None = None) -> dict:
             brain[key] = False
         model["legacy_head_count"] = upgrade_model_args(saved_args)["model"]["legacy_head_count"]
     style_dim = STYLE_DIM if cfg.data.extract_style else 0
+    augment_dim = AUG_DIM if cfg.data.augment > 0 else 0
+    if saved_args is not None:  # the saved weights decide; image_augment() turns a mismatch off
+        augment_dim = int(saved_args.get("augment_dim", 0))
     return {
         "resolution": cfg.data.resolution,
         "model": model,
         "text": asdict(cfg.text),
         "style_dim": style_dim,
         "brain": brain,
+        "augment_dim": augment_dim,
     }
 
 
@@ -296,8 +237,9 @@ def build_monitor(
         diffusion=cfg.diffusion,
         sample=cfg.sample,
         eval_n=mc.eval_n,
+        folder=build_folder_scorer(cfg, data, progress),
     )
-    keeper = BestModelKeeper(run_dir, model_path) if mc.select_best else None
+    keeper = BestModelKeeper(run_dir, model_path, mc.memorisation_limit) if mc.select_best else None
     dashboard = Dashboard(interval_s=mc.dashboard_every_s, enabled=progress and mc.dashboard)
     return RunMonitor(
         run_dir,
@@ -479,7 +421,9 @@ def build_run(
         "parts": parts,
         "data": data,
         "objective": objective,
-        "inputs": TrainingInputs(data.bank, caption_augment(cfg), tc.seed, panels),
+        "inputs": TrainingInputs(
+            data.bank, caption_augment(cfg), tc.seed, panels, image_augment(cfg, parts.model)
+        ),
         "panels": panels,
         "plan": plan,
         "runtime": runtime,

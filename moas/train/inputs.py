@@ -4,13 +4,19 @@ Captions get the per-epoch augmentation (a pure function of seed, epoch and imag
 it), condition dropout empties them for classifier-free guidance, and :func:`moas.text.inputs.caption_inputs`
 turns them into the text tensors, as for validation and generation. The style token is hidden for
 ``style_dropout`` of the rows; the previous panels of a sequence go with the text (dropped together).
+
+With image augmentation on (``moas.data.augment``), :meth:`TrainingInputs.images` warps each image from
+the cache's larger copy, a mirrored image's caption has left and right swapped, and the generator's
+inputs carry the scaled parameters as ``augment`` (B, AUG_DIM), which sampling never passes (zeros).
 """
 
 from __future__ import annotations
 
 import torch
 
+from moas.data.augment import ImageAugment, swap_sides
 from moas.data.captions import CaptionAugment
+from moas.data.dataset import to_model_range
 from moas.text.bank import TextBank
 from moas.text.inputs import caption_inputs
 from moas.train.draws import StepDraws
@@ -18,19 +24,47 @@ from moas.train.sequences import PanelTraining, memory_keep
 
 
 class TrainingInputs:
-    def __init__(self, bank: TextBank, augment: CaptionAugment, seed: int, panels: PanelTraining) -> None:
+    def __init__(
+        self,
+        bank: TextBank,
+        augment: CaptionAugment,
+        seed: int,
+        panels: PanelTraining,
+        image: ImageAugment | None = None,
+    ) -> None:
         self.bank, self.augment, self.seed, self.panels = bank, augment, seed, panels
+        self.image = image or ImageAugment()
+
+    def images(
+        self, batch: dict, epoch: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The micro-batch's images in [-1, 1] (B, 3, H, W) and their augmentation (B, AUG_DIM) or None."""
+        if not self.image.active or "pixels_hr" not in batch:
+            return to_model_range(batch["pixels"]).to(device), None
+        h, w = batch["pixels"].shape[-2:]
+        params = self.image.draw(self.seed, epoch, batch["index"], aspect=h / w)  # (B, AUG_DIM)
+        return self.image.apply(batch["pixels_hr"].to(device), params, (h, w)), params
 
     def __call__(
-        self, batch: dict, draws: StepDraws, epoch: int, device: torch.device
+        self,
+        batch: dict,
+        draws: StepDraws,
+        epoch: int,
+        device: torch.device,
+        augment: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(the generator's inputs, the panel-memory part of them — empty when no row has a panel)."""
         originals = list(batch["captions"])
+        if augment is not None:  # a mirrored picture's left is the caption's right
+            flipped = (augment[:, 0] > 0.5).tolist()
+            originals = [swap_sides(c) if f else c for c, f in zip(originals, flipped, strict=True)]
         captions = [
             self.augment(c, self.seed, epoch, int(i)) for c, i in zip(originals, batch["index"], strict=True)
         ]
         captions = ["" if dropped else c for c, dropped in zip(captions, draws.drop.tolist(), strict=True)]
-        cond = caption_inputs(self.bank, captions, device, cache=not self.augment.active)
+        cond = caption_inputs(self.bank, captions, device, cache=not self.augment.active and augment is None)
+        if augment is not None:
+            cond["augment"] = self.image.conditioning(augment).to(device)
         if "style" in batch:
             keep = batch["has_style"] & draws.style_keep  # (B,)
             cond.update({"style": batch["style"].to(device), "style_mask": keep.to(device)})

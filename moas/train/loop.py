@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from moas.checkpoint import epoch_checkpoint_name
-from moas.data.dataset import smart_collate_fn, to_model_range
+from moas.data.dataset import smart_collate_fn
 from moas.data.loader import loader_kwargs
 from moas.diffusion.objective import DiffusionObjective, ObjectiveOutput
 from moas.errors import MoasError
@@ -203,7 +203,7 @@ class Trainer:
     def _micro_step(self, batch: dict, last_of_group: bool) -> float:
         """Forward + backward of one micro-batch; returns its loss (NaN when it was not finite)."""
         st, s, device = self.state, self.settings, self.device
-        x0 = to_model_range(batch["pixels"]).to(device)  # (B, 3, H, W)
+        x0, augment = self.inputs.images(batch, st.epoch, device)  # (B, 3, H, W), (B, AUG_DIM) | None
         b, j = x0.shape[0], st.micro_in_step
         if j == 0:  # the whole step's random numbers at once: a smaller micro-batch gets the same ones
             style_dropout = s.style_dropout if "style" in batch else None
@@ -218,7 +218,7 @@ class Trainer:
         # masks as an uninterrupted one whatever consumed the global RNG in between (sample grids,
         # validation and eval at checkpoints).
         torch.manual_seed(draws.seed + j)
-        cond, panel_in = self.inputs(batch, draws, st.epoch, device)
+        cond, panel_in = self.inputs(batch, draws, st.epoch, device, augment)
         t, noise = draws.t.to(device), draws.noise.to(device)  # (B,), (B, 3, H, W)
         sync = nullcontext() if last_of_group or not self.dist.enabled else self.parts.ddp_model.no_sync()
         with sync:

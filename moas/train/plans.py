@@ -20,7 +20,8 @@ from moas.models.enhance import QualityEnhancer
 from moas.models.generator import MoasGenerator
 from moas.text.encoder import HASH_ID, TextEncoder
 from moas.text.inputs import caption_inputs
-from moas.train.builders import generator_args, model_divisor
+from moas.train.builders import generator_args
+from moas.train.data_setup import model_divisor
 from moas.train.disk import DiskPlan, SavePolicy, bytes_of, plan_disk
 from moas.train.memory_plan import (
     GB,

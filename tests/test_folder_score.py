@@ -1,0 +1,134 @@
+"""The checkpoint score on a folder and the memorisation veto of best-step selection; the split views the
+scorer reads; the caption-coverage warning; ``moas eval`` on a folder that is not the demo."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from moas.eval.best import BestModelKeeper
+from moas.eval.folder_score import FolderScorer, folder_score
+from moas.eval.tagger import load_or_train_tagger
+from moas.inference.model_file import ModelFile
+
+from .test_folder_eval import CopyingPipe, DrawingPipe
+from .test_tagger import validated, write_folder
+
+
+def test_score_is_adherence_less_a_bounded_kid_term():
+    assert folder_score(0.8, None, 2.0) == 0.8  # no usable KID: adherence alone
+    assert folder_score(0.8, 0.0, 2.0) == 0.8
+    assert folder_score(0.8, 1.0, 2.0) == pytest.approx(0.55)
+    assert folder_score(0.8, 9.0, 2.0) == pytest.approx(0.3)  # as far as noise or farther: half a point
+    assert folder_score(0.8, -0.1, 2.0) == 0.8  # KID below 0 is no measurable difference
+    assert folder_score(None, 0.1, 2.0) is None
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    root = write_folder(tmp_path_factory.mktemp("fs") / "data", 54)
+    ds = validated(root)
+    tagger = load_or_train_tagger(ds, seed=0, progress=False, epochs=20)
+    heldout, train = list(range(0, 54, 6)), [i for i in range(54) if i % 6]
+    return ds, FolderScorer(ds, tagger, heldout, train, n=12, seed=0)
+
+
+def test_scorer_ranks_a_drawing_model_above_a_copying_one_and_flags_the_copies(scored):
+    ds, scorer = scored
+    assert scorer.kid_noise is not None and scorer.kid_noise > 0
+    drawing = scorer(DrawingPipe(), 4, 1.0, "ddim")
+    copying = scorer(CopyingPipe(ds, scorer.train_idx, 32), 4, 1.0, "ddim")
+    assert set(drawing) >= {"folder_adherence", "folder_kid", "memorised", "folder_score"}
+    assert drawing["memorised"] == 0.0 and copying["memorised"] > 0.9
+    assert drawing["folder_adherence"] > copying["folder_adherence"]
+
+
+def _model_file() -> ModelFile:
+    return ModelFile(model_args={}, weights={"w": torch.zeros(1)}, config={}, text_encoder="hash")
+
+
+def test_a_memorising_checkpoint_is_never_chosen(tmp_path, monkeypatch, caplog):
+    saved: list[float] = []
+    monkeypatch.setattr(
+        "moas.eval.best.save_model", lambda path, contents: saved.append(contents.provenance["score"])
+    )
+    keeper = BestModelKeeper(tmp_path, tmp_path / "best.safetensors", memorisation_limit=0.1)
+    assert keeper.update(1, 10, {"folder_score": 0.4, "memorised": 0.0}, _model_file)
+    with caplog.at_level(logging.WARNING):
+        assert not keeper.update(2, 20, {"folder_score": 0.9, "memorised": 0.5}, _model_file)  # vetoed
+    assert "copy a training image" in caplog.text
+    assert not keeper.update(3, 30, {"folder_score": 0.3, "memorised": 0.05}, _model_file)  # worse
+    assert keeper.update(4, 40, {"folder_score": 0.5, "memorised": 0.1}, _model_file)  # at the limit: allowed
+    assert saved == [0.4, 0.5] and keeper.best["epoch"] == 4
+    assert [h["vetoed"] for h in keeper.history] == [False, True, False, False]
+    # a resumed run keeps the veto in its history
+    again = BestModelKeeper(tmp_path, tmp_path / "best.safetensors", memorisation_limit=0.1)
+    assert again.best["epoch"] == 4 and again.history[1]["vetoed"]
+
+
+def test_split_views_keep_their_own_ram_cache(tmp_path):
+    from moas.data.dataset import ArtDataset
+    from moas.eval.validate import join_subsets, split_holdout
+
+    root = write_folder(tmp_path / "data", 24)
+    ds = ArtDataset(root, 32, tmp_path / "cache", ram_cache_bytes=10**8)
+    ds.validate(progress=False)
+    train, val = split_holdout(ds, 0.25, 0, 10)
+    assert torch.equal(train[0]["pixels"], ds[ds.paths.index(train.paths[0])]["pixels"])
+    # the held-out view's first image is its own, not the training view's cached first image
+    assert torch.equal(val[0]["pixels"], ds[ds.paths.index(val.paths[0])]["pixels"])
+    joined, t_idx, h_idx = join_subsets(train, val)
+    assert len(joined) == len(ds) and joined.paths[h_idx[0]] == val.paths[0]
+    assert torch.equal(joined[h_idx[0]]["pixels"], val[0]["pixels"])
+    assert joined.captions()[t_idx[-1]] == train.captions()[-1]
+
+
+def test_a_mostly_uncaptioned_folder_is_named_in_a_warning(tmp_path, caplog):
+    root = write_folder(tmp_path / "data", 12)
+    for txt in sorted(root.rglob("*.txt"))[:8]:
+        txt.unlink()
+    with caplog.at_level(logging.WARNING):
+        report = validated(root).report()
+    assert report["captioned"] == 4
+    assert "Only 4 of 12 images" in caplog.text and "moas caption" in caplog.text
+
+
+@pytest.mark.slow
+def test_eval_on_a_folder_that_is_not_the_demo_prints_the_three_numbers(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
+    from moas.cli import main
+
+    folder = tmp_path / "mine"
+    shutil.copytree(tiny_model / "data" / "demo" / "train", folder)
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model / "models" / "best_model.safetensors"
+    out = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(model),
+                "--data_dir",
+                str(folder),
+                "--n_folder",
+                "6",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "tag adherence" in text and "KID" in text and "memorised" in text
+    assert "attribute" not in text.lower()  # the demo's table only on the demo
+    import json
+
+    r = json.loads(out.read_text())["folder"]
+    assert r["settings"]["n"] == 6 and 0.0 <= r["memorisation"]["combined"]["rate"] <= 1.0
+    assert r["split"].startswith("a folder the model was not trained on")
