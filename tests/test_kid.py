@@ -54,6 +54,10 @@ def test_same_distribution_is_near_zero_and_a_shift_is_clearly_positive():
     assert moved > 0.5 and moved > 5 * moved_std
     wider, _ = kid(x, gaussian(150, seed=11) * 1.5)
     assert 3 * same_std < wider < moved  # a smaller change gives a smaller distance
+    # A set against itself: about 0 (a little below, since the cross term keeps the self-pairs the
+    # within-set terms leave out), tiny beside any shift.
+    itself, _ = kid(x, x)
+    assert -0.1 < itself <= 0 and abs(itself) < moved / 10
 
 
 def test_symmetric():
