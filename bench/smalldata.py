@@ -99,7 +99,12 @@ def table(variant: dict) -> list[dict]:
     rows = []
     demo = variant.get("demo", {})
     for h in variant["history"]["history"]:
-        row = {"epoch": h["epoch"], "step": h["global_step"], "score": h.get("score"), "vetoed": h.get("vetoed")}
+        row = {
+            "epoch": h["epoch"],
+            "step": h["global_step"],
+            "score": h.get("score"),
+            "vetoed": h.get("vetoed"),
+        }
         row.update({k: h.get(k) for k in COLUMNS})
         row["demo_held_out"] = demo.get(h["epoch"])
         rows.append(row)
@@ -111,6 +116,7 @@ def show(variant: dict) -> None:
     print(f"\n== augment p={variant['augment']} ({variant['train_wall_s'] / 60:.1f} min) ==")
     print(" epoch  step   F1    KID     mem  mem_f  mem_px  demo   score")
     for r in variant["rows"]:
+
         def f(v, w=6, d=3):
             return f"{v:{w}.{d}f}" if isinstance(v, float | int) and v is not None else " " * (w - 1) + "—"
 
@@ -127,7 +133,9 @@ def main() -> int:
     ap.add_argument("--workdir", default="bench/_work_small", help="scratch folder")
     ap.add_argument("--profile", default="cpu_tiny")
     ap.add_argument("--n_images", type=int, default=150)
-    ap.add_argument("--size", type=int, default=40, help="demo image side (the augmentation crops from 1.25x)")
+    ap.add_argument(
+        "--size", type=int, default=40, help="demo image side (the augmentation crops from 1.25x)"
+    )
     ap.add_argument("--epochs", type=int, default=240)
     ap.add_argument("--save_every", type=int, default=40)
     ap.add_argument("--augment", type=float, nargs="+", default=[0.0, 0.5], help="probabilities to compare")
