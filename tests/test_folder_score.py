@@ -132,3 +132,14 @@ def test_eval_on_a_folder_that_is_not_the_demo_prints_the_three_numbers(
     r = json.loads(out.read_text())["folder"]
     assert r["settings"]["n"] == 6 and 0.0 <= r["memorisation"]["combined"]["rate"] <= 1.0
     assert r["split"].startswith("a folder the model was not trained on")
+
+
+@pytest.mark.slow
+def test_eval_on_the_training_folder_reuses_the_runs_tag_model(tiny_model, tmp_path, monkeypatch, caplog):
+    from moas.cli import main
+
+    monkeypatch.chdir(tiny_model)  # the model file records its folder relative to here
+    args = ["eval", "--model", "models/best_model.safetensors", "--data_dir", "data/demo/train"]
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "--n_folder", "4", "--quiet", "--json", str(tmp_path / "e.json")]) == 0
+    assert "Tag model loaded" in caplog.text and "Tag model trained" not in caplog.text
