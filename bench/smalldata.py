@@ -37,7 +37,16 @@ from moas.inference.pipeline import Pipeline  # noqa: E402
 from moas.monitor.logs import setup_logging  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 
-COLUMNS = ("folder_adherence", "folder_kid", "memorised", "memorised_features", "memorised_pixels")
+COLUMNS = (
+    "folder_adherence",
+    "folder_kid",
+    "memorised",
+    "memorised_features",
+    "memorised_pixels",
+    "memorised_real",
+    "memorised_excess",
+    "loss",
+)
 
 
 def make_data(n_images: int, size: int, seed: int) -> tuple[Path, Path]:
@@ -65,8 +74,11 @@ def run_variant(a: argparse.Namespace, name: str, p: float, images: Path) -> dic
             "save_path": f"models_{name}/best_model.safetensors",
             "sample_every": 0,
             "seed": a.seed,
+            **({"batch_size": a.batch_size} if a.batch_size else {}),
+            **({"lr": a.lr} if a.lr else {}),
         },
         "monitor": {"val_fraction": a.val_fraction, "folder_eval_n": a.n_folder},
+        **({"resources": {"cpu_threads": a.threads}} if a.threads else {}),
     }
     cfg = load_config(a.profile, overrides=overrides, use_env=False)
     t0 = time.perf_counter()
@@ -114,7 +126,7 @@ def table(variant: dict) -> list[dict]:
 def show(variant: dict) -> None:
     best = variant["history"]["best"] or {}
     print(f"\n== augment p={variant['augment']} ({variant['train_wall_s'] / 60:.1f} min) ==")
-    print(" epoch  step   F1    KID     mem  mem_f  mem_px  demo   score")
+    print(" epoch  step   F1    KID     mem  mem_f  mem_px  real  excess val_loss demo   score")
     for r in variant["rows"]:
 
         def f(v, w=6, d=3):
@@ -124,6 +136,7 @@ def show(variant: dict) -> None:
         print(
             f" {r['epoch']:>5} {r['step']:>5} {f(r['folder_adherence'])} {f(r['folder_kid'], 7, 4)} "
             f"{f(r['memorised'])} {f(r['memorised_features'])} {f(r['memorised_pixels'])} "
+            f"{f(r['memorised_real'])} {f(r['memorised_excess'])} {f(r['loss'])} "
             f"{f(r['demo_held_out'])} {f(r['score'])}{mark}"
         )
 
@@ -142,6 +155,9 @@ def main() -> int:
     ap.add_argument("--val_fraction", type=float, default=0.2, help="held-out share (prompts, KID reference)")
     ap.add_argument("--n_folder", type=int, default=48, help="images per checkpoint for the folder eval")
     ap.add_argument("--demo_n", type=int, default=24, help="demo-table images per split (0: skip)")
+    ap.add_argument("--batch_size", type=int, default=0, help="training batch (0: the profile's)")
+    ap.add_argument("--lr", type=float, default=0.0, help="peak learning rate (0: the profile's)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: the profile's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/smalldata.json")
     a = ap.parse_args()

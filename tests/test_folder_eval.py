@@ -63,6 +63,11 @@ def test_a_prompt_following_generator_scores_high_and_copies_nothing(folder, tmp
     assert r["kid"]["n_generated"] == 12 and r["kid"]["n_real"] == len(heldout)
     assert abs(r["kid"]["mean"]) < 3 * r["kid"]["std"] + 0.05  # drawn like the real ones: little distance
     assert r["memorisation"]["n_train"] == len(train) and r["memorisation"]["combined"]["rate"] <= 0.25
+    base = r["memorisation"]["real_heldout"]  # new real images of the folder: the rule's false alarms
+    assert base["n"] == len(heldout) and base["combined"] <= 0.25
+    assert r["memorisation"]["excess"] == max(
+        0.0, round(r["memorisation"]["combined"]["rate"] - base["combined"], 4)
+    )
     assert r["settings"] == {
         "n": 12,
         "steps": 4,
@@ -86,6 +91,7 @@ def test_a_copying_generator_is_flagged(folder):
     mem = r["memorisation"]
     assert mem["features"]["rate"] == 1.0 and mem["pixels"]["rate"] == 1.0 and mem["combined"]["count"] == 8
     assert mem["nearest_pixels"] == copied and mem["nearest_features"] == copied  # dataset indices
+    assert mem["excess"] == 1.0 - mem["real_heldout"]["combined"] >= 0.75  # copying, beyond the false alarms
     assert len(kept) == 2 and all(tagger.memo[k] is v for k, v in kept.items())  # read once, reused
     # copies generated at another resolution than the data's: the pixel test still catches every one
     r = run_folder_eval(CopyingPipe(ds, train, 32), ds, tagger, heldout, train, n=8, seed=3, progress=False)

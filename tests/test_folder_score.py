@@ -43,6 +43,8 @@ def test_scorer_ranks_a_drawing_model_above_a_copying_one_and_flags_the_copies(s
     copying = scorer(CopyingPipe(ds, scorer.train_idx, 32), 4, 1.0, "ddim")
     assert set(drawing) >= {"folder_adherence", "folder_kid", "memorised", "folder_score"}
     assert drawing["memorised"] == 0.0 and copying["memorised"] > 0.9
+    assert copying["memorised_excess"] == copying["memorised"] - copying["memorised_real"] > 0.75
+    assert drawing["memorised_excess"] == 0.0
     assert drawing["folder_adherence"] > copying["folder_adherence"]
 
 
@@ -67,6 +69,19 @@ def test_a_memorising_checkpoint_is_never_chosen(tmp_path, monkeypatch, caplog):
     # a resumed run keeps the veto in its history
     again = BestModelKeeper(tmp_path, tmp_path / "best.safetensors", memorisation_limit=0.1)
     assert again.best["epoch"] == 4 and again.history[1]["vetoed"]
+
+
+def test_the_veto_counts_copies_above_the_rate_real_held_out_images_are_flagged(tmp_path, monkeypatch):
+    monkeypatch.setattr("moas.eval.best.save_model", lambda path, contents: None)
+    keeper = BestModelKeeper(tmp_path, tmp_path / "best.safetensors", memorisation_limit=0.1)
+    # a feature space that flags 30 % of new real images: 35 % flagged generated images are 5 % copies
+    assert keeper.update(
+        1, 10, {"folder_score": 0.4, "memorised": 0.35, "memorised_excess": 0.05}, _model_file
+    )
+    assert not keeper.update(
+        2, 20, {"folder_score": 0.9, "memorised": 0.5, "memorised_excess": 0.2}, _model_file
+    )
+    assert [h["vetoed"] for h in keeper.history] == [False, True]
 
 
 def test_split_views_keep_their_own_ram_cache(tmp_path):

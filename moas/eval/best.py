@@ -11,7 +11,8 @@ The score (higher is better) is, in this order of preference:
 
 Never the training loss. Ties keep the earlier checkpoint. A checkpoint whose samples copy training images
 (``memorised`` above ``memorisation_limit``: nearest / second-nearest training image < 1/3, Gu et al.
-2025) is never chosen, however it scores: on a few thousand images a model that memorises looks best by
+2025; counted above the rate at which the same rule flags real held-out images, ``memorised_excess``, when
+the folder evaluation measures it) is never chosen, however it scores: on a few thousand images a model that memorises looks best by
 every distance to the training set just before it stops being useful. The history of every scored checkpoint is
 written to ``<run>/best_steps.json``; when nothing can be scored (no validation images, no demo
 manifest) the newest checkpoint is kept and the history says so.
@@ -86,7 +87,8 @@ class BestModelKeeper:
             "metric": name,
             **{k: v for k, v in metrics.items() if v is not None},
         }
-        memorised = metrics.get("memorised")
+        memorised = metrics.get("memorised_excess")
+        memorised = metrics.get("memorised") if memorised is None else memorised
         vetoed = memorised is not None and memorised > self.memorisation_limit
         entry["vetoed"] = vetoed
         self.history.append(entry)

@@ -10,7 +10,10 @@ seed + k) and measured with the folder's tag model (:mod:`moas.eval.tagger`):
   captions written by people count there: ``moas caption``'s own would score the tagger against itself);
 * ``kid``: KID between the generated and the real held-out images in tag-model features (:mod:`moas.eval.kid`);
 * ``memorisation``: the nearest / second-nearest distance ratio test against the training images, in
-  tag-model features and in 16×16 pixels (:mod:`moas.eval.memorisation`).
+  tag-model features and in 16×16 pixels (:mod:`moas.eval.memorisation`). ``real_heldout`` is the same test
+  on the real held-out images, which no model has seen: the rate at which the rule flags new images of this
+  folder (a weak feature space or near-duplicate files flag some), and ``excess`` the generated rate above it,
+  the share that is copying rather than the rule's own false alarms.
 
 Every image goes through 64 × 64 first, so generated images (the model's base resolution) and real ones
 (the dataset's cached resolution) are compared at one size. These numbers compare moas runs on the same
@@ -102,12 +105,21 @@ def _kid_entry(gen_feats: torch.Tensor, real_feats: torch.Tensor) -> dict:
     return {**entry, "mean": mean, "std": std}
 
 
-def _memorisation(gen_small, gen_feats, train_small, train_feats, train_idx: list[int]) -> dict:
+def _memorisation(gen, train, real, train_idx: list[int]) -> dict:
+    """``gen`` / ``train`` / ``real``: (16 px images, features) of the generated, training and real
+    held-out images."""
     if len(train_idx) < 2:
         return {"reason": f"needs at least 2 training images, got {len(train_idx)}"}
-    mem = memorisation_report(gen_small, train_small, gen_feats, train_feats, THRESHOLD)
+    mem = memorisation_report(gen[0], train[0], gen[1], train[1], THRESHOLD)
     mem["nearest_features"] = [train_idx[j] for j in mem["nearest_features"]]  # dataset indices
     mem["nearest_pixels"] = [train_idx[j] for j in mem["nearest_pixels"]]
+    if len(real[1]):
+        base = memorisation_report(real[0], train[0], real[1], train[1], THRESHOLD)
+        mem["real_heldout"] = {
+            "n": len(real[1]),
+            **{space: base[space]["rate"] for space in ("features", "pixels", "combined")},
+        }
+        mem["excess"] = round(max(0.0, mem["combined"]["rate"] - base["combined"]["rate"]), 4)
     return mem
 
 
@@ -158,11 +170,13 @@ def run_folder_eval(
     # Every image goes through 64 px first, so generated and real images are compared at one size.
     gen_probs, gen_feats, gen_small = _measure(tagger, resize_images(gen, INPUT_SIZE))
     vocab = tagger.vocab
-    real_probs, real_feats, _ = _dataset_side(dataset, heldout_idx, tagger)
+    real_probs, real_feats, real_small = _dataset_side(dataset, heldout_idx, tagger)
     auto = auto_captioned(dataset)
     ref = [j for j, i in enumerate(heldout_idx) if caption_tags(captions[i]) and i not in auto]
     _, train_feats, train_small = _dataset_side(dataset, train_idx, tagger)
-    mem = _memorisation(gen_small, gen_feats, train_small, train_feats, train_idx)
+    mem = _memorisation(
+        (gen_small, gen_feats), (train_small, train_feats), (real_small, real_feats), train_idx
+    )
     labels = vocab.encode_many([captions[i] for i in cases])  # (n, T)
     keep = informative_tags(vocab, captions)
     real_labels = vocab.encode_many([captions[heldout_idx[j]] for j in ref])
@@ -229,6 +243,12 @@ def summary_text(result: dict) -> str:
             f"  {label:<26}features {m['features']['rate']:.1%}, pixels {m['pixels']['rate']:.1%}, "
             f"either {m['combined']['rate']:.1%}   ({m['n_train']} training images)"
         )
+        if "real_heldout" in m:
+            r = m["real_heldout"]
+            lines.append(
+                f"  {'  real held-out, same test':<26}features {r['features']:.1%}, pixels {r['pixels']:.1%}, "
+                f"either {r['combined']:.1%}   (the rule's false alarms; excess {m['excess']:.1%})"
+            )
     tag = (result.get("tagger") or {}).get("heldout") or {}
     if "f1" in tag:
         lines.append(

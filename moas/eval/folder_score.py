@@ -89,5 +89,7 @@ class FolderScorer:
             "memorised": mem["combined"]["rate"] if "combined" in mem else None,
             "memorised_features": mem["features"]["rate"] if "features" in mem else None,
             "memorised_pixels": mem["pixels"]["rate"] if "pixels" in mem else None,
+            "memorised_real": mem["real_heldout"]["combined"] if "real_heldout" in mem else None,
+            "memorised_excess": mem.get("excess"),
             "folder_score": folder_score(f1, kid_mean, self.kid_noise),
         }

@@ -11,7 +11,8 @@ the seed and excluded from training (``train.val_fraction``; none when the folde
 * ``prompt_adherence``: the fraction of validation images whose own caption gives a lower denoising error
   than a mismatched caption (same timesteps and noise) — a diffusion-classifier test of whether the
   model uses the prompt. Images without a caption are not counted; ``None`` when no image counts.
-* ``folder_adherence``, ``folder_kid``, ``memorised`` (+ ``_features`` / ``_pixels``) and ``folder_score``:
+* ``folder_adherence``, ``folder_kid``, ``memorised`` (+ ``_features`` / ``_pixels`` / ``_real`` /
+  ``_excess``) and ``folder_score``:
   images drawn from the held-out captions, measured by the folder's own tag model
   (``moas.eval.folder_score``); absent when the folder's captions cannot train one;
 * ``accuracy``: on the demo data (a ``manifest.json`` beside the training folder) the held-out attribute
