@@ -160,8 +160,18 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
         default=None,
         help="sampler (default from the model's config, usually " + SampleConfig.sampler + ")",
     )
-    p.add_argument("--width", type=int, help="output width in pixels (default: the model's resolution)")
-    p.add_argument("--height", type=int, help="output height in pixels (default: the model's resolution)")
+    p.add_argument(
+        "--width",
+        type=int,
+        help="output width in pixels (default: the model's resolution; alone: a square). The model draws at "
+        "its trained aspect bucket nearest width/height, upscales and centre-crops; an aspect it never "
+        "trained on is refused",
+    )
+    p.add_argument(
+        "--height",
+        type=int,
+        help="output height in pixels (default: the model's resolution; alone: a square)",
+    )
     p.add_argument(
         "--quality_enhance",
         choices=["full", "resolution", "detail", "color", "none"],

@@ -30,6 +30,7 @@ from moas.data.dataset import to_model_range, to_uint8
 from moas.diffusion.registry import SAMPLERS
 from moas.errors import MoasError
 from moas.eval.quality import quality_score
+from moas.inference.aspect import base_size, centre_crop, cover_size, requested_size, trained_sizes
 from moas.inference.image_input import init_image
 from moas.inference.pipeline import Pipeline
 from moas.io import atomic_write_bytes
@@ -122,14 +123,18 @@ def parameters_text(
     model_hash: str,
     model_name: str,
     quality: float | None = None,
+    base: tuple[int, int] | None = None,
 ) -> str:
-    """The A1111 ``parameters`` chunk: prompt, negative prompt, then one line of key: value pairs."""
+    """The A1111 ``parameters`` chunk: prompt, negative prompt, then one line of key: value pairs.
+    ``base``: the size the diffusion model drew at, when the output was brought up from it."""
     lines = [req.prompt]
     if req.negative_prompt:
         lines.append(f"Negative prompt: {req.negative_prompt}")
     lines.append(
         f"Steps: {req.steps}, Sampler: {sampler_label(req.sampler)}, CFG scale: {req.guidance_scale:g}, "
-        f"Seed: {seed}, Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model_name}, "
+        f"Seed: {seed}, Size: {size[0]}x{size[1]}, "
+        + (f"Base size: {base[0]}x{base[1]}, " if base and tuple(base) != tuple(size) else "")
+        + f"Model hash: {model_hash}, Model: {model_name}, "
         + (f"Style: {req.style}, " if req.style else "")
         + f"Quality enhance: {req.quality_enhance or 'default'}, "
         + (
@@ -191,30 +196,50 @@ def cascade(
 ) -> torch.Tensor:
     """Base-resolution uint8 (B, 3, h, w) → (B, 3, height, width) through the trained SR + enhancement stages.
 
-    Without a trained enhancer (an older model file) or with mode ``none`` this is plain bicubic resizing.
+    The images are brought up with their aspect kept to the smallest size that covers ``width × height``
+    and centre-cropped to it (:mod:`moas.inference.aspect`), so nothing is stretched. Without a trained
+    enhancer (an older model file) or with mode ``none`` the upscaling is plain bicubic resizing.
     """
+    h, w = images.shape[-2:]
+    width, height = width or w, height or h
+    cw, ch = cover_size((w, h), (width, height))
     if enhancer is None or mode == "none":
         if mode != "none":
             log.info("This model file has no trained enhancer; resizing with bicubic filtering.")
-        return resize_to(images, width, height)
-    h, w = images.shape[-2:]
+        return centre_crop(resize_to(images, cw, ch), width, height)
     dev = next(enhancer.parameters()).device
     x = to_model_range(images).to(dev)  # (B, 3, h, w) in [-1, 1]
-    out = [enhancer.enhance(xi[None], (height or h, width or w), mode, max_side) for xi in x]
-    return to_uint8(torch.cat(out, 0)).cpu()
+    out = [enhancer.enhance(xi[None], (ch, cw), mode, max_side) for xi in x]
+    return centre_crop(to_uint8(torch.cat(out, 0)).cpu(), width, height)
+
+
+def plan_size(pipe: Pipeline, req: GenerateRequest) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((base width, base height), (output width, output height)) for a request: the trained bucket
+    nearest the requested aspect ratio, and the requested size (the base square when none is given)."""
+    target = requested_size(req.width, req.height, pipe.resolution)
+    base = base_size(*target, trained_sizes(pipe.model_config, pipe.resolution))
+    if base[0] / base[1] != target[0] / target[1]:
+        log.info(
+            "Drawing at the trained size %dx%d (the nearest to %dx%d's aspect), then cropping to %dx%d.",
+            *base,
+            *target,
+            *target,
+        )
+    return base, target
 
 
 def generate(
     pipe: Pipeline, req: GenerateRequest, output: str | Path, model_name: str, progress: bool = True
 ) -> list[Path]:
     validate_request(req)
+    base, target = plan_size(pipe, req)
     keep = req.keep_best or req.num_images
     paths = output_paths(output, keep)
     seeds = [req.seed + i for i in range(req.num_images)]
     pipe.set_style(req.style)
     init = None
     if req.init_image is not None:
-        init = init_image(req.init_image, pipe.resolution, pipe.resolution)
+        init = init_image(req.init_image, base[1], base[0])
         init = init[None].expand(req.num_images, -1, -1, -1)
     images = pipe(
         [req.prompt] * req.num_images,
@@ -226,9 +251,10 @@ def generate(
         progress=progress,
         init_images=init,
         strength=req.strength,
+        size=base,
     )
     mode = req.quality_enhance or pipe.enhance_mode
-    images = cascade(images, pipe.enhancer, req.width, req.height, mode)
+    images = cascade(images, pipe.enhancer, *target, mode)
     size = (images.shape[-1], images.shape[-2])
     scores: list[float | None] = [None] * len(images)
     order = list(range(len(images)))
@@ -241,7 +267,7 @@ def generate(
             ", ".join(str(seeds[i]) for i in order),
         )
     for i, path in zip(order, paths, strict=True):
-        text = parameters_text(req, seeds[i], size, pipe.model_hash, model_name, scores[i])
+        text = parameters_text(req, seeds[i], size, pipe.model_hash, model_name, scores[i], base)
         save_png(images[i], path, text)
     return paths
 
@@ -253,6 +279,7 @@ def generate_panels(
     from moas.losses.temporal import sequence_metrics
 
     validate_request(req)
+    base_wh, target = plan_size(pipe, req)
     out = output_paths(output, 1)[0]
     prompts = panel_prompts(req)
     if not getattr(pipe.model, "panel_memory", False):
@@ -270,6 +297,7 @@ def generate_panels(
             sampler=req.sampler,
             progress=progress,
             panels=history,
+            size=base_wh,
         )
         base.append(img[0])
     lc = pipe.loss_weights
@@ -278,15 +306,13 @@ def generate_panels(
         lc.get("temporal_character_weight", 0.3),
         lc.get("temporal_scene_weight", 0.2),
     )
-    images = cascade(
-        torch.stack(base), pipe.enhancer, req.width, req.height, req.quality_enhance or pipe.enhance_mode
-    )
+    images = cascade(torch.stack(base), pipe.enhancer, *target, req.quality_enhance or pipe.enhance_mode)
     size = (images.shape[-1], images.shape[-2])
     paths = []
     for k, prompt in enumerate(prompts):
         path = out.with_name(f"{out.stem}_panel{k}.png")
         panel_req = GenerateRequest(**{**req.__dict__, "prompt": prompt})
-        text = parameters_text(panel_req, req.seed + k, size, pipe.model_hash, model_name)
+        text = parameters_text(panel_req, req.seed + k, size, pipe.model_hash, model_name, base=base_wh)
         save_png(images[k], path, text + f", Panel: {k + 1}/{len(prompts)}")
         paths.append(path)
     strip = torch.cat(list(images), dim=-1)  # (3, H, N·W): the panels left to right

@@ -199,18 +199,22 @@ class Pipeline:
         panels: torch.Tensor | None = None,
         init_images: torch.Tensor | None = None,
         strength: float = 1.0,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Images as uint8 (B, 3, H, W) at the model's base resolution; unset sampler settings are the
-        model's own (``sample_defaults``).
+        """Images as uint8 (B, 3, H, W) at ``size`` = (W, H), by default the model's base square; unset
+        sampler settings are the model's own (``sample_defaults``). Any other size should be one of the
+        model's training buckets (``moas.inference.aspect``); the U-Net needs its sides divisible by its
+        downsampling factor.
 
         ``panels``: previous panels uint8 (B, K, 3, H, W), nearest first, for the memory expert (panel
         mode). They join the conditional branch only — the unconditional branch is the null prompt with
         no memory, which is what condition dropout trained (memory is dropped with the text), so guidance
         pushes toward the previous panels as it pushes toward the prompt.
 
-        ``init_images``: uint8 (B, 3, H, W) at the base resolution for image-to-image; ``strength`` in [0, 1]
+        ``init_images``: uint8 (B, 3, H, W) at ``size`` for image-to-image; ``strength`` in [0, 1]
         is how much of the schedule is run from them (0 returns them, 1 is text-to-image)."""
         steps, guidance_scale, sampler = self.settings(steps, guidance_scale, sampler)
+        width, height = size or (self.resolution, self.resolution)
         out = []
         for i in range(0, len(prompts), batch_size):
             p, s = prompts[i : i + batch_size], seeds[i : i + batch_size]
@@ -225,7 +229,7 @@ class Pipeline:
                 guided(self.denoise, cond, uncond, guidance_scale),
                 make_sampler(sampler, self.train_config),
                 s,
-                (3, self.resolution, self.resolution),
+                (3, height, width),
                 steps,
                 guidance_scale,
                 self.device,

@@ -22,9 +22,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError, safe_open
 
-from moas.data.buckets import make_buckets
 from moas.device import resolve_device
 from moas.errors import CheckpointError, MoasError
+from moas.inference.aspect import trained_sizes
 from moas.inference.edit import EditRequest, edit
 from moas.inference.generate import GenerateRequest, generate, validate_request
 from moas.inference.model_file import SUFFIX, read_model_file
@@ -102,15 +102,7 @@ class ModelCache:
 def size_choices(config: dict, resolution: int) -> list[tuple[int, int]]:
     """(width, height) sizes to offer: the model's training buckets when it was trained with them, else
     its base square; then the ×2 and ×4 squares its enhancer's super-resolution stage was trained for."""
-    data, model = config.get("data") or {}, config.get("model") or {}
-    sizes = [(resolution, resolution)]
-    if data.get("bucketing"):
-        divisor = int(model.get("patch_size", 1)) * 2 ** (len(model.get("block_channels", [0])) - 1)
-        try:
-            sizes = make_buckets(resolution, divisor, float(data.get("bucket_max_aspect", 2.0)))
-        except ValueError:  # a config this version would not train; offer the square
-            pass
-    return sizes + [(resolution * k, resolution * k) for k in (2, 4)]
+    return trained_sizes(config, resolution) + [(resolution * k, resolution * k) for k in (2, 4)]
 
 
 def size_label(size: tuple[int, int], resolution: int) -> str:
