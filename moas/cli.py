@@ -114,6 +114,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 0
     if choice is not None:
         print(f"moas: {choice.notice()}", file=sys.stderr)
+    from moas.config import lr_batch_warning
     from moas.doctor import run_checks
     from moas.monitor.logs import setup_logging
     from moas.train.distributed import context_from_env, shutdown_distributed
@@ -127,6 +128,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         read_sample_prompts(cfg.monitor.sample_prompts)
     if main_rank:
         run_checks(cfg, quick=True)  # writes logs/diagnosis.log; problems are warnings here
+        if (warning := lr_batch_warning(cfg)) is not None:
+            log.warning(warning)
     cfg = _plan_for_gpu(cfg)
     # tqdm bars redraw with carriage returns, so they only go to a terminal; a log file gets the
     # dashboard's plain lines instead.

@@ -453,3 +453,25 @@ def dict_to_toml(d: dict[str, Any]) -> str:
             lines += [f"{kk} = {fmt(vv)}" for kk, vv in v.items() if vv is not None]
             lines.append("")
     return "\n".join(lines)
+
+
+def lr_batch_warning(cfg: MoasConfig) -> str | None:
+    """A sentence when the effective batch is at most half its profile's while the peak learning rate is
+    still the profile's (or higher): the profiles' rates are tuned for their batch, and a smaller batch at the
+    same rate can blow a run up. Measured: ``cpu_tiny`` at batch 8 with its lr 1e-3 collapsed after ~500
+    steps to a flat loss it never left (bench/RESULTS.md, "Memorisation reached"). None when it is fine."""
+    try:
+        t = read_toml(profile_path(cfg.profile)).get("train", {})
+    except ConfigError:
+        return None
+    profile_batch = int(t.get("batch_size", TrainConfig.batch_size)) * int(t.get("grad_accum_steps", 1))
+    profile_lr = float(t.get("lr", TrainConfig.lr))
+    batch = cfg.train.batch_size * cfg.train.grad_accum_steps
+    if 2 * batch > profile_batch or cfg.train.lr < profile_lr:
+        return None
+    scaled = cfg.train.lr * batch / profile_batch
+    return (
+        f"The effective batch is {batch} but the learning rate {cfg.train.lr:g} is tuned for the "
+        f"{cfg.profile} profile's {profile_batch}; a smaller batch at the same rate can make training collapse, "
+        f"so consider --lr {scaled:.2g} (scaled with the batch)."
+    )
