@@ -92,7 +92,8 @@ def test_a_copying_generator_is_flagged(folder):
     assert mem["features"]["rate"] == 1.0 and mem["pixels"]["rate"] == 1.0 and mem["combined"]["count"] == 8
     assert mem["nearest_pixels"] == copied and mem["nearest_features"] == copied  # dataset indices
     assert mem["excess"] == 1.0 - mem["real_heldout"]["combined"] >= 0.75  # copying, beyond the false alarms
-    assert len(kept) == 2 and all(tagger.memo[k] is v for k, v in kept.items())  # read once, reused
+    # real images read and the real held-out baseline measured once, reused
+    assert len(kept) == 3 and all(tagger.memo[k] is v for k, v in kept.items())
     # copies generated at another resolution than the data's: the pixel test still catches every one
     r = run_folder_eval(CopyingPipe(ds, train, 32), ds, tagger, heldout, train, n=8, seed=3, progress=False)
     mem = r["memorisation"]

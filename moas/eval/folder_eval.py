@@ -105,21 +105,26 @@ def _kid_entry(gen_feats: torch.Tensor, real_feats: torch.Tensor) -> dict:
     return {**entry, "mean": mean, "std": std}
 
 
-def _memorisation(gen, train, real, train_idx: list[int]) -> dict:
+def _real_baseline(real, train, memo: dict, key: tuple) -> dict:
+    """The memorisation rates of the real held-out images against the training images; they do not change
+    between checkpoints, so they are kept in ``memo`` (the tagger's) under ``key``."""
+    if key not in memo:
+        base = memorisation_report(real[0], train[0], real[1], train[1], THRESHOLD)
+        memo[key] = {"n": len(real[1]), **{s: base[s]["rate"] for s in ("features", "pixels", "combined")}}
+    return memo[key]
+
+
+def _memorisation(gen, train, real, train_idx: list[int], memo: dict, key: tuple) -> dict:
     """``gen`` / ``train`` / ``real``: (16 px images, features) of the generated, training and real
-    held-out images."""
+    held-out images; ``memo`` / ``key``: where the real images' rates are kept (:func:`_real_baseline`)."""
     if len(train_idx) < 2:
         return {"reason": f"needs at least 2 training images, got {len(train_idx)}"}
     mem = memorisation_report(gen[0], train[0], gen[1], train[1], THRESHOLD)
     mem["nearest_features"] = [train_idx[j] for j in mem["nearest_features"]]  # dataset indices
     mem["nearest_pixels"] = [train_idx[j] for j in mem["nearest_pixels"]]
     if len(real[1]):
-        base = memorisation_report(real[0], train[0], real[1], train[1], THRESHOLD)
-        mem["real_heldout"] = {
-            "n": len(real[1]),
-            **{space: base[space]["rate"] for space in ("features", "pixels", "combined")},
-        }
-        mem["excess"] = round(max(0.0, mem["combined"]["rate"] - base["combined"]["rate"]), 4)
+        mem["real_heldout"] = dict(_real_baseline(real, train, memo, key))
+        mem["excess"] = round(max(0.0, mem["combined"]["rate"] - mem["real_heldout"]["combined"]), 4)
     return mem
 
 
@@ -174,8 +179,14 @@ def run_folder_eval(
     auto = auto_captioned(dataset)
     ref = [j for j, i in enumerate(heldout_idx) if caption_tags(captions[i]) and i not in auto]
     _, train_feats, train_small = _dataset_side(dataset, train_idx, tagger)
+    paths = tuple(str(dataset.paths[i]) for i in heldout_idx), tuple(str(dataset.paths[i]) for i in train_idx)
     mem = _memorisation(
-        (gen_small, gen_feats), (train_small, train_feats), (real_small, real_feats), train_idx
+        (gen_small, gen_feats),
+        (train_small, train_feats),
+        (real_small, real_feats),
+        train_idx,
+        tagger.memo,
+        ("memorisation_baseline", *paths),
     )
     labels = vocab.encode_many([captions[i] for i in cases])  # (n, T)
     keep = informative_tags(vocab, captions)
