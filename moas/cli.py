@@ -174,6 +174,7 @@ def _generate_request(a: argparse.Namespace):
         allow_nsfw=a.allow_nsfw,
         keep_best=a.keep_best,
         quality_enhance=a.quality_enhance,
+        upscaler=a.upscaler,
         panels=a.panels,
         init_image=a.init_image,
         strength=a.strength,
@@ -271,6 +272,7 @@ def cmd_make_data(a: argparse.Namespace) -> int:
         seed=a.seed,
         sequences=a.sequences,
         sequence_tag_drop=a.sequence_tag_drop,
+        scene=a.scene,
     )
     n_seq = sum(len(s["panels"]) for s in manifest.get("sequences", []))
     print(

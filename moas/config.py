@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moas.config_sections import BrainConfig, EnhanceConfig, LossConfig, MonitorConfig, _check
+from moas.config_sections import BrainConfig, EnhanceConfig, LossConfig, MonitorConfig, SRConfig, _check
 from moas.diffusion.registry import SAMPLER_NAMES
 from moas.errors import ConfigError
 
@@ -283,6 +283,7 @@ class MoasConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     enhance: EnhanceConfig = field(default_factory=EnhanceConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -311,6 +312,7 @@ def _section_classes() -> dict[str, type]:
         "monitor": MonitorConfig,
         "losses": LossConfig,
         "enhance": EnhanceConfig,
+        "sr": SRConfig,
     }
 
 

@@ -187,3 +187,56 @@ class EnhanceConfig:
             self.mode in ("full", "resolution", "detail", "color", "none"),
             "enhance.mode must be full, resolution, detail, color or none",
         )
+
+
+@dataclass
+class SRConfig:
+    """The super-resolution diffusion stage: its own U-Net, conditioned on the upsampled low-resolution image
+    (noise-augmented) and the prompt, trained on random crops of the training images at ``scale``× the base
+    resolution. Off by default; the profiles turn it on."""
+
+    train: bool = False  # train the stage during ``moas train`` (its EMA weights go into the model file)
+    scale: int = 4  # output side = base side × scale
+    crop: int = (
+        128  # side of the high-resolution training crops (the U-Net is convolutional: any size at use)
+    )
+    block_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    attention: list[bool] = field(default_factory=lambda: [False, False, True])  # self-attention per level
+    layers_per_block: int = 1
+    patch_size: int = 1  # p×p pixel patches folded into channels (p² cheaper full-resolution level)
+    prediction_type: str = "v_prediction"  # v_prediction | sample (x-prediction) | epsilon
+    noise_shift: float = 1.0  # SNR divided by shift²: more noise at every step for larger images
+    min_snr_gamma: float = 5.0
+    cond_noise_max: float = 0.5  # training: conditioning noise level drawn uniformly from [0, this]
+    cond_noise: float = 0.1  # sampling: the fixed conditioning noise level
+    lr: float = 5e-4
+    batch_size: int = 8  # crops per stage step
+    every: int = 1  # one stage step every this many generator optimizer steps
+    ema_decay: float = 0.995
+    steps: int = 12  # sampling steps at generation
+    sampler: str = "dpmsolver++"
+
+    def __post_init__(self) -> None:
+        _check(self.scale in (2, 4), "sr.scale must be 2 or 4")
+        levels = len(self.block_channels)
+        _check(levels >= 1 and len(self.attention) == levels, "sr.attention needs one entry per level")
+        _check(
+            all(c >= 8 and c % 8 == 0 for c in self.block_channels),
+            "sr.block_channels must be multiples of 8",
+        )
+        unit = self.patch_size * 2 ** (levels - 1)
+        _check(self.crop >= unit and self.crop % unit == 0, f"sr.crop must be a multiple of {unit}")
+        _check(self.crop % self.scale == 0, "sr.crop must be a multiple of sr.scale")
+        _check(
+            self.prediction_type in ("v_prediction", "sample", "epsilon"),
+            "sr.prediction_type must be v_prediction, sample or epsilon",
+        )
+        _check(self.noise_shift > 0 and self.min_snr_gamma >= 0, "sr.noise_shift must be positive")
+        _check(
+            0 <= self.cond_noise <= 1 and 0 <= self.cond_noise_max <= 1, "sr.cond_noise levels are in [0, 1]"
+        )
+        _check(
+            self.lr > 0 and self.batch_size >= 1 and self.every >= 1,
+            "sr.lr, batch_size, every must be positive",
+        )
+        _check(0 <= self.ema_decay < 1 and self.steps >= 1, "sr.ema_decay must be in [0, 1), sr.steps ≥ 1")

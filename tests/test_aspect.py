@@ -11,8 +11,9 @@ from PIL import Image
 
 from moas.errors import MoasError
 from moas.inference.aspect import base_size, centre_crop, cover_size, requested_size, trained_sizes
-from moas.inference.generate import GenerateRequest, cascade, generate
+from moas.inference.generate import GenerateRequest, generate
 from moas.inference.pipeline import Pipeline
+from moas.inference.upscale import cascade
 
 BUCKETED = {
     "data": {"bucketing": True, "bucket_max_aspect": 2.0},

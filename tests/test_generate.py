@@ -7,10 +7,10 @@ from moas.inference.generate import (
     GenerateRequest,
     output_paths,
     parameters_text,
-    resize_to,
     save_png,
     validate_request,
 )
+from moas.inference.upscale import resize_to
 
 
 def test_parameters_chunk_is_a1111_style(tmp_path):

@@ -39,6 +39,7 @@ LAYERS = {
     "webui": 6,  # the web UI: only moas.cli imports it
     "cli": 7,
     "cli_args": 7,
+    "cli_generate_args": 7,
     "__main__": 7,
     "__init__": 0,
 }

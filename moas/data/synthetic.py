@@ -40,10 +40,12 @@ from moas.data.synthetic_draw import (  # noqa: F401 (the demo vocabulary is par
     prompt_for,
 )
 from moas.data.synthetic_panels import remove_stale_sequences, write_sequences
+from moas.data.synthetic_scene import generate_two_character_dataset
 from moas.errors import DataError
 from moas.io import atomic_write_bytes
 
 MANIFEST_VERSION = 1
+SCENES = ("one", "two")  # one girl per image (this module), or two (synthetic_scene)
 
 
 def held_out_pairs(seed: int) -> list[tuple[str, str]]:
@@ -74,12 +76,14 @@ def generate_demo_dataset(
     progress: bool = True,
     sequences: int = 0,
     sequence_tag_drop: float = 0.0,
+    scene: str = "one",
 ) -> dict:
     """Write ``out_dir/train/<artist>/<NNNNN>.png|.txt`` and ``out_dir/manifest.json``; return the manifest.
 
     ``sequences`` > 0 also writes that many panel sequences (``moas.data.synthetic_panels``);
     ``sequence_tag_drop`` is the probability that a later panel's caption omits the hair / eye colour
-    (there; 0 = every caption complete)."""
+    (there; 0 = every caption complete). ``scene`` "two" writes two-character scenes instead
+    (``moas.data.synthetic_scene``; its manifest says ``"scene": "two"``); "one" is this module's set."""
     out, artists = Path(out_dir), list(artists)
     if out.exists() and not out.is_dir():
         raise DataError(f"Output path {out} exists and is a file, not a directory.")
@@ -87,6 +91,12 @@ def generate_demo_dataset(
         raise DataError(f"Need n_images >= 1, size >= 16 and one artist (got {n_images}, {size}, {artists}).")
     for a in artists:
         _check(artist=a)
+    if scene not in SCENES:
+        raise DataError(f"Unknown scene {scene!r}; expected one of {', '.join(SCENES)}.")
+    if scene == "two":
+        if sequences:
+            raise DataError("Panel sequences show one character; they cannot be combined with scene 'two'.")
+        return generate_two_character_dataset(out, n_images, size, seed, artists, progress)
     held = held_out_pairs(seed)
     images = _write_images(out, n_images, size, seed, artists, held, progress)
     seq_entries, seq_files = (
@@ -173,6 +183,10 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
 
 def eval_cases(manifest: dict, n_per_split: int, seed: int) -> list[dict]:
     """Evaluation prompts: ``n_per_split`` held-out (hair, background) pairs and as many seen pairs."""
+    if manifest.get("scene", "one") != "one":
+        raise DataError(
+            "This is a two-character demo set; its prompts come from synthetic_scene.binding_eval_cases."
+        )
     try:
         held = [(d["hair_color"], d["background"]) for d in manifest["held_out"]]
         seen = sorted({(d["hair_color"], d["background"]) for d in manifest["images"]} - set(held))

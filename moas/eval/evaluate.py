@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from moas.data.synthetic import eval_cases, load_manifest
 from moas.eval.attributes import attribute_accuracy, format_accuracy_table, measure_attributes
-from moas.inference.generate import resize_to
 from moas.inference.pipeline import Pipeline
+from moas.inference.upscale import resize_to
 from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,10 @@ from moas.diffusion.inpaint import repaint
 from moas.diffusion.sampling import guided
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.errors import MoasError
-from moas.inference.generate import cascade, save_png
+from moas.inference.generate import save_png
 from moas.inference.image_input import read_array
 from moas.inference.pipeline import Pipeline
+from moas.inference.upscale import cascade
 from moas.losses.seam import seam_metrics
 
 log = logging.getLogger(__name__)

@@ -26,15 +26,16 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from moas.config import SampleConfig
-from moas.data.dataset import to_model_range, to_uint8
+from moas.data.dataset import to_model_range
 from moas.diffusion.registry import SAMPLERS
 from moas.errors import MoasError
 from moas.eval.quality import quality_score
-from moas.inference.aspect import base_size, centre_crop, cover_size, requested_size, trained_sizes
+from moas.inference.aspect import base_size, requested_size, trained_sizes
 from moas.inference.image_input import init_image
 from moas.inference.pipeline import Pipeline
+from moas.inference.upscale import UPSCALERS, choose_upscaler, output_side, upscale
 from moas.io import atomic_write_bytes
-from moas.models.enhance import MODES, QualityEnhancer
+from moas.models.enhance import MODES
 from moas.safety import blacklisted_terms
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class GenerateRequest:
     panels: int | None = None  # panel mode: number of panels (0 = one per '|'-separated prompt)
     init_image: str | None = None  # image-to-image: the image to start from (--init_image)
     strength: float = 0.75  # image-to-image: share of the schedule run from it (0 = the image, 1 = txt2img)
+    upscaler: str | None = None  # diffusion | enhancer | bicubic; None: the best the model file has
 
 
 def panel_prompts(req: GenerateRequest) -> list[str]:
@@ -94,6 +96,8 @@ def validate_request(req: GenerateRequest) -> None:
         )
     if req.steps < 1 or req.steps > 1000:
         raise MoasError("--steps must be between 1 and 1000.")
+    if req.upscaler is not None and req.upscaler not in UPSCALERS:
+        raise MoasError(f"--upscaler must be one of {', '.join(UPSCALERS)}.")
     if req.quality_enhance is not None and req.quality_enhance not in MODES:
         raise MoasError(f"--quality_enhance must be one of {', '.join(MODES)}.")
     if req.panels is not None:
@@ -124,9 +128,11 @@ def parameters_text(
     model_name: str,
     quality: float | None = None,
     base: tuple[int, int] | None = None,
+    stages: str | None = None,
 ) -> str:
     """The A1111 ``parameters`` chunk: prompt, negative prompt, then one line of key: value pairs.
-    ``base``: the size the diffusion model drew at, when the output was brought up from it."""
+    ``base``: the size the diffusion model drew at, when the output was brought up from it; ``stages``:
+    how it was brought up (:func:`moas.inference.upscale.upscale`)."""
     lines = [req.prompt]
     if req.negative_prompt:
         lines.append(f"Negative prompt: {req.negative_prompt}")
@@ -137,6 +143,7 @@ def parameters_text(
         + f"Model hash: {model_hash}, Model: {model_name}, "
         + (f"Style: {req.style}, " if req.style else "")
         + f"Quality enhance: {req.quality_enhance or 'default'}, "
+        + (f'Stages: "{stages}", ' if stages else "")
         + (
             f"Denoising strength: {req.strength:g}, Init image: {Path(req.init_image).name}, "
             if req.init_image
@@ -174,49 +181,10 @@ def save_png(image: torch.Tensor, path: Path, parameters: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def resize_to(images: torch.Tensor, width: int | None, height: int | None) -> torch.Tensor:
-    """Bring base-resolution images to the requested size (bicubic until the trained SR stage is in)."""
-    h, w = images.shape[-2:]
-    width, height = width or w, height or h
-    if (width, height) == (w, h):
-        return images
-    x = torch.nn.functional.interpolate(
-        images.float(), size=(height, width), mode="bicubic", align_corners=False
-    )
-    return x.round().clamp(0, 255).to(torch.uint8)
-
-
-def cascade(
-    images: torch.Tensor,
-    enhancer: QualityEnhancer | None,
-    width: int | None,
-    height: int | None,
-    mode: str = "full",
-    max_side: int | None = None,
-) -> torch.Tensor:
-    """Base-resolution uint8 (B, 3, h, w) → (B, 3, height, width) through the trained SR + enhancement stages.
-
-    The images are brought up with their aspect kept to the smallest size that covers ``width × height``
-    and centre-cropped to it (:mod:`moas.inference.aspect`), so nothing is stretched. Without a trained
-    enhancer (an older model file) or with mode ``none`` the upscaling is plain bicubic resizing.
-    """
-    h, w = images.shape[-2:]
-    width, height = width or w, height or h
-    cw, ch = cover_size((w, h), (width, height))
-    if enhancer is None or mode == "none":
-        if mode != "none":
-            log.info("This model file has no trained enhancer; resizing with bicubic filtering.")
-        return centre_crop(resize_to(images, cw, ch), width, height)
-    dev = next(enhancer.parameters()).device
-    x = to_model_range(images).to(dev)  # (B, 3, h, w) in [-1, 1]
-    out = [enhancer.enhance(xi[None], (ch, cw), mode, max_side) for xi in x]
-    return centre_crop(to_uint8(torch.cat(out, 0)).cpu(), width, height)
-
-
 def plan_size(pipe: Pipeline, req: GenerateRequest) -> tuple[tuple[int, int], tuple[int, int]]:
     """((base width, base height), (output width, output height)) for a request: the trained bucket
     nearest the requested aspect ratio, and the requested size (the base square when none is given)."""
-    target = requested_size(req.width, req.height, pipe.resolution)
+    target = requested_size(req.width, req.height, output_side(pipe))
     base = base_size(*target, trained_sizes(pipe.model_config, pipe.resolution))
     if base[0] / base[1] != target[0] / target[1]:
         log.info(
@@ -232,6 +200,7 @@ def generate(
     pipe: Pipeline, req: GenerateRequest, output: str | Path, model_name: str, progress: bool = True
 ) -> list[Path]:
     validate_request(req)
+    upscaler = choose_upscaler(pipe, req.upscaler)
     base, target = plan_size(pipe, req)
     keep = req.keep_best or req.num_images
     paths = output_paths(output, keep)
@@ -254,7 +223,7 @@ def generate(
         size=base,
     )
     mode = req.quality_enhance or pipe.enhance_mode
-    images = cascade(images, pipe.enhancer, *target, mode)
+    images, stages = upscale(pipe, images, upscaler, target, [req.prompt] * len(seeds), seeds, mode, progress)
     size = (images.shape[-1], images.shape[-2])
     scores: list[float | None] = [None] * len(images)
     order = list(range(len(images)))
@@ -267,7 +236,7 @@ def generate(
             ", ".join(str(seeds[i]) for i in order),
         )
     for i, path in zip(order, paths, strict=True):
-        text = parameters_text(req, seeds[i], size, pipe.model_hash, model_name, scores[i], base)
+        text = parameters_text(req, seeds[i], size, pipe.model_hash, model_name, scores[i], base, stages)
         save_png(images[i], path, text)
     return paths
 
@@ -279,6 +248,7 @@ def generate_panels(
     from moas.losses.temporal import sequence_metrics
 
     validate_request(req)
+    upscaler = choose_upscaler(pipe, req.upscaler)
     base_wh, target = plan_size(pipe, req)
     out = output_paths(output, 1)[0]
     prompts = panel_prompts(req)
@@ -306,13 +276,17 @@ def generate_panels(
         lc.get("temporal_character_weight", 0.3),
         lc.get("temporal_scene_weight", 0.2),
     )
-    images = cascade(torch.stack(base), pipe.enhancer, *target, req.quality_enhance or pipe.enhance_mode)
+    seeds = [req.seed + k for k in range(len(prompts))]
+    mode = req.quality_enhance or pipe.enhance_mode
+    images, stages = upscale(pipe, torch.stack(base), upscaler, target, prompts, seeds, mode, progress)
     size = (images.shape[-1], images.shape[-2])
     paths = []
     for k, prompt in enumerate(prompts):
         path = out.with_name(f"{out.stem}_panel{k}.png")
         panel_req = GenerateRequest(**{**req.__dict__, "prompt": prompt})
-        text = parameters_text(panel_req, req.seed + k, size, pipe.model_hash, model_name, base=base_wh)
+        text = parameters_text(
+            panel_req, req.seed + k, size, pipe.model_hash, model_name, base=base_wh, stages=stages
+        )
         save_png(images[k], path, text + f", Panel: {k + 1}/{len(prompts)}")
         paths.append(path)
     strip = torch.cat(list(images), dim=-1)  # (3, H, N·W): the panels left to right

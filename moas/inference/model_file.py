@@ -2,10 +2,10 @@
 
 A model file holds what generation needs and nothing to resume training with:
 
-* tensors ``generator.<key>`` — the generator's EMA weights — and ``enhancer.<key>``, the trained
-  QualityEnhancer, when the run trained one;
+* tensors ``generator.<key>`` — the generator's EMA weights — ``enhancer.<key>``, the trained
+  QualityEnhancer, and ``sr.<key>``, the super-resolution stage's EMA weights, when the run trained them;
 * metadata (JSON strings, as safetensors wants): ``format`` (``moas-model-v1``), ``model_args`` (the
-  generator's constructor arguments: enough to rebuild it), ``enhancer_args``, ``config`` (the resolved
+  generator's constructor arguments: enough to rebuild it), ``enhancer_args``, ``sr_args``, ``config`` (the resolved
   training config), ``text_encoder`` (the encoder identity the weights were trained with), ``style_db``
   when styles were trained, and ``provenance`` (moas version, epoch, step, training seconds, data and run
   folders, seed, creation time).
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FORMAT = "moas-model-v1"
 SUFFIX = ".safetensors"
-_JSON_KEYS = ("model_args", "enhancer_args", "config", "style_db", "provenance")
+_JSON_KEYS = ("model_args", "enhancer_args", "sr_args", "config", "style_db", "provenance")
 
 
 def moas_version() -> str:
@@ -59,6 +59,8 @@ class ModelFile:
     text_encoder: str
     enhancer_args: dict[str, Any] | None = None
     enhancer_weights: dict[str, torch.Tensor] | None = None
+    sr_args: dict[str, Any] | None = None  # the super-resolution stage's constructor arguments
+    sr_weights: dict[str, torch.Tensor] | None = None  # its EMA weights
     style_db: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +81,8 @@ def write_model_file(path: str | os.PathLike[str], mf: ModelFile) -> Path:
     tensors = {f"generator.{k}": v.detach().cpu().contiguous() for k, v in mf.weights.items()}
     if mf.enhancer_weights is not None:
         tensors |= {f"enhancer.{k}": v.detach().cpu().contiguous() for k, v in mf.enhancer_weights.items()}
+    if mf.sr_weights is not None:
+        tensors |= {f"sr.{k}": v.detach().cpu().contiguous() for k, v in mf.sr_weights.items()}
     meta = {"format": MODEL_FORMAT, "text_encoder": mf.text_encoder}
     for key in _JSON_KEYS:
         value = getattr(mf, key)
@@ -137,6 +141,8 @@ def _read_safetensors(p: Path) -> ModelFile:
             text_encoder=meta["text_encoder"],
             enhancer_args=values.get("enhancer_args"),
             enhancer_weights=_prefixed(tensors, "enhancer.") if "enhancer_args" in values else None,
+            sr_args=values.get("sr_args"),
+            sr_weights=_prefixed(tensors, "sr.") if "sr_args" in values else None,
             style_db=values.get("style_db"),
             provenance=values.get("provenance", {}),
         )
@@ -166,6 +172,7 @@ def from_checkpoint_state(state: dict[str, Any], path: object) -> ModelFile:
         args_e = {k: e[k] for k in ("width", "sr_channels", "sr_blocks") if k in e}
         enhancer = {"args": args_e, "weights": domain["enhancer"]}
     provenance = {k: state[k] for k in ("epoch", "global_step", "train_seconds") if k in state}
+    sr = state.get("sr") or {}
     return ModelFile(
         model_args=args,
         weights=weights,
@@ -173,6 +180,8 @@ def from_checkpoint_state(state: dict[str, Any], path: object) -> ModelFile:
         text_encoder=encoder_id,
         enhancer_args=enhancer["args"] if enhancer else None,
         enhancer_weights=enhancer["weights"] if enhancer else None,
+        sr_args=sr.get("args"),
+        sr_weights=sr["ema"]["model"] if "ema" in sr else None,
         style_db=state.get("style_db"),
         provenance=provenance,
     )

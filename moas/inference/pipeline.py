@@ -17,6 +17,7 @@ from moas.diffusion.sampling import guided, make_sampler, sample
 from moas.diffusion.schedule import make_train_scheduler
 from moas.errors import CheckpointError, MoasError
 from moas.inference.model_file import ModelFile, load_generator, read_model_file
+from moas.inference.sr_upscale import load_sr_upscaler
 from moas.io import short_hash
 from moas.models.enhance import QualityEnhancer
 from moas.models.generator import MoasGenerator
@@ -70,6 +71,9 @@ class Pipeline:
         self.style: torch.Tensor | None = None  # fingerprint used by __call__ (set_style)
         self.enhancer = None  # the trained QualityEnhancer (moas/models/enhance.py), when the file has one
         self.enhance_mode = enhance_mode
+        self.sr = (
+            None  # the super-resolution diffusion stage (moas/inference/sr_upscale.py), when the file has one
+        )
         self.loss_weights: dict = {}  # the model config's [losses] (temporal metric weights for panels)
         self.model_config: dict = {}  # the training configuration saved with the model (when from a file)
         self.provenance: dict = {}  # its training data folder, seed, epoch, … (when from a file)
@@ -125,6 +129,7 @@ class Pipeline:
         pipe.loss_weights = dict(cfg.get("losses") or {})
         pipe.model_config, pipe.provenance = cfg, dict(mf.provenance)
         pipe.enhancer = load_enhancer(mf, path, enhance.get("device", "cpu"))
+        pipe.sr = load_sr_upscaler(mf, path, device)
         return pipe
 
     @property

@@ -47,7 +47,7 @@ from moas.train.data_setup import (
 )
 from moas.train.disk import SavePolicy, bytes_of, check_disk_space, plan_disk
 from moas.train.distributed import DistContext, init_distributed
-from moas.train.domain import DomainTraining
+from moas.train.domain import DomainTraining, hr_dataset
 from moas.train.ema import EMA
 from moas.train.faults import FaultInjector
 from moas.train.init_from import (
@@ -66,6 +66,7 @@ from moas.train.saving import CheckpointPolicy, RunRecord, model_paths
 from moas.train.schedule import WarmupCosineRestarts
 from moas.train.sequences import PanelTraining
 from moas.train.speed import speed_up_unet
+from moas.train.sr_stage import SRStageTraining
 from moas.train.state import TrainState
 from moas.train.threads import thread_governor
 
@@ -178,6 +179,23 @@ def build_domain(
         seed=tc.seed,
         amp_dtype=amp_dtype,
     )
+
+
+def build_sr_stage(
+    cfg: MoasConfig, data: TrainingData, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> SRStageTraining | None:
+    """The super-resolution stage, trained on the training images at ``sr.scale``× the base resolution."""
+    sc = cfg.sr
+    if not sc.train:
+        return None
+    side = cfg.data.resolution * sc.scale
+    if sc.crop > side:
+        raise MoasError(
+            f"sr.crop ({sc.crop}) is larger than the super-resolution images ({side} px = data.resolution "
+            f"× sr.scale); lower sr.crop."
+        )
+    hr = hr_dataset(data.dataset, side)
+    return SRStageTraining(sc, hr, data.bank, device, cfg.train.seed, amp_dtype, cfg.train.max_grad_norm)
 
 
 def build_panels(cfg: MoasConfig, enabled: bool) -> PanelTraining:
@@ -304,6 +322,7 @@ def build_parts(
         )
     adaptive = build_adaptive(cfg)
     parts = TrainingParts(model, model, ema, opt, sched, scaler, adaptive, continuous, domain, compiled)
+    parts.sr = build_sr_stage(cfg, data, device, runtime.amp_dtype)
     log.info(
         "Generator: %.1fM parameters; %d steps/epoch × %d epochs; micro-batch %d × accumulation %d%s.",
         sum(p.numel() for p in model.parameters()) / 1e6,
@@ -328,7 +347,10 @@ def build_run_folder(
     then the run folder — the previous one for a resumed run, so its TensorBoard curves continue."""
     tc, domain = cfg.train, parts.domain
     saves = SavePolicy.of(tc, policy.milestones)
-    nets = (bytes_of(parts.model), bytes_of(domain.enhancer), bytes_of(domain.disc))
+    side = bytes_of(domain.enhancer)
+    if parts.sr is not None:  # its weights, EMA copy and optimizer state
+        side = side + bytes_of(parts.sr.model) + bytes_of(parts.sr.ema.model)
+    nets = (bytes_of(parts.model), side, bytes_of(domain.disc))
     check_disk_space(policy.directory, plan_disk(saves, *nets, amsgrad=tc.amsgrad))
     resumed_run = state.global_step > 0 and previous_run.name and previous_run.is_dir()
     run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
@@ -352,6 +374,17 @@ def loop_settings(cfg: MoasConfig) -> LoopSettings:
         style_dropout=cfg.data.style_dropout,
         loader_workers=loader_workers(cfg.data.num_workers, cfg.resources.loader_workers),
     )
+
+
+def restore(
+    resume: dict, path: Path, state: TrainState, parts: TrainingParts, dist: DistContext
+) -> tuple[TrainState, Path]:
+    """Every part of the run from its checkpoint; (the position, the previous run folder)."""
+    state, previous_run = resume_state(resume, path, state, parts, dist.rank, dist.world_size)
+    parts.domain.load_state_dict(resume.get("domain"))
+    if parts.sr is not None:
+        parts.sr.load_state_dict(resume.get("sr"))
+    return state, previous_run
 
 
 def build_run(
@@ -381,8 +414,7 @@ def build_run(
     runtime.resources.log_start(cfg.data.resolution, cfg.train.batch_size)
     previous_run = Path()
     if resume is not None:
-        state, previous_run = resume_state(resume, resume_path, state, parts, dist.rank, dist.world_size)
-        parts.domain.load_state_dict(resume.get("domain"))
+        state, previous_run = restore(resume, resume_path, state, parts, dist)
         del resume
     state.mark_boundary()
     if dist.enabled:

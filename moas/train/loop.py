@@ -326,8 +326,12 @@ class Trainer:
         batch in more chunks); one that runs out even one image at a time ends the run after an emergency
         checkpoint."""
         st = self.state
+        sr = self.parts.sr
         try:
-            return self.parts.domain.after_step(self.x0_batch, self.x0_pred, st.global_step)
+            scalars = self.parts.domain.after_step(self.x0_batch, self.x0_pred, st.global_step)
+            if sr is not None and st.global_step % sr.cfg.every == 0:
+                scalars.update(sr.step())
+            return scalars
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -337,9 +341,9 @@ class Trainer:
         path = self.save(emergency_checkpoint_name(st, oom=True), kind="emergency_oom")
         error_log.error("Out of memory in a side network's step at step %d: %s.", st.global_step, message)
         raise MoasError(
-            f"Out of memory in the discriminator or enhancer step even one image at a time ({message}); "
-            f"emergency checkpoint {path} was saved. Lower enhance.batch_size or enhance.scale (or turn "
-            "enhance.train or losses.adversarial off), then resume."
+            f"Out of memory in the discriminator, enhancer or super-resolution step ({message}); emergency "
+            f"checkpoint {path} was saved. Lower enhance.batch_size, sr.batch_size or sr.crop (or turn "
+            "enhance.train, sr.train or losses.adversarial off), then resume."
         )
 
     def _at_boundary(self) -> bool:

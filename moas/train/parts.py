@@ -25,6 +25,7 @@ from moas.train.optim import load_optimizer_state
 from moas.train.precision import load_scaler_state
 from moas.train.schedule import WarmupCosineRestarts
 from moas.train.speed import CompiledForward
+from moas.train.sr_stage import SRStageTraining
 from moas.train.threads import ThreadGovernor
 
 
@@ -40,6 +41,7 @@ class TrainingParts:
     continuous: AdvancedContinuousLearning | None  # routing/expert-weight adjustment between epochs
     domain: DomainTraining  # domain losses, discriminator, enhancer
     compiled: CompiledForward | None = None  # the U-Net's torch.compile'd forward, when on
+    sr: SRStageTraining | None = None  # the cascade's super-resolution stage, when it trains
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -98,6 +98,7 @@ def checkpoint_contents(
         "text_encoder": record.text_encoder,
         "run_dir": str(record.run_dir),
         "domain": parts.domain.state_dict(),
+        **({"sr": parts.sr.state_dict()} if parts.sr is not None else {}),
     }
 
 
@@ -159,7 +160,7 @@ def save_at_boundary(
 def model_file_contents(state: TrainState, parts: TrainingParts, record: RunRecord) -> ModelFile:
     """What generation needs now: the EMA weights, the constructor arguments, config, text encoder, the
     trained enhancer, and where the weights come from."""
-    enhancer = parts.domain.enhancer
+    enhancer, sr = parts.domain.enhancer, parts.sr
     return ModelFile(
         model_args=parts.model.init_args,
         weights=parts.ema.model.state_dict(),
@@ -167,6 +168,8 @@ def model_file_contents(state: TrainState, parts: TrainingParts, record: RunReco
         text_encoder=record.text_encoder,
         enhancer_args=enhancer.init_args if enhancer is not None else None,
         enhancer_weights=enhancer.state_dict() if enhancer is not None else None,
+        sr_args=sr.model.init_args if sr is not None else None,
+        sr_weights=sr.ema.model.state_dict() if sr is not None else None,
         style_db=record.style_db,
         provenance=provenance(
             state.epoch,

@@ -1,0 +1,152 @@
+"""Training of the cascade's super-resolution stage (:class:`~moas.models.sr_diffusion.SuperResDiffusion`).
+
+The stage trains beside the generator in the same run, one step after every ``sr.every`` generator steps
+(or alone with ``moas train --stage sr``), with its own optimizer, EMA, GradScaler and random stream. Its
+objective is the run's :class:`~moas.diffusion.objective.DiffusionObjective` over its own noise schedule
+(``sr.prediction_type``, ``sr.noise_shift``).
+
+A step draws everything from the stage's own ``torch.Generator`` (checkpointed): which images, where each
+crop sits, the timesteps, the noise and the conditioning-noise levels. The images are read straight from
+the high-resolution cache entries, so a resumed run continues with the very same crops.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from moas.config_sections import SRConfig
+from moas.data.dataset import ArtDataset, to_model_range
+from moas.diffusion.objective import DiffusionObjective
+from moas.diffusion.schedule import NoiseSchedule, make_scheduler
+from moas.diffusion.sr_condition import crop_offsets, sr_inputs, tag_vector, take_crops
+from moas.models.sr_diffusion import SuperResDiffusion
+from moas.text.bank import TextBank
+from moas.train.distributed import all_ranks_agree, average_gradients
+from moas.train.ema import EMA
+from moas.train.optim import adamw, load_optimizer_state
+from moas.train.precision import autocast_factory, grad_scaler, load_scaler_state, scaled_step
+
+log = logging.getLogger(__name__)
+
+TEXT_DIM = 768  # the text encoder's embedding width (moas.text.encoder)
+
+
+def sr_objective(cfg: SRConfig) -> DiffusionObjective:
+    """The stage's objective: its own prediction target and (resolution-shifted) schedule."""
+    scheduler = make_scheduler(cfg.prediction_type, shift=cfg.noise_shift)
+    return DiffusionObjective(NoiseSchedule(scheduler, cfg.prediction_type, cfg.min_snr_gamma))
+
+
+def build_sr_model(cfg: SRConfig) -> SuperResDiffusion:
+    return SuperResDiffusion(
+        cfg.block_channels, cfg.attention, cfg.layers_per_block, cfg.patch_size, TEXT_DIM, cfg.scale
+    )
+
+
+class SRStageTraining:
+    def __init__(
+        self,
+        cfg: SRConfig,
+        hr: ArtDataset,
+        bank: TextBank,
+        device: torch.device,
+        seed: int,
+        amp_dtype: torch.dtype | None = None,
+        max_grad_norm: float = 1.0,
+    ) -> None:
+        self.cfg, self.hr, self.bank, self.device = cfg, hr, bank, device
+        self.model = build_sr_model(cfg).to(device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.opt = adamw(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        self.scaler = grad_scaler(device, amp_dtype)
+        self._autocast = autocast_factory(device, amp_dtype) or nullcontext
+        self.objective = sr_objective(cfg)
+        self.gen = torch.Generator().manual_seed(seed + 29)
+        self.max_grad_norm = max_grad_norm
+        self.steps = 0
+        n = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "Super-resolution stage: %.2fM parameters, x%d, %d px crops of %d px images, %s.",
+            n / 1e6,
+            cfg.scale,
+            cfg.crop,
+            hr.resolution,
+            cfg.prediction_type,
+        )
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        """The next step's crops, their captions' tag vector and every random draw of the step."""
+        g, cfg = self.gen, self.cfg
+        idx = torch.randint(len(self.hr), (cfg.batch_size,), generator=g).tolist()
+        items = [self.hr[i] for i in idx]
+        images = [to_model_range(it["pixels"]) for it in items]  # (3, H, W) each
+        offsets = crop_offsets([tuple(im.shape[-2:]) for im in images], cfg.crop, g)
+        x0 = take_crops(images, offsets, cfg.crop)  # (B, 3, crop, crop)
+        text = self.bank.batch([it["caption"] for it in items], "cpu")
+        b = x0.shape[0]
+        return {
+            "x0": x0,
+            "text": tag_vector(text["tags"], text["tag_mask"]),  # (B, D)
+            "t": torch.randint(self.objective.num_timesteps, (b,), generator=g),
+            "noise": torch.randn(x0.shape, generator=g),
+            "level": torch.rand(b, generator=g) * cfg.cond_noise_max,
+            "cond_noise": torch.randn(x0.shape, generator=g),
+            "offsets": torch.tensor(offsets),
+        }
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        dev = self.device
+        x0 = batch["x0"].to(dev)
+        level = batch["level"].to(dev)
+        low = sr_inputs(x0, self.cfg.scale, level, batch["cond_noise"].to(dev))
+        cond = {"low": low, "level": level, "text": batch["text"].to(dev)}
+        out = self.objective(self.model, x0, cond, batch["t"].to(dev), batch["noise"].to(dev), self._autocast)
+        return out.loss
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step of the stage; its TensorBoard scalars (none when the step was skipped)."""
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(self.batch())
+        if not all_ranks_agree(bool(torch.isfinite(loss))):
+            log.warning("Non-finite super-resolution loss at its step %d; skipped.", self.steps + 1)
+            return {}
+        self.scaler.scale(loss).backward()
+        average_gradients(self.model.parameters())  # under DDP every rank keeps the same stage
+        norm = scaled_step(self.scaler, self.opt, list(self.model.parameters()), self.max_grad_norm)
+        self.ema.update(self.model)
+        self.steps += 1
+        scalars = {"sr/loss": float(loss.detach())}
+        if math.isfinite(float(norm)):
+            scalars["sr/grad_norm"] = float(norm)
+        return scalars
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "rng": self.gen.get_state(),
+            "steps": self.steps,
+            "args": self.model.init_args,
+        }
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore from a checkpoint; a checkpoint without the stage (an older run) leaves it fresh (logged)."""
+        if not state:
+            log.info("The checkpoint has no super-resolution stage; it starts from initialisation.")
+            return
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        load_optimizer_state(self.opt, state["optimizer"])
+        self.gen.set_state(state["rng"])
+        self.steps = int(state["steps"])
+        load_scaler_state(self.scaler, state.get("scaler"))

@@ -1,0 +1,254 @@
+"""The cascade's super-resolution diffusion stage: schedule, conditioning, crops, two-stage resume, model
+file and the --upscaler choices."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from moas.checkpoint import load_checkpoint
+from moas.cli import main
+from moas.config import MoasConfig, deep_merge, load_config
+from moas.config_sections import SRConfig
+from moas.diffusion.schedule import NoiseSchedule, make_scheduler
+from moas.diffusion.sr_condition import crop_offsets, noisy_condition, sr_inputs, tag_vector, take_crops
+from moas.errors import ConfigError, MoasError
+from moas.inference.model_file import read_model_file
+from moas.inference.pipeline import Pipeline
+from moas.inference.sr_upscale import DiffusionUpscaler
+from moas.models.sr_diffusion import SuperResDiffusion
+from moas.train.loop import train
+from moas.train.rotation import find_latest_checkpoint
+
+from .conftest import TINY_CONFIG, module_tmp
+
+SR = {
+    "train": True,
+    "crop": 32,
+    "block_channels": [16, 32],
+    "attention": [False, True],
+    "batch_size": 4,
+    "steps": 3,
+}
+
+
+def sr_cfg(root: Path, data: Path, **train_kw) -> MoasConfig:
+    over = {
+        "data": {"data_dir": str(data), "cache_dir": str(root / "cache")},
+        "train": {
+            "checkpoint_dir": str(root / "ckpt"),
+            "run_dir": str(root / "runs"),
+            "save_path": str(root / "model.safetensors"),
+            "epochs": 3,
+            "sample_every": 0,
+            "save_every": 100,
+            **train_kw,
+        },
+        "resources": {"cpu_threads": 1},
+        "sr": SR,
+    }
+    cfg = load_config(None, TINY_CONFIG, {}, use_env=False)
+    return MoasConfig.from_dict(deep_merge(cfg.to_dict(), over))
+
+
+# --- schedule and objective ----------------------------------------------------------------------------
+
+
+def test_resolution_shift_divides_every_snr_by_shift_squared():
+    base = NoiseSchedule(make_scheduler("v_prediction"), "v_prediction", 5.0)
+    shifted = NoiseSchedule(make_scheduler("v_prediction", shift=4.0), "v_prediction", 5.0)
+    ratio = base.snr / shifted.snr
+    assert torch.allclose(ratio, torch.full_like(ratio, 16.0), rtol=1e-3)
+    assert shifted.sigma[500] > base.sigma[500]  # more noise at the same step
+
+
+def test_x_prediction_targets_the_image_with_the_same_x0_weighting():
+    x0, noise = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8)
+    t = torch.tensor([10, 400, 900])
+    s = NoiseSchedule(make_scheduler("sample"), "sample", 5.0)
+    v = NoiseSchedule(make_scheduler("v_prediction"), "v_prediction", 5.0)
+    assert torch.equal(s.target(x0, noise, t), x0)
+    assert torch.equal(s.predict_x0(torch.zeros_like(x0), x0, t), x0)
+    # The weighted x0 error is the same whichever target the network has: v error = x0 error / σ.
+    assert torch.allclose(s.loss_weight(t), v.loss_weight(t) / v.sigma[t] ** 2, rtol=1e-4)
+
+
+def test_sr_config_checks_its_sizes():
+    with pytest.raises(ConfigError, match="sr.crop"):
+        SRConfig(crop=30)
+    with pytest.raises(ConfigError, match="prediction_type"):
+        SRConfig(prediction_type="x")
+
+
+# --- conditioning and crops -----------------------------------------------------------------------------
+
+
+def test_crops_lie_inside_their_images_and_cover_every_position():
+    g = torch.Generator().manual_seed(0)
+    sizes = [(40, 64), (32, 32), (64, 33)] * 400
+    offsets = crop_offsets(sizes, 32, g)
+    for (h, w), (y, x) in zip(sizes, offsets, strict=True):
+        assert 0 <= y <= h - 32 and 0 <= x <= w - 32
+    assert {x for (h, w), (_, x) in zip(sizes, offsets, strict=True) if w == 64} == set(range(33))
+    images = [torch.arange(3 * h * w).view(3, h, w) for h, w in sizes[:3]]
+    crops = take_crops(images, offsets[:3], 32)
+    assert crops.shape == (3, 3, 32, 32)
+    y, x = offsets[0]
+    assert torch.equal(crops[0], images[0][:, y : y + 32, x : x + 32])
+    with pytest.raises(ValueError, match="does not fit"):
+        crop_offsets([(16, 64)], 32, g)
+
+
+def test_conditioning_is_the_upsampled_downsampled_crop_with_variance_preserving_noise():
+    hr = torch.rand(2, 3, 32, 32) * 2 - 1
+    noise = torch.randn(2, 3, 32, 32)
+    clean = sr_inputs(hr, 4, torch.zeros(2), noise)
+    # Zero level: exactly the bicubic upsampling of the 4x-averaged image (blurrier than the original).
+    assert torch.allclose(clean.mean((2, 3)), hr.mean((2, 3)), atol=0.05)
+    assert (clean - hr).abs().mean() > 0.1
+    full = noisy_condition(clean, torch.ones(2), noise)
+    assert torch.allclose(full, noise)
+    tags = torch.tensor([[[1.0, 3.0], [3.0, 5.0], [9.0, 9.0]]])
+    assert torch.equal(tag_vector(tags, torch.tensor([[True, True, False]])), torch.tensor([[2.0, 4.0]]))
+
+
+def tiny_stage() -> SuperResDiffusion:
+    return SuperResDiffusion([16, 32], [False, True], text_dim=8, scale=4)
+
+
+def test_conditioning_noise_is_drawn_in_training_and_fixed_at_sampling(tmp_path, demo_dir, text_encoder):
+    from moas.data.dataset import ArtDataset
+    from moas.text.bank import TextBank
+    from moas.train.domain import hr_dataset
+    from moas.train.sr_stage import SRStageTraining
+
+    ds = ArtDataset(demo_dir / "train", 16, tmp_path / "cache")
+    ds.validate()
+    cfg = SRConfig(**{**SR, "cond_noise_max": 0.5, "cond_noise": 0.1})
+    stage = SRStageTraining(
+        cfg, hr_dataset(ds, 64), TextBank(text_encoder, [], progress=False), torch.device("cpu"), 0
+    )
+    levels = torch.cat([stage.batch()["level"] for _ in range(8)])
+    assert levels.min() >= 0 and levels.max() <= 0.5 and levels.std() > 0.05  # random, within [0, max]
+    batch = stage.batch()
+    assert batch["x0"].shape == (4, 3, 32, 32) and batch["text"].shape == (4, 768)
+
+    seen = []
+    net = tiny_stage()
+    real = net.forward
+    net.forward = lambda x, t, cond: seen.append(cond["level"].clone()) or real(x, t, cond)
+    up = DiffusionUpscaler(net, SRConfig(**{**SR, "cond_noise": 0.1}), torch.device("cpu"))
+    text = {"tags": torch.randn(2, 3, 8), "tag_mask": torch.ones(2, 3, dtype=torch.bool)}
+    out = up(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), text, seeds=[1, 2], steps=2)
+    assert out.shape == (2, 3, 32, 32) and out.dtype == torch.uint8
+    assert len(seen) == 2 and all(torch.allclose(s, torch.full((2,), 0.1)) for s in seen)
+    again = up(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), text, seeds=[1, 2], steps=2)
+    assert torch.equal(out, again)  # a function of the seeds
+
+
+# --- the two-stage run -------------------------------------------------------------------------------------
+
+
+def sr_weights(path: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(path)
+    out = {f"m.{k}": v for k, v in state["model"].items()}
+    out |= {f"sr.{k}": v for k, v in state["sr"]["model"].items()}
+    out |= {f"sr_ema.{k}": v for k, v in state["sr"]["ema"]["model"].items()}
+    return out | {"sr_rng": state["sr"]["rng"]}
+
+
+@pytest.fixture(scope="module")
+def two_stage(tmp_path_factory, demo_dir):
+    """5 optimizer steps of the generator and the super-resolution stage in one go."""
+    with module_tmp(tmp_path_factory, "two_stage") as root:
+        r = train(sr_cfg(root, demo_dir / "train", max_steps=5), progress=False)
+        assert r.global_step == 5
+        state = load_checkpoint(find_latest_checkpoint(root / "ckpt"))
+        mf = read_model_file(root / "model.safetensors")
+        yield {"weights": sr_weights(find_latest_checkpoint(root / "ckpt")), "state": state, "mf": mf}
+
+
+def test_the_stage_trains_and_its_state_is_checkpointed(two_stage):
+    state = two_stage["state"]
+    assert state["sr"]["steps"] == 5 and state["sr"]["ema"]["num_updates"] == 5
+    assert {"model", "ema", "optimizer", "rng", "args"} <= set(state["sr"])
+    fresh = SuperResDiffusion(**state["sr"]["args"])
+    trained = state["sr"]["model"]
+    assert any(not torch.equal(v, trained[k]) for k, v in fresh.state_dict().items())
+    mf = two_stage["mf"]
+    assert mf.sr_args == state["sr"]["args"]
+    assert all(torch.equal(mf.sr_weights[k], v) for k, v in state["sr"]["ema"]["model"].items())
+
+
+def test_two_stage_resume_is_bit_identical(two_stage, tmp_path, demo_dir):
+    data = demo_dir / "train"
+    assert train(sr_cfg(tmp_path, data, max_steps=2), progress=False).global_step == 2
+    assert train(sr_cfg(tmp_path, data, max_steps=5, auto_resume=True), progress=False).global_step == 5
+    resumed = sr_weights(find_latest_checkpoint(tmp_path / "ckpt"))
+    straight = two_stage["weights"]
+    assert resumed.keys() == straight.keys()
+    assert not [k for k in straight if not torch.equal(straight[k], resumed[k])]
+
+
+# --- generation ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sr_model(tmp_path_factory, two_stage) -> Path:
+    with module_tmp(tmp_path_factory, "sr_model") as root:
+        path = root / "model.safetensors"
+        from moas.inference.model_file import write_model_file
+
+        write_model_file(path, two_stage["mf"])
+        yield path
+
+
+def parameters(path: Path) -> tuple[tuple[int, int], str]:
+    with Image.open(path) as im:
+        return im.size, im.text["parameters"]
+
+
+def test_generate_goes_through_the_cascade_by_default(sr_model, workdir):
+    pipe = Pipeline.from_file(sr_model, torch.device("cpu"))
+    assert pipe.sr is not None and pipe.sr.scale == 4
+    assert main(["generate", "--model", str(sr_model), "--prompt", "1girl, red hair", "--quiet"]) == 0
+    size, text = parameters(workdir / "result.png")
+    assert size == (64, 64)  # the 16-px base x4
+    assert 'Stages: "base 16x16, diffusion x4 (v_prediction, 3 steps' in text
+
+
+@pytest.mark.parametrize("upscaler", ["enhancer", "bicubic"])
+def test_the_other_upscalers_give_the_same_size(sr_model, workdir, upscaler):
+    args = ["generate", "--model", str(sr_model), "--prompt", "1girl", "--upscaler", upscaler, "--quiet"]
+    assert main(args) == 0
+    size, text = parameters(workdir / "result.png")
+    assert size == (64, 64) and f'Stages: "base 16x16, {upscaler}' in text
+
+
+def test_diffusion_upscaler_on_a_model_without_the_stage_is_refused(tiny_model, workdir):
+    model = tiny_model / "models" / "best_model.safetensors"
+    args = ["generate", "--model", str(model), "--prompt", "1girl", "--upscaler", "diffusion", "--quiet"]
+    assert main(args) != 0
+    assert not (workdir / "result.png").exists()
+    pipe = Pipeline.from_file(model, torch.device("cpu"))
+    from moas.inference.upscale import choose_upscaler
+
+    with pytest.raises(MoasError, match="no super-resolution stage"):
+        choose_upscaler(pipe, "diffusion")
+    assert choose_upscaler(pipe, None) in ("enhancer", "bicubic")
+
+
+def test_a_stage_that_does_not_fit_is_one_clear_error(two_stage, tmp_path):
+    from moas.errors import CheckpointError
+    from moas.inference.model_file import write_model_file
+
+    mf = two_stage["mf"]
+    broken = type(mf)(**{**mf.__dict__, "sr_args": {**mf.sr_args, "block_channels": [8, 16]}})
+    path = write_model_file(tmp_path / "broken.safetensors", broken)
+    with pytest.raises(CheckpointError, match="super-resolution weights"):
+        Pipeline.from_file(path, torch.device("cpu"))
+    shutil.rmtree(tmp_path, ignore_errors=True)
