@@ -130,6 +130,13 @@ def cmd_train(a: argparse.Namespace) -> int:
         run_checks(cfg, quick=True)  # writes logs/diagnosis.log; problems are warnings here
         if (warning := lr_batch_warning(cfg)) is not None:
             log.warning(warning)
+    if a.stage == "sr":
+        from moas.train.sr_run import train_sr
+
+        print(
+            f"Model with its super-resolution stage: {train_sr(cfg, progress=sys.stderr.isatty() and not a.quiet)}"
+        )
+        return 0
     cfg = _plan_for_gpu(cfg)
     # tqdm bars redraw with carriage returns, so they only go to a terminal; a log file gets the
     # dashboard's plain lines instead.

@@ -50,6 +50,14 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         help="fine-tune: start a new run from this model file's weights (new optimizer, schedule and run "
         "folder); its architecture and text encoder must match this run's",
     )
+    p.add_argument(
+        "--stage",
+        choices=["all", "sr"],
+        default="all",
+        help="all: the generator with every side network the config turns on (the super-resolution stage "
+        "with sr.train); sr: only the super-resolution stage, added to the model at --init_from (else "
+        "--save_path) and written to --save_path; --max_steps or --epochs say how long",
+    )
     p.add_argument("--profile", help="hardware profile from configs/: cpu_tiny, rtx3060_12gb or original")
     p.add_argument("--config", help="a TOML file whose values override the profile")
     p.add_argument("--seed", type=int, help="seed for Python, NumPy and torch")

@@ -252,3 +252,47 @@ def test_a_stage_that_does_not_fit_is_one_clear_error(two_stage, tmp_path):
     with pytest.raises(CheckpointError, match="super-resolution weights"):
         Pipeline.from_file(path, torch.device("cpu"))
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# --- the stage on its own --------------------------------------------------------------------------------
+
+
+def sr_only(root: Path, base: Path, steps: int, *extra: str) -> int:
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = root / "sr.toml"
+    cfg.write_text(
+        "[sr]\ncrop = 32\nblock_channels = [16, 32]\nattention = [false, true]\nbatch_size = 4\nsteps = 2\n"
+        "[resources]\ncpu_threads = 1\n"
+    )
+    args = ["train", "--stage", "sr", "--profile", "cpu_tiny", "--config", str(cfg), "--quiet"]
+    args += ["--data_dir", str(base.parent.parent / "data" / "demo" / "train"), "--init_from", str(base)]
+    args += ["--save_path", str(root / "with_sr.safetensors"), "--checkpoint_dir", str(root / "ckpt")]
+    return main([*args, "--max_steps", str(steps), "--save_every_steps", "2", *extra])
+
+
+def test_stage_sr_alone_adds_the_stage_and_resumes_bit_for_bit(tiny_model, tmp_path, workdir):
+    base = tiny_model / "models" / "best_model.safetensors"
+    assert sr_only(tmp_path / "a", base, 4) == 0
+    assert sr_only(tmp_path / "b", base, 2) == 0
+    assert sr_only(tmp_path / "b", base, 4, "--auto_resume") == 0
+    a, b = (read_model_file(tmp_path / d / "with_sr.safetensors") for d in "ab")
+    original = read_model_file(base)
+    assert a.sr_args is not None and original.sr_args is None
+    assert all(torch.equal(a.weights[k], v) for k, v in original.weights.items())  # the base is kept
+    assert all(torch.equal(a.sr_weights[k], b.sr_weights[k]) for k in a.sr_weights)
+    assert load_checkpoint(tmp_path / "b" / "ckpt" / "sr" / "sr_step_0000004.pt")["sr"]["steps"] == 4
+    assert Pipeline.from_file(tmp_path / "a" / "with_sr.safetensors", torch.device("cpu")).sr is not None
+
+
+def test_stage_sr_without_a_base_model_is_one_sentence(tmp_path, workdir, capsys):
+    args = [
+        "train",
+        "--stage",
+        "sr",
+        "--profile",
+        "cpu_tiny",
+        "--init_from",
+        str(tmp_path / "none.safetensors"),
+    ]
+    assert main([*args, "--quiet"]) != 0
+    assert "train the base model first" in capsys.readouterr().err
