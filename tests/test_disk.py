@@ -26,6 +26,7 @@ from moas.train.builders import generator_args
 from moas.train.loop import train
 from moas.train.rotation import contents_of, find_latest_checkpoint, reduced_state
 from moas.train.saving import milestone_epochs
+from moas.train.sr_stage import build_sr_model
 
 from .conftest import TINY_CONFIG, module_tmp
 from .test_resume import tiny
@@ -47,10 +48,18 @@ def meta_networks(cfg: MoasConfig) -> tuple[disk.NetBytes, disk.NetBytes, disk.N
     return disk.bytes_of(generator), disk.bytes_of(enhancer), disk.bytes_of(disc)
 
 
+def sr_stage(cfg: MoasConfig) -> disk.NetBytes:
+    """The super-resolution stage's sizes when ``cfg`` trains one."""
+    if not cfg.sr.train:
+        return disk.NO_NET
+    with torch.device("meta"):
+        return disk.bytes_of(build_sr_model(cfg.sr))
+
+
 def plan_for(cfg: MoasConfig, steps_per_epoch: int = 0) -> disk.DiskPlan:
     tc = cfg.train
     policy = disk.SavePolicy.of(tc, milestone_epochs(tc.epochs), steps_per_epoch)
-    return disk.plan_disk(policy, *meta_networks(cfg), amsgrad=tc.amsgrad)
+    return disk.plan_disk(policy, *meta_networks(cfg), amsgrad=tc.amsgrad, sr=sr_stage(cfg))
 
 
 @pytest.fixture(scope="module")

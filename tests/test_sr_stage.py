@@ -184,6 +184,19 @@ def test_the_stage_trains_and_its_state_is_checkpointed(two_stage):
     assert all(torch.equal(mf.sr_weights[k], v) for k, v in state["sr"]["ema"]["model"].items())
 
 
+def test_an_old_checkpoint_keeps_the_stage_for_generation(two_stage, tmp_path):
+    from moas.checkpoint import save_checkpoint
+    from moas.train.rotation import reduced_state
+
+    thinned = reduced_state(two_stage["state"], "thinned")
+    assert "optimizer" not in thinned["sr"] and "model" in thinned["sr"]
+    small = reduced_state(two_stage["state"], "ema_bf16")
+    assert set(small["sr"]) == {"args", "ema"}
+    assert {v.dtype for v in small["sr"]["ema"]["model"].values()} <= {torch.bfloat16, torch.int64}
+    path = save_checkpoint(tmp_path / "checkpoint_00000005.pt", small, {"global_step": 5})
+    assert read_model_file(path).sr_args == two_stage["state"]["sr"]["args"]
+
+
 def test_two_stage_resume_is_bit_identical(two_stage, tmp_path, demo_dir):
     data = demo_dir / "train"
     assert train(sr_cfg(tmp_path, data, max_steps=2), progress=False).global_step == 2

@@ -52,6 +52,7 @@ CONFIG_READERS = {
     "moas.train.data_setup",
     "moas.train.hpo",
     "moas.train.plans",
+    "moas.train.sr_run",
 }
 
 

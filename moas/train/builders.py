@@ -347,11 +347,9 @@ def build_run_folder(
     then the run folder — the previous one for a resumed run, so its TensorBoard curves continue."""
     tc, domain = cfg.train, parts.domain
     saves = SavePolicy.of(tc, policy.milestones)
-    side = bytes_of(domain.enhancer)
-    if parts.sr is not None:  # its weights, EMA copy and optimizer state
-        side = side + bytes_of(parts.sr.model) + bytes_of(parts.sr.ema.model)
-    nets = (bytes_of(parts.model), side, bytes_of(domain.disc))
-    check_disk_space(policy.directory, plan_disk(saves, *nets, amsgrad=tc.amsgrad))
+    nets = (bytes_of(parts.model), bytes_of(domain.enhancer), bytes_of(domain.disc))
+    sr = bytes_of(parts.sr.model if parts.sr is not None else None)
+    check_disk_space(policy.directory, plan_disk(saves, *nets, amsgrad=tc.amsgrad, sr=sr))
     resumed_run = state.global_step > 0 and previous_run.name and previous_run.is_dir()
     run_dir = previous_run if resumed_run else new_run_dir(tc.run_dir, cfg.profile)
     (run_dir / "config.toml").write_text(cfg.to_toml())

@@ -80,8 +80,8 @@ class FileSizes:
 
     full: int  # a resumable checkpoint: weights, EMA, optimizer states, side networks, RNG, ...
     thinned: int  # the same without the optimizer states
-    ema_bf16: int  # weights only: the EMA generator in bf16 and the enhancer
-    model_file: int  # models/*.safetensors: the EMA generator and the enhancer, float32
+    ema_bf16: int  # weights only: the EMA generator and super-resolution stage in bf16, and the enhancer
+    model_file: int  # models/*.safetensors: the EMA generator, the enhancer and the EMA stage, float32
 
 
 def file_sizes(
@@ -89,26 +89,29 @@ def file_sizes(
     enhancer: NetBytes = NO_NET,
     discriminator: NetBytes = NO_NET,
     amsgrad: bool = True,
+    sr: NetBytes = NO_NET,
 ) -> FileSizes:
-    """The size of each kind of file, from the networks' sizes (the side networks' AdamW is AMSGrad)."""
+    """The size of each kind of file, from the networks' sizes (the side networks' AdamW is AMSGrad; the
+    super-resolution stage ``sr`` has an EMA copy and a plain AdamW)."""
     side = enhancer + discriminator
     moments = 3 if amsgrad else 2
     # Each trainable tensor also has a 4-byte step count in the optimizer state.
     optimizer = moments * generator.trainable + 3 * side.trainable + 4 * (generator + side).trainable_tensors
+    optimizer += 2 * sr.trainable + 4 * sr.trainable_tensors
     optimizer_tensors = (moments + 1) * generator.trainable_tensors + 4 * side.trainable_tensors
+    optimizer_tensors += 3 * sr.trainable_tensors
 
     def ckpt(data: int, tensors: int) -> int:
         return data + TENSOR_OVERHEAD * tensors + FILE_OVERHEAD
 
-    weights, weight_tensors = 2 * generator.state + side.state, 2 * generator.tensors + side.tensors
+    weights = 2 * generator.state + side.state + 2 * sr.state
+    weight_tensors = 2 * generator.tensors + side.tensors + 2 * sr.tensors
+    kept = generator + enhancer + sr  # what generation reads
     return FileSizes(
         full=ckpt(weights + optimizer, weight_tensors + optimizer_tensors),
         thinned=ckpt(weights, weight_tensors),
-        ema_bf16=ckpt(generator.bf16 + enhancer.state, generator.tensors + enhancer.tensors),
-        model_file=generator.state
-        + enhancer.state
-        + MODEL_TENSOR_OVERHEAD * (generator.tensors + enhancer.tensors)
-        + MODEL_FILE_OVERHEAD,
+        ema_bf16=ckpt(generator.bf16 + enhancer.state + sr.bf16, kept.tensors),
+        model_file=kept.state + MODEL_TENSOR_OVERHEAD * kept.tensors + MODEL_FILE_OVERHEAD,
     )
 
 
@@ -263,13 +266,15 @@ def plan_disk(
     enhancer: NetBytes = NO_NET,
     discriminator: NetBytes = NO_NET,
     amsgrad: bool = True,
+    sr: NetBytes = NO_NET,
 ) -> DiskPlan:
     """The disk plan of a run: each kind of file's size and the most of each kind on disk at once.
 
     ``generator``, ``enhancer`` and ``discriminator`` come from :func:`bytes_of` (a meta-device module is
-    enough) or :meth:`NetBytes.fp32`; the side networks are those that train (``NO_NET`` otherwise).
+    enough) or :meth:`NetBytes.fp32`; the side networks are those that train (``NO_NET`` otherwise), and
+    ``sr`` the super-resolution stage (its EMA copy is counted here).
     """
-    sizes = file_sizes(generator, enhancer, discriminator, amsgrad)
+    sizes = file_sizes(generator, enhancer, discriminator, amsgrad, sr)
     (peak_full, peak_old), (end_full, end_old), saves = replay(policy, sizes)
     if policy.save_every_steps and not policy.steps_per_epoch:
         # Step checkpoints of unknown count: at worst keep_last of them, older ones reduced (or all full).

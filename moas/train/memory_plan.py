@@ -91,7 +91,7 @@ class StateBytes:
     grads: int  # their gradients
     optimizer: int  # AdamW moments (three tensors per weight with AMSGrad)
     ema: int  # the EMA copy
-    side: int  # discriminator and enhancer: weights, gradients, moments
+    side: int  # discriminator, enhancer and super-resolution stage: weights, gradients, moments (EMA)
     cast_weights: int = 0  # autocast's low-precision copies of the weights
 
     @property
@@ -125,10 +125,12 @@ class MemoryPlan:
     enhancer_peak: int  # the enhancer step's predicted peak (0 without an enhancer)
     fits: bool
     notes: list[str] = field(default_factory=list)
+    sr_batch: int = 0
+    sr_peak: int = 0  # the super-resolution stage's step peak (0 without one)
 
     @property
     def peak(self) -> int:
-        return max(self.step_peak, self.enhancer_peak)
+        return max(self.step_peak, self.enhancer_peak, self.sr_peak)
 
     def describe(self) -> str:
         s = self.state
@@ -146,6 +148,8 @@ class MemoryPlan:
             lines.append(
                 f"  enhancer step: {self.enhance_batch} pairs, peak {self.enhancer_peak / GB:.2f} GB"
             )
+        if self.sr_peak:
+            lines.append(f"  super-resolution step: {self.sr_batch} crops, peak {self.sr_peak / GB:.2f} GB")
         return "\n".join(lines + [f"  {n}" for n in self.notes])
 
 
@@ -165,11 +169,13 @@ def plan_memory(
     checkpointing: str | bool = "auto",
     enhancer: Callable[[int], int] | None = None,
     enhance_batch: int = 0,
+    sr: Callable[[int], int] | None = None,
+    sr_batch: int = 0,
 ) -> MemoryPlan:
     """The largest micro-batch (a divisor of the effective batch ``batch_size × grad_accum``) whose step fits
     ``budget``, first without gradient checkpointing, then with it (``checkpointing`` "auto"; True/False
-    force it); the enhancer's batch halves until its step fits. ``activations(m, ckpt)`` and
-    ``enhancer(b)`` return traced kept-activation bytes."""
+    force it); the enhancer's and the super-resolution stage's batches halve until their steps fit.
+    ``activations(m, ckpt)``, ``enhancer(b)`` and ``sr(b)`` return traced kept-activation bytes."""
     usable = int(budget * (1 - RESERVE_FRACTION))
     effective = batch_size * grad_accum
     modes = [False, True] if checkpointing == "auto" else [bool(checkpointing)]
@@ -192,16 +198,33 @@ def plan_memory(
         notes.append(
             f"micro-batch {batch_size} does not fit; {m} × {effective // m} keeps the effective batch of {effective}"
         )
-    enh_peak, eb = 0, enhance_batch
-    if enhancer is not None and enhance_batch:
-        while True:
-            enh_peak = state.total + int(BACKWARD_FACTOR * enhancer(eb))
-            if enh_peak <= usable or eb == 1:
-                break
-            eb //= 2
-        if eb < enhance_batch:
-            notes.append(f"enhancer pairs per step lowered from {enhance_batch} to {eb} to fit")
-    fits = peak <= usable and (enh_peak <= usable)
+    enh_peak, eb = _side_fit(state, usable, enhancer, enhance_batch, "enhancer pairs", notes)
+    sr_peak, sb = _side_fit(state, usable, sr, sr_batch, "super-resolution crops", notes)
+    fits = peak <= usable and enh_peak <= usable and sr_peak <= usable
     if not fits:
         notes.append("even the smallest settings exceed the budget: lower data.resolution or the model size")
-    return MemoryPlan(budget, m, effective // m, ckpt, eb, state, act, peak, enh_peak, fits, notes)
+    return MemoryPlan(
+        budget, m, effective // m, ckpt, eb, state, act, peak, enh_peak, fits, notes, sb, sr_peak
+    )
+
+
+def _side_fit(
+    state: StateBytes,
+    usable: int,
+    activations: Callable[[int], int] | None,
+    batch: int,
+    what: str,
+    notes: list,
+) -> tuple[int, int]:
+    """(peak, batch) of a side network's step, its batch halved until the step fits (or is 1)."""
+    if activations is None or not batch:
+        return 0, batch
+    b = batch
+    while True:
+        peak = state.total + int(BACKWARD_FACTOR * activations(b))
+        if peak <= usable or b == 1:
+            break
+        b //= 2
+    if b < batch:
+        notes.append(f"{what} per step lowered from {batch} to {b} to fit")
+    return peak, b

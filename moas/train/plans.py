@@ -18,6 +18,7 @@ from moas.data.buckets import make_buckets
 from moas.models.discriminator import AnimeStyleDiscriminator
 from moas.models.enhance import QualityEnhancer
 from moas.models.generator import MoasGenerator
+from moas.models.sr_diffusion import SuperResDiffusion
 from moas.text.encoder import HASH_ID, TextEncoder
 from moas.text.inputs import caption_inputs
 from moas.train.builders import generator_args
@@ -32,6 +33,7 @@ from moas.train.memory_plan import (
     traced_activation_bytes,
 )
 from moas.train.saving import milestone_epochs
+from moas.train.sr_stage import TEXT_DIM, build_sr_model
 
 # A long caption: the planned text length is the longest the encoder gives.
 _PLAN_CAPTION = ", ".join(f"tag{i} word" for i in range(64))
@@ -91,24 +93,39 @@ def _enhancer_activations(cfg: MoasConfig, enhancer: QualityEnhancer, batch: int
     return traced_activation_bytes(forward)
 
 
+def _sr_activations(cfg: MoasConfig, stage: SuperResDiffusion, batch: int) -> int:
+    dtype = next(stage.parameters()).dtype
+    x = torch.empty(batch, 3, cfg.sr.crop, cfg.sr.crop, device="meta", dtype=dtype)
+    cond = {
+        "low": torch.empty_like(x),
+        "level": torch.empty(batch, device="meta"),
+        "text": torch.empty(batch, TEXT_DIM, device="meta", dtype=dtype),
+    }
+    t = torch.zeros(batch, dtype=torch.long, device="meta")
+    stage.train()
+    return traced_activation_bytes(lambda: stage(x, t, cond)[0].float().square().mean())
+
+
 def meta_networks(
     cfg: MoasConfig,
-) -> tuple[MoasGenerator, QualityEnhancer | None, AnimeStyleDiscriminator | None]:
+) -> tuple[MoasGenerator, QualityEnhancer | None, AnimeStyleDiscriminator | None, SuperResDiffusion | None]:
     """The networks ``cfg`` trains, on the meta device (shapes only)."""
     with torch.device("meta"):
         generator = MoasGenerator(**generator_args(cfg))
         e = cfg.enhance
         enhancer = QualityEnhancer(e.width, e.sr_channels, e.sr_blocks) if e.train else None
         disc = AnimeStyleDiscriminator(cfg.losses.disc_base_channels) if cfg.losses.adversarial else None
-    return generator, enhancer, disc
+        sr = build_sr_model(cfg.sr) if cfg.sr.train else None
+    return generator, enhancer, disc, sr
 
 
 def disk_plan(cfg: MoasConfig, steps_per_epoch: int = 0) -> DiskPlan:
     """What the run's checkpoints and model files take at their peak (``moas/train/disk.py``)."""
     tc = cfg.train
     policy = SavePolicy.of(tc, milestone_epochs(tc.epochs), steps_per_epoch)
-    nets = (bytes_of(m) for m in meta_networks(cfg))
-    return plan_disk(policy, *nets, amsgrad=tc.amsgrad)
+    generator, enhancer, disc, sr = meta_networks(cfg)
+    nets = (bytes_of(generator), bytes_of(enhancer), bytes_of(disc))
+    return plan_disk(policy, *nets, amsgrad=tc.amsgrad, sr=bytes_of(sr))
 
 
 def plan_budget_gb(configured_gb: float, free_gb: float) -> float:
@@ -123,13 +140,14 @@ def plan_budget_gb(configured_gb: float, free_gb: float) -> float:
 def memory_plan(cfg: MoasConfig, budget_gb: float | None = None) -> MemoryPlan:
     """The memory plan of ``cfg`` on a GPU with ``budget_gb`` (default ``resources.max_vram_gb``)."""
     tc = cfg.train
-    state_model, enhancer, disc = meta_networks(cfg)  # fp32 master weights
+    state_model, enhancer, disc, sr = meta_networks(cfg)  # fp32 master weights
     with torch.device("meta"):
         model = MoasGenerator(**generator_args(cfg)).to(torch.bfloat16 if amp_bytes(cfg) else torch.float32)
-    side = [m for m in (enhancer, disc) if m is not None]
+    side = [m for m in (enhancer, disc, sr) if m is not None]
     state = state_bytes(state_model, side, tc.amsgrad, amp_bytes(cfg))
-    if enhancer is not None and amp_bytes(cfg):  # the side networks run under autocast too
-        enhancer = enhancer.to(torch.bfloat16)
+    if amp_bytes(cfg):  # the side networks run under autocast too
+        enhancer = enhancer.to(torch.bfloat16) if enhancer is not None else None
+        sr = sr.to(torch.bfloat16) if sr is not None else None
     budget = int((cfg.resources.max_vram_gb if budget_gb is None else budget_gb) * GB)
     return plan_memory(
         budget,
@@ -141,6 +159,8 @@ def memory_plan(cfg: MoasConfig, budget_gb: float | None = None) -> MemoryPlan:
         getattr(tc, "gradient_checkpointing", "auto"),
         (lambda b: _enhancer_activations(cfg, enhancer, b)) if enhancer is not None else None,
         cfg.enhance.batch_size if enhancer is not None else 0,
+        (lambda b: _sr_activations(cfg, sr, b)) if sr is not None else None,
+        cfg.sr.batch_size if sr is not None else 0,
     )
 
 
@@ -150,4 +170,5 @@ def apply_memory_plan(cfg: MoasConfig, plan: MemoryPlan) -> MoasConfig:
     if hasattr(train, "gradient_checkpointing"):
         train = replace(train, gradient_checkpointing=plan.checkpointing)
     enhance = replace(cfg.enhance, batch_size=plan.enhance_batch or cfg.enhance.batch_size)
-    return replace(cfg, train=train, enhance=enhance)
+    sr = replace(cfg.sr, batch_size=plan.sr_batch or cfg.sr.batch_size)
+    return replace(cfg, train=train, enhance=enhance, sr=sr)

@@ -116,27 +116,35 @@ def find_latest_checkpoint(directory: str | os.PathLike[str], resumable_only: bo
     return None
 
 
+def _bf16(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # bf16 keeps float32's range, so the weights stay usable; float64 buffers stay as they are.
+    return {k: v.to(torch.bfloat16) if v.dtype == torch.float32 else v for k, v in weights.items()}
+
+
 def reduced_state(state: dict[str, Any], mode: str) -> dict[str, Any]:
     """What an old checkpoint keeps, marked not resumable: everything but the optimizer states
-    (``thinned``), or the EMA generator in bf16, the enhancer and what generation needs (``ema_bf16``)."""
+    (``thinned``), or the EMA generator and super-resolution stage in bf16, the enhancer and what generation
+    needs (``ema_bf16``)."""
     if mode == "thinned":
         kept = {k: v for k, v in state.items() if k not in ("optimizer", "moas_format")}
         if isinstance(kept.get("domain"), dict):
             kept["domain"] = {k: v for k, v in kept["domain"].items() if k not in SIDE_OPTIMIZERS}
+        if isinstance(kept.get("sr"), dict):
+            kept["sr"] = {k: v for k, v in kept["sr"].items() if k != "optimizer"}
     else:
         try:
             ema, args = dict(state["ema"]), state["model_args"]
             weights = ema.pop("model")
         except (KeyError, TypeError, ValueError):
             raise CheckpointError("it holds no EMA generator weights") from None
-        # bf16 keeps float32's range, so the weights stay usable; float64 buffers stay as they are.
-        ema["model"] = {
-            k: v.to(torch.bfloat16) if v.dtype == torch.float32 else v for k, v in weights.items()
-        }
+        ema["model"] = _bf16(weights)
         kept = {k: state[k] for k in WEIGHTS_ONLY_KEYS if k in state} | {"ema": ema, "model_args": args}
         enhancer = (state.get("domain") or {}).get("enhancer")
         if enhancer is not None:
             kept["domain"] = {"enhancer": enhancer}
+        sr = state.get("sr")
+        if isinstance(sr, dict) and "ema" in sr:  # the super-resolution stage generation uses
+            kept["sr"] = {"args": sr["args"], "ema": {"model": _bf16(sr["ema"]["model"])}}
     return {**kept, "resumable": False, "contents": mode}
 
 
