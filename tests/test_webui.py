@@ -166,6 +166,8 @@ def test_sizes_follow_the_training_buckets():
     assert (32, 32) in sizes and (24, 40) in sizes and (40, 24) in sizes
     assert sizes[-2:] == [(64, 64), (128, 128)]
     assert h.size_choices({}, 32) == [(32, 32), (64, 64), (128, 128)]
+    assert h.size_choices({}, 32, 4) == [(128, 128), (32, 32), (64, 64)]  # the cascade first
+    assert h.size_label((128, 128), 32, 4) == "128x128 (cascade ×4)"
     assert h.parse_size("40x24 (bucket)") == (40, 24) and h.parse_size("") == (None, None)
 
 

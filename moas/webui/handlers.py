@@ -99,16 +99,21 @@ class ModelCache:
             return self._pipe
 
 
-def size_choices(config: dict, resolution: int) -> list[tuple[int, int]]:
-    """(width, height) sizes to offer: the model's training buckets when it was trained with them, else
-    its base square; then the ×2 and ×4 squares its enhancer's super-resolution stage was trained for."""
-    return trained_sizes(config, resolution) + [(resolution * k, resolution * k) for k in (2, 4)]
+def size_choices(config: dict, resolution: int, scale: int = 1) -> list[tuple[int, int]]:
+    """(width, height) sizes to offer: the model's training buckets (else its base square) times ``scale``,
+    its super-resolution stage's factor (the cascade's outputs, first: the default); then the base, ×2 and
+    ×4 squares not among them."""
+    cascade = [(w * scale, h * scale) for w, h in trained_sizes(config, resolution)]
+    squares = [(resolution * k, resolution * k) for k in (1, 2, 4)]
+    return cascade + [s for s in squares if s not in cascade]
 
 
-def size_label(size: tuple[int, int], resolution: int) -> str:
+def size_label(size: tuple[int, int], resolution: int, scale: int = 1) -> str:
     w, h = size
+    if scale > 1 and w == h == resolution * scale:
+        return f"{w}x{h} (cascade ×{scale})"
     if w == h and w % resolution == 0 and w > resolution:
-        return f"{w}x{h} (enhancer ×{w // resolution})"
+        return f"{w}x{h} (×{w // resolution})"
     return f"{w}x{h}" + (" (base)" if w == h == resolution else "")
 
 
@@ -128,9 +133,13 @@ def model_view(cache: ModelCache, path: str | Path | None) -> ModelView:
     pipe = cache.get(path)
     steps, scale, sampler = pipe.settings()
     r = pipe.resolution
-    sizes = [(size_label(s, r), f"{s[0]}x{s[1]}") for s in size_choices(cache.config, r)]
-    enhancer = "a trained enhancer" if pipe.enhancer is not None else "no enhancer (bicubic resizing)"
-    status = f"Loaded **{Path(path).name}**: {r} px base resolution, {enhancer}, on {pipe.device}."
+    k = pipe.sr.scale if pipe.sr is not None else 1
+    sizes = [(size_label(s, r, k), f"{s[0]}x{s[1]}") for s in size_choices(cache.config, r, k)]
+    if pipe.sr is not None:
+        upscaler = f"a super-resolution stage (×{k} diffusion)"
+    else:
+        upscaler = "a trained enhancer" if pipe.enhancer is not None else "no enhancer (bicubic resizing)"
+    status = f"Loaded **{Path(path).name}**: {r} px base resolution, {upscaler}, on {pipe.device}."
     return ModelView(status, sizes, steps, scale, sampler)
 
 
