@@ -15,6 +15,16 @@ weight (the target: none below 1/56).
 
 ``compare`` converts a wall-time budget into a step budget with the measured moas/text step-time ratio and
 reads held-out accuracy for both from ``bench/learning.py`` results.
+
+``mi`` measures how readable per-tag routing is (``brain.tag_routing``): the mutual information between a
+tag's keyword category and the expert it is routed to most, in bits, and each expert's mean weight over
+the tags. With ``--model`` it reads a trained model (over ``--data_dir``'s captions, else built-in ones);
+without, it builds a tiny generator with tag routing and expert targets, reports it at initialisation,
+trains it ``--steps`` steps on synthetic images whose colour and layout follow their captions, and
+reports it again:
+
+    python bench/brain.py mi --steps 40                    # tiny model, < 2 min on 2 CPU cores
+    python bench/brain.py mi --model models/best_model.safetensors --data_dir data/demo
 """
 
 from __future__ import annotations
@@ -161,6 +171,154 @@ def routing_report(model_path: str, data_dir: str, max_captions: int = 0) -> dic
     return report
 
 
+TINY_MI_BRAIN = {  # tiny widths, every specialisation switch on
+    "expert_dim": 32,
+    "router_hidden": [32, 32],
+    "hidden_dim": 32,
+    "expert_heads": 4,
+    "cross_expert_heads": 4,
+    "gnn_layers": 2,
+    "gnn_heads": 4,
+    "understanding_layers": 1,
+    "understanding_heads": 4,
+    "understanding_ff": 32,
+    "understanding_token_dim": None,
+    "panel_memory": False,
+    "tag_routing": True,
+    "aux_targets": 0.1,
+    "expert_tokens": True,
+}
+MI_PARTS = {  # tag → (colour (R, G, B) in [-1, 1] or None, bright top half?) for the synthetic images
+    "red hair": ((1.0, -0.8, -0.8), None),
+    "blue hair": ((-0.8, -0.6, 1.0), None),
+    "green hair": ((-0.7, 0.9, -0.7), None),
+    "white background": ((0.9, 0.9, 0.9), None),
+    "night": ((-0.9, -0.9, -0.6), None),
+    "sunlight": (None, True),
+    "backlighting": (None, False),
+    "from above": (None, None),
+    "sitting": (None, None),
+    "masterpiece": (None, None),
+    "1girl": (None, None),
+    "smile": (None, None),
+}
+
+
+def mi_captions(n: int, seed: int = 0) -> list[str]:
+    """``n`` captions of 2–4 tags drawn from MI_PARTS (deterministic)."""
+    gen = torch.Generator().manual_seed(seed)
+    tags = list(MI_PARTS)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(2, 5, (), generator=gen))
+        out.append(", ".join(tags[int(i)] for i in torch.randperm(len(tags), generator=gen)[:k]))
+    return out
+
+
+def mi_image(caption: str, res: int) -> torch.Tensor:
+    """A synthetic image in [-1, 1] whose colour and light follow the caption's tags."""
+    img = torch.zeros(3, res, res)
+    for tag in caption.split(", "):
+        colour, top = MI_PARTS.get(tag, (None, None))
+        if colour is not None:
+            img += torch.tensor(colour).view(3, 1, 1) * 0.5
+        if top is not None:
+            img[:, : res // 2] += 0.4 if top else -0.4
+    return img.clamp(-1, 1)
+
+
+@torch.no_grad()
+def mi_report(model, encode, captions: list[str]) -> dict:
+    from moas.models.routing_info import entropy_bits, mutual_information, tag_choices
+
+    was_training, moe = model.training, model.stage("moe")
+    model.eval()
+    cats, choice, rows = tag_choices(model.condition, encode, captions)
+    # The router alone (prior bias off): how much of the category structure it has learned itself.
+    prior, moe.tag_prior = moe.tag_prior, 0.0
+    try:
+        _, own_choice, _ = tag_choices(model.condition, encode, captions)
+    finally:
+        moe.tag_prior = prior
+        model.train(was_training)
+    return {
+        "tags": len(cats),
+        "mi_bits": round(mutual_information(cats, choice), 4),
+        "mi_bits_without_prior": round(mutual_information(cats, own_choice), 4),
+        "h_category_bits": round(entropy_bits(cats), 4),
+        "h_expert_bits": round(entropy_bits(choice), 4),
+        "mean_weight": {n: round(float(v), 4) for n, v in zip(moe.names, rows.mean(0), strict=True)},
+    }
+
+
+def _print_mi(label: str, r: dict) -> None:
+    weights = " ".join(f"{n}={v:.3f}" for n, v in r["mean_weight"].items())
+    print(
+        f"{label:>10}: MI {r['mi_bits']:.3f} bits, without the prior {r['mi_bits_without_prior']:.3f} "
+        f"(H(category) {r['h_category_bits']:.3f}, H(expert) {r['h_expert_bits']:.3f}) over {r['tags']} tags"
+        f"\n            mean weight: {weights}",
+        flush=True,
+    )
+
+
+def mi_tiny(steps: int, encoder, n_captions: int = 64, batch: int = 8) -> dict:
+    """Build a tiny tag-routing generator, report it, train it ``steps`` steps, report it again."""
+    from moas.config import DiffusionConfig
+    from moas.diffusion.objective import DiffusionObjective
+    from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
+    from moas.text.inputs import caption_inputs
+
+    cfg = load_config("cpu_tiny", use_env=False)
+    res = 16
+    brain = asdict(cfg.brain) | TINY_MI_BRAIN
+    model = asdict(cfg.model) | {"block_channels": [32, 32], "cross_attention": [False, True]}
+    torch.manual_seed(0)
+    gen = MoasGenerator(res, model | {"attention_head_dim": 16}, asdict(cfg.text), brain=brain)
+    dc = DiffusionConfig()
+    objective = DiffusionObjective(
+        NoiseSchedule(make_train_scheduler(dc), dc.prediction_type, dc.min_snr_gamma)
+    )
+    captions = mi_captions(n_captions)
+    encode = lambda caps: caption_inputs(encoder, caps, "cpu")  # noqa: E731
+    report = {"brain": brain, "steps": steps, "init": mi_report(gen, encode, captions)}
+    _print_mi("init", report["init"])
+    opt = adamw(gen.parameters(), lr=1e-3)
+    rng = torch.Generator().manual_seed(1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(0, len(captions), (batch,), generator=rng).tolist()
+        caps = [captions[i] for i in idx]
+        x0 = torch.stack([mi_image(c, res) for c in caps])  # (B, 3, res, res)
+        cond = encode(caps) | {"aux_image": x0, "aux_mask": torch.ones(batch, dtype=torch.bool)}
+        t = torch.randint(0, objective.num_timesteps, (batch,), generator=rng)
+        out = objective(gen, x0, cond, t, torch.randn(x0.shape, generator=rng))
+        (out.loss + out.aux).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    report["train_seconds"] = round(time.perf_counter() - t0, 1)
+    report["trained"] = mi_report(gen, encode, captions)
+    _print_mi(f"{steps} steps", report["trained"])
+    return report
+
+
+def mi_model(model_path: str, data_dir: str | None, max_captions: int = 256) -> dict:
+    """MI and mean weights of a trained model with tag routing."""
+    from moas.inference.pipeline import Pipeline
+
+    pipe = Pipeline.from_file(model_path, torch.device("cpu"))
+    if not getattr(pipe.model, "tag_routing", False):
+        raise SystemExit(f"{model_path} was trained without brain.tag_routing; it has no per-tag routing.")
+    captions = mi_captions(max_captions)
+    if data_dir:
+        from moas.data.dataset import ArtDataset
+
+        ds = ArtDataset(Path(data_dir) / "train", pipe.resolution, None)
+        captions = sorted(set(ds.captions()))[:max_captions]
+    report = {"model": str(model_path), "trained": mi_report(pipe.model, pipe.encode, captions)}
+    _print_mi("model", report["trained"])
+    return report
+
+
 def _interp(rows: list[dict], key: str, at: float) -> tuple[float, bool]:
     """Held-out mean at ``at`` (train seconds or epochs), linear between checkpoints; True if extrapolated."""
     pts = sorted((float(r[key]), float(r["held_out"]["mean"])) for r in rows if r.get(key) is not None)
@@ -242,6 +400,11 @@ def main() -> int:
     c.add_argument("--text", required=True)
     c.add_argument("--steps", default="bench/brain_steps.json")
     c.add_argument("--out", default="bench/brain_compare.json")
+    i = sub.add_parser("mi", help="mutual information of tag category and routed expert (tag routing)")
+    i.add_argument("--model", default=None, help="a trained model with brain.tag_routing (default: tiny)")
+    i.add_argument("--data_dir", default=None, help="with --model: use this folder's captions")
+    i.add_argument("--steps", type=int, default=40, help="without --model: training steps of the tiny model")
+    i.add_argument("--out", default="bench/brain_mi.json")
     ap.add_argument(
         "--threads", type=int, default=2, help="torch threads (1 is steadier on a loaded machine)"
     )
@@ -264,6 +427,12 @@ def main() -> int:
         }
     elif a.cmd == "routing":
         report = routing_report(a.model, a.data_dir, a.max_captions)
+    elif a.cmd == "mi" and a.model:
+        report = mi_model(a.model, a.data_dir)
+    elif a.cmd == "mi":
+        from moas.text.encoder import TextEncoder
+
+        report = mi_tiny(a.steps, TextEncoder())
     else:
         report = compare(a.moas, a.text, a.steps)
     Path(a.out).write_text(json.dumps(report, indent=2))

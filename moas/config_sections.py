@@ -50,9 +50,15 @@ class BrainConfig:
         True  # also feed the panel memory straight into the pooled conditioning (MemoryBridge)
     )
     memory_context: bool = True  # and into the first cross-attention token (MemoryBridge.context_proj)
+    # Specialisation (docs/brain.md#specialisation); every one off by default, so older models are unchanged.
+    tag_routing: bool = False  # route each caption tag over the experts; each expert reads its routed tags
+    tag_prior: float = 2.0  # with tag_routing: router-logit bias toward a tag's keyword category's expert
+    aux_targets: float = 0.0  # weight of the per-expert image targets (palette, edges, light, …); 0 = off
+    expert_tokens: bool = False  # one cross-attention token per expert and one for the GNN output
 
     def __post_init__(self) -> None:
         _check(self.conditioning in ("moas", "text"), "brain.conditioning must be moas or text")
+        _check(self.tag_prior >= 0 and self.aux_targets >= 0, "brain.tag_prior and aux_targets must be ≥ 0")
         _check(
             len(self.panel_channels) >= 1 and min(self.panel_channels) >= 1,
             "brain.panel_channels must be one or more positive widths",

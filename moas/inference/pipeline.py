@@ -142,9 +142,12 @@ class Pipeline:
 
     @torch.no_grad()
     def explain(self, prompt: str) -> str:
-        """What the brain makes of a prompt: routing weight per expert, top emotions, detected language."""
+        """What the brain makes of a prompt: routing weight per expert (and per tag, with tag routing), top
+        emotions, detected language."""
         from moas.models.moe import describe_routing
+        from moas.models.routing_info import describe_tag_routing
         from moas.models.understanding import EMOTIONS
+        from moas.text.encoder import split_tags
         from moas.text.language import LANGUAGES
 
         if self.model.conditioning != "moas":
@@ -156,6 +159,9 @@ class Pipeline:
         moe = self.model.stage("moe")
         lines = [f"Prompt language: {LANGUAGES[int(text['language'][0])]}", "Expert routing weights:"]
         lines.append(describe_routing(cond["routing"][0], moe.names))
+        if "tag_routing" in cond:
+            lines.append("Per-tag routing (tag [keyword category] → top experts):")
+            lines.append(describe_tag_routing(split_tags(prompt), cond["tag_routing"][0], moe.names))
         top = cond["emotion_scores"][0].float().cpu().topk(3)
         pairs = zip(top.values.tolist(), top.indices.tolist(), strict=True)
         lines.append("Top emotions: " + ", ".join(f"{EMOTIONS[i]} {v:.3f}" for v, i in pairs))

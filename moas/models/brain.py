@@ -16,6 +16,11 @@ The graph (``moas inspect --graph`` prints it)::
                                                                   └► memory_bridge → pooled_delta
     bridge (every module output → one zero-initialised 768-d token each) → extra_context, pooled_delta
 
+Opt-in specialisation (docs/brain.md#specialisation): ``tag_routing`` feeds the MoE the tags, their mask
+and their keyword categories (``tags, tag_mask, tag_category``) and adds its ``tag_routing`` output;
+``aux_targets > 0`` registers ``aux_targets`` (expert_states, aux_image, aux_mask → aux_target_loss);
+``expert_tokens`` registers ``expert_tokens`` (expert_states, graph_features → 15 context tokens).
+
 GNN versions 1–3 are built too (``gnn_v1`` … ``gnn_v3`` attributes of the generator's ``brain_extras``)
 so they can be swapped in; ``gnn_version`` picks the one registered as ``gnn``.
 """
@@ -37,8 +42,10 @@ from moas.models.art_experts import (
 from moas.models.bridge import ContextBridge, DimensionBridge, MemoryBridge
 from moas.models.compression import AdvancedCompressionSystem
 from moas.models.conditioning import CONTEXT_DIM, ConditioningEncoder
+from moas.models.expert_heads import ExpertTargetHeads
+from moas.models.expert_tokens import ExpertTokens
 from moas.models.gnn import GNN_VERSIONS, EnhancedGNN
-from moas.models.moe import EnhancedMoE
+from moas.models.moe import EXPERT_NAMES, EnhancedMoE
 from moas.models.panel_memory import PanelMemory
 from moas.models.understanding import DeepUnderstandingSystem, EmotionalArtisticUnderstanding
 
@@ -69,6 +76,10 @@ class BrainArgs:
     panel_max_distance: int = 8
     memory_pooled: bool = False  # MemoryBridge: panel memory → pooled residual (old files: False)
     memory_context: bool = False  # MemoryBridge also → the first context token (old files: False)
+    tag_routing: bool = False  # route each tag; experts read their routed tags (old files: False)
+    tag_prior: float = 2.0  # the keyword-category logit bias of tag routing
+    aux_targets: float = 0.0  # weight of the per-expert image-target loss; 0 = no heads (old files: 0)
+    expert_tokens: bool = False  # one context token per expert + the GNN (old files: False)
 
 
 # Outputs turned into context tokens, with their widths as functions of the arguments.
@@ -114,6 +125,7 @@ def install_brain(enc: ConditioningEncoder, a: BrainArgs) -> nn.ModuleDict:
     enc.flow.register_module(
         "bridge", bridge, inputs=list(widths), outputs=["extra_context", "extra_context_mask", "pooled_delta"]
     )
+    _register_specialisation(enc, a)
     return nn.ModuleDict({f"gnn_v{v}": build_gnn(a, v) for v in GNN_VERSIONS if v != a.gnn_version})
 
 
@@ -157,6 +169,7 @@ def _register_moe_and_graph(enc: ConditioningEncoder, a: BrainArgs) -> None:
     flow, d = enc.flow, a.expert_dim
     ctx = ["context", "context_mask"] if a.expert_context else []
     mem = ["memory", "memory_mask"] if a.panel_memory else []
+    tags = ["tags", "tag_mask", "tag_category"] if a.tag_routing else []
     flow.register_module(
         "moe",
         EnhancedMoE(
@@ -169,9 +182,12 @@ def _register_moe_and_graph(enc: ConditioningEncoder, a: BrainArgs) -> None:
             a.dropout,
             CONTEXT_DIM if a.expert_context else None,
             memory=a.panel_memory,
+            tag_routing=a.tag_routing,
+            tag_prior=a.tag_prior,
         ),
-        inputs=["pooled", *ctx, *mem],
-        outputs=["moe_output", "expert_states", "routing", "balance_loss"],
+        inputs=["pooled", *ctx, *mem, *tags],
+        outputs=["moe_output", "expert_states", "routing", "balance_loss"]
+        + (["tag_routing"] if tags else []),
     )
     enc.aux_weights["moe.balance_loss"] = a.load_balance_weight
     flow.register_module(
@@ -229,4 +245,24 @@ def _register_panel_memory(flow, a: BrainArgs) -> None:
             MemoryBridge(a.expert_dim, CONTEXT_DIM, a.memory_context),
             inputs=["memory", "memory_mask"],
             outputs=["pooled_delta", "context_delta"],
+        )
+
+
+def _register_specialisation(enc: ConditioningEncoder, a: BrainArgs) -> None:
+    """The opt-in expert heads on image targets and the per-expert context tokens (registered last, and
+    built without random draws, so every other module starts as it would without them)."""
+    if a.aux_targets > 0:
+        enc.flow.register_module(
+            "aux_targets",
+            ExpertTargetHeads(EXPERT_NAMES, a.expert_dim),
+            inputs=["expert_states", "aux_image", "aux_mask"],
+            outputs=["aux_target_loss"],
+        )
+        enc.aux_weights["aux_targets.aux_target_loss"] = a.aux_targets
+    if a.expert_tokens:
+        enc.flow.register_module(
+            "expert_tokens",
+            ExpertTokens(len(EXPERT_NAMES), a.expert_dim, CONTEXT_DIM),
+            inputs=["expert_states", "graph_features"],
+            outputs=["extra_context", "extra_context_mask"],
         )

@@ -176,10 +176,14 @@ class BatchedExperts(nn.Module):
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B,in] (+ context [B,L,D], mask [B,L] True = attend; + panel memory [B,M,D], mask [B,M])
-        → expert states [B,E,D]. Memory is used only when built with ``memory_expert``."""
+        """x [B,in] shared by all experts, or [B,E,in] one input per expert (per-tag routing), (+ context
+        [B,L,D], mask [B,L] True = attend; + panel memory [B,M,D], mask [B,M]) → expert states [B,E,D].
+        Memory is used only when built with ``memory_expert``."""
         p, train = self.dropout, self.training
-        h = torch.einsum("bi,eoi->beo", x, self.in_w) + self.in_b  # (B, E, D)
+        if x.dim() == 3:
+            h = _linear(x, self.in_w, self.in_b)  # (B, E, D)
+        else:
+            h = torch.einsum("bi,eoi->beo", x, self.in_w) + self.in_b  # (B, E, D)
         h = h + F.dropout(
             F.gelu(_linear(_layer_norm(h, self.l1_ln_w, self.l1_ln_b), self.l1_w, self.l1_b)), p, train
         )

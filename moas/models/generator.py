@@ -13,6 +13,12 @@ the full brain (``moas.models.brain``) on the ConditioningEncoder's DataFlow; ``
 saved before the brain existed, whose arguments have no ``brain`` — is the text-only model. Arguments of
 files from earlier releases go through :func:`moas.models.upgrade.upgrade_model_args` first.
 
+Specialisation (opt-in ``brain`` switches): with ``tag_routing`` the text may carry ``tag_category``
+[B,G] (``moas.text.inputs.caption_inputs`` adds it; absent, every tag counts as uncategorised); with
+``aux_targets`` a training batch carries ``aux_image`` [B,3,H,W] and ``aux_mask`` [B] (``moas.train.inputs``),
+which sampling never passes. Models built without a switch drop its inputs, so they compute what they
+always did.
+
 Panels: ``text`` may carry ``panel_images`` [B,K,3,H,W] + ``panel_mask`` [B,K] (the previous panels,
 nearest first); they reach the ``panel_memory`` stage and the MoE's memory expert. Absent, they are fed
 as ``None`` and cost nothing.
@@ -31,6 +37,7 @@ from moas.config import BrainConfig, ModelConfig, TextConfig
 from moas.models.brain import BrainArgs, install_brain
 from moas.models.conditioning import ConditioningEncoder
 from moas.models.style_token import DesignStyleSupportSystem
+from moas.models.tag_prior import OTHER_INDEX
 from moas.models.unet import DiffusionModel
 
 TEXT_KEYS = ("tokens", "mask", "tags", "tag_mask")
@@ -95,6 +102,8 @@ class MoasGenerator(nn.Module):
                 "style", DesignStyleSupportSystem(style_dim), ["style", "style_mask"], STYLE_OUTPUTS
             )
         self.panel_memory = bc.conditioning == "moas" and bc.panel_memory
+        self.tag_routing = bc.conditioning == "moas" and bc.tag_routing
+        self.aux_targets = bc.conditioning == "moas" and bc.aux_targets > 0
 
     def stage(self, name: str) -> nn.Module | None:
         """A registered brain module (``moe``, ``gnn``, ``emotion``, …), or None if it is not registered."""
@@ -125,7 +134,21 @@ class MoasGenerator(nn.Module):
         else:
             extra.pop("panel_images", None)
             extra.pop("panel_mask", None)
+        self._specialisation_inputs(extra, text["tag_mask"])
         return self.brain(**{k: text[k] for k in TEXT_KEYS}, **extra)
+
+    def _specialisation_inputs(self, extra: dict, tag_mask: torch.Tensor) -> None:
+        """Default (or drop) the inputs of the opt-in tag routing and expert target heads, in place."""
+        if self.tag_routing:  # absent categories: every tag is "other" (no prior bias)
+            extra.setdefault("tag_category", torch.full_like(tag_mask, OTHER_INDEX, dtype=torch.long))
+        else:
+            extra.pop("tag_category", None)
+        if self.aux_targets:  # absent at sampling: the heads are skipped
+            extra.setdefault("aux_image", None)
+            extra.setdefault("aux_mask", None)
+        else:
+            extra.pop("aux_image", None)
+            extra.pop("aux_mask", None)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> Prediction:
         cond = self.condition(text)

@@ -19,6 +19,11 @@ Per-expert statistics (buffers, so they are saved with checkpoints):
     is finite and its routing weight is at least half the uniform weight (≥ 1/28), i.e. the router used it.
 Routing history: the batch-mean routing row of each forward call, ``deque(maxlen=1000)``.
 
+Per-tag routing: with ``tag_routing=True`` and tag embeddings given, the router scores each tag (plus a
+fixed keyword-category bias of ``tag_prior``) and each expert reads the routing-weighted mean of its tags
+instead of the pooled text (``moas.models.tag_routing``); ``routing`` is then the mean over the prompt's
+real tags, ``tag_routing`` [B,G,E] is returned too, and the load balance is taken over real tags.
+
 Panel memory: with ``memory=True`` the "memory" expert also attends to ``memory`` tokens [B,M,D] (the
 previous panels' features, already at the expert width) through a zero-initialised gate
 (``BatchedExperts``); without memory tokens the forward is exactly the memory-less one.
@@ -33,6 +38,14 @@ import torch
 from torch import nn
 
 from moas.models.expert_agents import BatchedExperts
+from moas.models.tag_routing import (
+    normalise_tags,
+    prior_logits,
+    prompt_routing,
+    routed_inputs,
+    tag_balance_loss,
+    tag_weights,
+)
 
 EXPERT_NAMES = (
     "line_art",
@@ -68,8 +81,11 @@ class EnhancedMoE(nn.Module):
         dropout: float = 0.1,
         context_dim: int | None = 768,
         memory: bool = False,
+        tag_routing: bool = False,
+        tag_prior: float = 2.0,
     ) -> None:
         super().__init__()
+        self.tag_routing, self.tag_prior = tag_routing, tag_prior
         e, h1, h2 = num_experts, router_hidden[0], router_hidden[1]
         self.names = EXPERT_NAMES[:e] if e <= len(EXPERT_NAMES) else tuple(f"expert_{i}" for i in range(e))
         self.router = nn.Sequential(
@@ -121,6 +137,16 @@ class EnhancedMoE(nn.Module):
         logits = self.router(x).float() / temp + self.balance_bias  # (B, E)
         return logits.softmax(-1)
 
+    def route_tags(
+        self, tags: torch.Tensor, tag_mask: torch.Tensor, tag_category: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-tag routing weights [B,G,E] of normalised tags [B,G,C]; real rows sum to 1, padding is 0."""
+        temp = self.temperature.clamp_min(MIN_TEMPERATURE)
+        logits = self.router(tags).float() / temp + self.balance_bias  # (B, G, E)
+        if tag_category is not None and self.tag_prior:
+            logits = logits + prior_logits(tag_category, self.num_experts, self.tag_prior)
+        return tag_weights(logits, tag_mask)
+
     def forward(
         self,
         pooled: torch.Tensor,
@@ -128,12 +154,22 @@ class EnhancedMoE(nn.Module):
         context_mask: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
+        tags: torch.Tensor | None = None,
+        tag_mask: torch.Tensor | None = None,
+        tag_category: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        routing = self.route(pooled)  # (B, E)
+        tag_w = None
+        if self.tag_routing and tags is not None:
+            tags_n = normalise_tags(tags)  # (B, G, C)
+            tag_w = self.route_tags(tags_n, tag_mask, tag_category)  # (B, G, E)
+            routing = prompt_routing(tag_w, tag_mask)  # (B, E)
+            x = routed_inputs(tags_n, tag_w)  # (B, E, C): each expert reads its own tags
+        else:
+            routing, x = self.route(pooled), pooled  # (B, E), (B, C)
         ctx = self.context_proj(context) if (context is not None and self.context_proj is not None) else None
         t0 = time.perf_counter()
         states = self.experts(
-            pooled, ctx, context_mask if ctx is not None else None, memory, memory_mask
+            x, ctx, context_mask if ctx is not None else None, memory, memory_mask
         )  # (B, E, D)
         elapsed = time.perf_counter() - t0
         # Pass 2: experts read each other, then a shared coordinator.
@@ -144,12 +180,11 @@ class EnhancedMoE(nn.Module):
         fused = self.fusion(states.flatten(1))  # (B, D)
         out = weighted + fused * 0.5
         self._track(routing.detach(), states.detach(), elapsed)
-        return {
-            "moe_output": out,
-            "expert_states": states,
-            "routing": routing,
-            "balance_loss": self.load_balance_loss(routing),
-        }
+        balance = self.load_balance_loss(routing) if tag_w is None else tag_balance_loss(tag_w, tag_mask)
+        result = {"moe_output": out, "expert_states": states, "routing": routing, "balance_loss": balance}
+        if tag_w is not None:
+            result["tag_routing"] = tag_w  # (B, G, E)
+        return result
 
     def load_balance_loss(self, routing: torch.Tensor) -> torch.Tensor:
         """E · Σ p̄² − 1 ≥ 0, zero when the batch load is even (module docstring)."""

@@ -10,7 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 # Brain features in the order they were added; a file saved before one has no key for it.
-LATER_BRAIN_FEATURES = ("panel_memory", "memory_pooled", "memory_context")
+LATER_BRAIN_FEATURES = (
+    "panel_memory",
+    "memory_pooled",
+    "memory_context",
+    "tag_routing",
+    "aux_targets",
+    "expert_tokens",
+)
+# The value that switches each feature off, where it is not False.
+FEATURE_OFF: dict[str, Any] = {"aux_targets": 0.0}
+# Later brain settings that are no feature of their own: a file without them gets today's default (which
+# its weights do not depend on), so its arguments compare equal to a run's (``moas train --init_from``).
+LATER_BRAIN_SETTINGS: dict[str, Any] = {"tag_prior": 2.0}
 
 
 def features_missing(model_args: dict[str, Any]) -> tuple[str, ...]:
@@ -34,5 +46,7 @@ def upgrade_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
         out["model"] = {**out["model"], "legacy_head_count": True}
     missing = features_missing(model_args)
     if missing:
-        out["brain"] = {**model_args["brain"], **dict.fromkeys(missing, False)}
+        off = {k: FEATURE_OFF.get(k, False) for k in missing}
+        settings = {k: v for k, v in LATER_BRAIN_SETTINGS.items() if k not in model_args["brain"]}
+        out["brain"] = {**model_args["brain"], **off, **settings}
     return out

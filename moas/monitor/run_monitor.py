@@ -159,7 +159,8 @@ class RunMonitor:
         self.dashboard.show(self.history)
 
     def log_brain(self, step: int, model) -> None:
-        """Histograms of routing weights per expert and of emotion scores, per-expert stats (moas brain)."""
+        """Histograms of routing weights per expert and of emotion scores, per-expert stats and expert-target
+        losses (moas brain)."""
         model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         moe = model.stage("moe") if hasattr(model, "stage") else None
         if moe is not None:
@@ -171,6 +172,10 @@ class RunMonitor:
                 for k, v in moe.expert_stats()[name].items():
                     self.writer.add_scalar(f"experts/{name}/{k}", v, step)
             self.writer.add_scalar("experts/temperature", float(moe.temperature.detach()), step)
+        heads = model.stage("aux_targets") if moe is not None else None
+        if heads is not None:  # brain.aux_targets: each expert head's mean loss since the last epoch
+            for name, v in heads.take_means().items():
+                self.writer.add_scalar(f"aux_targets/{name}", v, step)
         emotion = model.stage("emotion") if moe is not None else None
         if emotion is not None and emotion.score_history:
             from moas.models.understanding import EMOTIONS

@@ -374,6 +374,15 @@ def loop_settings(cfg: MoasConfig) -> LoopSettings:
     )
 
 
+def build_inputs(
+    cfg: MoasConfig, data: TrainingData, panels: PanelTraining, model: MoasGenerator
+) -> TrainingInputs:
+    """The generator's inputs per batch; the training image joins them when the experts' image targets train."""
+    aux = cfg.brain.conditioning == "moas" and cfg.brain.aux_targets > 0
+    image = image_augment(cfg, model)
+    return TrainingInputs(data.bank, caption_augment(cfg), cfg.train.seed, panels, image, aux_image=aux)
+
+
 def restore(
     resume: dict, path: Path, state: TrainState, parts: TrainingParts, dist: DistContext
 ) -> tuple[TrainState, Path]:
@@ -451,9 +460,7 @@ def build_run(
         "parts": parts,
         "data": data,
         "objective": objective,
-        "inputs": TrainingInputs(
-            data.bank, caption_augment(cfg), tc.seed, panels, image_augment(cfg, parts.model)
-        ),
+        "inputs": build_inputs(cfg, data, panels, parts.model),
         "panels": panels,
         "plan": plan,
         "runtime": runtime,

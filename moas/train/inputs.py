@@ -8,6 +8,10 @@ turns them into the text tensors, as for validation and generation. The style to
 With image augmentation on (``moas.data.augment``), :meth:`TrainingInputs.images` warps each image from
 the cache's larger copy, a mirrored image's caption has left and right swapped, and the generator's
 inputs carry the scaled parameters as ``augment`` (B, AUG_DIM), which sampling never passes (zeros).
+
+With ``aux_image`` (for a generator built with ``brain.aux_targets``) the inputs also carry the images of
+the last :meth:`TrainingInputs.images` call as ``aux_image`` (B, 3, H, W) — the expert heads' targets are
+computed from them — and ``aux_mask`` (B,), False where the caption is empty (dropped).
 """
 
 from __future__ import annotations
@@ -31,19 +35,25 @@ class TrainingInputs:
         seed: int,
         panels: PanelTraining,
         image: ImageAugment | None = None,
+        aux_image: bool = False,
     ) -> None:
         self.bank, self.augment, self.seed, self.panels = bank, augment, seed, panels
         self.image = image or ImageAugment()
+        self.aux_image = aux_image
+        self._last_images: torch.Tensor | None = None  # what ``images`` returned last (for aux_image)
 
     def images(
         self, batch: dict, epoch: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The micro-batch's images in [-1, 1] (B, 3, H, W) and their augmentation (B, AUG_DIM) or None."""
         if not self.image.active or "pixels_hr" not in batch:
-            return to_model_range(batch["pixels"]).to(device), None
-        h, w = batch["pixels"].shape[-2:]
-        params = self.image.draw(self.seed, epoch, batch["index"], aspect=h / w)  # (B, AUG_DIM)
-        return self.image.apply(batch["pixels_hr"].to(device), params, (h, w)), params
+            x0, params = to_model_range(batch["pixels"]).to(device), None
+        else:
+            h, w = batch["pixels"].shape[-2:]
+            params = self.image.draw(self.seed, epoch, batch["index"], aspect=h / w)  # (B, AUG_DIM)
+            x0 = self.image.apply(batch["pixels_hr"].to(device), params, (h, w))
+        self._last_images = x0 if self.aux_image else None
+        return x0, params
 
     def __call__(
         self,
@@ -68,6 +78,12 @@ class TrainingInputs:
         if "style" in batch:
             keep = batch["has_style"] & draws.style_keep  # (B,)
             cond.update({"style": batch["style"].to(device), "style_mask": keep.to(device)})
+        if self.aux_image:
+            x0 = self._last_images
+            if x0 is None or x0.shape[0] != len(captions):
+                raise RuntimeError("TrainingInputs.images must be called for the same micro-batch first.")
+            has_text = torch.tensor([bool(c.strip()) for c in captions], device=device)  # (B,)
+            cond.update({"aux_image": x0, "aux_mask": has_text})
         keep = memory_keep(draws.drop, captions, originals)  # the memory goes with the text
         panel_in = self.panels.inputs(batch, keep, device)
         cond.update(panel_in)
