@@ -250,7 +250,8 @@ def _add_eval(e: argparse.ArgumentParser) -> None:
         "--data_dir",
         default="data/demo",
         help="any folder of captioned images (the one the model trained on gives held-out prompts); on the "
-        "demo data (with manifest.json) the attribute table is printed too",
+        "demo data (with manifest.json) the attribute table (two-character sets: the binding table) is "
+        "printed too",
     )
     e.add_argument("--n", type=int, default=48, help="demo data: images per split (held-out and seen)")
     e.add_argument(

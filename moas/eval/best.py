@@ -2,7 +2,8 @@
 
 The score (higher is better) is, in this order of preference:
 
-1. ``demo_accuracy``: on the demo data, the held-out attribute accuracy of ``moas eval``;
+1. ``demo_accuracy``: on the demo data, the held-out attribute accuracy of ``moas eval`` (on a
+   two-character set its held-out binding mean, ``moas.eval.validate``);
 2. ``folder_score``: on user data, tag adherence and KID of images drawn from held-out captions, measured
    by the folder's own tag model (``moas.eval.folder_score``);
 3. ``prompt_adherence``: without a tag model, the diffusion-classifier prompt adherence on the validation

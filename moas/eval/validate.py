@@ -15,8 +15,14 @@ the seed and excluded from training (``train.val_fraction``; none when the folde
   ``_excess``) and ``folder_score``:
   images drawn from the held-out captions, measured by the folder's own tag model
   (``moas.eval.folder_score``); absent when the folder's captions cannot train one;
-* ``accuracy``: on the demo data (a ``manifest.json`` beside the training folder) the held-out attribute
-  accuracy of ``moas eval``; on other data the prompt adherence.
+* ``demo_accuracy``: on the demo data (a ``manifest.json`` beside the training folder) the held-out
+  attribute accuracy of ``moas eval``. On a two-character demo set (``"scene": "two"``) it is the binding
+  table's held-out ``mean`` instead: the accuracy of the four per-girl columns (left/right hair and eye
+  colour) over the held-out (left hair, right hair) bindings. The mean rather than ``both_bound``
+  because with ``eval_n`` images an all-or-nothing per-image score is 0 for every early checkpoint and
+  cannot rank them, while the mean still rises as each colour lands on its side (a model that swaps the
+  sides scores 0 on the hair columns either way); the background, which needs no binding, is left out;
+* ``accuracy``: the demo accuracy on the demo data; on other data the prompt adherence.
 """
 
 from __future__ import annotations
@@ -211,7 +217,10 @@ class Validator:
         return Pipeline(model, encoder, self.diffusion, self.device)
 
     def demo_accuracy(self, model: torch.nn.Module, encoder) -> float | None:
-        """Held-out attribute accuracy of ``moas eval`` (n = ``eval_n`` per split) on the demo data."""
+        """Held-out accuracy of ``moas eval`` (n = ``eval_n`` per split) on the demo data.
+
+        The attribute mean on the single-character set, the binding mean on a two-character one (module
+        docstring); None without demo data or when its manifest cannot be evaluated."""
         if self.demo_dir is None:
             return None
         from moas.eval.evaluate import run_eval
