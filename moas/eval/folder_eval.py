@@ -257,7 +257,7 @@ def summary_text(result: dict) -> str:
         if "real_heldout" in m:
             r = m["real_heldout"]
             lines.append(
-                f"  {'  real held-out, same test':<26}features {r['features']:.1%}, pixels {r['pixels']:.1%}, "
+                f"  {'  real held-out images':<26}features {r['features']:.1%}, pixels {r['pixels']:.1%}, "
                 f"either {r['combined']:.1%}   (the rule's false alarms; excess {m['excess']:.1%})"
             )
     tag = (result.get("tagger") or {}).get("heldout") or {}
