@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from moas.config_sections import EnhanceConfig, LossConfig  # noqa: E402
+from moas.config_sections import EnhanceConfig, LossConfig, MonitorConfig  # noqa: E402
 from moas.data.dataset import ArtDataset, to_model_range  # noqa: E402
 from moas.data.synthetic import eval_cases  # noqa: E402
 from moas.diffusion.sr_condition import downsample  # noqa: E402
@@ -209,7 +209,8 @@ def run(args) -> dict:
     real_caps = [hr_real[i]["caption"] for i in range(len(hr_real))]
     ds64 = ArtDataset(root / "train", 64, root / "cache" / "bench64")
     ds64.validate(progress=False)
-    tagger = load_or_train_tagger(ds64, seed=args.seed, progress=False)
+    # The settings training uses, so the folder's cached tag model (from the run) is the one measured with.
+    tagger = load_or_train_tagger(ds64, seed=0, progress=False, max_seconds=MonitorConfig().tagger_seconds)
     real_feats = tagger.features(resize_images(real, 64))
 
     for i in range(len(hr_train)):  # build the cache entries now, not inside the first trainer's time

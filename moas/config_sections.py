@@ -210,7 +210,9 @@ class SRConfig:
     attention: list[bool] = field(default_factory=lambda: [False, False, True])  # self-attention per level
     layers_per_block: int = 1
     patch_size: int = 1  # p×p pixel patches folded into channels (p² cheaper full-resolution level)
-    prediction_type: str = "v_prediction"  # v_prediction | sample (x-prediction) | epsilon
+    # sample (x-prediction) | v_prediction | epsilon: at equal training time x-prediction drew clean detail
+    # where v-prediction left noise (bench/cascade.py; bench/RESULTS.md, "Cascade")
+    prediction_type: str = "sample"
     noise_shift: float = 1.0  # SNR divided by shift²: more noise at every step for larger images
     min_snr_gamma: float = 5.0
     cond_noise_max: float = 0.5  # training: conditioning noise level drawn uniformly from [0, this]

@@ -231,7 +231,7 @@ def test_generate_goes_through_the_cascade_by_default(sr_model, workdir):
     assert main(["generate", "--model", str(sr_model), "--prompt", "1girl, red hair", "--quiet"]) == 0
     size, text = parameters(workdir / "result.png")
     assert size == (64, 64)  # the 16-px base x4
-    assert 'Stages: "base 16x16, diffusion x4 (v_prediction, 3 steps' in text
+    assert 'Stages: "base 16x16, diffusion x4 (x-prediction, 3 steps' in text
 
 
 @pytest.mark.parametrize("upscaler", ["enhancer", "bicubic"])

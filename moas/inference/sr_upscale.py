@@ -21,6 +21,7 @@ from moas.errors import CheckpointError, MoasError
 from moas.inference.model_file import ModelFile
 from moas.models.sr_diffusion import SuperResDiffusion
 
+TARGET_NAMES = {"sample": "x-prediction", "v_prediction": "v-prediction", "epsilon": "eps-prediction"}
 # Seed offsets of the stage's streams: different from the base image's noise for the same seed.
 COND_NOISE_SEED, SAMPLE_SEED = 7_919, 104_729
 
@@ -43,8 +44,9 @@ class DiffusionUpscaler:
     def describe(self, steps: int | None = None) -> str:
         """For the PNG parameters: what this stage did."""
         c = self.cfg
+        target = TARGET_NAMES.get(c.prediction_type, c.prediction_type)
         return (
-            f"diffusion x{self.scale} ({c.prediction_type}, {steps or c.steps} steps {c.sampler}, "
+            f"diffusion x{self.scale} ({target}, {steps or c.steps} steps {c.sampler}, "
             f"conditioning noise {c.cond_noise:g})"
         )
 
