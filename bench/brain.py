@@ -69,8 +69,11 @@ def _text(encoder, batch: int) -> dict[str, torch.Tensor]:
     } | language_batch(caps)
 
 
-def measure_steps(profile: str, iters: int, encoder, batch: int | None = None) -> dict:
-    cfg = load_config(profile, use_env=False)
+def measure_steps(
+    profile: str, iters: int, encoder, batch: int | None = None, brain_set: dict | None = None
+) -> dict:
+    """Interleaved text/moas step times and FLOPs; ``brain_set`` overrides the moas arm's brain config."""
+    cfg = load_config(profile, use_env=False, overrides={"brain": brain_set} if brain_set else None)
     res, bs = cfg.data.resolution, batch or BATCH.get(profile, 2)
     text = _text(encoder, bs)
     models, opts, flops, params = {}, {}, {}, {}
@@ -85,7 +88,8 @@ def measure_steps(profile: str, iters: int, encoder, batch: int | None = None) -
     def step(cond: str) -> None:
         m = models[cond]
         x = torch.randn(bs, 3, res, res)
-        pred, aux = m(x, torch.randint(0, 1000, (bs,)), text)
+        inputs = text | {"aux_image": x.clamp(-1, 1), "aux_mask": torch.ones(bs, dtype=torch.bool)}
+        pred, aux = m(x, torch.randint(0, 1000, (bs,)), inputs)
         (pred.float().pow(2).mean() + aux).backward()
         opts[cond].step()
         opts[cond].zero_grad(set_to_none=True)
@@ -109,6 +113,7 @@ def measure_steps(profile: str, iters: int, encoder, batch: int | None = None) -
     ratio_cpu = statistics.median(m / t for m, t in zip(cpu["moas"], cpu["text"], strict=True))
     row = {
         "profile": profile,
+        "brain_set": brain_set or {},
         "resolution": res,
         "batch": bs,
         "iters": iters,
@@ -388,6 +393,13 @@ def main() -> int:
     s.add_argument("--profiles", nargs="+", default=["cpu_tiny", "rtx3060_12gb"])
     s.add_argument("--iters", type=int, default=6, help="interleaved steps per conditioning")
     s.add_argument("--out", default="bench/brain_steps.json")
+    s.add_argument(
+        "--brain",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="brain config override for both arms, TOML value syntax (repeatable), e.g. tag_routing=true",
+    )
     r = sub.add_parser(
         "routing", help="mean routing weight per expert of a trained model on the demo captions"
     )
@@ -414,7 +426,10 @@ def main() -> int:
         from moas.text.encoder import TextEncoder
 
         encoder = TextEncoder()
-        rows = [measure_steps(p, a.iters, encoder) for p in a.profiles]
+        from moas.config import tomllib
+
+        brain_set = {k: tomllib.loads(f"v = {v}")["v"] for k, _, v in (b.partition("=") for b in a.brain)}
+        rows = [measure_steps(p, a.iters, encoder, brain_set=brain_set) for p in a.profiles]
         report = {
             "machine": {
                 "cores": psutil.cpu_count(),

@@ -3,6 +3,7 @@
     python bench/learning.py                       # cpu_tiny, the README demo settings
     python bench/learning.py --epochs 20 --save_every 4 --n 48
     python bench/learning.py --set train.lr=5e-6 --final_only --out bench/ablation_lr5e-6.json   # an ablation
+    python bench/learning.py --scene two --threads 1 --workdir bench/_bind_text --set brain.conditioning='"text"'
 
 Trains once (saving a checkpoint every --save_every epochs; each checkpoint records its cumulative
 training seconds), then evaluates every checkpoint's EMA weights with ``moas eval``'s measurement and
@@ -50,6 +51,12 @@ def main() -> int:
         help='config override, TOML value syntax (repeatable), e.g. diffusion.prediction_type="epsilon"',
     )
     ap.add_argument("--final_only", action="store_true", help="evaluate only the last checkpoint")
+    ap.add_argument(
+        "--scene", choices=("one", "two"), default="one", help="two = the two-character binding set"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads (0 = the profile's; 1 for side-by-side arms)"
+    )
     a = ap.parse_args()
 
     work = Path(a.workdir).resolve()
@@ -58,7 +65,9 @@ def main() -> int:
     os.chdir(work)
     setup_logging(None)
     if not Path("data/demo/manifest.json").is_file():
-        generate_demo_dataset("data/demo", n_images=a.n_images, size=64, seed=0)
+        generate_demo_dataset("data/demo", n_images=a.n_images, size=64, seed=0, scene=a.scene)
+    if json.loads(Path("data/demo/manifest.json").read_text()).get("scene", "one") != a.scene:
+        raise SystemExit(f"{work}/data/demo holds another scene than --scene {a.scene}; use another --workdir.")
     overrides = {
         "data": {"data_dir": "data/demo/train"},
         "train": {
@@ -70,6 +79,8 @@ def main() -> int:
     }
     if a.epochs:
         overrides["train"]["epochs"] = a.epochs
+    if a.threads:
+        overrides["resources"] = {"cpu_threads": a.threads}
     for item in a.set:
         key, _, value = item.partition("=")
         section, _, field = key.partition(".")
@@ -106,12 +117,14 @@ def main() -> int:
             }
         )
         h = r["held_out"]
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in h.items() if k != "mean")
         print(
             f"epoch {meta.get('epoch'):>3}  train {meta.get('train_seconds', 0) / 60:5.1f} min  held-out mean {h['mean']:.3f} "
-            f"(hair {h['hair_color']:.2f}, eyes {h['eye_color']:.2f}, bg {h['background']:.2f})  seen mean {r['seen']['mean']:.3f}",
+            f"({parts})  seen mean {r['seen']['mean']:.3f}",
             flush=True,
         )
     machine = {
+        "load_avg_end": os.getloadavg(),
         "cpu": platform.processor() or platform.machine(),
         "cores": psutil.cpu_count(),
         "threads_used": torch.get_num_threads(),
@@ -121,6 +134,8 @@ def main() -> int:
     }
     report = {
         "profile": a.profile,
+        "scene": a.scene,
+        "overrides": a.set,
         "epochs": cfg.train.epochs,
         "total_train_wall_s": round(wall, 1),
         "images_per_sec_last": round(result.images_per_sec, 1),

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from moas.cli_args import build_parser, translate_original_flags
+from moas.cli_args import brain_overrides, build_parser, translate_original_flags
 from moas.errors import DataError, MoasError
 
 log = logging.getLogger("moas")
@@ -41,8 +41,8 @@ def _train_overrides(a: argparse.Namespace) -> dict:
         put("train", "auto_resume", True)
     put("train", "init_from", a.init_from)
     put("resources", "device", a.device)
-    put("brain", "conditioning", a.conditioning)
-    put("brain", "gnn_version", a.gnn_version)
+    for key, value in brain_overrides(a).items():
+        put("brain", key, value)
     return o
 
 
@@ -416,19 +416,13 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from moas.studio import MultiverseOriginStudioAI
 
     if a.model:
-        if a.profile or a.config or a.conditioning or a.gnn_version:
-            raise MoasError(
-                "--model cannot be combined with --profile, --config, --conditioning or --gnn_version."
-            )
+        if a.profile or a.config or brain_overrides(a):
+            raise MoasError("--model cannot be combined with --profile, --config or the brain flags.")
         system = MultiverseOriginStudioAI.from_file(a.model)
     else:
         from moas.config import load_config
 
-        o: dict = {}
-        if a.conditioning:
-            o.setdefault("brain", {})["conditioning"] = a.conditioning
-        if a.gnn_version:
-            o.setdefault("brain", {})["gnn_version"] = a.gnn_version
+        o = {"brain": brain_overrides(a)}
         system = MultiverseOriginStudioAI.from_config(load_config(a.profile, a.config, o))
     print(system.describe(graph=a.graph))
     return 0

@@ -105,6 +105,34 @@ def _add_brain_flags(p: argparse.ArgumentParser) -> None:
         choices=[1, 2, 3, 4],
         help="which EnhancedGNN is registered as the active graph module (default 4)",
     )
+    p.add_argument(
+        "--tag_routing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="route each caption tag (not the whole prompt) over the 14 experts, biased by the tag's "
+        "keyword category (brain.tag_routing; default off, see docs/brain.md)",
+    )
+    p.add_argument(
+        "--aux_targets",
+        type=float,
+        metavar="WEIGHT",
+        help="weight of the experts' image targets (palette for colour, edges for line art, ...); "
+        "0 = off (brain.aux_targets; default 0)",
+    )
+    p.add_argument(
+        "--expert_tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="give every expert and the GNN its own cross-attention token (brain.expert_tokens; default off)",
+    )
+
+
+BRAIN_FLAGS = ("conditioning", "gnn_version", "tag_routing", "aux_targets", "expert_tokens")
+
+
+def brain_overrides(a: argparse.Namespace) -> dict:
+    """The ``[brain]`` settings given on the command line (flags left out are not set)."""
+    return {k: getattr(a, k) for k in BRAIN_FLAGS if getattr(a, k, None) is not None}
 
 
 EPILOG_EDIT = """examples:

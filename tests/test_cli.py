@@ -193,6 +193,16 @@ def test_dry_run_prints_resolved_config(capsys, workdir):
     assert 'profile = "original"' in out and "epochs = 11" in out and "lr = 5e-06" in out
 
 
+def test_brain_switches_have_flags(capsys, workdir):
+    args = ("train", "--profile", "cpu_tiny", "--dry-run")
+    assert run(*args, "--tag_routing", "--aux_targets", "0.05", "--expert_tokens") == 0
+    brain = capsys.readouterr().out.split("[brain]")[1].split("\n[")[0]
+    assert "tag_routing = true" in brain and "aux_targets = 0.05" in brain and "expert_tokens = true" in brain
+    assert run(*args, "--no-tag_routing") == 0
+    brain = capsys.readouterr().out.split("[brain]")[1].split("\n[")[0]
+    assert "tag_routing = false" in brain and "aux_targets = 0.0" in brain
+
+
 def test_bad_input_gives_one_sentence_and_nonzero_exit(trained, workdir, capsys):
     assert run("train", "--data_dir", "nope", "--config", str(TINY_CONFIG)) != 0
     assert "does not exist" in one_error_line(capsys)

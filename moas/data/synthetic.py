@@ -18,10 +18,8 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from moas.data.synthetic_draw import (  # noqa: F401 (the demo vocabulary is part of this module's interface)
     ACCESSORIES,
@@ -39,6 +37,7 @@ from moas.data.synthetic_draw import (  # noqa: F401 (the demo vocabulary is par
     draw_character,
     prompt_for,
 )
+from moas.data.synthetic_files import DemoWriter, deck
 from moas.data.synthetic_panels import remove_stale_sequences, write_sequences
 from moas.data.synthetic_scene import generate_two_character_dataset
 from moas.errors import DataError
@@ -57,14 +56,6 @@ def held_out_pairs(seed: int) -> list[tuple[str, str]]:
     rng.shuffle(hairs)
     pairs = dict(zip(hairs, bgs, strict=True))
     return [(h, pairs[h]) for h in HAIR_COLORS]
-
-
-def _deck(values: Sequence[Any], rng: random.Random) -> Iterator[Any]:
-    # Shuffled cycles: every value appears equally often, with no correlation between attributes.
-    while True:
-        vals = list(values)
-        rng.shuffle(vals)
-        yield from vals
 
 
 def generate_demo_dataset(
@@ -132,19 +123,12 @@ def _write_images(
 ) -> list[dict]:
     """The ordinary (non-sequence) images with their captions; returns their manifest entries."""
     plan = random.Random(f"moas-plan:{seed}")
-    hair_deck, eye_deck = _deck(list(HAIR_COLORS), plan), _deck(list(EYE_COLORS), plan)
-    style_deck, artist_deck = _deck(HAIR_STYLES, plan), _deck(artists, plan)
-    bg_decks = {h: _deck([b for b in BACKGROUNDS if (h, b) not in held], plan) for h in HAIR_COLORS}
-    digits = max(5, len(str(n_images - 1)))
-    for a in artists:
-        (out / "train" / a).mkdir(parents=True, exist_ok=True)
-    iterator: Any = range(n_images)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="demo dataset", unit="img")
-    images, written = [], set()
-    for i in iterator:
+    hair_deck, eye_deck = deck(list(HAIR_COLORS), plan), deck(list(EYE_COLORS), plan)
+    style_deck, artist_deck = deck(HAIR_STYLES, plan), deck(artists, plan)
+    bg_decks = {h: deck([b for b in BACKGROUNDS if (h, b) not in held], plan) for h in HAIR_COLORS}
+    writer = DemoWriter(out, n_images, artists)
+    images = []
+    for i in writer.indices(n_images, progress, "demo dataset"):
         rng = random.Random(f"moas-img:{seed}:{i}")  # per-image stream: output is independent of n_images
         hair = next(hair_deck)
         attrs = {"hair_color": hair, "hair_style": next(style_deck), "eye_color": next(eye_deck)}
@@ -156,16 +140,9 @@ def _write_images(
         img = draw_character(attrs, size, artist, rng)
         keys = ("hair_color", "eye_color", "background", "hair_style", "accessories")
         caption = prompt_for(*(attrs[k] for k in keys), rng=rng, expression=attrs["expression"])
-        rel = f"train/{artist}/{i:0{digits}d}"
-        img.save(out / f"{rel}.png", format="PNG")
-        (out / f"{rel}.txt").write_text(caption + "\n", encoding="utf-8")
-        written |= {out / f"{rel}.png", out / f"{rel}.txt"}
-        images.append({"file": f"{rel}.png", **attrs, "artist": artist, "caption": caption})
-    # Regenerating into an old directory must not leave stale images from a larger earlier run.
-    for a in artists:
-        for p in (out / "train" / a).iterdir():
-            if re.fullmatch(r"\d{5,}\.(png|txt)", p.name) and p not in written:
-                p.unlink()
+        file = writer.save(i, artist, img, caption)
+        images.append({"file": file, **attrs, "artist": artist, "caption": caption})
+    writer.remove_stale()
     return images
 
 

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import json
 import random
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from itertools import permutations
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from moas.data.synthetic_draw import (
     _draw_background,
     draw_character,
 )
+from moas.data.synthetic_files import DemoWriter, deck
 from moas.data.synthetic_panels import remove_stale_sequences
 from moas.errors import DataError
 from moas.io import atomic_write_bytes
@@ -151,14 +151,6 @@ def draw_scene(
     return Image.fromarray(canvas).resize((size, size), Image.Resampling.LANCZOS)
 
 
-def _deck(values: Sequence[Any], rng: random.Random) -> Iterator[Any]:
-    # Shuffled cycles: every value equally often, uncorrelated with the other decks.
-    while True:
-        vals = list(values)
-        rng.shuffle(vals)
-        yield from vals
-
-
 def write_two_character_scenes(
     out: Path, n_images: int, size: int, seed: int, artists: Sequence[str], progress: bool = False
 ) -> list[dict]:
@@ -169,20 +161,13 @@ def write_two_character_scenes(
     _check_size(size)
     held = set(held_out_bindings(seed))
     plan = random.Random(f"moas-scene-plan:{seed}")
-    hair_deck = _deck([p for p in permutations(HAIR_COLORS, 2) if p not in held], plan)
-    eye_deck = _deck(list(permutations(EYE_COLORS, 2)), plan)
-    style_deck, bg_deck = _deck(HAIR_STYLES, plan), _deck(BACKGROUNDS, plan)
-    artist_deck = _deck(artists, plan)
-    digits = max(5, len(str(n_images - 1)))
-    for a in artists:
-        (out / "train" / a).mkdir(parents=True, exist_ok=True)
-    iterator: Any = range(n_images)
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="two-character scenes", unit="img")
-    images, written = [], set()
-    for i in iterator:
+    hair_deck = deck([p for p in permutations(HAIR_COLORS, 2) if p not in held], plan)
+    eye_deck = deck(list(permutations(EYE_COLORS, 2)), plan)
+    style_deck, bg_deck = deck(HAIR_STYLES, plan), deck(BACKGROUNDS, plan)
+    artist_deck = deck(artists, plan)
+    writer = DemoWriter(out, n_images, artists)
+    images = []
+    for i in writer.indices(n_images, progress, "two-character scenes"):
         rng = random.Random(f"moas-scene-img:{seed}:{i}")  # per image: output is independent of n_images
         hairs, eyes, background, artist = next(hair_deck), next(eye_deck), next(bg_deck), next(artist_deck)
         left, right = (
@@ -196,17 +181,10 @@ def write_two_character_scenes(
         )
         img = draw_scene(left, right, background, size, artist, rng)
         caption = scene_caption(left, right, background)
-        rel = f"train/{artist}/{i:0{digits}d}"
-        img.save(out / f"{rel}.png", format="PNG")
-        (out / f"{rel}.txt").write_text(caption + "\n", encoding="utf-8")
-        written |= {out / f"{rel}.png", out / f"{rel}.txt"}
-        images.append({"file": f"{rel}.png", "left": left, "right": right, "background": background,
+        file = writer.save(i, artist, img, caption)
+        images.append({"file": file, "left": left, "right": right, "background": background,
                        "artist": artist, "caption": caption})  # fmt: skip
-    # Regenerating into an old folder (of either scene) must not leave stale images of a larger run.
-    for a in artists:
-        for p in (out / "train" / a).iterdir():
-            if re.fullmatch(r"\d{5,}\.(png|txt)", p.name) and p not in written:
-                p.unlink()
+    writer.remove_stale()
     return images
 
 
