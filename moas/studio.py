@@ -44,20 +44,35 @@ class MultiverseOriginStudioAI:
         self.vision_shared = memory is not None
         self.vision_encoder = memory.vision if memory is not None else VisionEncoder()
         self.continuous_learning = AdvancedContinuousLearning(continuous_rate)
+        # The cascade's super-resolution stage: its own network, listed only (generation loads it itself).
+        self.sr_stage: tuple[str, int] | None = None
         self.place(self.device)
 
     @classmethod
     def from_config(cls, cfg, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
         """Everything a training run with ``cfg`` (a ``MoasConfig``) would build, untrained."""
         from moas.train.builders import generator_args
+        from moas.train.sr_stage import build_sr_model
 
-        return cls(MoasGenerator(**generator_args(cfg)), device, cfg.brain.continuous_rate)
+        system = cls(MoasGenerator(**generator_args(cfg)), device, cfg.brain.continuous_rate)
+        if cfg.sr.train:
+            system.sr_stage = (_sr_label(cfg.sr.scale, cfg.sr.prediction_type), count(build_sr_model(cfg.sr)))
+        return system
 
     @classmethod
     def from_file(cls, path: str | Path, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
         from moas.inference.model_file import load_generator, read_model_file
+        from moas.inference.sr_upscale import saved_sr_config
 
-        return cls(load_generator(read_model_file(path), path), device)
+        mf = read_model_file(path)
+        system = cls(load_generator(mf, path), device)
+        if mf.sr_args is not None:
+            sr = saved_sr_config((mf.config or {}).get("sr"))
+            from moas.models.sr_diffusion import SuperResDiffusion
+
+            n = count(SuperResDiffusion(**mf.sr_args))
+            system.sr_stage = (_sr_label(mf.sr_args.get("scale", sr.scale), sr.prediction_type), n)
+        return system
 
     def place(self, device: torch.device) -> None:
         self.generator.place(device)
@@ -91,6 +106,8 @@ class MultiverseOriginStudioAI:
         rows.append(("unet (DiffusionModel)", count(g.unet)))
         rows.append(("generator total", count(g)))
         rows.append((self.vision_label, count(self.vision_encoder)))
+        if self.sr_stage is not None:
+            rows.append(self.sr_stage)
         return rows
 
     def describe(self, graph: bool = False) -> str:
@@ -114,3 +131,8 @@ class MultiverseOriginStudioAI:
         """VisionEncoder on caller-provided images [B,3,H,W] in [-1,1] (inference only, never in workers)."""
         self.vision_encoder.eval()
         return self.vision_encoder(images.to(self.device))
+
+
+def _sr_label(scale: int, prediction_type: str) -> str:
+    kind = "x-prediction" if prediction_type == "sample" else prediction_type
+    return f"sr_stage (cascade, x{scale} super-resolution diffusion, {kind})"

@@ -184,6 +184,18 @@ def test_the_stage_trains_and_its_state_is_checkpointed(two_stage):
     assert all(torch.equal(mf.sr_weights[k], v) for k, v in state["sr"]["ema"]["model"].items())
 
 
+def test_inspect_lists_the_stage_of_a_model_file_and_of_a_profile(two_stage, tmp_path, capsys):
+    from moas.inference.model_file import write_model_file
+
+    path = write_model_file(tmp_path / "m.safetensors", two_stage["mf"])
+    assert main(["inspect", "--model", str(path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sr_stage"))
+    n = sum(p.numel() for p in SuperResDiffusion(**two_stage["mf"].sr_args).parameters())
+    assert "x4 super-resolution" in row and f"{n:,}" in row
+    assert main(["inspect", "--profile", "cpu_tiny"]) == 0
+    assert "sr_stage (cascade, x4 super-resolution diffusion, x-prediction)" in capsys.readouterr().out
+
+
 def test_an_old_checkpoint_keeps_the_stage_for_generation(two_stage, tmp_path):
     from moas.checkpoint import save_checkpoint
     from moas.train.rotation import reduced_state
