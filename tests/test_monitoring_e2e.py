@@ -58,6 +58,7 @@ SCALARS = {
     "art_theory/perspective",
     "art_theory/color_harmony",
     "val/loss",
+    "val/loss_vs_zero",
     "val/psnr",
     "val/ssim",
     "val/accuracy",
@@ -139,6 +140,7 @@ def test_event_files_hold_every_tag_and_progress_chart(run):
     psnrs = [e.value for e in ea.Scalars("val/psnr")]
     assert len(psnrs) == 3 and all(0 < v < 100 for v in psnrs)
     assert all(-1 <= e.value <= 1 for e in ea.Scalars("val/ssim"))
+    assert all(0 < e.value < 0.9 for e in ea.Scalars("val/loss_vs_zero"))  # it learned: below the warning
     critique = [e.value for e in ea.Scalars("eval/self_critique")]
     assert len(critique) == 3 and all(0 <= v <= 1 for v in critique) and len(set(critique)) > 1
     assert all(0 <= e.value <= 1 for e in ea.Scalars("eval/creativity"))

@@ -6,6 +6,8 @@ the seed and excluded from training (``train.val_fraction``; none when the folde
 
 * ``loss``: the weighted diffusion loss at fixed timesteps and fixed noise (seeded), comparable across
   epochs and runs;
+* ``loss_vs_zero``: ``loss`` as a share of the loss of a model that predicts zeros on the same images,
+  steps and noise (1 = the model has learned nothing; ``moas.monitor.health`` warns on it);
 * ``psnr`` / ``ssim``: the model's predicted x0 against the real image at the same fixed timesteps;
 * the six per-expert / art-theory measurements of ``moas.eval.metrics`` on the same predictions;
 * ``prompt_adherence``: the fraction of validation images whose own caption gives a lower denoising error
@@ -192,6 +194,9 @@ class Validator:
                 noise = torch.randn(x0.shape, generator=gen).to(self.device)
                 out = objective(model, x0, text, t, noise)
                 sums["loss"] = sums.get("loss", 0.0) + out.weighted.sum().item()
+                # The same loss for a model that predicts zeros: the scale a collapsed run sits at.
+                zero = schedule.target(x0, noise, t).float().pow(2).mean((1, 2, 3)) * schedule.loss_weight(t)
+                sums["zero"] = sums.get("zero", 0.0) + zero.sum().item()
                 err_true += out.per_sample.cpu()
                 if has_wrong.any():  # the same image, step and noise under a caption of another image
                     err_wrong += objective(model, x0, wrong_text, t, noise).per_sample.cpu()
@@ -205,8 +210,9 @@ class Validator:
             counted += int(has_wrong.sum())
             n_img += b
         out: dict[str, float | None] = {"loss": sums["loss"] / (n_img * len(TIMESTEPS))}
+        out["loss_vs_zero"] = sums["loss"] / max(sums["zero"], 1e-12)
         for k, v in sums.items():
-            if k != "loss":
+            if k not in ("loss", "zero"):
                 out[k] = v / (n_img * len(PSNR_TIMESTEPS))
         out["prompt_adherence"] = wins / counted if counted else None
         return out

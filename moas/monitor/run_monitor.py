@@ -36,6 +36,7 @@ from moas.eval.quality import QUALITY_PARTS, creativity, quality_parts
 from moas.inference.pipeline import Pipeline
 from moas.inference.prompt_file import SamplePrompt
 from moas.monitor.dashboard import Dashboard
+from moas.monitor.health import LossHealth
 from moas.monitor.progress import TrainingHistory, visualize_training_progress
 from moas.text.encoder import TextEncoder
 from moas.text.inputs import caption_inputs
@@ -119,6 +120,7 @@ class RunMonitor:
         self.dashboard = dashboard or Dashboard(enabled=False)
         self.history = TrainingHistory()
         self.val_metrics = ValidationMetrics()
+        self.health = LossHealth()
         self.sample_prompts = sample_prompts or [SamplePrompt(p) for p in pick_sample_prompts(captions)]
         self.prompts = [sp.prompt for sp in self.sample_prompts]
         self.writer = SummaryWriter(str(self.run_dir)) if self.enabled else None
@@ -245,6 +247,9 @@ class RunMonitor:
         if metrics:
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if v is not None and "/" not in k)
             log.info("Validation (EMA weights) after epoch %d: %s.", epoch, shown)
+            problem = self.health.check(epoch, metrics.get("loss"), metrics.get("loss_vs_zero"))
+            if problem:
+                log.warning(problem)
         visualize_training_progress(self, self.run_dir / "progress.png")
         self.dashboard.show(self.history, force=True)
         self.writer.flush()
