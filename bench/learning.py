@@ -67,7 +67,9 @@ def main() -> int:
     if not Path("data/demo/manifest.json").is_file():
         generate_demo_dataset("data/demo", n_images=a.n_images, size=64, seed=0, scene=a.scene)
     if json.loads(Path("data/demo/manifest.json").read_text()).get("scene", "one") != a.scene:
-        raise SystemExit(f"{work}/data/demo holds another scene than --scene {a.scene}; use another --workdir.")
+        raise SystemExit(
+            f"{work}/data/demo holds another scene than --scene {a.scene}; use another --workdir."
+        )
     overrides = {
         "data": {"data_dir": "data/demo/train"},
         "train": {
