@@ -93,7 +93,7 @@ def test_the_rtx3060_profile_is_planned_under_its_budget():
     assert plan.micro_batch * plan.grad_accum == cfg.train.batch_size * cfg.train.grad_accum_steps
     planned = apply_memory_plan(cfg, plan)
     assert planned.train.batch_size == plan.micro_batch and planned.enhance.batch_size == plan.enhance_batch
-    assert plan.state.weights > 0.9 * GB  # the ~300 M-parameter generator, counted on the meta device
+    assert plan.state.weights > 0.7 * GB  # the ~200 M-parameter generator, counted on the meta device
 
 
 def test_a_card_with_less_free_memory_than_the_budget_is_planned_for_what_is_free():
