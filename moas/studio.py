@@ -63,13 +63,12 @@ class MultiverseOriginStudioAI:
     def from_file(cls, path: str | Path, device: torch.device | str = "cpu") -> MultiverseOriginStudioAI:
         from moas.inference.model_file import load_generator, read_model_file
         from moas.inference.sr_upscale import saved_sr_config
+        from moas.models.sr_diffusion import SuperResDiffusion
 
         mf = read_model_file(path)
         system = cls(load_generator(mf, path), device)
         if mf.sr_args is not None:
             sr = saved_sr_config((mf.config or {}).get("sr"))
-            from moas.models.sr_diffusion import SuperResDiffusion
-
             n = count(SuperResDiffusion(**mf.sr_args))
             system.sr_stage = (_sr_label(mf.sr_args.get("scale", sr.scale), sr.prediction_type), n)
         return system
