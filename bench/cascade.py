@@ -210,7 +210,7 @@ def run(args) -> dict:
     ds64 = ArtDataset(root / "train", 64, root / "cache" / "bench64")
     ds64.validate(progress=False)
     # The settings training uses, so the folder's cached tag model (from the run) is the one measured with.
-    tagger = load_or_train_tagger(ds64, seed=0, progress=False, max_seconds=MonitorConfig().tagger_seconds)
+    tagger = load_or_train_tagger(ds64, seed=0, progress=False, max_steps=MonitorConfig().tagger_steps)
     real_feats = tagger.features(resize_images(real, 64))
 
     for i in range(len(hr_train)):  # build the cache entries now, not inside the first trainer's time

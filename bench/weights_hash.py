@@ -2,12 +2,13 @@
 
     python bench/weights_hash.py            # prints one hash per configuration
 
-Two runs of 20 optimizer steps on demo data, one thread: ``plain`` is ``tests/tiny.toml`` as it is;
-``everything`` turns on the paths the plain run skips (gradient accumulation, domain losses, the
-discriminator, style tokens, caption shuffling/dropout, panel sequences for the memory expert). The hash
-covers the generator, its EMA, the optimizer and schedule, the discriminator and enhancer states and the
-step generator of the last checkpoint, in sorted key order. Compare the hashes printed before and after a
-change that must not alter training, on the same machine and thread count.
+Two runs of 20 optimizer steps on demo data, one thread: ``plain`` is ``tests/golden.toml`` (the frozen
+tiny configuration, whole brain and enhancer) as it is; ``everything`` turns on the paths the plain run
+skips (gradient accumulation, domain losses, the discriminator, style tokens, caption shuffling/dropout,
+panel sequences for the memory expert). The hash covers the generator, its EMA, the optimizer and
+schedule, the discriminator and enhancer states and the step generator of the last checkpoint, in sorted
+key order. Compare the hashes printed before and after a change that must not alter training, on the same
+machine and thread count.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from moas.data.synthetic import generate_demo_dataset  # noqa: E402
 from moas.monitor.logs import setup_logging  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 
-TINY = Path(__file__).resolve().parent.parent / "tests" / "tiny.toml"
+TINY = Path(__file__).resolve().parent.parent / "tests" / "golden.toml"
 STEPS = 20
 
 EVERYTHING = {

@@ -290,6 +290,12 @@ def cmd_make_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    from moas.demo import run_demo
+
+    return run_demo(main, a.data, a.profile, a.prompt, a.output)
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     from moas.eval.evaluate import run_eval, summary, write_json
     from moas.eval.folder_cli import eval_folder, image_folder
@@ -455,6 +461,7 @@ COMMANDS = {
     "train": cmd_train,
     "generate": cmd_generate,
     "make-data": cmd_make_data,
+    "demo": cmd_demo,
     "eval": cmd_eval,
     "caption": cmd_caption,
     "prepare": cmd_prepare,

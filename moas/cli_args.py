@@ -7,8 +7,10 @@ be read (and tested) without importing torch.
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from moas.cli_generate_args import EPILOG_GENERATE, _add_generate
+from moas.demo import DEMO_PROMPT, demo_commands
 from moas.diffusion.registry import SAMPLER_NAMES
 
 EPILOG_TRAIN = """examples:
@@ -272,6 +274,27 @@ def _add_make_data(m: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_demo(d: argparse.ArgumentParser) -> None:
+    d.add_argument(
+        "--data", default="data/demo", help="where the demo data is drawn (its train/ is trained on)"
+    )
+    d.add_argument(
+        "--profile", default="cpu_tiny", help="the training profile (cpu_tiny: ~10 minutes on 2 cores)"
+    )
+    d.add_argument("--prompt", default=DEMO_PROMPT, help="the prompt generated")
+    d.add_argument("--output", default="result.png", help="where the generated image is written")
+
+
+EPILOG_DEMO = (
+    "It runs, printing each command first:\n"
+    + "".join(
+        f"  moas {shlex.join(argv)}\n"
+        for _, argv in demo_commands("data/demo", "cpu_tiny", DEMO_PROMPT, "result.png")
+    )
+    + "then a table of where the time went and the disk the demo's folders take (also in demo_timings.json)."
+)
+
+
 def _add_eval(e: argparse.ArgumentParser) -> None:
     e.add_argument("--model", default="models/best_model.safetensors", help="model file to evaluate")
     e.add_argument(
@@ -370,6 +393,7 @@ SUBCOMMANDS = {
         "  moas tune --data_dir data/demo/train --trials 3 --steps 20 --best_config configs/tuned.toml",
     ),
     "edit": (_add_edit, "inpaint a masked region or outpaint the borders", EPILOG_EDIT),
+    "demo": (_add_demo, "the first run: draw the demo data, train, generate, evaluate, time it", EPILOG_DEMO),
     "make-data": (
         _add_make_data,
         "draw the built-in demo data set (anime characters with tag captions)",

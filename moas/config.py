@@ -177,6 +177,7 @@ class TrainConfig:
     )
     save_every: int = 5  # epochs between checkpoints (the final epoch is always saved)
     save_every_steps: int = 0  # also write checkpoint_<step>.pt every N optimizer steps (0 = off)
+    milestones: bool = True  # also save (and never delete) the original's milestone epochs, scaled to the run
     keep_last: int = 30  # epoch_*.pt (and checkpoint_*.pt) files kept; milestones are never deleted
     keep_optimizer_last: int = 3  # only the newest N epoch/step checkpoints keep optimizer state (0 = all)
     # What the older ones keep (docs/training.md, "Checkpoint policy"): full | thinned (no optimizer

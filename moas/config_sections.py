@@ -107,7 +107,7 @@ class MonitorConfig:
     folder_eval: bool = True
     folder_eval_n: int = 32  # images generated per checkpoint
     memorisation_limit: float = 0.1  # never pick a checkpoint with more than this share of copied samples
-    tagger_seconds: float = 180.0  # most time spent training the tag model (once; it is cached)
+    tagger_steps: int = 600  # the tag model's training budget in optimizer steps (once; it is cached)
     sample_prompts: str | None = None  # file of sample-grid prompts (one per line, --seed/--steps/--scale)
     creativity_samples: int = (
         4  # images of the first sample prompt (different seeds) for the creativity score
@@ -122,7 +122,7 @@ class MonitorConfig:
         _check(self.eval_n >= 1, "monitor.eval_n must be at least 1")
         _check(self.folder_eval_n >= 3, "monitor.folder_eval_n must be at least 3")
         _check(0.0 <= self.memorisation_limit <= 1.0, "monitor.memorisation_limit must be in [0, 1]")
-        _check(self.tagger_seconds > 0, "monitor.tagger_seconds must be positive")
+        _check(self.tagger_steps >= 1, "monitor.tagger_steps must be at least 1")
         _check(self.creativity_samples >= 2, "monitor.creativity_samples must be at least 2")
         _check(self.measure_every >= 1, "monitor.measure_every must be at least 1")
         _check(self.dashboard_every_s >= 0, "monitor.dashboard_every_s must be 0 or more")

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -138,6 +139,26 @@ def write_with_sidecar(target: Path, data: bytes | memoryview, fmt: str, meta: d
         raise
     # Written last: its presence is what marks the file complete.
     atomic_write_bytes(side, sidecar)
+
+
+def link_with_sidecar(src: Path, target: Path) -> None:
+    """Make ``target`` another name of ``src`` with the same sidecar: a hard link (no second copy on disk),
+    else a copy; either way it replaces ``target`` atomically, and the sidecar is written last."""
+    record = sidecar_path(src).read_bytes()
+    side = sidecar_path(target)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (some network and FAT file systems)
+            shutil.copyfile(src, tmp)
+        side.unlink(missing_ok=True)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    atomic_write_bytes(side, record)
 
 
 def read_sidecar(path: str | os.PathLike[str], fmt: str | tuple[str, ...]) -> dict[str, Any] | None:

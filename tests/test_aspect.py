@@ -74,8 +74,8 @@ def test_cascade_crops_a_square_instead_of_stretching_it():
 
 
 @pytest.mark.slow
-def test_generate_draws_at_the_bucket_and_writes_the_requested_size(tiny_model, tmp_path, monkeypatch):
-    pipe = Pipeline.from_file(tiny_model / "models" / "best_model.safetensors", torch.device("cpu"))
+def test_generate_draws_at_the_bucket_and_writes_the_requested_size(session_run, tmp_path, monkeypatch):
+    pipe = Pipeline.from_file(session_run / "models" / "best_model.safetensors", torch.device("cpu"))
     pipe.model_config = copy.deepcopy(pipe.model_config)
     pipe.model_config["data"] |= {"bucketing": True, "bucket_max_aspect": 3.0}  # 16 px: 8x24, 16x16, 24x8
     drawn = []

@@ -1,5 +1,6 @@
 """Non-leaky image augmentation: the warp stays inside the picture, differs every epoch, mirrors captions,
-reaches the U-Net as conditioning during training and is absent (zeros) at sampling."""
+reaches the U-Net as conditioning during training and is absent (zeros) at sampling. An augmented run
+resuming bit-identically and saving its input: the reference run of tests/test_resume.py."""
 
 from __future__ import annotations
 
@@ -137,32 +138,6 @@ def test_training_inputs_mirror_captions_and_pass_the_parameters(demo_dir, text_
     cond, _ = inputs(batch, draws, 0, torch.device("cpu"), params)
     assert seen[0] == ["red hair, right hand up", "red hair, left hand up"] * 2
     assert torch.equal(cond["augment"], aug.conditioning(params))
-
-
-def test_augmented_training_resumes_bit_identically_and_saves_the_input(tmp_path, demo_dir):
-    from moas.inference.model_file import read_model_file
-    from moas.train.loop import train
-    from moas.train.rotation import find_latest_checkpoint
-
-    from .test_resume import assert_identical, tiny, weights
-
-    def cfg(root, steps, **kw):
-        from .test_resume import deep_merge_cfg
-
-        return deep_merge_cfg(
-            tiny(root, demo_dir / "train", max_steps=steps, **kw), {"data": {"augment": 1.0}}
-        )
-
-    train(cfg(tmp_path / "a", 4), progress=False)
-    straight = weights(find_latest_checkpoint(tmp_path / "a" / "ckpt"))
-    train(cfg(tmp_path / "b", 2), progress=False)
-    train(cfg(tmp_path / "b", 4, auto_resume=True), progress=False)
-    assert_identical(straight, weights(find_latest_checkpoint(tmp_path / "b" / "ckpt")))
-    assert any(k.endswith("augment_embed.weight") for k in straight)
-    emb = next(v for k, v in straight.items() if k.startswith("m.") and k.endswith("augment_embed.weight"))
-    assert emb.abs().sum() > 0  # trained away from its zero start
-    mf = read_model_file(tmp_path / "a" / "model.safetensors")
-    assert mf.model_args["augment_dim"] == AUG_DIM
 
 
 def test_sampling_never_passes_augmentation(text_encoder):

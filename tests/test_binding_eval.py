@@ -110,8 +110,8 @@ def test_validator_scores_scene_two_by_the_held_out_binding_mean(two: Path, monk
     assert expected["held_out"]["both_bound"] == 0.0 and expected["held_out"]["mean"] == 0.5
 
 
-def test_cli_eval_prints_the_binding_table(tiny_model: Path, two: Path, tmp_path: Path, capsys) -> None:
-    model = tiny_model / "models" / "best_model.safetensors"
+def test_cli_eval_prints_the_binding_table(session_run: Path, two: Path, tmp_path: Path, capsys) -> None:
+    model = session_run / "models" / "best_model.safetensors"
     args = ["eval", "--model", str(model), "--data_dir", str(two), "--n", "2", "--steps", "2"]
     assert main([*args, "--n_folder", "4", "--json", str(tmp_path / "eval.json"), "--quiet"]) == 0
     out = capsys.readouterr().out

@@ -18,14 +18,16 @@ from moas.models.vision import VisionEncoder
 from moas.studio import MultiverseOriginStudioAI
 from moas.text.language import LANGUAGES, detect_language
 
-from .conftest import TINY_CONFIG
+from .conftest import BRAIN, TINY_CONFIG
 
 UNET = asdict(ModelConfig(block_channels=[32, 32], cross_attention=[False, True], attention_head_dim=16))
 TEXT = asdict(TextConfig())
 
 
 def tiny_brain(**kw) -> dict:
-    return asdict(load_config(None, TINY_CONFIG, {"brain": kw}, use_env=False).brain)
+    return asdict(
+        load_config(None, TINY_CONFIG, {"brain": {"conditioning": "moas", **kw}}, use_env=False).brain
+    )
 
 
 def text_batch(b: int = 2) -> dict[str, torch.Tensor]:
@@ -308,7 +310,7 @@ def test_brain_config_defaults_are_the_original_and_validated():
 
 
 def test_system_counts_places_and_describes():
-    cfg = load_config(None, TINY_CONFIG, use_env=False)
+    cfg = load_config(None, TINY_CONFIG, BRAIN, use_env=False)
     system = MultiverseOriginStudioAI.from_config(cfg)
     rows = dict(system.parameter_counts())
     assert rows["moe"] > 0 and rows["unet (DiffusionModel)"] > 0

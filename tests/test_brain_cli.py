@@ -35,7 +35,7 @@ def trained_brain(tmp_path_factory):
                 "--epochs",
                 "1",
             ]
-            assert main([*args, "--gnn_version", "3"]) == 0
+            assert main([*args, "--conditioning", "moas", "--gnn_version", "3"]) == 0
         finally:
             os.chdir(cwd)
         yield root

@@ -1,13 +1,10 @@
-"""End-to-end: the real CLI on a tiny model — make-data, train, resume, generate, eval, bad input."""
+"""End-to-end: the real CLI on the session's tiny model (tests/conftest.py: make-data + train) — its files,
+resume, generate, eval, bad input. kill -9 and signals: tests/test_faults_process.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from moas.config import load_config
 from moas.inference.model_file import verify_model_file
 from moas.train.rotation import find_latest_checkpoint
 
-from .conftest import TINY_CONFIG, module_tmp
+from .conftest import TINY_CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -37,27 +34,19 @@ def one_error_line(capsys) -> str:
     return errors[0]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """make-data + a two-epoch tiny training run, shared by the tests below."""
-    with module_tmp(tmp_path_factory, "e2e") as root:
-        cwd = os.getcwd()
-        os.chdir(root)
-        try:
-            assert (
-                run("make-data", "--out", "data/demo", "--n_images", "16", "--size", "32", "--seed", "1") == 0
-            )
-            assert run("train", "--config", str(TINY_CONFIG), "--data_dir", "data/demo/train", "--quiet") == 0
-        finally:
-            os.chdir(cwd)
-        yield root
+@pytest.fixture
+def trained(session_run, workdir) -> Path:
+    """The session's trained run (tests/conftest.py), its models copied into this test's working folder."""
+    shutil.copytree(session_run / "models", workdir / "models")
+    return session_run
 
 
-def test_train_writes_checkpoints_model_and_tensorboard(trained):
+def test_train_writes_checkpoints_model_and_tensorboard(session_run):
+    trained = session_run
     ckpts = sorted((trained / "checkpoints").glob("epoch_*.pt"))
-    assert [p.name for p in ckpts] == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert [p.name for p in ckpts] == ["epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt"]
     assert all(verify_checkpoint(p) for p in ckpts)
-    state = load_checkpoint(trained / "checkpoints" / "epoch_0002.pt")
+    state = load_checkpoint(trained / "checkpoints" / "epoch_0003.pt")
     for key in (
         "model",
         "ema",
@@ -71,7 +60,7 @@ def test_train_writes_checkpoints_model_and_tensorboard(trained):
         "text_encoder",
     ):
         assert key in state
-    assert state["epoch"] == 2 and state["text_encoder"] == "st:all-MiniLM-L6-v2"
+    assert state["epoch"] == 3 and state["text_encoder"] == "st:all-MiniLM-L6-v2"
     model_file = trained / "models" / "best_model.safetensors"
     assert verify_model_file(model_file)
     from safetensors import safe_open
@@ -80,10 +69,12 @@ def test_train_writes_checkpoints_model_and_tensorboard(trained):
 
     with safe_open(str(model_file), framework="pt") as f:  # the ecosystem's reader, no moas code
         meta = f.metadata()
-    assert json.loads(meta["provenance"])["epoch"] in (1, 2) and meta["text_encoder"] == "st:all-MiniLM-L6-v2"
+    assert (
+        json.loads(meta["provenance"])["epoch"] in (1, 2, 3) and meta["text_encoder"] == "st:all-MiniLM-L6-v2"
+    )
     assert MoasGenerator(**json.loads(meta["model_args"])).resolution == 16
     run_dir = next((trained / "runs").iterdir())
-    assert (run_dir / "config.toml").is_file() and (run_dir / "samples" / "epoch_0002.png").is_file()
+    assert (run_dir / "config.toml").is_file() and (run_dir / "samples" / "epoch_0003.png").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(run_dir))
@@ -93,8 +84,7 @@ def test_train_writes_checkpoints_model_and_tensorboard(trained):
     assert "config/text_summary" in ea.Tags()["tensors"]
 
 
-def test_generate_is_deterministic_and_numbered(trained, monkeypatch):
-    monkeypatch.chdir(trained)
+def test_generate_is_deterministic_and_numbered(trained):
     assert (
         run("generate", "--prompt", "1girl, red hair, forest", "--output", "a.png", "--seed", "5", "--quiet")
         == 0
@@ -134,15 +124,14 @@ def test_generate_is_deterministic_and_numbered(trained, monkeypatch):
     assert "Seed: 6" in Image.open("n_001.png").text["parameters"]
 
 
-def test_eval_reports_accuracy_table_and_json(trained, monkeypatch, capsys):
-    monkeypatch.chdir(trained)
+def test_eval_reports_accuracy_table_and_json(trained, capsys):
     assert (
         run(
             "eval",
             "--model",
             "models/best_model.safetensors",
             "--data_dir",
-            "data/demo",
+            str(trained / "data" / "demo"),
             "--n",
             "2",
             "--steps",
@@ -157,34 +146,36 @@ def test_eval_reports_accuracy_table_and_json(trained, monkeypatch, capsys):
     assert 0.0 <= result["held_out"]["mean"] <= 1.0 and result["n"]["held_out"] == 2
 
 
-def test_auto_resume_continues_from_the_last_checkpoint(trained, monkeypatch):
-    monkeypatch.chdir(trained)
-    assert (
-        run(
-            "train",
-            "--config",
-            str(TINY_CONFIG),
-            "--data_dir",
-            "data/demo/train",
-            "--epochs",
-            "3",
-            "--auto_resume",
-            "--val_dir",
-            "data/demo/train",
-            "--quiet",
-        )
-        == 0
-    )
+def test_auto_resume_continues_from_the_last_checkpoint(session_run, workdir):
+    """The finished 3-epoch run continued to 4 epochs: it resumes in its own TensorBoard folder, validates
+    the resumed epoch, and its learning-rate schedule is a fresh 4-epoch schedule's at that step."""
+    for name in ("data", "checkpoints", "runs", "models", "session.toml"):
+        copy = shutil.copytree if (session_run / name).is_dir() else shutil.copy
+        copy(session_run / name, workdir / name)
+    args = ["train", "--config", "session.toml", "--data_dir", "data/demo/train", "--epochs", "4"]
+    assert run(*args, "--auto_resume", "--val_dir", "data/demo/train", "--quiet") == 0
     state = load_checkpoint(find_latest_checkpoint(Path("checkpoints")))
-    assert state["epoch"] == 3
-    assert state["global_step"] == 3 * load_checkpoint(Path("checkpoints/epoch_0001.pt"))["global_step"]
+    assert state["epoch"] == 4
+    per_epoch = load_checkpoint(Path("checkpoints/epoch_0001.pt"))["global_step"]
+    assert state["global_step"] == 4 * per_epoch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert len(list(Path("runs").iterdir())) == 1  # the resumed run continues in its TensorBoard folder
     ea = EventAccumulator(str(next(Path("runs").iterdir())))
     ea.Reload()
-    assert [e.step for e in ea.Scalars("val/loss")] == [state["global_step"]]  # the resumed epoch, validated
+    # every epoch validated, the resumed one included
+    assert [e.step for e in ea.Scalars("val/loss")] == [k * per_epoch for k in (1, 2, 3, 4)]
     assert ea.Scalars("loss/total")[-1].step == state["global_step"]
+    from moas.train.schedule import WarmupCosineRestarts
+
+    tc = load_config(None, "session.toml", use_env=False).train
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=tc.lr)
+    fresh = WarmupCosineRestarts(
+        opt, 4, per_epoch, tc.warmup_fraction, tc.restart_fraction, tc.restart_mult, tc.eta_min
+    )
+    for _ in range(state["global_step"]):
+        fresh.step()
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(fresh.get_last_lr()[0], rel=1e-9)
 
 
 def test_dry_run_prints_resolved_config(capsys, workdir):
@@ -237,63 +228,3 @@ def test_a_corrupt_image_among_good_ones_is_skipped(demo_dir, workdir, caplog):
     (data / "broken.png").write_bytes((data / "0.png").read_bytes()[:60])
     assert run("train", "--data_dir", "mixed", "--config", str(TINY_CONFIG), "--epochs", "1", "--quiet") == 0
     assert "broken.png" in caplog.text
-
-
-def test_kill_9_then_auto_resume(demo_dir, workdir):
-    """SIGKILL mid-training never leaves a half-written checkpoint; --auto_resume continues from the last one."""
-    args = [
-        sys.executable,
-        "-m",
-        "moas",
-        "train",
-        "--config",
-        str(TINY_CONFIG),
-        "--data_dir",
-        str(demo_dir / "train"),
-        "--epochs",
-        "40",
-        "--quiet",
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and len(list((workdir / "checkpoints").glob("epoch_*.pt.json"))) < 2:
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    ckpts = sorted((workdir / "checkpoints").glob("epoch_*.pt"))
-    assert len(ckpts) >= 2
-    latest = find_latest_checkpoint(workdir / "checkpoints")
-    done = load_checkpoint(latest)["epoch"]
-    assert all(verify_checkpoint(p) for p in ckpts if p.with_name(p.name + ".json").exists())
-    resumed = subprocess.run(
-        [*args[:-3], "--epochs", str(done + 1), "--auto_resume", "--quiet"],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert (
-        f"Resumed from {latest.relative_to(workdir) if latest.is_relative_to(workdir) else latest}"
-        in resumed.stderr
-        or "Resumed from" in resumed.stderr
-    )
-    final = load_checkpoint(find_latest_checkpoint(workdir / "checkpoints"))
-    assert final["epoch"] == done + 1
-    # The schedule follows the new run length: the lr is a fresh (done + 1)-epoch schedule's at this step.
-    from moas.train.schedule import WarmupCosineRestarts
-
-    tc = load_config(None, TINY_CONFIG, use_env=False).train
-    per_epoch = final["global_step"] // final["epoch"]
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=tc.lr)
-    fresh = WarmupCosineRestarts(
-        opt, done + 1, per_epoch, tc.warmup_fraction, tc.restart_fraction, tc.restart_mult, tc.eta_min
-    )
-    for _ in range(final["global_step"]):
-        fresh.step()
-    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(fresh.get_last_lr()[0], rel=1e-9)

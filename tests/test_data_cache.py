@@ -50,6 +50,11 @@ def test_entries_hold_all_parts_and_second_epoch_reads_no_image(tmp_path, monkey
     assert entry["version"] == CACHE_VERSION and entry["pixels"].dtype == torch.uint8
     assert entry["pixels"].shape == (3, 16, 16) and entry["image_embed"].shape == (768,)
     assert entry["style"].shape == (STYLE_DIM,) and entry["text_embed"].shape == (768,)
+    # Each tensor is stored alone: the text embedding is a row of a batch, whose whole block torch.save would
+    # otherwise write into every entry (~400 KB instead of ~10 KB).
+    for key, t in entry.items():
+        assert not torch.is_tensor(t) or t.untyped_storage().nbytes() == t.nbytes, key
+    assert max(p.stat().st_size for p in (tmp_path / "cache").glob("*.pt")) < 20_000
     # Epoch 2: every image file is replaced by garbage, yet items are identical — nothing read them.
     calls = _counting_loader(monkeypatch)
     for p in d.paths:

@@ -28,8 +28,7 @@ from moas.train.rotation import contents_of, find_latest_checkpoint, reduced_sta
 from moas.train.saving import milestone_epochs
 from moas.train.sr_stage import build_sr_model
 
-from .conftest import TINY_CONFIG, module_tmp
-from .test_resume import tiny
+from .conftest import TINY_CONFIG, module_tmp, tiny
 
 Usage = namedtuple("Usage", "total used free")
 # One epoch of 4 optimizer steps (16 images, micro-batch 4), a checkpoint every 2 steps, an injected
@@ -58,7 +57,7 @@ def sr_stage(cfg: MoasConfig) -> disk.NetBytes:
 
 def plan_for(cfg: MoasConfig, steps_per_epoch: int = 0) -> disk.DiskPlan:
     tc = cfg.train
-    policy = disk.SavePolicy.of(tc, milestone_epochs(tc.epochs), steps_per_epoch)
+    policy = disk.SavePolicy.of(tc, milestone_epochs(tc.epochs, tc.milestones), steps_per_epoch)
     return disk.plan_disk(policy, *meta_networks(cfg), amsgrad=tc.amsgrad, sr=sr_stage(cfg))
 
 

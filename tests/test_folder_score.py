@@ -113,14 +113,14 @@ def test_a_mostly_uncaptioned_folder_is_named_in_a_warning(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_eval_on_a_folder_that_is_not_the_demo_prints_the_three_numbers(
-    tiny_model, tmp_path, monkeypatch, capsys
+    session_run, tmp_path, monkeypatch, capsys
 ):
     from moas.cli import main
 
     folder = tmp_path / "mine"
-    shutil.copytree(tiny_model / "data" / "demo" / "train", folder)
+    shutil.copytree(session_run / "data" / "demo" / "train", folder)
     monkeypatch.chdir(tmp_path)
-    model = tiny_model / "models" / "best_model.safetensors"
+    model = session_run / "models" / "best_model.safetensors"
     out = tmp_path / "eval.json"
     assert (
         main(
@@ -150,10 +150,10 @@ def test_eval_on_a_folder_that_is_not_the_demo_prints_the_three_numbers(
 
 
 @pytest.mark.slow
-def test_eval_on_the_training_folder_reuses_the_runs_tag_model(tiny_model, tmp_path, monkeypatch, caplog):
+def test_eval_on_the_training_folder_reuses_the_runs_tag_model(session_run, tmp_path, monkeypatch, caplog):
     from moas.cli import main
 
-    monkeypatch.chdir(tiny_model)  # the model file records its folder relative to here
+    monkeypatch.chdir(session_run)  # the model file records its folder relative to here
     args = ["eval", "--model", "models/best_model.safetensors", "--data_dir", "data/demo/train"]
     with caplog.at_level(logging.INFO):
         assert main([*args, "--n_folder", "4", "--quiet", "--json", str(tmp_path / "e.json")]) == 0

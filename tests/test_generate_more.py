@@ -32,8 +32,8 @@ def errors(capsys) -> list[str]:
 
 
 @pytest.fixture
-def model(tiny_model) -> str:
-    return str(tiny_model / "models" / "best_model.safetensors")
+def model(session_run) -> str:
+    return str(session_run / "models" / "best_model.safetensors")
 
 
 def test_from_file_loads_once_and_writes_one_image_per_line_with_its_seed(model, workdir, monkeypatch):
@@ -88,8 +88,8 @@ def img2img(model: str, init: str, strength: float, out: str, *extra: str) -> np
     return pixels(out)
 
 
-def test_image_to_image_strength_0_is_the_input_and_1_is_text_to_image(model, tiny_model, workdir):
-    src = sorted((tiny_model / "data" / "demo" / "train").rglob("*.png"))[0]
+def test_image_to_image_strength_0_is_the_input_and_1_is_text_to_image(model, session_run, workdir):
+    src = sorted((session_run / "data" / "demo" / "train").rglob("*.png"))[0]
     Image.open(src).convert("RGB").resize((16, 16), Image.Resampling.LANCZOS).save("init.png")
     raw = ["--quality_enhance", "none"]  # the sampler's output itself, not the enhancer's refinement
     assert np.array_equal(img2img(model, "init.png", 0.0, "s0.png", *raw), pixels("init.png"))
@@ -118,11 +118,11 @@ def test_image_to_image_bad_input(model, workdir, capsys):
     assert "cannot be read" in errors(capsys)[0]
 
 
-def test_init_from_starts_a_fresh_run_from_the_models_weights(model, tiny_model, workdir):
+def test_init_from_starts_a_fresh_run_from_the_models_weights(model, session_run, workdir):
     from moas.inference.model_file import read_model_file
     from moas.train.builders import build_run
 
-    shutil.copytree(tiny_model / "data", "data")
+    shutil.copytree(session_run / "data", "data")
     overrides = {"data": {"data_dir": "data/demo/train"}, "train": {"init_from": model, "auto_resume": True}}
     cfg = load_config(None, TINY_CONFIG, overrides, use_env=False)
     kw = build_run(cfg, progress=False, dashboard=False)
@@ -138,8 +138,8 @@ def test_init_from_starts_a_fresh_run_from_the_models_weights(model, tiny_model,
     kw["monitor"].close()
 
 
-def test_init_from_trains_records_the_base_and_refuses_a_mismatch(model, tiny_model, workdir, capsys):
-    shutil.copytree(tiny_model / "data", "data")
+def test_init_from_trains_records_the_base_and_refuses_a_mismatch(model, session_run, workdir, capsys):
+    shutil.copytree(session_run / "data", "data")
     args = ["train", "--config", str(TINY_CONFIG), "--data_dir", "data/demo/train", "--init_from", model]
     assert main([*args, "--max_steps", "2", "--save_path", "models/ft.safetensors", "--quiet"]) == 0
     state = load_checkpoint(next(Path("checkpoints").glob("*.pt")))
@@ -156,12 +156,12 @@ def test_init_from_trains_records_the_base_and_refuses_a_mismatch(model, tiny_mo
     assert "no such model file" in errors(capsys)[0]
 
 
-def test_model_card_beside_the_model_names_the_data(tiny_model):
-    models = tiny_model / "models"
+def test_model_card_beside_the_model_names_the_data(session_run):
+    models = session_run / "models"
     card = (models / "best_model.md").read_text()
     assert card.startswith("# best_model\n") and "trained from random weights" in card
-    assert "- folder: `data/demo/train`" in card and "- training images: 16" in card
-    assert "captioned: 16 of 16 (100 %)" in card and "1girl (16)" in card
+    assert "- folder: `data/demo/train`" in card and "- training images: 23 (1 more held out" in card
+    assert "captioned: 23 of 23 (100 %)" in card and "1girl (23)" in card
     assert "best-step selection: demo_accuracy" in card and "| resolution (px) | `16` |" in card
     assert "![The run's sample grid](best_model.samples.png)" in card
     assert Image.open(models / "best_model.samples.png").size[0] > 16

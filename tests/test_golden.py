@@ -29,7 +29,7 @@ from PIL import Image
 from moas.config import load_config
 from moas.train.loop import train
 
-from .conftest import TINY_CONFIG, module_tmp
+from .conftest import GOLDEN_CONFIG, module_tmp
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def golden_config(root: Path, data: Path):
         },
         "resources": {"cpu_threads": 1},
     }
-    return load_config(None, TINY_CONFIG, over, use_env=False)
+    return load_config(None, GOLDEN_CONFIG, over, use_env=False)
 
 
 def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:

@@ -22,7 +22,12 @@ pytestmark = pytest.mark.slow
 
 SETTINGS = {
     "data": {"resolution": 32},
-    "model": {"block_channels": [32, 64], "cross_attention": [False, True], "patch_size": 2},
+    "model": {
+        "block_channels": [32, 64],
+        "cross_attention": [False, True],
+        "patch_size": 2,
+        "conditioning_layers": 1,  # the text context's residual MLP (tests/tiny.toml has none)
+    },
     "train": {
         "epochs": 10,
         "batch_size": 16,

@@ -1,6 +1,7 @@
-"""End-to-end monitoring: one tiny demo run (output redirected to a file) read back with TensorBoard's
-event reader; best-step selection checked against `moas eval` on every saved checkpoint; the dashboard
-under a pseudo-terminal; generation safety and --keep_best."""
+"""End-to-end monitoring of the session's tiny run (tests/conftest.py: 3 epochs, output redirected to a
+file): its TensorBoard events read back with TensorBoard's reader, its console lines, best-step selection
+checked against `moas eval` on every saved checkpoint; the dashboard drawn under a pseudo-terminal;
+generation safety and --keep_best."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import json
 import os
 import pty
 import select
+import shutil
 import struct
 import subprocess
 import sys
 import termios
+import textwrap
 import time
 from pathlib import Path
 
@@ -23,22 +26,7 @@ from PIL import Image
 
 from moas.cli import main
 
-from .conftest import TINY_CONFIG, module_tmp
-
 pytestmark = pytest.mark.slow
-
-EXTRA = """
-[train]
-epochs = 3
-sample_every = 1
-keep_last = 10
-
-[monitor]
-val_fraction = 0.05
-eval_n = 4
-measure_every = 2
-dashboard_every_s = 0
-"""
 
 SCALARS = {
     "loss/total",
@@ -73,52 +61,16 @@ SCALARS = {
 }
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MOAS_", "TQDM_"))}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
+@pytest.fixture
+def run(session_run) -> Path:
+    return session_run
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """make-data (24 images, so one is held out) + a 3-epoch tiny run with stdout/stderr in a file."""
-    with module_tmp(tmp_path_factory, "monitor") as root:
-        from moas.data.synthetic import generate_demo_dataset
-
-        generate_demo_dataset(root / "data" / "demo", n_images=24, size=32, seed=3, progress=False)
-        import tomllib
-
-        from moas.config import deep_merge, dict_to_toml
-
-        merged = deep_merge(tomllib.loads(TINY_CONFIG.read_text()), tomllib.loads(EXTRA))
-        (root / "extra.toml").write_text(dict_to_toml(merged))
-        (root / "prompts.txt").write_text(
-            "# sample grid prompts\n1girl, red hair, blue eyes, forest --seed 11\n"
-            "1girl, blonde hair, beach --steps 2 --scale 1.5\n"
-        )
-        log = root / "train.log"
-        with open(log, "w") as f:
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "moas",
-                    "train",
-                    "--config",
-                    "extra.toml",
-                    "--data_dir",
-                    "data/demo/train",
-                ]
-                + ["--sample_prompts", "prompts.txt"],
-                cwd=root,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env=subprocess_env(),
-                timeout=900,
-            )
-        assert proc.returncode == 0, log.read_text()[-3000:]
-        yield root
+@pytest.fixture
+def models_here(session_run, workdir) -> Path:
+    """The session's model files copied into this test's working folder (``generate``'s default model)."""
+    shutil.copytree(session_run / "models", workdir / "models")
+    return workdir
 
 
 def test_event_files_hold_every_tag_and_progress_chart(run):
@@ -165,7 +117,7 @@ def test_redirected_output_has_dashboard_lines_and_no_control_codes(run):
 def test_best_checkpoint_has_highest_heldout_accuracy(run):
     from moas.checkpoint import load_checkpoint
     from moas.eval.evaluate import run_eval
-    from moas.inference.model_file import read_model_file
+    from moas.inference.model_file import read_model_file, verify_model_file
     from moas.inference.pipeline import Pipeline
 
     run_dir = next((run / "runs").iterdir())
@@ -179,8 +131,9 @@ def test_best_checkpoint_has_highest_heldout_accuracy(run):
         )
         accuracy[epoch] = result["held_out"]["mean"]
     assert [h["score"] for h in best["history"]] == [accuracy[1], accuracy[2], accuracy[3]]
-    top = max(accuracy.values())
-    expected = min(e for e, a in accuracy.items() if a == top)  # ties keep the earlier checkpoint
+    eligible = {h["epoch"]: accuracy[h["epoch"]] for h in best["history"] if not h["vetoed"]}
+    top = max(eligible.values())
+    expected = min(e for e, a in eligible.items() if a == top)  # ties keep the earlier checkpoint
     assert best["best"]["epoch"] == expected
     chosen = read_model_file(run / "models" / "best_model.safetensors")
     ckpt = load_checkpoint(run / "checkpoints" / f"epoch_{expected:04d}.pt")
@@ -191,24 +144,48 @@ def test_best_checkpoint_has_highest_heldout_accuracy(run):
     for k, v in ckpt["ema"]["model"].items():
         if not k.endswith(stats):
             assert torch.equal(chosen.weights[k], v), k
-    assert read_model_file(run / "models" / "last_model.safetensors").epoch == 3
+    last = run / "models" / "last_model.safetensors"
+    assert read_model_file(last).epoch == 3
+    # The final step chosen: one file under two names (no second copy on disk); else two files.
+    best_file = run / "models" / "best_model.safetensors"
+    assert (os.stat(best_file).st_ino == os.stat(last).st_ino) == (expected == 3)
+    assert verify_model_file(last) and verify_model_file(best_file)
 
 
-def test_dashboard_under_a_pseudo_terminal(run):
+DRAW = textwrap.dedent(
+    """
+    import sys, time
+    from tqdm.auto import tqdm
+    from moas.monitor.dashboard import Dashboard
+    from moas.monitor.progress import TrainingHistory
+
+    h = TrainingHistory()
+    h.status.update(epoch=1, epochs=1, step=2, total_steps=2)
+    h.add(2, "loss/total", 0.25)
+    h.add(2, "perf/images_per_sec", 12.5)
+    h.add(2, "system/ram_gb", 1.5)
+    bar = tqdm(total=2, desc="epoch 1/1", file=sys.stderr)  # the training loop's bar shares the terminal
+    dash = Dashboard()  # the run's own: on stderr, which is the terminal here
+    for _ in range(2):
+        bar.update(1)
+        dash.show(h, force=True)
+        time.sleep(0.05)
+    dash.close()
+    bar.close()
+    """
+)
+
+
+def test_dashboard_under_a_pseudo_terminal(tmp_path):
+    """In a terminal the dashboard redraws its lines in place below the progress bar, with no plain
+    ``[dashboard]`` lines; before any validation the best-metric line says "best -"."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))  # 40 rows × 160 columns
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moas", "train", "--config", "extra.toml", "--data_dir", "data/demo/train"]
-        + ["--epochs", "1", "--max_steps", "2", "--checkpoint_dir", "ckpt_pty", "--save_path", "m/pty.pt"],
-        cwd=run,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=subprocess_env(),
-        close_fds=True,
+        [sys.executable, "-c", DRAW], cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave, close_fds=True
     )
     os.close(slave)
-    chunks, deadline = [], time.time() + 600
+    chunks, deadline = [], time.time() + 120
     while time.time() < deadline:
         ready, _, _ = select.select([master], [], [], 1.0)
         if ready:
@@ -225,15 +202,13 @@ def test_dashboard_under_a_pseudo_terminal(run):
     assert proc.wait(timeout=60) == 0
     out = b"".join(chunks).decode("utf-8", "replace")
     assert "epoch 1/1 | step 2/2" in out  # the dashboard's first line
-    # --max_steps ends the run mid-epoch, before any validation: the best-metric line shows "best -".
     assert "img/s" in out and "RAM" in out and "best - | val PSNR" in out
     assert "[dashboard]" not in out  # in place, not plain lines
     assert "\x1b[" in out or "\r" in out  # redrawn with cursor control, as tqdm does
     assert "epoch 1/1:" in out  # the tqdm bar shares the terminal
 
 
-def test_blacklisted_prompt_refused_unless_opted_in(run, monkeypatch, capsys):
-    monkeypatch.chdir(run)
+def test_blacklisted_prompt_refused_unless_opted_in(models_here, capsys):
     assert main(["generate", "--prompt", "1girl, NSFW, Nude", "--output", "x.png", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "moas: error: The prompt contains blacklisted terms (nsfw, nude)" in err and "--allow_nsfw" in err
@@ -247,10 +222,9 @@ def test_blacklisted_prompt_refused_unless_opted_in(run, monkeypatch, capsys):
     assert Path("y.png").is_file()
 
 
-def test_keep_best_keeps_exactly_k_best_first(run, monkeypatch, capsys):
+def test_keep_best_keeps_exactly_k_best_first(models_here, capsys):
     from moas.eval.quality import quality_score
 
-    monkeypatch.chdir(run)
     args = ["generate", "--prompt", "1girl, red hair, forest", "--seed", "3", "--quiet"]
     assert main([*args, "--num_images", "5", "--output", "all/a.png"]) == 0
     assert main([*args, "--num_images", "5", "--keep_best", "2", "--output", "best/b.png"]) == 0

@@ -1,4 +1,5 @@
-"""Panels end to end: train the tiny config on demo data with sequences, resume, generate --panels 3."""
+"""Panels end to end: train the tiny config on demo data with sequences, generate --panels 3. Resuming a
+run on sequences bit-identically: the reference run of tests/test_resume.py has panel sequences."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from moas.config import load_config
 from moas.data.synthetic import generate_demo_dataset
 from moas.inference.pipeline import Pipeline
 from moas.models.moe import EXPERT_NAMES
-from moas.train.loop import build_trainer, train
+from moas.train.loop import build_trainer
 from moas.train.rotation import find_latest_checkpoint
 from moas.train.sequences import panel_parameters
 
-from .conftest import TINY_CONFIG
+from .conftest import BRAIN, TINY_CONFIG
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,7 @@ def tiny(root: Path, data: Path, **train_kw):
         },
         "monitor": {"select_best": False},
         "resources": {"cpu_threads": 1},
+        **BRAIN,  # the panel memory is part of the brain
     }
     return load_config(None, TINY_CONFIG, over, use_env=False)
 
@@ -50,8 +52,11 @@ def seq_data(tmp_path_factory) -> Path:
     return out / "train"
 
 
-def test_training_on_sequences_trains_the_memory_and_resumes_exactly(seq_data, tmp_path):
-    trainer = build_trainer(tiny(tmp_path, seq_data, max_steps=6), progress=False)
+@pytest.fixture(scope="module")
+def seq_run(seq_data, tmp_path_factory) -> dict:
+    """6 steps on the sequences, with a hook on every panel parameter summing its gradients."""
+    root = tmp_path_factory.mktemp("seq_run")
+    trainer = build_trainer(tiny(root, seq_data, max_steps=6), progress=False)
     assert trainer.panels.enabled and trainer.data.dataset.has_sequences()
     model = trainer.parts.model
     params = panel_parameters(model)
@@ -62,6 +67,19 @@ def test_training_on_sequences_trains_the_memory_and_resumes_exactly(seq_data, t
     for i, p in enumerate(params):
         p.register_hook(lambda g, i=i: grads.__setitem__(i, grads.get(i, 0.0) + float(g.abs().sum())))
     result = trainer.run()
+    return {
+        "root": root,
+        "model": model,
+        "params": params,
+        "before": before,
+        "grads": grads,
+        "result": result,
+    }
+
+
+def test_training_on_sequences_trains_the_memory(seq_run):
+    model, params, before, grads = seq_run["model"], seq_run["params"], seq_run["before"], seq_run["grads"]
+    result, gate = seq_run["result"], model.stage("moe").experts.memory_gate
     assert result.global_step == 6
     assert gate.item() != 0.0  # the gate opened from the diffusion + temporal losses
     assert all(i in grads for i in range(len(params))), "a panel parameter got no gradient"
@@ -90,26 +108,15 @@ def test_training_on_sequences_trains_the_memory_and_resumes_exactly(seq_data, t
     assert all(e.value >= 0 for e in ea.Scalars("loss/temporal"))
 
     # The checkpoint holds the panel memory and rebuilds the same network.
-    state = load_checkpoint(find_latest_checkpoint(tmp_path / "ckpt"))
+    state = load_checkpoint(find_latest_checkpoint(seq_run["root"] / "ckpt"))
     assert state["model_args"]["brain"]["panel_memory"] is True
     assert any(k.startswith("brain.flow.stages.panel_memory.") for k in state["model"])
     pipe = Pipeline.from_file(result.model_path, torch.device("cpu"))
     assert pipe.model.panel_memory and pipe.model.stage("moe").experts.memory_gate.item() != 0.0
 
-    # Resuming mid-run continues bit-identically (batches carry panels; dropout is reseeded per step).
-    first = tmp_path / "resumed"
-    train(tiny(first, seq_data, max_steps=3), progress=False)
-    second = train(tiny(first, seq_data, max_steps=6, auto_resume=True), progress=False)
-    assert second.global_step == 6
-    a = load_checkpoint(find_latest_checkpoint(tmp_path / "ckpt"))["model"]
-    b = load_checkpoint(find_latest_checkpoint(first / "ckpt"))["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
-
-def test_generate_panels_cli_writes_panels_strip_and_metric(seq_data, workdir, capsys):
-    cfg = tiny(workdir, seq_data, max_steps=4)
-    train(cfg, progress=False)
-    model = str(workdir / "models" / "best_model.safetensors")
+def test_generate_panels_cli_writes_panels_strip_and_metric(seq_run, workdir, capsys):
+    model = str(seq_run["result"].model_path)
     base = ["generate", "--model", model, "--steps", "2", "--quiet"]
     prompts = "1girl, red hair, forest, smile | 1girl, red hair, forest, open mouth | 1girl, red hair, forest"
     capsys.readouterr()
@@ -181,7 +188,7 @@ def test_generate_panels_cli_writes_panels_strip_and_metric(seq_data, workdir, c
 
 
 def test_inspect_lists_panel_memory_and_help_explains_panels(capsys):
-    assert main(["inspect", "--config", str(TINY_CONFIG)]) == 0
+    assert main(["inspect", "--config", str(TINY_CONFIG), "--conditioning", "moas"]) == 0
     out = capsys.readouterr().out
     assert "panel_memory" in out
     with pytest.raises(SystemExit):

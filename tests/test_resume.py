@@ -1,126 +1,91 @@
-"""Exact resume and fault recovery of the Trainer, in-process on CPU with the tiny config.
+"""Exact resume and fault recovery of the Trainer, in-process on CPU.
 
-Golden test: N optimizer steps straight and k steps + checkpoint + --auto_resume + N−k steps give
-bit-identical weights (mid-epoch and at an epoch boundary). Fault tests inject OOM / NaN / Inf through
-``MOAS_INJECT`` (moas.train.faults) and check recovery and that no non-finite value is ever saved.
+Every resume variant compares against the session's one straight ``reference`` run (tests/conftest.py:
+the brain, panel sequences, augmentation, the super-resolution stage, the discriminator, fp16 with its
+GradScalers, gradient accumulation): stopped mid-epoch, resumed to an epoch boundary, resumed to the end,
+each checkpoint bit-identical to the reference's at the same step. Fault tests inject OOM / NaN / Inf
+through ``MOAS_INJECT`` (moas.train.faults) and check recovery and that no non-finite value is ever saved.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import signal
-import threading
-from pathlib import Path
 
 import pytest
 import torch
 
 from moas import checkpoint as ckpt_mod
 from moas.checkpoint import load_checkpoint, verify_checkpoint
-from moas.config import load_config
 from moas.errors import CheckpointError, MoasError
-from moas.train.loop import Trainer, build_trainer, train
+from moas.train.loop import build_trainer, train
 from moas.train.rng import nonfinite_tensor
 from moas.train.rotation import find_latest_checkpoint
-from moas.train.signals import TrainingInterrupted
 
-from .conftest import TINY_CONFIG, module_tmp
+from .conftest import (
+    REFERENCE_STEPS,
+    assert_identical,
+    record_steps,
+    reference_checkpoint,
+    reference_config,
+    tiny,
+    weights,
+)
 
 pytestmark = pytest.mark.slow
 
-# 24 demo images, micro-batch 4 → 6 batches per epoch; accumulation 2 → 3 optimizer steps per epoch.
+RESUMED_STATE = ("disc", "sr", "scalers")  # beside the generator and its EMA
 
 
-def tiny(root: Path, data: Path, **train_kw) -> object:
-    over = {
-        "data": {"data_dir": str(data), "cache_dir": str(root / "cache")},
-        "train": {
-            "checkpoint_dir": str(root / "ckpt"),
-            "run_dir": str(root / "runs"),
-            "save_path": str(root / "model.pt"),
-            "epochs": 3,
-            "grad_accum_steps": 2,
-            "sample_every": 0,
-            "save_every": 100,
-            **train_kw,
-        },
-        # One thread: two OpenMP threads on a busy 2-core machine spin-wait ~30x slower.
-        "resources": {"cpu_threads": 1},
-    }
-    return load_config(None, TINY_CONFIG, over, use_env=False)
+def test_the_reference_trains_every_part_that_has_state_to_resume(reference):
+    """What the resume tests below compare is really trained: the brain, the panel memory (temporal loss),
+    the augmentation input, the discriminator, the super-resolution stage, fp16 through GradScalers."""
+    from moas.data.augment import AUG_DIM
+    from moas.inference.model_file import read_model_file
+
+    from .test_golden import tensorboard_scalars
+
+    state = load_checkpoint(reference_checkpoint(reference, REFERENCE_STEPS))
+    assert state["model_args"]["brain"]["conditioning"] == "moas"
+    assert state["model_args"]["brain"]["panel_memory"] and state["model_args"]["augment_dim"] == AUG_DIM
+    assert read_model_file(reference["result"].model_path).model_args["augment_dim"] == AUG_DIM
+    emb = next(v for k, v in state["model"].items() if k.endswith("augment_embed.weight"))
+    assert emb.abs().sum() > 0  # trained away from its zero start
+    assert state["sr"]["steps"] == REFERENCE_STEPS and state["domain"]["disc"]
+    assert state["scaler"]["scale"] > 0 and state["domain"]["disc_scaler"]["_growth_tracker"] > 0
+    temporal = tensorboard_scalars(reference["result"].run_dir, "loss/temporal")
+    assert temporal and all(v >= 0 for _, v in temporal)
+    spe = reference["steps_per_epoch"]
+    assert 2 < spe < REFERENCE_STEPS  # step 2 is mid-epoch, and the run crosses an epoch boundary
 
 
-def deep_merge_cfg(cfg, over: dict):
-    from moas.config import MoasConfig, deep_merge
-
-    return MoasConfig.from_dict(deep_merge(cfg.to_dict(), over))
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    state = load_checkpoint(path)
-    return {
-        **{f"m.{k}": v for k, v in state["model"].items()},
-        **{f"e.{k}": v for k, v in state["ema"]["model"].items()},
-    }
-
-
-def assert_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    diff = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:3]}"
-
-
-def record_steps(mp: pytest.MonkeyPatch) -> dict[int, list[int]]:
-    """Patch the Trainer to record which images each optimizer step learns from (step → image indices).
-
-    A micro-batch that starts a step resets that step's list, so a step redone after an out-of-memory
-    recovery is recorded once, as it was finally trained."""
-    steps: dict[int, list[int]] = {}
-    real = Trainer._micro_step
-
-    def micro_step(self, batch, *a, **kw):
-        st = self.state
-        if st.micro_in_step == 0:
-            steps[st.global_step + 1] = []
-        steps[st.global_step + 1] += [int(i) for i in batch["index"]]
-        return real(self, batch, *a, **kw)
-
-    mp.setattr(Trainer, "_micro_step", micro_step)
-    return steps
+def test_resume_mid_epoch_and_at_an_epoch_boundary_is_bit_identical(reference, reference_data, tmp_path):
+    """Stop at step 2 (mid-epoch: micro-batch 4 × accumulation 2 ends at batch 4), resume to the end of
+    epoch 1, resume to the reference's last step; every checkpoint equals the reference's of that name."""
+    spe = reference["steps_per_epoch"]
+    stops = ((2, "checkpoint_00000002.pt", (0, 4)), (spe, "epoch_0001.pt", (1, 0)))
+    stops += ((REFERENCE_STEPS, f"checkpoint_{REFERENCE_STEPS:08d}.pt", None),)
+    for stop, name, position in stops:
+        cfg = reference_config(tmp_path, reference_data, max_steps=stop, auto_resume=stop > 2)
+        assert train(cfg, progress=False).global_step == stop
+        ours, theirs = tmp_path / "ckpt" / name, reference["root"] / "ckpt" / name
+        assert find_latest_checkpoint(tmp_path / "ckpt").name in (name, f"checkpoint_{stop:08d}.pt")
+        state = load_checkpoint(ours)
+        if position is not None:
+            assert (state["epoch"], state["batch_in_epoch"]) == position
+        assert_identical(weights(theirs, *RESUMED_STATE), weights(ours, *RESUMED_STATE))
+    assert state["ema"]["num_updates"] == REFERENCE_STEPS
+    assert state["scheduler"]["step_count"] == REFERENCE_STEPS
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, demo_dir):
-    """The reference: 7 optimizer steps in one go (2 epochs + 1 step), and the images of each step."""
-    with module_tmp(tmp_path_factory, "straight") as root, pytest.MonkeyPatch.context() as mp:
-        steps = record_steps(mp)
-        r = train(tiny(root, demo_dir / "train", max_steps=7), progress=False)
-        assert r.global_step == 7
-        return {"weights": weights(find_latest_checkpoint(root / "ckpt")), "steps": dict(steps)}
-
-
-@pytest.mark.parametrize("k", [2, 3], ids=["mid_epoch", "epoch_boundary"])
-def test_golden_resume_is_bit_identical(straight, tmp_path, demo_dir, k):
-    data = demo_dir / "train"
-    first = train(tiny(tmp_path, data, max_steps=k), progress=False)
-    assert first.global_step == k
-    latest = find_latest_checkpoint(tmp_path / "ckpt")
-    state = load_checkpoint(latest)
-    assert (state["epoch"], state["batch_in_epoch"]) == ((0, 4) if k == 2 else (1, 0))
-    second = train(tiny(tmp_path, data, max_steps=7, auto_resume=True), progress=False)
-    assert second.global_step == 7
-    assert_identical(straight["weights"], weights(find_latest_checkpoint(tmp_path / "ckpt")))
-    resumed = load_checkpoint(find_latest_checkpoint(tmp_path / "ckpt"))
-    assert resumed["ema"]["num_updates"] == 7 and resumed["scheduler"]["step_count"] == 7
-
-
-def test_injected_oom_recovers_with_the_same_effective_batch(straight, tmp_path, demo_dir, monkeypatch):
+def test_injected_oom_recovers_with_the_same_effective_batch(
+    reference, reference_data, tmp_path, monkeypatch
+):
     steps = record_steps(monkeypatch)
     monkeypatch.setenv("MOAS_INJECT", "oom@3")  # the first micro-batch of step 2
-    r = train(tiny(tmp_path, demo_dir / "train", max_steps=7), progress=False)
+    r = train(reference_config(tmp_path, reference_data), progress=False)
     assert (r.micro_batch, r.grad_accum) == (2, 4)  # 4 × 2 → 2 × 4: the effective batch stays 8
-    assert r.global_step == 7
+    assert r.global_step == REFERENCE_STEPS
     emergency = tmp_path / "ckpt" / "emergency_oom_epoch_0001.pt"
     assert verify_checkpoint(emergency)
     e = load_checkpoint(emergency)
@@ -128,8 +93,9 @@ def test_injected_oom_recovers_with_the_same_effective_batch(straight, tmp_path,
     final = load_checkpoint(find_latest_checkpoint(tmp_path / "ckpt"))
     assert (final["micro_batch"], final["grad_accum"]) == (2, 4)
     # Every step, before and after the recovery, learned from the same 8 images as the straight run.
-    assert sorted(steps) == sorted(straight["steps"]) == list(range(1, 8))
-    for k, images in straight["steps"].items():
+    straight = reference["steps"]
+    assert sorted(steps) == sorted(straight) == list(range(1, REFERENCE_STEPS + 1))
+    for k, images in straight.items():
         assert sorted(steps[k]) == sorted(images) and len(images) == 8, k
 
 
@@ -143,10 +109,10 @@ def test_after_an_oom_the_run_follows_the_straight_run(tmp_path, demo_dir, monke
     (4 steps of lr 1e-3 after the recovery), the input convolution, which has a real gradient, at 1e-6."""
     from .test_golden import tensorboard_scalars
 
-    text = {"brain": {"conditioning": "text"}, "enhance": {"train": False}}
-    ref = train(deep_merge_cfg(tiny(tmp_path / "ref", demo_dir / "train", max_steps=5), text), progress=False)
+    text = {"enhance": {"train": False}}  # tiny.toml's conditioning is text-only
+    ref = train(tiny(tmp_path / "ref", demo_dir / "train", text, max_steps=5), progress=False)
     monkeypatch.setenv("MOAS_INJECT", "oom@3")
-    oom = train(deep_merge_cfg(tiny(tmp_path / "oom", demo_dir / "train", max_steps=5), text), progress=False)
+    oom = train(tiny(tmp_path / "oom", demo_dir / "train", text, max_steps=5), progress=False)
     assert (ref.micro_batch, oom.micro_batch, oom.global_step) == (4, 2, 5)
     la = [v for _, v in tensorboard_scalars(ref.run_dir, "loss/total")]
     lb = [v for _, v in tensorboard_scalars(oom.run_dir, "loss/total")]
@@ -240,27 +206,6 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, demo_dir,
     ]
     assert find_latest_checkpoint(tmp_path / "ckpt") == first
     t.monitor.close()
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT])  # SIGTERM: the CLI test in test_faults_process.py
-def test_signal_saves_at_the_step_boundary_and_exits_128_plus_n(tmp_path, demo_dir, signum):
-    t = build_trainer(tiny(tmp_path, demo_dir / "train", max_steps=50, epochs=20), progress=False)
-    real_step = t._optimizer_step
-
-    def step_then_signal(*a, **kw):
-        real_step(*a, **kw)
-        if t.state.global_step == 2:
-            os.kill(os.getpid(), signum)
-            os.kill(os.getpid(), signum)  # a second signal must not disturb the save
-
-    t._optimizer_step = step_then_signal
-    with pytest.raises(TrainingInterrupted) as info:
-        t.run()
-    assert info.value.exit_code == 128 + signum
-    path = tmp_path / "ckpt" / "checkpoint_00000002.pt"
-    assert verify_checkpoint(path) and load_checkpoint(path)["global_step"] == 2
-    assert signal.getsignal(signum) is not t.stopper._handle  # handlers restored
-    assert threading.current_thread() is threading.main_thread()
 
 
 def test_unrecoverable_error_writes_emergency_checkpoint_and_error_log(tmp_path, demo_dir, monkeypatch):

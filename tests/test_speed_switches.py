@@ -33,9 +33,8 @@ from moas.train.oom import retry_in_chunks
 from moas.train.rotation import find_latest_checkpoint
 from moas.train.speed import compile_forward, resolve_switch, speed_up_unet
 
-from .conftest import TINY_CONFIG
+from .conftest import TINY_CONFIG, tiny
 from .test_golden import tensorboard_scalars
-from .test_resume import tiny
 
 CPU = torch.device("cpu")
 
@@ -135,7 +134,7 @@ def test_foreach_ema_equals_the_per_tensor_loop_bit_for_bit(generator):
     ema = EMA(model, decay=0.995)
     loop = copy.deepcopy(ema.model)
     n_tensors = len(list(model.parameters()))
-    assert n_tensors > 300
+    assert n_tensors > 200
     g = torch.Generator().manual_seed(3)
     for k in range(1, 13):  # through the warm-up ((1 + n) / (10 + n) < 0.5) and past it
         with torch.no_grad():
@@ -259,10 +258,7 @@ def test_compile_that_fails_in_a_later_backward_redoes_that_step_uncompiled(
     a = load_checkpoint(find_latest_checkpoint(tmp_path / "eager" / "ckpt"))
     b = load_checkpoint(find_latest_checkpoint(tmp_path / "compiled" / "ckpt"))
     differ = {k for k, v in a["model"].items() if not torch.equal(v, b["model"][k])}
-    # Only the MoE's usage counters differ: they count the failed forward pass as well.
-    assert differ == {
-        f"brain.flow.stages.moe.{k}" for k in ("call_count", "success_rate", "load_sum", "load_calls")
-    }
+    assert not differ, differ  # (with the brain, its MoE usage counters would count the failed pass too)
     assert [v for _, v in tensorboard_scalars(compiled.run_dir, "loss/total")] == [
         v for _, v in tensorboard_scalars(eager.run_dir, "loss/total")
     ]

@@ -12,7 +12,6 @@ from PIL import Image
 
 from moas.checkpoint import load_checkpoint
 from moas.cli import main
-from moas.config import MoasConfig, deep_merge, load_config
 from moas.config_sections import SRConfig
 from moas.diffusion.schedule import NoiseSchedule, make_scheduler
 from moas.diffusion.sr_condition import crop_offsets, noisy_condition, sr_inputs, tag_vector, take_crops
@@ -21,38 +20,12 @@ from moas.inference.model_file import read_model_file
 from moas.inference.pipeline import Pipeline
 from moas.inference.sr_upscale import DiffusionUpscaler
 from moas.models.sr_diffusion import SuperResDiffusion
-from moas.train.loop import train
-from moas.train.rotation import find_latest_checkpoint
 
-from .conftest import TINY_CONFIG, module_tmp
+from .conftest import REFERENCE_STEPS, module_tmp, reference_checkpoint
 
-SR = {
-    "train": True,
-    "crop": 32,
-    "block_channels": [16, 32],
-    "attention": [False, True],
-    "batch_size": 4,
-    "steps": 3,
-}
-
-
-def sr_cfg(root: Path, data: Path, **train_kw) -> MoasConfig:
-    over = {
-        "data": {"data_dir": str(data), "cache_dir": str(root / "cache")},
-        "train": {
-            "checkpoint_dir": str(root / "ckpt"),
-            "run_dir": str(root / "runs"),
-            "save_path": str(root / "model.safetensors"),
-            "epochs": 3,
-            "sample_every": 0,
-            "save_every": 100,
-            **train_kw,
-        },
-        "resources": {"cpu_threads": 1},
-        "sr": SR,
-    }
-    cfg = load_config(None, TINY_CONFIG, {}, use_env=False)
-    return MoasConfig.from_dict(deep_merge(cfg.to_dict(), over))
+# The stage at tests/tiny.toml's sizes (where the reference run trains it)
+SR = {"train": True, "crop": 32, "block_channels": [16, 32], "attention": [False, True], "batch_size": 4}
+SR["steps"] = 3
 
 
 # --- schedule and objective ----------------------------------------------------------------------------
@@ -153,28 +126,17 @@ def test_conditioning_noise_is_drawn_in_training_and_fixed_at_sampling(tmp_path,
 # --- the two-stage run -------------------------------------------------------------------------------------
 
 
-def sr_weights(path: Path) -> dict[str, torch.Tensor]:
-    state = load_checkpoint(path)
-    out = {f"m.{k}": v for k, v in state["model"].items()}
-    out |= {f"sr.{k}": v for k, v in state["sr"]["model"].items()}
-    out |= {f"sr_ema.{k}": v for k, v in state["sr"]["ema"]["model"].items()}
-    return out | {"sr_rng": state["sr"]["rng"]}
-
-
 @pytest.fixture(scope="module")
-def two_stage(tmp_path_factory, demo_dir):
-    """5 optimizer steps of the generator and the super-resolution stage in one go."""
-    with module_tmp(tmp_path_factory, "two_stage") as root:
-        r = train(sr_cfg(root, demo_dir / "train", max_steps=5), progress=False)
-        assert r.global_step == 5
-        state = load_checkpoint(find_latest_checkpoint(root / "ckpt"))
-        mf = read_model_file(root / "model.safetensors")
-        yield {"weights": sr_weights(find_latest_checkpoint(root / "ckpt")), "state": state, "mf": mf}
+def two_stage(reference):
+    """The reference run (tests/conftest.py) trains the generator and the super-resolution stage together;
+    its resume is compared there (tests/test_resume.py). Its last checkpoint and last model file."""
+    ckpt = reference_checkpoint(reference, REFERENCE_STEPS)
+    return {"state": load_checkpoint(ckpt), "mf": read_model_file(reference["result"].last_model_path)}
 
 
 def test_the_stage_trains_and_its_state_is_checkpointed(two_stage):
     state = two_stage["state"]
-    assert state["sr"]["steps"] == 5 and state["sr"]["ema"]["num_updates"] == 5
+    assert state["sr"]["steps"] == REFERENCE_STEPS and state["sr"]["ema"]["num_updates"] == REFERENCE_STEPS
     assert {"model", "ema", "optimizer", "rng", "args"} <= set(state["sr"])
     fresh = SuperResDiffusion(**state["sr"]["args"])
     trained = state["sr"]["model"]
@@ -205,18 +167,8 @@ def test_an_old_checkpoint_keeps_the_stage_for_generation(two_stage, tmp_path):
     small = reduced_state(two_stage["state"], "ema_bf16")
     assert set(small["sr"]) == {"args", "ema"}
     assert {v.dtype for v in small["sr"]["ema"]["model"].values()} <= {torch.bfloat16, torch.int64}
-    path = save_checkpoint(tmp_path / "checkpoint_00000005.pt", small, {"global_step": 5})
+    path = save_checkpoint(tmp_path / "checkpoint_00000007.pt", small, {"global_step": REFERENCE_STEPS})
     assert read_model_file(path).sr_args == two_stage["state"]["sr"]["args"]
-
-
-def test_two_stage_resume_is_bit_identical(two_stage, tmp_path, demo_dir):
-    data = demo_dir / "train"
-    assert train(sr_cfg(tmp_path, data, max_steps=2), progress=False).global_step == 2
-    assert train(sr_cfg(tmp_path, data, max_steps=5, auto_resume=True), progress=False).global_step == 5
-    resumed = sr_weights(find_latest_checkpoint(tmp_path / "ckpt"))
-    straight = two_stage["weights"]
-    assert resumed.keys() == straight.keys()
-    assert not [k for k in straight if not torch.equal(straight[k], resumed[k])]
 
 
 # --- generation ----------------------------------------------------------------------------------------
@@ -254,8 +206,8 @@ def test_the_other_upscalers_give_the_same_size(sr_model, workdir, upscaler):
     assert size == (64, 64) and f'Stages: "base 16x16, {upscaler}' in text
 
 
-def test_diffusion_upscaler_on_a_model_without_the_stage_is_refused(tiny_model, workdir):
-    model = tiny_model / "models" / "best_model.safetensors"
+def test_diffusion_upscaler_on_a_model_without_the_stage_is_refused(session_run, workdir):
+    model = session_run / "models" / "best_model.safetensors"
     args = ["generate", "--model", str(model), "--prompt", "1girl", "--upscaler", "diffusion", "--quiet"]
     assert main(args) != 0
     assert not (workdir / "result.png").exists()
@@ -295,8 +247,8 @@ def sr_only(root: Path, base: Path, steps: int, *extra: str) -> int:
     return main([*args, "--max_steps", str(steps), "--save_every_steps", "2", *extra])
 
 
-def test_stage_sr_alone_adds_the_stage_and_resumes_bit_for_bit(tiny_model, tmp_path, workdir):
-    base = tiny_model / "models" / "best_model.safetensors"
+def test_stage_sr_alone_adds_the_stage_and_resumes_bit_for_bit(session_run, tmp_path, workdir):
+    base = session_run / "models" / "best_model.safetensors"
     assert sr_only(tmp_path / "a", base, 4) == 0
     assert sr_only(tmp_path / "b", base, 2) == 0
     assert sr_only(tmp_path / "b", base, 4, "--auto_resume") == 0

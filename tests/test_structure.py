@@ -36,6 +36,7 @@ LAYERS = {
     "train": 5,
     "studio": 6,
     "doctor": 6,
+    "demo": 6,
     "webui": 6,  # the web UI: only moas.cli imports it
     "cli": 7,
     "cli_args": 7,

@@ -137,6 +137,14 @@ def test_training_learns_colour_tags_above_chance():
     assert tagger.features(fresh[:3]).shape == (3, 128)
 
 
+def test_training_stops_at_its_step_budget_whatever_the_epochs():
+    images, captions = colour_set(90, size=24, seed=1)
+    short = train_tag_model(images, captions, seed=0, epochs=24, max_steps=5, progress=False)
+    assert short.metrics["steps"] == 5  # not 24 epochs' worth: the budget, whatever the machine's speed
+    full = train_tag_model(images, captions, seed=0, epochs=2, max_steps=1000, progress=False)
+    assert full.metrics["steps"] == 2 * 5  # 76 training images, batch 16: 5 steps a pass
+
+
 def test_too_few_captions_or_tags_is_one_clear_error(tmp_path):
     images, captions = colour_set(12)
     with pytest.raises(DataError, match="at least 10"):

@@ -65,6 +65,7 @@ def test_ema_warmup_and_decay():
 def test_milestones_scale_with_run_length():
     assert milestone_epochs(260) == {40, 80, 120, 160, 200, 230, 260}
     assert milestone_epochs(26) == {4, 8, 12, 16, 20, 23, 26}
+    assert milestone_epochs(12, keep=False) == set()  # train.milestones off (the cpu_tiny demo)
 
 
 def test_text_bank_pads_and_caches(text_encoder):

@@ -3,7 +3,6 @@ one-sentence errors, PNG info, the model cache, inpainting, image-to-image, the 
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -17,43 +16,15 @@ from moas.errors import CheckpointError, MoasError
 from moas.webui import handlers as h
 from moas.webui.app import Actions, build_app
 
-from .conftest import TINY_CONFIG
-
 pytestmark = pytest.mark.slow
 
 PROMPT = "1girl, red hair, blue eyes, forest"
 
 
-_TRAINED: dict[Path, Path] = {}  # session folder → its models folder (the browser test imports this module)
-
-
-def tiny_models(factory: pytest.TempPathFactory) -> Path:
-    """make-data + the tiny two-epoch training, once per test session: the browser test reuses it.
-
-    Only ``models/`` (the best and last model files, ~100 MB) is kept; the run's checkpoints are deleted."""
-    base = factory.getbasetemp()
-    if base in _TRAINED:
-        return _TRAINED[base]
-    root = base / "webui_model"
-    shutil.rmtree(root, ignore_errors=True)  # never a model an earlier session left behind
-    root.mkdir()
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert (
-            main(["make-data", "--out", "data/demo", "--n_images", "16", "--size", "32", "--seed", "1"]) == 0
-        )
-        assert main(["train", "--config", str(TINY_CONFIG), "--data_dir", "data/demo/train", "--quiet"]) == 0
-    finally:
-        os.chdir(cwd)
-    shutil.rmtree(root / "checkpoints", ignore_errors=True)
-    _TRAINED[base] = root / "models"
-    return _TRAINED[base]
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    return tiny_models(tmp_path_factory)
+def models(session_run) -> Path:
+    """The session's trained model files (tests/conftest.py); read-only."""
+    return session_run / "models"
 
 
 @pytest.fixture(scope="module")
@@ -234,11 +205,16 @@ def test_image_to_image_strength(cache, models, tmp_path):
         h.run_generate(cache, best, PROMPT, init_image=init, strength=1.5, output_dir=tmp_path)
 
 
-def test_routing_view(cache, models):
-    text = h.explain(cache, models / "best_model.safetensors", PROMPT)
+def test_routing_view(cache, models, reference):
+    brain, own = (
+        reference["result"].last_model_path,
+        h.ModelCache("cpu"),
+    )  # the reference run trains the brain
+    text = h.explain(own, brain, PROMPT)
     assert "Expert routing weights" in text and "Prompt language: en" in text
     with pytest.raises(MoasError, match="prompt is empty"):
-        h.explain(cache, models / "best_model.safetensors", "")
+        h.explain(own, brain, "")
+    assert "text-only conditioning" in h.explain(cache, models / "best_model.safetensors", PROMPT)
 
 
 def test_the_page_builds_with_its_controls(cache, models, tmp_path):

@@ -25,7 +25,7 @@ import pytest
 import requests
 from PIL import Image
 
-from .test_webui import PROMPT, tiny_models
+from .test_webui import PROMPT
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, session_run):
     """``moas webui`` with the tiny model, serving on 127.0.0.1; yields (base URL, output folder)."""
     _need_browser()
-    models = tiny_models(tmp_path_factory)
+    models = session_run / "models"
     root = tmp_path_factory.mktemp("webui_browser")
     port = _free_port()
     env = {

@@ -59,7 +59,7 @@ def load_entry(
         )
         if not ok:
             raise ValueError("unexpected contents")
-        return entry
+        return _compact(entry)  # entries written before the fix above hold views of ~400 KB blocks
     except Exception as e:  # any unreadable entry is rebuilt from the image
         log.warning("Cache entry %s is corrupt (%s); rebuilding it.", path.name, type(e).__name__)
         return None
@@ -69,8 +69,17 @@ def _hr_ok(px: torch.Tensor | None, hr_size: tuple[int, int]) -> bool:
     return px is not None and px.dtype == torch.uint8 and tuple(px.shape) == (3, hr_size[1], hr_size[0])
 
 
+def _compact(entry: dict) -> dict:
+    """Tensors that are views of a larger block (a row of a batch of embeddings) as copies of their own:
+    ``torch.save`` writes a view's whole block, which made every entry ~400 KB instead of ~10 KB."""
+    return {
+        k: v.clone() if torch.is_tensor(v) and v.untyped_storage().nbytes() > v.nbytes else v
+        for k, v in entry.items()
+    }
+
+
 def save_entry(path: Path, entry: dict[str, torch.Tensor]) -> None:
     buf = io.BytesIO()
-    torch.save({**entry, "version": CACHE_VERSION}, buf)
+    torch.save({**_compact(entry), "version": CACHE_VERSION}, buf)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())

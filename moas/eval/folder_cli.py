@@ -75,8 +75,8 @@ def eval_folder(
     # The training run's seed: the tag model it trained for best-step selection is found and reused.
     tag_seed = int(pipe.provenance.get("seed", ((pipe.model_config or {}).get("train") or {}).get("seed", 0)))
     mon = (pipe.model_config or {}).get("monitor") or {}
-    seconds = float(mon.get("tagger_seconds", MonitorConfig().tagger_seconds))  # part of the cache key
-    tagger = load_or_train_tagger(joined, seed=tag_seed, progress=progress, max_seconds=seconds)
+    budget = int(mon.get("tagger_steps", MonitorConfig().tagger_steps))  # part of the cache key
+    tagger = load_or_train_tagger(joined, seed=tag_seed, progress=progress, max_steps=budget)
     result = run_folder_eval(
         pipe,
         joined,

@@ -3,7 +3,9 @@
 :func:`train_tag_model` fits :class:`~moas.eval.tag_model.TagModel` (BCE with logits, AdamW, one-cycle
 learning rate, random shifts of a few pixels as the only augmentation: no flips, since tags may say left or
 right, and no colour changes, since tags name colours) on a seed-fixed 85 % of the captioned images and
-measures it on the other 15 % (at least one image). :mod:`moas.eval.tagger` caches the result per folder.
+measures it on the other 15 % (at least one image), for a budget of optimizer steps (never a wall-clock
+limit: its quality, and every folder number measured with it, must not depend on how busy the machine
+was). :mod:`moas.eval.tagger` caches the result per folder.
 
 On a machine whose cores other processes keep busy, training uses fewer threads (:func:`free_threads`);
 that can change float rounding, so two trainings of one folder may then differ slightly; the cache keeps
@@ -43,6 +45,7 @@ HELDOUT_FRACTION = 0.15
 MIN_CAPTIONED = 10  # fewer captioned images cannot both train and check a tagger
 MIN_TAGS = 2
 MAX_SHIFT = 4  # pixels of random translation at 64 px
+DEFAULT_STEPS = 600  # the step budget (monitor.tagger_steps): see bench/RESULTS.md, "The folder's tag model"
 
 
 @dataclass
@@ -145,28 +148,27 @@ def _fit(
     x: torch.Tensor,
     y: torch.Tensor,
     train_idx: list[int],
-    epochs: int,
+    steps: int,
     bs: int,
     lr: float,
-    max_seconds: float,
     seed: int,
     progress: bool,
-) -> tuple[int, bool]:
-    """The training loop on uint8 64 px images ``x`` (N, 3, 64, 64) and labels ``y`` (N, T); returns (steps
-    taken, whether the time limit stopped it)."""
-    n, steps_per_epoch = len(train_idx), math.ceil(len(train_idx) / bs)
+) -> int:
+    """``steps`` optimizer steps on uint8 64 px images ``x`` (N, 3, 64, 64) and labels ``y`` (N, T), in
+    shuffled passes over ``train_idx``; returns the steps taken."""
+    n = len(train_idx)
     rng = torch.Generator().manual_seed(seed + 1)  # batch order and shifts
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15, cycle_momentum=False
+        opt, max_lr=lr, total_steps=steps, pct_start=0.15, cycle_momentum=False
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(free_threads(threads))
-    t0, step, stopped = time.perf_counter(), 0, False
+    step = 0
     model.train()
-    bar = tqdm(total=epochs * steps_per_epoch, desc="tag model", unit="step", disable=not progress)
+    bar = tqdm(total=steps, desc="tag model", unit="step", disable=not progress)
     try:
-        for _ in range(epochs):
+        while step < steps:
             order = torch.tensor(train_idx)[torch.randperm(n, generator=rng)]
             for k in range(0, n, bs):
                 idx = order[k : k + bs]
@@ -178,18 +180,12 @@ def _fit(
                 sched.step()
                 step += 1
                 bar.update(1)
-                if time.perf_counter() - t0 > max_seconds:
-                    stopped = True
+                if step == steps:
                     break
-            if stopped:
-                log.warning(
-                    "Tag model training stopped at its %.0f s limit, after %d steps.", max_seconds, step
-                )
-                break
     finally:
         bar.close()
         torch.set_num_threads(threads)  # the caller's setting
-    return step, stopped
+    return step
 
 
 def train_tag_model(
@@ -197,7 +193,7 @@ def train_tag_model(
     captions: Sequence[str],
     seed: int = 0,
     epochs: int | None = None,
-    max_seconds: float = 600.0,
+    max_steps: int = DEFAULT_STEPS,
     batch_size: int = 64,
     lr: float = 2e-3,
     min_count: int = 3,
@@ -206,7 +202,8 @@ def train_tag_model(
 ) -> TrainedTagger:
     """Train a tag model on uint8 images (N, 3, H, W) (or a list) and their captions; see the module docstring.
 
-    ``epochs`` None: :func:`auto_epochs`. Training stops early (with a warning) after ``max_seconds``.
+    ``epochs`` passes over the training split (None: :func:`auto_epochs`), at most ``max_steps`` optimizer
+    steps: a budget in steps, not seconds, so the result does not depend on how busy the machine is.
     """
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -218,11 +215,12 @@ def train_tag_model(
     n = len(train_idx)
     epochs = epochs or auto_epochs(n)
     bs = min(batch_size, max(16, n // 8))  # small folders still get several steps per epoch
+    steps = min(epochs * math.ceil(n / bs), max_steps)
     with torch.random.fork_rng(devices=[]):  # seed the init without moving the caller's random stream
         torch.manual_seed(seed)
         model = TagModel(len(vocab))
     t0 = time.perf_counter()
-    step, stopped = _fit(model, x, y, train_idx, epochs, bs, lr, max_seconds, seed, progress)
+    step = _fit(model, x, y, train_idx, steps, bs, lr, seed, progress)
     tagger = TrainedTagger(model.eval(), vocab, train_idx, heldout_idx)
     probs = tagger.predict(x[heldout_idx]) if heldout_idx else torch.zeros(0, len(vocab))
     tagger.metrics = {
@@ -230,9 +228,8 @@ def train_tag_model(
         "n_train": n,
         "n_heldout": len(heldout_idx),
         "n_tags": len(vocab),
-        "epochs": epochs,
+        "epochs": round(step * bs / max(n, 1), 1),
         "steps": step,
-        "stopped_early": stopped,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return tagger

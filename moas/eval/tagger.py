@@ -36,6 +36,7 @@ from moas.eval.tag_model import (  # noqa: F401 (re-exported: moas.eval.tagger i
     to_unit_range,
 )
 from moas.eval.tag_train import (  # noqa: F401 (re-exported)
+    DEFAULT_STEPS,
     HELDOUT_FRACTION,
     MIN_CAPTIONED,
     MIN_TAGS,
@@ -50,7 +51,7 @@ from moas.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when training or the model changes, so older cache files retrain
+VERSION = 2  # bump when training or the model changes, so older cache files retrain
 FORMAT = "moas-tagger-v1"
 CACHE_NAME = "tag_model.safetensors"
 AUTO_CAPTIONS = "auto_captions.json"
@@ -160,7 +161,7 @@ def load_or_train_tagger(
     cache_dir: str | Path | None = None,
     *,
     epochs: int | None = None,
-    max_seconds: float = 600.0,
+    max_steps: int = DEFAULT_STEPS,
 ) -> TrainedTagger:
     """The folder's tag model: loaded from its cache when the folder and settings are unchanged, else
     trained on the captioned images of ``dataset`` (a validated ArtDataset) and saved; indices in the
@@ -174,7 +175,7 @@ def load_or_train_tagger(
     rels = [rel_path(dataset.paths[i], root) for i in use]
     items = [(r, dataset.paths[i].stat().st_size, captions[i]) for r, i in zip(rels, use, strict=True)]
     # Everything else about training is fixed by VERSION: changing a default means bumping it.
-    settings = {"seed": seed, "epochs": epochs, "max_seconds": max_seconds, "input": INPUT_SIZE}
+    settings = {"seed": seed, "epochs": epochs, "max_steps": max_steps, "input": INPUT_SIZE}
     key = _key(items, settings)
     index_of = dict(zip(rels, use, strict=True))
     for path in cache_paths(root, cache_dir):
@@ -187,16 +188,17 @@ def load_or_train_tagger(
             )
             return tagger
     images = dataset_images(dataset, use)  # (n, 3, 64, 64)
-    tagger = train_tag_model(images, caps, seed, epochs, max_seconds, progress=progress)
+    tagger = train_tag_model(images, caps, seed, epochs, max_steps, progress=progress)
     tagger.path = _save_somewhere(root, cache_dir, tagger, key, rels)
     tagger.train_idx = [use[j] for j in tagger.train_idx]
     tagger.heldout_idx = [use[j] for j in tagger.heldout_idx]
     m = tagger.metrics
     log.info(
-        "Tag model trained on %d captioned images (%d tags) in %.0f s; held-out micro F1 %.3f on %d images; "
-        "saved to %s.",
+        "Tag model trained on %d captioned images (%d tags), %d steps in %.0f s; held-out micro F1 %.3f on %d "
+        "images; saved to %s.",
         m["n_train"],
         m["n_tags"],
+        m["steps"],
         m["seconds"],
         m["heldout"]["f1"],
         m["n_heldout"],

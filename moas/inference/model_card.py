@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moas.inference.model_file import ModelFile, write_model_file
-from moas.io import atomic_write_bytes, short_hash
+from moas.inference.model_file import ModelFile, model_file_path, write_model_file
+from moas.io import atomic_write_bytes, link_with_sidecar, short_hash
 
 # (section, key, label): the resolved settings a reader needs to reproduce or compare a model.
 SETTINGS = (
@@ -55,6 +55,15 @@ def save_model(path: str | Path, mf: ModelFile) -> Path:
     written = write_model_file(path, mf)
     write_model_card(written, mf)
     return written
+
+
+def link_model(path: str | Path, existing: str | Path, mf: ModelFile) -> Path:
+    """``path`` as a second name of the model file ``existing`` (which holds ``mf``'s weights), with its
+    own card: a hard link where the file system has them, else a copy."""
+    target = model_file_path(path)
+    link_with_sidecar(model_file_path(existing), target)
+    write_model_card(target, mf)
+    return target
 
 
 def _duration(seconds: float | None) -> str:

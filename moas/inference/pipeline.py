@@ -80,6 +80,8 @@ class Pipeline:
         # GNN outputs and the encoded previous panels are cached across sampler steps (the original's
         # L3CacheManager use at inference).
         self.l3_cache = L3CacheManager()
+        self._cond_text: dict | None = None  # the text dict whose conditioning ``_cond`` holds (denoise)
+        self._cond: dict = {}
         for m in self.model.modules():
             if isinstance(m, EnhancedGNN | PanelMemory):
                 m.cache = self.l3_cache
@@ -179,8 +181,17 @@ class Pipeline:
         )
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The generator's prediction in float32 (what the samplers step with)."""
-        return self.model(x, t, text).pred.float()
+        """The generator's prediction in float32 (what the samplers step with). The conditioning depends on
+        the text alone (the brain has no dropout here), so it is computed once per text dict — the sampler
+        passes the same one at every step — and the U-Net alone runs each step: the same numbers as
+        ``self.model(x, t, text)``, without the brain's forward pass at every step."""
+        if self._cond_text is not text:
+            self._cond, self._cond_text = self.model.condition(text), text
+        c = self._cond
+        unet = self.model.unet
+        return unet(
+            x, t, c["context"], c["context_mask"], c["pooled"].to(x.dtype), text.get("augment")
+        ).float()
 
     def branches(self, prompts: list[str], negative_prompt: str = "") -> tuple[dict, dict]:
         """The conditional and unconditional inputs of classifier-free guidance (padded to one length): the

@@ -32,6 +32,7 @@ from moas.inference.prompt_file import read_sample_prompts
 from moas.models.generator import MoasGenerator
 from moas.models.upgrade import features_missing, upgrade_model_args
 from moas.monitor.dashboard import Dashboard
+from moas.monitor.phases import PhaseClock
 from moas.monitor.run_folder import new_run_dir
 from moas.monitor.run_monitor import RunMonitor
 from moas.resources import EnhancedResourceManager
@@ -399,7 +400,7 @@ def build_run(
 ) -> dict:
     """Every piece of a run, as the Trainer's keyword arguments; a checkpoint is restored with
     ``train.auto_resume``. The order is fixed (see the module docstring)."""
-    tc = cfg.train
+    tc, clock = cfg.train, PhaseClock()
     runtime = build_runtime(cfg, dist_ctx)
     dist, device = runtime.dist, runtime.device
     seed_everything(tc.seed)
@@ -407,7 +408,8 @@ def build_run(
     resume_path, resume = find_resume(tc.checkpoint_dir, tc.auto_resume)
     base = build_base(cfg, resume_path)
     encoder_id = resume["text_encoder"] if resume else base.text_encoder if base else None
-    data = build_data(cfg, encoder_id, progress, runtime)
+    with clock("data and captions"):  # validation, the cache, caption embeddings
+        data = build_data(cfg, encoder_id, progress, runtime)
     saved_args = resume["model_args"] if resume else base.model_args if base else None
     parts, state, plan, steps = build_parts(cfg, runtime, data, saved_args, base)
     model = parts.model
@@ -434,7 +436,8 @@ def build_run(
     if dist.is_main:
         run_dir = build_run_folder(cfg, data, parts, state, previous_run, policy)
         show = progress if dashboard is None else dashboard
-        monitor = build_monitor(cfg, run_dir, data, objective, device, state.micro_batch, show, paths[0])
+        with clock("tag model"):  # the folder evaluation's (trained once, then cached)
+            monitor = build_monitor(cfg, run_dir, data, objective, device, state.micro_batch, show, paths[0])
         total = tc.epochs * steps
         monitor.set_status(  # for the dashboard's progress and ETA
             epochs=tc.epochs,
@@ -470,4 +473,5 @@ def build_run(
         "faults": faults,
         "model_paths": paths,
         "progress": progress,
+        "clock": clock,
     }

@@ -124,7 +124,7 @@ def build_folder_scorer(cfg: MoasConfig, data: TrainingData, progress: bool) -> 
         heldout_idx = train_idx
     try:
         tagger = load_or_train_tagger(
-            joined, seed=cfg.train.seed, progress=progress, max_seconds=mc.tagger_seconds
+            joined, seed=cfg.train.seed, progress=progress, max_steps=mc.tagger_steps
         )
     except DataError as e:
         log.info("Folder eval off: %s", e)

@@ -33,7 +33,7 @@ from moas.data.dataset import smart_collate_fn
 from moas.data.loader import loader_kwargs
 from moas.diffusion.objective import DiffusionObjective, ObjectiveOutput
 from moas.errors import MoasError
-from moas.inference.model_card import save_model
+from moas.monitor.phases import PhaseClock, save_timings
 from moas.monitor.step_log import StepReport, report_step
 from moas.train.batches import ResumableBatchSampler, RunBatchSampler
 from moas.train.builders import build_run
@@ -44,7 +44,13 @@ from moas.train.inputs import TrainingInputs
 from moas.train.oom import first_line, free_memory, is_oom, shrink_micro_batch
 from moas.train.parts import LoopSettings, Runtime, TrainingData, TrainingParts
 from moas.train.precision import autocast_factory
-from moas.train.saving import CheckpointPolicy, RunRecord, model_file_contents, save_at_boundary
+from moas.train.saving import (
+    CheckpointPolicy,
+    RunRecord,
+    model_file_contents,
+    save_at_boundary,
+    write_final_models,
+)
 from moas.train.sequences import PanelTraining, ddp_touch
 from moas.train.signals import GracefulStop, TrainingInterrupted
 from moas.train.state import TrainResult, TrainState, emergency_checkpoint_name, step_checkpoint_name
@@ -80,11 +86,13 @@ class Trainer:
         faults: FaultInjector,
         model_paths: tuple[Path, Path],  # (the model for generation, the last weights)
         progress: bool = True,
+        clock: PhaseClock | None = None,  # where the run's time goes (started by the builders)
     ) -> None:
         self.settings, self.state, self.parts, self.data = settings, state, parts, data
         self.objective, self.inputs, self.panels, self.plan = objective, inputs, panels, plan
         self.runtime, self.record, self.policy, self.monitor = runtime, record, policy, monitor
         self.faults, self.model_paths, self.progress = faults, model_paths, progress
+        self.clock = clock or PhaseClock()
         self.dist, self.device = runtime.dist, runtime.device
         self._autocast = autocast_factory(self.device, runtime.amp_dtype)
         self.stopper: GracefulStop | None = None
@@ -114,7 +122,8 @@ class Trainer:
             try:
                 while self.state.epoch < self.settings.epochs:
                     try:
-                        finished = self._run_epoch()
+                        with self.clock("generator steps"):  # the phases inside are timed apart
+                            finished = self._run_epoch()
                     except _OOMSignal:
                         finished = None  # recovered below, once the error and what its frames hold are gone
                     except _RedoStep:  # the compiled U-Net failed inside a step: redo it uncompiled
@@ -328,9 +337,11 @@ class Trainer:
         st = self.state
         sr = self.parts.sr
         try:
-            scalars = self.parts.domain.after_step(self.x0_batch, self.x0_pred, st.global_step)
+            with self.clock("enhancer and discriminator"):
+                scalars = self.parts.domain.after_step(self.x0_batch, self.x0_pred, st.global_step)
             if sr is not None and st.global_step % sr.cfg.every == 0:
-                scalars.update(sr.step())
+                with self.clock("super-resolution stage"):
+                    scalars.update(sr.step())
             return scalars
         except Exception as exc:
             if not is_oom(exc):
@@ -383,18 +394,20 @@ class Trainer:
         )
         # The grid first, so the model card of a model chosen at this epoch shows this epoch's samples.
         if self.monitor is not None and s.sample_every and (done % s.sample_every == 0 or last):
-            self.monitor.sample_grid(p.ema.model, done, st.global_step, self.device)
+            with self.clock("sample grids"):
+                self.monitor.sample_grid(p.ema.model, done, st.global_step, self.device)
         if done % s.save_every == 0 or last or done in self.policy.milestones:
             self.save(epoch_checkpoint_name(done), kind="epoch")
             if self.monitor is not None:  # validation, best-model file, progress.png (rank 0)
-                self.monitor.on_checkpoint(done, st.global_step, p.ema.model, self._model_file)
+                with self.clock("validation and best step"):
+                    self.monitor.on_checkpoint(done, st.global_step, p.ema.model, self._model_file)
 
     # ----------------------------------------------------------------------------------- files
     def save(self, name: str, kind: str = "checkpoint") -> Path | None:
         """Write ``name`` in the checkpoint folder from the last step boundary (rank 0; collective)."""
-        return save_at_boundary(
-            name, kind, self.state, self.parts, self.record, self.policy, self.dist, self.faults
-        )
+        with self.clock("checkpoints"):
+            args = (self.state, self.parts, self.record, self.policy, self.dist, self.faults)
+            return save_at_boundary(name, kind, *args)
 
     def _model_file(self):
         return model_file_contents(self.state, self.parts, self.record)
@@ -456,35 +469,16 @@ class Trainer:
         st = self.state
         model_path, last_path = self.model_paths
         if self.dist.is_main:
-            contents = self._model_file()
-            save_model(last_path, contents)
-            keeper = self.monitor.keeper
-            if keeper is None or keeper.best is None or not model_path.is_file():
-                save_model(model_path, contents)
-            else:
-                log.info(
-                    "Best checkpoint: epoch %d (%s %s).",
-                    keeper.best["epoch"],
-                    keeper.metric,
-                    keeper.best_score,
-                )
+            with self.clock("model files"):
+                write_final_models(self.model_paths, self._model_file(), self.monitor.keeper, st.global_step)
             if self.record.style_db is not None:  # also beside the model file, readable without torch
                 self.data.dataset.style_db.save(model_path.with_name(model_path.stem + ".styles.json"))
             self.monitor.close()
             log.info("Model for generation saved to %s (run folder %s).", model_path, self.record.run_dir)
+            save_timings(self.record.run_dir, self.clock)
         self.dist.barrier()
-        return TrainResult(
-            self.record.run_dir,
-            model_path,
-            st.epoch,
-            st.global_step,
-            self.last_loss,
-            self.ips,
-            st.skipped_steps,
-            st.micro_batch,
-            st.grad_accum,
-            last_path,
-        )
+        where = (st.epoch, st.global_step, self.last_loss, self.ips, st.skipped_steps)
+        return TrainResult(self.record.run_dir, model_path, *where, st.micro_batch, st.grad_accum, last_path)
 
 
 def build_trainer(cfg, progress: bool = True, dist_ctx=None, dashboard: bool | None = None) -> Trainer:

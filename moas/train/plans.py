@@ -122,7 +122,7 @@ def meta_networks(
 def disk_plan(cfg: MoasConfig, steps_per_epoch: int = 0) -> DiskPlan:
     """What the run's checkpoints and model files take at their peak (``moas/train/disk.py``)."""
     tc = cfg.train
-    policy = SavePolicy.of(tc, milestone_epochs(tc.epochs), steps_per_epoch)
+    policy = SavePolicy.of(tc, milestone_epochs(tc.epochs, tc.milestones), steps_per_epoch)
     generator, enhancer, disc, sr = meta_networks(cfg)
     nets = (bytes_of(generator), bytes_of(enhancer), bytes_of(disc))
     return plan_disk(policy, *nets, amsgrad=tc.amsgrad, sr=bytes_of(sr))

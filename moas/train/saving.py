@@ -20,6 +20,7 @@ import torch
 
 from moas.checkpoint import epoch_checkpoint_name, save_checkpoint
 from moas.errors import CheckpointError
+from moas.inference.model_card import link_model, save_model
 from moas.inference.model_file import ModelFile, model_file_path, provenance
 from moas.train.distributed import DistContext
 from moas.train.faults import FaultInjector
@@ -33,9 +34,10 @@ log = logging.getLogger("moas.train.loop")
 MILESTONES_260 = (40, 80, 120, 160, 200, 230, 260)  # the original's milestone epochs of a 260-epoch run
 
 
-def milestone_epochs(epochs: int) -> set[int]:
-    """The original's milestones, scaled to this run's length; never rotated away."""
-    return {max(1, round(m * epochs / 260)) for m in MILESTONES_260}
+def milestone_epochs(epochs: int, keep: bool = True) -> set[int]:
+    """The original's milestones, scaled to this run's length; never rotated away. None when ``keep`` is
+    off (``train.milestones``: a short run has no use for seven archival checkpoints)."""
+    return {max(1, round(m * epochs / 260)) for m in MILESTONES_260} if keep else set()
 
 
 @dataclass
@@ -69,7 +71,7 @@ class CheckpointPolicy:
             Path(train.checkpoint_dir),
             train.keep_last,
             train.keep_optimizer_last,
-            milestone_epochs(train.epochs),
+            milestone_epochs(train.epochs, train.milestones),
             train.old_checkpoint,
             train.keep_emergency,
         )
@@ -186,6 +188,24 @@ def model_file_contents(state: TrainState, parts: TrainingParts, record: RunReco
             "sample_grid": newest_sample_grid(record.run_dir),
         },
     )
+
+
+def write_final_models(paths: tuple[Path, Path], contents: ModelFile, keeper, global_step: int) -> None:
+    """The end of a run: the last weights go to the last-model file; the model for generation keeps the
+    best-scoring checkpoint's weights (``keeper``: a BestModelKeeper or None), or gets the last ones when
+    selection is off or never ran. When the best is the last step the two are one file under two names
+    (a hard link where the file system has them): same weights, no second copy on disk."""
+    model_path, last_path = paths
+    best = keeper.best if keeper is not None else None
+    if best is None or not model_path.is_file():
+        save_model(last_path, contents)
+        save_model(model_path, contents)
+        return
+    if best["global_step"] == global_step:
+        link_model(last_path, model_path, contents)
+    else:
+        save_model(last_path, contents)
+    log.info("Best checkpoint: epoch %d (%s %s).", best["epoch"], keeper.metric, keeper.best_score)
 
 
 def newest_sample_grid(run_dir: Path) -> str | None:
