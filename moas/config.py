@@ -173,7 +173,7 @@ class TrainConfig:
     loss_clamp: float = 50.0  # NaN/Inf guard: clamp the loss here; skip the batch if still not finite
     ema_decay: float = 0.999  # upper bound; early steps use (1 + n) / (10 + n)
     mixed_precision: str = (
-        "auto"  # auto (bf16 if supported, else fp16 + GradScaler; fp32 on CPU) | bf16 | fp16 | no
+        "auto"  # auto (bf16 if supported, else fp16 + GradScaler; fp32 on CPU) | native | bf16 | fp16 | no
     )
     save_every: int = 5  # epochs between checkpoints (the final epoch is always saved)
     save_every_steps: int = 0  # also write checkpoint_<step>.pt every N optimizer steps (0 = off)
@@ -218,8 +218,8 @@ class TrainConfig:
         _check(self.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
         _check(
-            self.mixed_precision in ("auto", "bf16", "fp16", "no"),
-            "train.mixed_precision must be auto, bf16, fp16 or no",
+            self.mixed_precision in ("auto", "native", "bf16", "fp16", "no"),
+            "train.mixed_precision must be auto, native, bf16, fp16 or no",
         )
         _check(self.save_every >= 1 and self.sample_every >= 0, "train.save_every must be at least 1")
         _check(self.keep_last >= 1, "train.keep_last must be at least 1")

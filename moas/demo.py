@@ -31,8 +31,12 @@ def demo_commands(data: str, profile: str, prompt: str, output: str) -> list[tup
 
 
 def folder_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (0 when it does not exist)."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+    """Bytes of the files under ``path`` (0 when it does not exist); a file with several names (the
+    hard-linked ``last_model`` beside ``best_model``) counts once, as on the disk."""
+    if not path.is_dir():
+        return 0
+    seen = {(s.st_dev, s.st_ino): s.st_size for s in (p.stat() for p in path.rglob("*") if p.is_file())}
+    return sum(seen.values())
 
 
 def newest_run(runs: Path, since: float) -> Path | None:

@@ -37,14 +37,32 @@ def set_threads(cpu_threads: int) -> int:
     return n
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast is ~20 % faster
+    than fp32 per step; elsewhere it is emulated and slower. Read from /proc/cpuinfo (False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     """The autocast dtype: bf16 where supported, else fp16 (with a GradScaler); None = fp32.
 
-    On the CPU ``auto`` means fp32, so the demo and its pinned numbers stay as they are; an explicit
-    ``bf16`` or ``fp16`` is honoured there, which lets the tests run the mixed-precision path without a GPU."""
+    On the CPU ``auto`` means fp32, so the tests' pinned numbers stay as they are; ``native`` means bf16
+    where the CPU has bf16 instructions, else fp32 (the CPU profile's choice: faster, never slower); an
+    explicit ``bf16`` or ``fp16`` is honoured, which lets the tests run the mixed-precision path without a
+    GPU. On CUDA ``native`` is ``auto``."""
     if mode == "no" or device.type not in ("cuda", "cpu"):
         return None
     if device.type == "cpu":
+        if mode == "native":
+            return torch.bfloat16 if cpu_has_native_bf16() else None
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
     if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16

@@ -62,6 +62,26 @@ def test_auto_stays_fp32_on_the_cpu_and_an_explicit_mode_is_honoured():
     assert autocast_dtype(CPU, "fp16") == torch.float16 and autocast_dtype(CPU, "bf16") == torch.bfloat16
 
 
+def test_native_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch, tmp_path):
+    import builtins
+
+    from moas import device
+
+    real_open = builtins.open
+    for flags, want in (("fpu sse avx512f avx512_bf16", torch.bfloat16), ("fpu sse avx2", None)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor : 0\nflags\t\t: {flags}\n")
+
+        def fake(path, *a, _info=info, **k):
+            return real_open(_info if path == "/proc/cpuinfo" else path, *a, **k)
+
+        monkeypatch.setattr(builtins, "open", fake)
+        assert device.cpu_has_native_bf16() == (want is not None)
+        assert autocast_dtype(CPU, "native") == want
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert load_config(None, TINY_CONFIG, overrides={"train": {"mixed_precision": "native"}}, use_env=False)
+
+
 def test_the_scaler_follows_the_device_and_only_fp16_enables_it():
     s = grad_scaler(CPU, torch.float16)
     assert s.is_enabled() and s._device == "cpu"

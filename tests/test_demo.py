@@ -6,13 +6,14 @@ sleeps. The README must show the commands the demo runs (``demo_commands``), so 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from pathlib import Path
 
 import pytest
 
-from moas.demo import DEMO_PROMPT, demo_commands, run_demo
+from moas.demo import DEMO_PROMPT, demo_commands, folder_bytes, run_demo
 from moas.monitor.phases import PhaseClock, load_timings, phase_table, save_timings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -84,3 +85,11 @@ def test_the_readme_shows_the_demo_and_the_commands_it_runs():
     assert "&& moas demo" in text
     for _, argv in demo_commands("data/demo", "cpu_tiny", DEMO_PROMPT, "result.png"):
         assert f"moas {shlex.join(argv)}" in text, argv
+
+
+def test_folder_bytes_counts_a_hard_linked_file_once(tmp_path):
+    (tmp_path / "best.safetensors").write_bytes(b"x" * 1000)
+    os.link(tmp_path / "best.safetensors", tmp_path / "last.safetensors")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "card.md").write_bytes(b"y" * 10)
+    assert folder_bytes(tmp_path) == 1010 and folder_bytes(tmp_path / "missing") == 0
