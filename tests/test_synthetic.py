@@ -208,3 +208,16 @@ def test_eval_cases(demo: tuple[Path, dict]) -> None:
         assert isinstance(c["seed"], int)
     with pytest.raises(DataError):
         syn.eval_cases({"images": []}, 2, 0)
+
+
+def test_worker_processes_draw_the_same_files_as_one_process(tmp_path, monkeypatch):
+    from moas.data import synthetic
+
+    serial = synthetic.generate_demo_dataset(tmp_path / "one", n_images=12, size=32, seed=5, progress=False)
+    monkeypatch.setattr(synthetic, "PARALLEL_FROM", 2)  # 12 images: worth a pool now
+    pooled = synthetic.generate_demo_dataset(tmp_path / "two", n_images=12, size=32, seed=5, progress=False)
+    assert pooled["images"] == serial["images"]
+    for entry in serial["images"]:
+        for suffix in (".png", ".txt"):
+            rel = Path(entry["file"]).with_suffix(suffix)
+            assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes()

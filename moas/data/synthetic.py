@@ -37,7 +37,7 @@ from moas.data.synthetic_draw import (  # noqa: F401 (the demo vocabulary is par
     draw_character,
     prompt_for,
 )
-from moas.data.synthetic_files import DemoWriter, deck
+from moas.data.synthetic_files import DemoWriter, deck, save_pair
 from moas.data.synthetic_panels import remove_stale_sequences, write_sequences
 from moas.data.synthetic_scene import generate_two_character_dataset
 from moas.errors import DataError
@@ -121,29 +121,58 @@ def _write_images(
     held: list[tuple[str, str]],
     progress: bool,
 ) -> list[dict]:
-    """The ordinary (non-sequence) images with their captions; returns their manifest entries."""
+    """The ordinary (non-sequence) images with their captions; returns their manifest entries.
+
+    The attribute decks are dealt here, in order; each image is then drawn from its own random stream, so
+    a large set is drawn by several processes with the same files as one."""
     plan = random.Random(f"moas-plan:{seed}")
     hair_deck, eye_deck = deck(list(HAIR_COLORS), plan), deck(list(EYE_COLORS), plan)
     style_deck, artist_deck = deck(HAIR_STYLES, plan), deck(artists, plan)
     bg_decks = {h: deck([b for b in BACKGROUNDS if (h, b) not in held], plan) for h in HAIR_COLORS}
     writer = DemoWriter(out, n_images, artists)
-    images = []
-    for i in writer.indices(n_images, progress, "demo dataset"):
-        rng = random.Random(f"moas-img:{seed}:{i}")  # per-image stream: output is independent of n_images
+    jobs = []
+    for i in range(n_images):
         hair = next(hair_deck)
         attrs = {"hair_color": hair, "hair_style": next(style_deck), "eye_color": next(eye_deck)}
         attrs["background"] = next(bg_decks[hair])
-        n_acc = rng.choices((0, 1, 2), (0.35, 0.4, 0.25))[0]
-        attrs["accessories"] = sorted(rng.sample(ACCESSORIES, n_acc), key=ACCESSORIES.index)
-        attrs["expression"] = rng.choice(EXPRESSIONS)
-        artist = next(artist_deck)
-        img = draw_character(attrs, size, artist, rng)
-        keys = ("hair_color", "eye_color", "background", "hair_style", "accessories")
-        caption = prompt_for(*(attrs[k] for k in keys), rng=rng, expression=attrs["expression"])
-        file = writer.save(i, artist, img, caption)
-        images.append({"file": file, **attrs, "artist": artist, "caption": caption})
+        jobs.append((str(out), writer.digits, seed, size, i, attrs, next(artist_deck)))
+    workers = min(os.cpu_count() or 1, 4) if n_images >= PARALLEL_FROM else 1
+    images = []
+    with _pool(workers) as pool:
+        drawn = pool.map(_draw_one, jobs, chunksize=16) if pool else map(_draw_one, jobs)
+        for entry in writer.progress(drawn, n_images, progress, "demo dataset"):
+            writer.mark(entry["file"])
+            images.append(entry)
     writer.remove_stale()
     return images
+
+
+PARALLEL_FROM = 200  # below this, starting worker processes costs more than it saves
+
+
+def _pool(workers: int):
+    """A process pool of ``workers`` (spawned: safe whatever threads the caller runs), or a null context."""
+    import contextlib
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers < 2:
+        return contextlib.nullcontext(None)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _draw_one(job: tuple) -> dict:
+    """Draw and write one image with its caption (in a worker process or in this one)."""
+    out, digits, seed, size, i, attrs, artist = job
+    rng = random.Random(f"moas-img:{seed}:{i}")  # per-image stream: output is independent of n_images
+    n_acc = rng.choices((0, 1, 2), (0.35, 0.4, 0.25))[0]
+    attrs = dict(attrs, accessories=sorted(rng.sample(ACCESSORIES, n_acc), key=ACCESSORIES.index))
+    attrs["expression"] = rng.choice(EXPRESSIONS)
+    img = draw_character(attrs, size, artist, rng)
+    keys = ("hair_color", "eye_color", "background", "hair_style", "accessories")
+    caption = prompt_for(*(attrs[k] for k in keys), rng=rng, expression=attrs["expression"])
+    file = save_pair(Path(out), f"train/{artist}/{i:0{digits}d}", img, caption)
+    return {"file": file, **attrs, "artist": artist, "caption": caption}
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict:

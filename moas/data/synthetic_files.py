@@ -35,19 +35,27 @@ class DemoWriter:
 
     def indices(self, n_images: int, progress: bool, desc: str) -> Iterable[int]:
         """``range(n_images)``, under a progress bar when asked."""
+        return self.progress(range(n_images), n_images, progress, desc)
+
+    @staticmethod
+    def progress(items: Iterable, total: int, progress: bool, desc: str) -> Iterable:
+        """``items``, under a progress bar when asked."""
         if not progress:
-            return range(n_images)
+            return items
         from tqdm import tqdm
 
-        return tqdm(range(n_images), desc=desc, unit="img")
+        return tqdm(items, total=total, desc=desc, unit="img")
 
     def save(self, index: int, artist: str, image: Image.Image, caption: str) -> str:
         """Write the pair; return its relative path with ``.png``."""
-        rel = f"train/{artist}/{index:0{self.digits}d}"
-        image.save(self.out / f"{rel}.png", format="PNG")
-        (self.out / f"{rel}.txt").write_text(caption + "\n", encoding="utf-8")
-        self.written |= {self.out / f"{rel}.png", self.out / f"{rel}.txt"}
-        return f"{rel}.png"
+        file = save_pair(self.out, f"train/{artist}/{index:0{self.digits}d}", image, caption)
+        self.mark(file)
+        return file
+
+    def mark(self, file: str) -> None:
+        """Record a pair written (by this process or a worker) under its ``.png`` path, so it is kept."""
+        png = self.out / file
+        self.written |= {png, png.with_suffix(".txt")}
 
     def remove_stale(self) -> None:
         """Regenerating into an old folder (of either drawer) must not leave images of a larger run."""
@@ -55,3 +63,10 @@ class DemoWriter:
             for p in (self.out / "train" / a).iterdir():
                 if re.fullmatch(r"\d{5,}\.(png|txt)", p.name) and p not in self.written:
                     p.unlink()
+
+
+def save_pair(out: Path, rel: str, image: Image.Image, caption: str) -> str:
+    """Write ``out/rel.png`` and its caption ``out/rel.txt``; return ``rel.png``."""
+    image.save(out / f"{rel}.png", format="PNG")
+    (out / f"{rel}.txt").write_text(caption + "\n", encoding="utf-8")
+    return f"{rel}.png"
