@@ -82,8 +82,8 @@ def test_a_much_smaller_batch_at_the_profiles_lr_is_warned(workdir):
         return load_config("cpu_tiny", overrides={"train": train} if train else None, use_env=False)
 
     assert lr_batch_warning(cfg()) is None
-    assert lr_batch_warning(cfg(batch_size=16, grad_accum_steps=2)) is None  # same effective batch
-    assert lr_batch_warning(cfg(batch_size=24)) is None  # not half the profile's
+    assert lr_batch_warning(cfg(batch_size=8, grad_accum_steps=2)) is None  # same effective batch
+    assert lr_batch_warning(cfg(batch_size=12)) is None  # not half the profile's
     text = lr_batch_warning(cfg(batch_size=8))
-    assert "effective batch is 8" in text and "cpu_tiny profile's 32" in text and "--lr 0.00025" in text
-    assert lr_batch_warning(cfg(batch_size=8, lr=2.5e-4)) is None  # the user scaled it
+    assert "effective batch is 8" in text and "cpu_tiny profile's 16" in text and "--lr 0.00035" in text
+    assert lr_batch_warning(cfg(batch_size=8, lr=3.5e-4)) is None  # the user scaled it
