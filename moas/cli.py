@@ -490,10 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[a.command](a)
     except MoasError as e:
-        if getattr(e, "signum", None):  # a graceful stop on SIGINT/SIGTERM, not a failure
-            print(f"moas: {e}", file=sys.stderr)
-            return e.exit_code
-        print(f"moas: error: {e}", file=sys.stderr)
+        stopped = getattr(e, "signum", None)  # a graceful stop on SIGINT/SIGTERM, not a failure
+        print(f"moas: {e}" if stopped else f"moas: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("moas: interrupted", file=sys.stderr)
