@@ -35,7 +35,7 @@ MILESTONES_260 = (40, 80, 120, 160, 200, 230, 260)  # the original's milestone e
 
 
 def milestone_epochs(epochs: int, keep: bool = True) -> set[int]:
-    """The original's milestones, scaled to this run's length; never rotated away. None when ``keep`` is
+    """The original's milestones, scaled to this run's length; never rotated away. Empty when ``keep`` is
     off (``train.milestones``: a short run has no use for seven archival checkpoints)."""
     return {max(1, round(m * epochs / 260)) for m in MILESTONES_260} if keep else set()
 
