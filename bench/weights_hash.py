@@ -5,7 +5,9 @@
 Two runs of 20 optimizer steps on demo data, one thread: ``plain`` is ``tests/golden.toml`` (the frozen
 tiny configuration, whole brain and enhancer) as it is; ``everything`` turns on the paths the plain run
 skips (gradient accumulation, domain losses, the discriminator, style tokens, caption shuffling/dropout,
-panel sequences for the memory expert). The hash covers the generator, its EMA, the optimizer and
+panel sequences for the memory expert); ``sr`` trains the cascade's super-resolution stage beside the
+generator; ``stage sr`` trains the stage alone on the ``plain`` run's model (``moas train --stage sr``).
+The hash covers the generator, its EMA, the optimizer and
 schedule, the discriminator and enhancer states and the step generator of the last checkpoint, in sorted
 key order. Compare the hashes printed before and after a change that must not alter training, on the same
 machine and thread count.
@@ -36,6 +38,10 @@ EVERYTHING = {
     "data": {"extract_style": True, "shuffle_tags": True, "tag_dropout": 0.2, "caption_dropout": 0.1},
     "train": {"grad_accum_steps": 2},
     "losses": {"domain": True, "adversarial": True, "disc_warmup_steps": 5},
+}
+SR = {
+    "sr": {"train": True, "every": 2, "crop": 32, "block_channels": [16, 32], "attention": [False, True],
+           "batch_size": 2, "scale": 2},
 }
 
 
@@ -81,9 +87,35 @@ def run(root: Path, data: Path, extra: dict) -> str:
     ]
     state = torch.load(sidecars[0].with_suffix(""), map_location="cpu", weights_only=True)
     h = hashlib.sha256()
-    for key in ("model", "ema", "optimizer", "scheduler", "domain", "train_rng", "epoch", "batch_in_epoch"):
-        h.update(key.encode())
-        digest(state[key], h)
+    keys = ("model", "ema", "optimizer", "scheduler", "domain", "train_rng", "epoch", "batch_in_epoch", "sr")
+    for key in keys:
+        if key in state:
+            h.update(key.encode())
+            digest(state[key], h)
+    return h.hexdigest()
+
+
+def run_stage_sr(root: Path, data: Path, base_model: Path) -> str:
+    """``moas train --stage sr`` for STEPS steps on ``base_model``: the hash of its last stage checkpoint."""
+    from moas.train.sr_run import train_sr
+
+    over = {
+        "data": {"data_dir": str(data), "cache_dir": str(root / "cache")},
+        "train": {
+            "checkpoint_dir": str(root / "ckpt"),
+            "save_path": str(root / "models" / "with_sr.safetensors"),
+            "init_from": str(base_model),
+            "max_steps": STEPS,
+            "seed": 5,
+        },
+        "resources": {"cpu_threads": 1},
+        **SR,
+    }
+    train_sr(load_config(None, TINY, over, use_env=False), progress=False)
+    newest = sorted((root / "ckpt").rglob("*.pt"))[-1]
+    state = torch.load(newest, map_location="cpu", weights_only=True)
+    h = hashlib.sha256()
+    digest(state["sr"], h)
     return h.hexdigest()
 
 
@@ -95,6 +127,10 @@ def main() -> int:
         generate_demo_dataset(root / "seq", n_images=24, size=32, seed=4, sequences=6, progress=False)
         print("plain     ", run(root / "plain", root / "demo" / "train", {}))
         print("everything", run(root / "all", root / "seq" / "train", EVERYTHING))
+        print("sr        ", run(root / "sr", root / "demo" / "train", SR))
+        models = (root / "plain" / "models").glob("best_model.*")
+        base = next(p for p in models if p.suffix in (".safetensors", ".pt"))
+        print("stage sr  ", run_stage_sr(root / "stage", root / "demo" / "train", base))
     return 0
 
 

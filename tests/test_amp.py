@@ -19,7 +19,7 @@ from moas.checkpoint import load_checkpoint
 from moas.config import load_config
 from moas.data.dataset import ArtDataset
 from moas.device import autocast_dtype
-from moas.train import domain as domain_mod
+from moas.train import trained_net as trained_net_mod
 from moas.train.builders import build_domain
 from moas.train.loop import Trainer, train
 from moas.train.precision import grad_scaler, load_scaler_state
@@ -116,14 +116,15 @@ def test_a_side_network_overflow_halves_its_scale_and_skips_its_step(fp16_domain
     state stay as they were; the other network steps normally; the next step trains again."""
     cfg, ds = fp16_domain
     dom = build_domain(cfg, ds, CPU, torch.float16)
-    module, scaler = (dom.disc, dom.disc_scaler) if net == "disc" else (dom.enhancer, dom.enh_scaler)
-    other, other_scaler = (dom.enhancer, dom.enh_scaler) if net == "disc" else (dom.disc, dom.disc_scaler)
+    mine, theirs = (dom.disc_net, dom.enh_net) if net == "disc" else (dom.enh_net, dom.disc_net)
+    module, scaler = mine.module, mine.scaler
+    other, other_scaler = theirs.module, theirs.scaler
     x0 = torch.rand(4, 3, 16, 16) * 2 - 1  # (4, 3, 16, 16)
     dom.after_step(x0, x0.flip(0), global_step=1)  # one clean step: optimizer states exist
     before = {k: v.clone() for k, v in module.state_dict().items()}
     other_before = {k: v.clone() for k, v in other.state_dict().items()}
     scale, other_scale = scaler.get_scale(), other_scaler.get_scale()
-    real_average = domain_mod.average_gradients
+    real_average = trained_net_mod.average_gradients
 
     def overflow(params):  # runs between backward and unscale_, as the DDP averaging does
         params = list(params)
@@ -131,7 +132,7 @@ def test_a_side_network_overflow_halves_its_scale_and_skips_its_step(fp16_domain
             next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
         real_average(params)
 
-    monkeypatch.setattr(domain_mod, "average_gradients", overflow)
+    monkeypatch.setattr(trained_net_mod, "average_gradients", overflow)
     dom.after_step(x0, x0.flip(0), global_step=2)
     assert scaler.get_scale() == scale / 2 and other_scaler.get_scale() == other_scale
     after = module.state_dict()
@@ -139,7 +140,7 @@ def test_a_side_network_overflow_halves_its_scale_and_skips_its_step(fp16_domain
     learned = {k for k, _ in module.named_parameters()}
     assert all(torch.equal(before[k], after[k]) for k in learned)
     assert any(not torch.equal(other_before[k], v) for k, v in other.state_dict().items())
-    monkeypatch.setattr(domain_mod, "average_gradients", real_average)
+    monkeypatch.setattr(trained_net_mod, "average_gradients", real_average)
     dom.after_step(x0, x0.flip(0), global_step=3)
     assert scaler.get_scale() == scale / 2
     assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items() if k in learned)
@@ -175,7 +176,7 @@ def test_fp16_training_steps_every_optimizer_through_its_scaler(tmp_path, demo_d
     assert r.global_step == 4 and r.skipped_steps == 0 and math.isfinite(r.final_loss)
     p = seen["parts"]
     d = p.domain
-    pairs = [(p.scaler, p.opt), (d.disc_scaler, d.disc_opt), (d.enh_scaler, d.enh_opt)]
+    pairs = [(p.scaler, p.opt), (d.disc_net.scaler, d.disc_net.opt), (d.enh_net.scaler, d.enh_net.opt)]
     assert len({id(s) for s, _ in pairs}) == 3
     for scaler, opt in pairs:
         mine = [(n, o) for n, s, o in calls if s == id(scaler)]

@@ -54,7 +54,7 @@ def test_domain_training_parts(demo_dir, tmp_path):
 
     out = dom.after_step(x0, x0_pred, global_step=5)
     assert {"disc/loss", "enhance/loss", "enhance/sr_x2"} <= set(out)
-    assert dom.disc_steps == 1 and dom.enh_steps == 1
+    assert dom.disc_net.steps == 1 and dom.enh_net.steps == 1
     out = dom.after_step(x0, x0_pred, global_step=6)
     assert "enhance/sr_x4" in out  # ×2 and ×4 pairs alternate
 
@@ -63,7 +63,7 @@ def test_domain_training_parts(demo_dir, tmp_path):
     fresh.load_state_dict(state)
     for a, b in zip(fresh.enhancer.state_dict().values(), dom.enhancer.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert fresh.enh_steps == 2 and fresh.disc_steps == 2
+    assert fresh.enh_net.steps == 2 and fresh.disc_net.steps == 2
 
 
 def test_losses_off_by_default_costs_nothing(demo_dir, tmp_path):

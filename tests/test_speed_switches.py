@@ -330,7 +330,7 @@ def test_an_oom_in_the_enhancer_step_is_recovered_in_chunks(tmp_path, demo_dir, 
 
     def enhancer_loss(self, hr, lr, factor):
         calls.append(hr.shape[0])
-        if self.enh_steps == 1 and hr.shape[0] == 4:  # step 2, the whole batch
+        if self.enh_net.steps == 1 and hr.shape[0] == 4:  # step 2, the whole batch
             failing_pass(probe)
         return real(self, hr, lr, factor)
 
@@ -356,7 +356,7 @@ def test_an_enhancer_oom_even_one_image_at_a_time_ends_with_a_checkpoint_that_re
     real = DomainTraining.enhancer_loss
 
     def enhancer_loss(self, hr, lr, factor):
-        if self.enh_steps == 1:
+        if self.enh_net.steps == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         return real(self, hr, lr, factor)
 

@@ -60,7 +60,7 @@ from moas.train.init_from import (
 )
 from moas.train.inputs import TrainingInputs
 from moas.train.optim import adamw
-from moas.train.parts import LoopSettings, Runtime, TrainingData, TrainingParts
+from moas.train.parts import GENERATOR_KEYS, LoopSettings, Runtime, TrainingData, TrainingParts
 from moas.train.precision import grad_scaler
 from moas.train.resume import find_resume, resume_state
 from moas.train.saving import CheckpointPolicy, RunRecord, model_paths
@@ -70,6 +70,7 @@ from moas.train.speed import speed_up_unet
 from moas.train.sr_stage import SRStageTraining
 from moas.train.state import TrainState
 from moas.train.threads import thread_governor
+from moas.train.trained_net import TrainedNet
 
 log = logging.getLogger("moas.train.loop")
 
@@ -322,7 +323,17 @@ def build_parts(
             " (and its enhancer)" if load_base_enhancer(domain.enhancer, base) else "",
         )
     adaptive = build_adaptive(cfg)
-    parts = TrainingParts(model, model, ema, opt, sched, scaler, adaptive, continuous, domain, compiled)
+    net = TrainedNet(
+        "generator",
+        model,
+        opt,
+        scaler,
+        GENERATOR_KEYS,
+        max_grad_norm=tc.max_grad_norm,
+        ema=ema,
+        average=False,
+    )
+    parts = TrainingParts(net, model, sched, adaptive, continuous, domain, compiled)
     parts.sr = build_sr_stage(cfg, data, device, runtime.amp_dtype)
     log.info(
         "Generator: %.1fM parameters; %d steps/epoch × %d epochs; micro-batch %d × accumulation %d%s.",

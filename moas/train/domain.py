@@ -10,10 +10,11 @@
 Each returns per-term values for TensorBoard (``loss/<term>``, ``disc/*``, ``enhance/*``). ``state_dict``
 holds everything needed to resume; the model file takes the trained ``enhancer`` for generation.
 
-Under mixed precision the two side networks' forward passes run in autocast and each has its own GradScaler
-(``moas.train.precision``). Their steps come after the generator's has been applied, so an out-of-memory
-error in one is recovered on the spot: the step is redone on the same batch in more chunks
-(``moas.train.oom.retry_in_chunks``), and the chunk count is kept for the following steps.
+Each side network is a :class:`~moas.train.trained_net.TrainedNet` (its optimizer, GradScaler, guarded step
+and checkpoint state). Under mixed precision their forward passes run in autocast. Their steps come after
+the generator's has been applied, so an out-of-memory error in one is recovered on the spot: the step is
+redone on the same batch in more chunks (``TrainedNet.chunked``), and the chunk count is kept for the
+following steps.
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ from moas.losses import AdvancedLossFunctions, discriminator_loss
 from moas.models.discriminator import AnimeStyleDiscriminator
 from moas.models.enhance import QualityEnhancer
 from moas.train.degrade import degrade
-from moas.train.distributed import all_ranks_agree, average_gradients
-from moas.train.oom import retry_in_chunks
-from moas.train.optim import adamw, discriminator_optimizer, load_optimizer_state
-from moas.train.precision import autocast_factory, grad_scaler, load_scaler_state, scaled_step
+from moas.train.optim import adamw, discriminator_optimizer
+from moas.train.precision import autocast_factory, grad_scaler
+from moas.train.trained_net import StateKeys, TrainedNet
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,18 @@ ENHANCER_WEIGHTS = {
     "anatomy": 0.0,
     "gan": 0.0,
 }
+# Where each side network sits in the checkpoint's ``domain`` dict, as since the first release.
+DISC_KEYS = StateKeys(
+    module="disc", optimizer="disc_opt", scaler="disc_scaler", steps="disc_steps", chunks="disc_chunks"
+)
+ENH_KEYS = StateKeys(
+    module="enhancer",
+    optimizer="enh_opt",
+    scaler="enh_scaler",
+    steps="enh_steps",
+    chunks="enh_chunks",
+    rng="hr_rng",
+)
 
 
 def hr_dataset(dataset: ArtDataset, resolution: int) -> ArtDataset:
@@ -80,11 +92,8 @@ class DomainTraining:
         self.device = device
         mixed_precision = amp_dtype is not None
         self._autocast = autocast_factory(device, amp_dtype) or nullcontext
-        self.disc_scaler, self.enh_scaler = grad_scaler(device, amp_dtype), grad_scaler(device, amp_dtype)
-        # Pieces each side step's batch is cut into: more after an out-of-memory error.
-        self.disc_chunks = self.enh_chunks = 1
         self.domain_weight, self.low_noise_power = lc.domain_weight, lc.low_noise_power
-        self.disc_warmup_steps, self.max_grad_norm = lc.disc_warmup_steps, max_grad_norm
+        self.disc_warmup_steps = lc.disc_warmup_steps
         self.enhance_every, self.enhance_batch = ec.every, ec.batch_size
         weights = {k: getattr(lc, k) for k in TERM_FIELDS}
         weights["gan"] = lc.gan if lc.adversarial else 0.0
@@ -94,27 +103,47 @@ class DomainTraining:
                 weights, mixed_precision, lc.mse_weight, lc.l1_weight, lc.vgg_weights, term_clamp
             ).to(device)
             log.info("Domain losses on the predicted x0: %s.", ", ".join(self.stack.active))
-        self.disc = self.disc_opt = None
+        self.disc_net: TrainedNet | None = None
         if lc.adversarial:
-            self.disc = AnimeStyleDiscriminator(lc.disc_base_channels).to(device)
-            self.disc_opt = discriminator_optimizer(self.disc, generator_lr, weight_decay)
-        self.disc_steps = 0
-        self.enhancer = self.enh_opt = None
-        self.enh_steps = 0
+            disc = AnimeStyleDiscriminator(lc.disc_base_channels).to(device)
+            opt = discriminator_optimizer(disc, generator_lr, weight_decay)
+            scaler = grad_scaler(device, amp_dtype)
+            self.disc_net = TrainedNet(
+                "discriminator", disc, opt, scaler, DISC_KEYS, max_grad_norm=max_grad_norm
+            )
+        self.enh_net: TrainedNet | None = None
         if ec.train:
-            self.enhancer = QualityEnhancer(ec.width, ec.sr_channels, ec.sr_blocks).to(device)
-            self.enh_opt = adamw(self.enhancer.parameters(), lr=ec.lr, betas=(0.9, 0.999), amsgrad=True)
+            enhancer = QualityEnhancer(ec.width, ec.sr_channels, ec.sr_blocks).to(device)
+            opt = adamw(enhancer.parameters(), lr=ec.lr, betas=(0.9, 0.999), amsgrad=True)
+            self.hr_gen = torch.Generator().manual_seed(seed + 17)
+            self.enh_net = TrainedNet(
+                "enhancer",
+                enhancer,
+                opt,
+                grad_scaler(device, amp_dtype),
+                ENH_KEYS,
+                max_grad_norm=1.0,
+                gen=self.hr_gen,
+            )
             enh_weights = dict(ENHANCER_WEIGHTS, perceptual=lc.perceptual)
             self.enh_stack = AdvancedLossFunctions(
                 enh_weights, False, vgg_weights=lc.vgg_weights, term_clamp=term_clamp
             ).to(device)
             self.hr = hr_dataset(dataset, dataset.resolution * ec.scale)
-            self.hr_gen = torch.Generator().manual_seed(seed + 17)
             self._hr_iter = None
-            n = sum(p.numel() for p in self.enhancer.parameters())
+            n = sum(p.numel() for p in enhancer.parameters())
             log.info(
                 "QualityEnhancer: %.2fM parameters, trained on %d px pairs.", n / 1e6, self.hr.resolution
             )
+
+    @property
+    def disc(self) -> AnimeStyleDiscriminator | None:
+        return self.disc_net.module if self.disc_net is not None else None
+
+    @property
+    def enhancer(self) -> QualityEnhancer | None:
+        """The trained enhancer (it goes into the model file), or None when it does not train."""
+        return self.enh_net.module if self.enh_net is not None else None
 
     # --- generator side -------------------------------------------------------------------------------
     def disc_active(self, global_step: int) -> bool:
@@ -158,29 +187,18 @@ class DomainTraining:
         return out
 
     def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
-        self.disc.train()
-        logs, self.disc_chunks = retry_in_chunks(
-            lambda k: self._discriminator_backward(real, fake, k),
-            self.disc_chunks,
-            real.shape[0],
-            self.device,
-            "discriminator",
-        )
-        if not all_ranks_agree(math.isfinite(logs["disc/loss"])):
-            log.warning("Non-finite discriminator loss; its step is skipped.")
-            self.disc_opt.zero_grad(set_to_none=True)
-            return {}
-        average_gradients(self.disc.parameters())  # under DDP every rank keeps the same critic
-        scaled_step(self.disc_scaler, self.disc_opt, list(self.disc.parameters()), self.max_grad_norm)
-        self.disc_steps += 1
-        return logs
+        net = self.disc_net
+        net.module.train()
+        logs = net.chunked(lambda k: self._discriminator_backward(real, fake, k), real.shape[0], self.device)
+        return logs if net.apply(math.isfinite(logs["disc/loss"])) is not None else {}
 
     def _discriminator_backward(
         self, real: torch.Tensor, fake: torch.Tensor, chunks: int
     ) -> dict[str, float]:
         """The critic's loss and gradients, over ``chunks`` pieces of the batch (each weighted by its share,
         so the gradients are the whole batch's); its TensorBoard scalars."""
-        self.disc_opt.zero_grad(set_to_none=True)
+        net = self.disc_net
+        net.opt.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         for r, f in zip(real.tensor_split(chunks), fake.tensor_split(chunks), strict=True):
             with self._autocast():
@@ -188,7 +206,7 @@ class DomainTraining:
             real_p, fake_p = real_p.float(), fake_p.float()
             w = r.shape[0] / real.shape[0]
             loss = discriminator_loss(real_p, fake_p) * w
-            self.disc_scaler.scale(loss).backward()
+            net.backward(loss)
             scalars = {
                 "loss": loss.item(),
                 "real": real_p.mean().item() * w,
@@ -226,84 +244,49 @@ class DomainTraining:
         return r_sr.total + r_full.total, scalars
 
     def enhancer_step(self) -> dict[str, float]:
-        self.enhancer.train()
-        factor = 2 if self.enh_steps % 2 == 0 else 4  # alternate the ×2 and ×4 heads
+        net = self.enh_net
+        net.module.train()
+        factor = 2 if net.steps % 2 == 0 else 4  # alternate the ×2 and ×4 heads
         hr = self._hr_batch()  # (B, 3, H, W)
         # Degraded once for the whole batch, so a redo in chunks trains on the same pairs.
         lr = degrade(hr.cpu(), factor, self.hr_gen).to(self.device)  # (B, 3, H/f, W/f)
-        scalars, self.enh_chunks = retry_in_chunks(
-            lambda k: self._enhancer_backward(hr, lr, factor, k),
-            self.enh_chunks,
-            hr.shape[0],
-            self.device,
-            "enhancer",
-        )
-        if not all_ranks_agree(scalars is not None):
-            log.warning("Enhancer loss not usable at enhancer step %d; skipped.", self.enh_steps)
-            self.enh_opt.zero_grad(set_to_none=True)
-            return {}
-        average_gradients(self.enhancer.parameters())  # under DDP every rank keeps the same enhancer
-        scaled_step(self.enh_scaler, self.enh_opt, list(self.enhancer.parameters()), 1.0)
-        self.enh_steps += 1
-        return scalars
+        scalars = net.chunked(lambda k: self._enhancer_backward(hr, lr, factor, k), hr.shape[0], self.device)
+        return scalars if net.apply(scalars is not None) is not None else {}
 
     def _enhancer_backward(
         self, hr: torch.Tensor, lr: torch.Tensor, factor: int, chunks: int
     ) -> dict[str, float] | None:
         """The enhancer's gradients over ``chunks`` pieces of the batch, each weighted by its share; its
         TensorBoard scalars, or None when a loss is not finite or has no gradient."""
-        self.enh_opt.zero_grad(set_to_none=True)
+        self.enh_net.opt.zero_grad(set_to_none=True)
         scalars: dict[str, float] = {}
         for h, low in zip(hr.tensor_split(chunks), lr.tensor_split(chunks), strict=True):
             loss, terms = self.enhancer_loss(h, low, factor)
             if not (bool(torch.isfinite(loss)) and loss.requires_grad):
                 return None
             w = h.shape[0] / hr.shape[0]
-            self.enh_scaler.scale(loss * w).backward()
+            self.enh_net.backward(loss * w)
             _accumulate(scalars, {k: v * w for k, v in terms.items()})
         return scalars
 
     # --- persistence ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"disc_steps": self.disc_steps, "enh_steps": self.enh_steps}
-        if self.disc is not None:
-            state["disc"] = self.disc.state_dict()
-            state["disc_opt"] = self.disc_opt.state_dict()
-        if self.enhancer is not None:
-            state["enhancer"] = self.enhancer.state_dict()
-            state["enh_opt"] = self.enh_opt.state_dict()
-            state["hr_rng"] = self.hr_gen.get_state()
-        # Only what differs from a fresh start, so checkpoints of fp32 runs keep their exact contents.
-        for name, module, scaler, chunks in (
-            ("disc", self.disc, self.disc_scaler, self.disc_chunks),
-            ("enh", self.enhancer, self.enh_scaler, self.enh_chunks),
-        ):
-            if module is not None and scaler.is_enabled():
-                state[f"{name}_scaler"] = scaler.state_dict()
-            if chunks > 1:
-                state[f"{name}_chunks"] = chunks
+        state: dict[str, Any] = {DISC_KEYS.steps: 0, ENH_KEYS.steps: 0}
+        for net in (self.disc_net, self.enh_net):
+            if net is not None:
+                state.update(net.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore from a checkpoint; parts missing from an older checkpoint start fresh (logged)."""
+        """Restore from a checkpoint; a network missing from an older checkpoint starts fresh (logged)."""
         state = state or {}
-        self.disc_steps, self.enh_steps = int(state.get("disc_steps", 0)), int(state.get("enh_steps", 0))
-        self.disc_chunks, self.enh_chunks = int(state.get("disc_chunks", 1)), int(state.get("enh_chunks", 1))
-        load_scaler_state(self.disc_scaler, state.get("disc_scaler"))
-        load_scaler_state(self.enh_scaler, state.get("enh_scaler"))
-        for name, module, opt in (
-            ("disc", self.disc, self.disc_opt),
-            ("enhancer", self.enhancer, self.enh_opt),
-        ):
-            if module is None:
+        for net in (self.disc_net, self.enh_net):
+            if net is None:
                 continue
-            if name not in state:
-                log.info("The checkpoint has no %s weights; it starts from initialisation.", name)
+            if net.keys.module not in state:
+                log.info("The checkpoint has no %s weights; it starts from initialisation.", net.name)
                 continue
-            module.load_state_dict(state[name])
-            load_optimizer_state(opt, state["disc_opt" if name == "disc" else "enh_opt"])
-        if self.enhancer is not None and "hr_rng" in state:
-            self.hr_gen.set_state(state["hr_rng"])
+            net.load_state_dict(state)
 
 
 def _accumulate(total: dict[str, float], values: dict[str, float]) -> None:

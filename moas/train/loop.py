@@ -279,22 +279,11 @@ class Trainer:
 
     def _optimizer_step(self, loss: float, b: int, t_step: float, data_time: float, bar) -> None:
         st, p = self.state, self.parts
-        p.scaler.unscale_(p.opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(), self.settings.max_grad_norm)
-        bad = self.dist.all_max(float(self.group_bad or not torch.isfinite(grad_norm)))
+        grad_norm = p.net.apply(not self.group_bad)  # the NaN/Inf guard's third part: skip a bad step
         self.group_bad = False
-        if bad:  # NaN/Inf guard, part 3: no optimizer, schedule or EMA update from this step
-            if p.scaler.is_enabled():
-                p.scaler.update()  # lowers the fp16 loss scale
-            p.opt.zero_grad(set_to_none=True)
+        if grad_norm is None:  # no optimizer, schedule or EMA update from this step
             st.skipped_steps += 1
-            log.warning(
-                "Skipped an optimizer step (non-finite loss or gradient; %d so far).", st.skipped_steps
-            )
             return
-        p.scaler.step(p.opt)
-        p.scaler.update()
-        p.opt.zero_grad(set_to_none=True)
         p.sched.step()
         st.global_step += 1
         self.last_loss = self.dist.all_mean(loss)
@@ -302,7 +291,6 @@ class Trainer:
             lr = p.adaptive.observe(self.last_loss, p.sched.get_last_lr()[0])
             for g in p.opt.param_groups:
                 g["lr"] = lr
-        p.ema.update(p.model)
         st.mark_boundary()  # the generator has learned from this step: an emergency checkpoint continues after it
         scalars = {**self.domain_logs, **self._side_steps()}
         now = time.perf_counter()

@@ -21,45 +21,56 @@ from moas.train.continuous import AdvancedContinuousLearning
 from moas.train.distributed import DistContext
 from moas.train.domain import DomainTraining
 from moas.train.ema import EMA
-from moas.train.optim import load_optimizer_state
-from moas.train.precision import load_scaler_state
 from moas.train.schedule import WarmupCosineRestarts
 from moas.train.speed import CompiledForward
 from moas.train.sr_stage import SRStageTraining
 from moas.train.threads import ThreadGovernor
+from moas.train.trained_net import StateKeys, TrainedNet
+
+# The generator's parts at the top level of a checkpoint, as since the first release.
+GENERATOR_KEYS = StateKeys(
+    module="model", optimizer="optimizer", scaler="scaler", ema="ema", scaler_always=True
+)
 
 
 @dataclass
 class TrainingParts:
-    model: MoasGenerator
+    net: TrainedNet  # the generator with its optimizer, GradScaler and EMA (moas.train.trained_net)
     ddp_model: nn.Module  # the model, wrapped in DistributedDataParallel under torchrun
-    ema: EMA
-    opt: torch.optim.Optimizer
     sched: WarmupCosineRestarts
-    scaler: torch.amp.GradScaler  # the generator's (the side networks have theirs in ``domain``)
     adaptive: AdaptiveTrainingSystem | None  # the original's loss-curve lr rules (off by default)
     continuous: AdvancedContinuousLearning | None  # routing/expert-weight adjustment between epochs
     domain: DomainTraining  # domain losses, discriminator, enhancer
     compiled: CompiledForward | None = None  # the U-Net's torch.compile'd forward, when on
     sr: SRStageTraining | None = None  # the cascade's super-resolution stage, when it trains
 
+    @property
+    def model(self) -> MoasGenerator:
+        return self.net.module
+
+    @property
+    def ema(self) -> EMA:
+        return self.net.ema
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        return self.net.opt
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        return self.net.scaler
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            **self.net.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict(),
             "adaptive": self.adaptive.state_dict() if self.adaptive else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Raises KeyError, RuntimeError, ValueError or TypeError when ``state`` does not fit these parts."""
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        load_optimizer_state(self.opt, state["optimizer"])
+        self.net.load_state_dict(state)
         self.sched.load_state_dict(state["scheduler"])
-        load_scaler_state(self.scaler, state.get("scaler"))
         if self.adaptive is not None and "adaptive" in state:
             self.adaptive.load_state_dict(state["adaptive"])
 

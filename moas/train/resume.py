@@ -47,6 +47,7 @@ def resume_state(
         state.micro_batch = int(saved.get("micro_batch", state.micro_batch))
         state.grad_accum = int(saved.get("grad_accum", state.grad_accum))
         state.skipped_steps = int(saved.get("skipped_steps", 0))
+        parts.net.skipped = state.skipped_steps
     except (KeyError, RuntimeError, ValueError, TypeError):
         raise CheckpointError(
             f"Checkpoint {path} does not match this configuration; resume with the settings it was trained with."

@@ -90,19 +90,24 @@ def _recorded_checkpoints(directory: Path, patterns: tuple[str, ...]) -> list[tu
     return list(found.items())
 
 
-def find_latest_checkpoint(directory: str | os.PathLike[str], resumable_only: bool = True) -> Path | None:
+def find_latest_checkpoint(
+    directory: str | os.PathLike[str],
+    resumable_only: bool = True,
+    patterns: tuple[str, ...] = CHECKPOINT_PATTERNS,
+) -> Path | None:
     """Return the verified checkpoint with the highest global_step (then epoch, then mtime).
 
     Incomplete or corrupt checkpoints are skipped with a warning; stray temp files from dead
     writers are removed. With ``resumable_only`` (the default), checkpoints reduced by
     :func:`reduce_old_checkpoints` (sidecar ``"resumable": false``: thinned or weights-only) are skipped too.
-    Returns None if the directory is missing or holds no such checkpoint.
+    ``patterns``: which files count (default: a training run's checkpoints). Returns None if the directory
+    is missing or holds no such checkpoint.
     """
     d = Path(directory)
     if not d.is_dir():
         return None
     clean_stray_temp_files(d)
-    candidates = _recorded_checkpoints(d, CHECKPOINT_PATTERNS)
+    candidates = _recorded_checkpoints(d, patterns)
     if resumable_only:
         candidates = [(p, r) for p, r in candidates if r.get("resumable") is not False]
     candidates = _newest_first(candidates)

@@ -19,14 +19,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from moas.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from moas.checkpoint import load_checkpoint, save_checkpoint
 from moas.config import MoasConfig, deep_merge
 from moas.device import seed_everything
 from moas.errors import MoasError
 from moas.inference.model_file import read_model_file, write_model_file
-from moas.io import sidecar_path
 from moas.train.builders import build_runtime, build_sr_stage
 from moas.train.data_setup import build_data
+from moas.train.rotation import find_latest_checkpoint, rotate_checkpoints
 from moas.train.signals import GracefulStop, TrainingInterrupted
 from moas.train.sr_stage import SRStageTraining
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SAVE_EVERY = 200
 KEEP = 2  # stage checkpoints kept
+PATTERN = "sr_step_*.pt"
 
 
 def base_model_path(cfg: MoasConfig) -> Path:
@@ -59,19 +60,8 @@ def _save(stage: SRStageTraining, directory: Path, seconds: float) -> Path:
         {"sr": stage.state_dict(), "train_seconds": seconds},
         {"global_step": stage.steps, "kind": "sr"},
     )
-    for old in sorted(directory.glob("sr_step_*.pt"))[:-KEEP]:
-        old.unlink(missing_ok=True)
-        sidecar_path(old).unlink(missing_ok=True)
+    rotate_checkpoints(directory, keep=KEEP, pattern=PATTERN)  # only now that the new one is complete
     return path
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete stage checkpoint (its sidecar written and matching), or None."""
-    for path in sorted(directory.glob("sr_step_*.pt"), reverse=True):
-        if verify_checkpoint(path):
-            return path
-        log.warning("Ignoring %s: incomplete or corrupt.", path)
-    return None
 
 
 def train_sr(cfg: MoasConfig, progress: bool = True) -> Path:
@@ -89,7 +79,7 @@ def train_sr(cfg: MoasConfig, progress: bool = True) -> Path:
     stage = build_sr_stage(cfg, data, runtime.device, runtime.amp_dtype)
     directory = Path(cfg.train.checkpoint_dir) / "sr"
     seconds = 0.0
-    latest = latest_checkpoint(directory) if cfg.train.auto_resume else None
+    latest = find_latest_checkpoint(directory, patterns=(PATTERN,)) if cfg.train.auto_resume else None
     if latest is not None:
         state = load_checkpoint(latest)
         stage.load_state_dict(state["sr"])

@@ -1,7 +1,8 @@
 """Training of the cascade's super-resolution stage (:class:`~moas.models.sr_diffusion.SuperResDiffusion`).
 
 The stage trains beside the generator in the same run, one step after every ``sr.every`` generator steps
-(or alone with ``moas train --stage sr``), with its own optimizer, EMA, GradScaler and random stream. Its
+(or alone with ``moas train --stage sr``), a :class:`~moas.train.trained_net.TrainedNet` with its own
+optimizer, EMA, GradScaler and random stream. Its
 objective is the run's :class:`~moas.diffusion.objective.DiffusionObjective` over its own noise schedule
 (``sr.prediction_type``, ``sr.noise_shift``).
 
@@ -26,14 +27,18 @@ from moas.diffusion.schedule import NoiseSchedule, make_scheduler
 from moas.diffusion.sr_condition import crop_offsets, sr_inputs, tag_vector, take_crops
 from moas.models.sr_diffusion import SuperResDiffusion
 from moas.text.bank import TextBank
-from moas.train.distributed import all_ranks_agree, average_gradients
 from moas.train.ema import EMA
-from moas.train.optim import adamw, load_optimizer_state
-from moas.train.precision import autocast_factory, grad_scaler, load_scaler_state, scaled_step
+from moas.train.optim import adamw
+from moas.train.precision import autocast_factory, grad_scaler
+from moas.train.trained_net import StateKeys, TrainedNet
 
 log = logging.getLogger(__name__)
 
 TEXT_DIM = 768  # the text encoder's embedding width (moas.text.encoder)
+# The stage's parts in its checkpoint dict (``sr`` of a run's checkpoint, or a ``--stage sr`` checkpoint).
+SR_KEYS = StateKeys(
+    module="model", optimizer="optimizer", scaler="scaler", ema="ema", rng="rng", steps="steps"
+)
 
 
 def sr_objective(cfg: SRConfig) -> DiffusionObjective:
@@ -60,15 +65,21 @@ class SRStageTraining:
         max_grad_norm: float = 1.0,
     ) -> None:
         self.cfg, self.hr, self.bank, self.device = cfg, hr, bank, device
-        self.model = build_sr_model(cfg).to(device)
-        self.ema = EMA(self.model, cfg.ema_decay)
-        self.opt = adamw(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
-        self.scaler = grad_scaler(device, amp_dtype)
+        model = build_sr_model(cfg).to(device)
+        opt = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+        self.net = TrainedNet(
+            "super-resolution",
+            model,
+            opt,
+            grad_scaler(device, amp_dtype),
+            SR_KEYS,
+            max_grad_norm=max_grad_norm,
+            ema=EMA(model, cfg.ema_decay),
+            gen=torch.Generator().manual_seed(seed + 29),
+        )
         self._autocast = autocast_factory(device, amp_dtype) or nullcontext
         self.objective = sr_objective(cfg)
-        self.gen = torch.Generator().manual_seed(seed + 29)
-        self.max_grad_norm = max_grad_norm
-        self.steps = 0
+        self.gen = self.net.gen
         n = sum(p.numel() for p in self.model.parameters())
         log.info(
             "Super-resolution stage: %.2fM parameters, x%d, %d px crops of %d px images, %s.",
@@ -108,45 +119,41 @@ class SRStageTraining:
         out = self.objective(self.model, x0, cond, batch["t"].to(dev), batch["noise"].to(dev), self._autocast)
         return out.loss
 
+    @property
+    def model(self) -> SuperResDiffusion:
+        return self.net.module
+
+    @property
+    def ema(self) -> EMA:
+        return self.net.ema
+
+    @property
+    def steps(self) -> int:
+        return self.net.steps
+
     def step(self) -> dict[str, float]:
         """One optimizer step of the stage; its TensorBoard scalars (none when the step was skipped)."""
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
+        net = self.net
+        net.module.train()
+        net.opt.zero_grad(set_to_none=True)
         loss = self.loss(self.batch())
-        if not all_ranks_agree(bool(torch.isfinite(loss))):
-            log.warning("Non-finite super-resolution loss at its step %d; skipped.", self.steps + 1)
+        ok = bool(torch.isfinite(loss))
+        if ok:
+            net.backward(loss)
+        norm = net.apply(ok)
+        if norm is None:
             return {}
-        self.scaler.scale(loss).backward()
-        average_gradients(self.model.parameters())  # under DDP every rank keeps the same stage
-        norm = scaled_step(self.scaler, self.opt, list(self.model.parameters()), self.max_grad_norm)
-        self.ema.update(self.model)
-        self.steps += 1
         scalars = {"sr/loss": float(loss.detach())}
         if math.isfinite(float(norm)):
             scalars["sr/grad_norm"] = float(norm)
         return scalars
 
     def state_dict(self) -> dict[str, Any]:
-        state = {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "rng": self.gen.get_state(),
-            "steps": self.steps,
-            "args": self.model.init_args,
-        }
-        if self.scaler.is_enabled():
-            state["scaler"] = self.scaler.state_dict()
-        return state
+        return {**self.net.state_dict(), "args": self.model.init_args}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Restore from a checkpoint; a checkpoint without the stage (an older run) leaves it fresh (logged)."""
         if not state:
             log.info("The checkpoint has no super-resolution stage; it starts from initialisation.")
             return
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        load_optimizer_state(self.opt, state["optimizer"])
-        self.gen.set_state(state["rng"])
-        self.steps = int(state["steps"])
-        load_scaler_state(self.scaler, state.get("scaler"))
+        self.net.load_state_dict(state)
