@@ -72,10 +72,11 @@ def step_cost_ratio(cfg_off, cfg_on, rounds: int = 4) -> float:
             x_t = sched.add_noise(x0, noise, t)
             pred = model(x_t, t, text).pred
             loss = F.mse_loss(pred, sched.target(x0, noise, t))
-            extra, _, x0_pred = doms[arm].generator_loss(x0, x_t, pred, t, sched, global_step=100)
+            x0_pred = sched.predict_x0(x_t, pred, t) if doms[arm].uses_x0 else None
+            extra, _ = doms[arm].generator_loss(x0, x0_pred, t, sched, global_step=100)
             (loss if extra is None else loss + extra).backward()
             model.zero_grad(set_to_none=True)
-            doms[arm].after_step(x0, x0_pred, 100)
+            doms[arm].after_step(x0, x0_pred.detach() if x0_pred is not None else None, 100)
             if r:  # the first round warms up
                 times[arm].append(time.perf_counter() - t0)
     return float(np.median(times["on"]) / np.median(times["off"]))

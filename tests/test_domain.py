@@ -33,9 +33,11 @@ def test_domain_training_parts(demo_dir, tmp_path):
     x_t = sched.add_noise(x0, noise, t)
     pred = (sched.target(x0, noise, t) + 0.1 * torch.randn_like(x0)).requires_grad_(True)
 
-    extra, logs, x0_pred = dom.generator_loss(x0, x_t, pred, t, sched, global_step=0)
+    assert dom.uses_x0
+    x0_pred = sched.predict_x0(x_t, pred, t)  # (4, 3, 16, 16), with its graph
+    extra, logs = dom.generator_loss(x0, x0_pred, t, sched, global_step=0)
     assert "loss/gan" not in logs  # the discriminator is still warming up
-    extra, logs, x0_pred = dom.generator_loss(x0, x_t, pred, t, sched, global_step=5)
+    extra, logs = dom.generator_loss(x0, x0_pred, t, sched, global_step=5)
     assert {
         "loss/pixel",
         "loss/ssim",
@@ -52,6 +54,7 @@ def test_domain_training_parts(demo_dir, tmp_path):
     g = pred.grad.abs().flatten(1).sum(1)
     assert g[0] > 10 * g[3]
 
+    x0_pred = x0_pred.detach()
     out = dom.after_step(x0, x0_pred, global_step=5)
     assert {"disc/loss", "enhance/loss", "enhance/sr_x2"} <= set(out)
     assert dom.disc_net.steps == 1 and dom.enh_net.steps == 1
@@ -71,7 +74,8 @@ def test_losses_off_by_default_costs_nothing(demo_dir, tmp_path):
     ds = ArtDataset(demo_dir / "train", cfg.data.resolution, str(tmp_path))
     dom = build_domain(cfg, ds, torch.device("cpu"))
     x = torch.zeros(2, 3, 16, 16)
-    assert dom.generator_loss(x, x, x, torch.tensor([1, 2]), None, 0) == (None, {}, None)
+    assert not dom.uses_x0  # the step computes no predicted x0 for it
+    assert dom.generator_loss(x, x, torch.tensor([1, 2]), None, 0) == (None, {})
     assert dom.after_step(x, None, 1) == {} and dom.enhancer is None
 
 

@@ -187,6 +187,10 @@ class RunMonitor:
                 self.writer.add_histogram(f"emotion/{name}", scores[:, i], step)
                 self.writer.add_scalar(f"emotion_mean/{name}", float(scores[:, i].mean()), step)
 
+    def measures(self, step: int) -> bool:
+        """True when ``observe_batch`` at ``step`` measures (so the step computes what it needs)."""
+        return self.writer is not None and (step % self.measure_every == 0 or step == 1)
+
     @torch.no_grad()
     def observe_batch(
         self,
@@ -197,7 +201,7 @@ class RunMonitor:
         per_sample_loss: torch.Tensor | None = None,
     ) -> None:
         """Every ``measure_every`` steps: per-expert/art-theory measurements and histograms of a batch."""
-        if self.writer is None or (step % self.measure_every and step != 1):
+        if not self.measures(step):
             return
         for k, v in art_measurements(x0_pred.detach().float(), x0.float()).items():
             self.scalar(k, v, step)

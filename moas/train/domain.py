@@ -1,7 +1,7 @@
 """Training of everything beyond the diffusion loss: domain losses, the discriminator and the enhancer.
 
 ``DomainTraining`` is built once by the training loop and called at three points of a step:
-  ``generator_loss``    the domain losses (``AdvancedLossFunctions``) on the predicted x0, each sample
+  ``generator_loss``    the domain losses (``AdvancedLossFunctions``) on the step's predicted x0, each sample
                         weighted by ᾱ_t^p so low-noise timesteps (where x0 is meaningful) count most;
                         plus the GAN term once the discriminator is past its warm-up;
   ``after_step``        one AnimeStyleDiscriminator step (its own AdamW) and one QualityEnhancer step on
@@ -149,21 +149,23 @@ class DomainTraining:
     def disc_active(self, global_step: int) -> bool:
         return self.disc is not None and global_step >= self.disc_warmup_steps
 
+    @property
+    def uses_x0(self) -> bool:
+        """True when the generator's step needs its predicted x0 here (domain losses or the critic)."""
+        return self.stack is not None or self.disc_net is not None
+
     def generator_loss(
         self,
         x0: torch.Tensor,
-        x_t: torch.Tensor,
-        pred: torch.Tensor,
+        x0_pred: torch.Tensor | None,
         t: torch.Tensor,
         schedule: NoiseSchedule,
         global_step: int,
-    ) -> tuple[torch.Tensor | None, dict[str, float], torch.Tensor | None]:
-        """(weighted domain loss or None, scalars for TensorBoard, detached predicted x0 for the critic)."""
-        if self.stack is None and self.disc is None:
-            return None, {}, None
-        x0_pred = schedule.predict_x0(x_t.float(), pred.float(), t)  # (B, 3, H, W)
-        if self.stack is None:
-            return None, {}, x0_pred.detach()
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """(weighted domain loss or None, scalars for TensorBoard) of the predicted x0 (float32, with its
+        graph) against the images ``x0``."""
+        if self.stack is None or x0_pred is None:
+            return None, {}
         w = schedule.alpha.to(t.device)[t] ** (2 * self.low_noise_power)  # ᾱ_t^p, (B,)
         fake_prob = None
         if self.disc_active(global_step):
@@ -172,7 +174,7 @@ class DomainTraining:
         res = self.stack(x0_pred, x0, sample_weight=w, fake_prob=fake_prob)
         scalars = res.scalars("loss/")
         scalars["loss/domain"] = float(res.total.detach())
-        return self.domain_weight * res.total, scalars, x0_pred.detach()
+        return self.domain_weight * res.total, scalars
 
     # --- discriminator and enhancer steps -------------------------------------------------------------
     def after_step(

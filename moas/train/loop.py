@@ -53,7 +53,13 @@ from moas.train.saving import (
 )
 from moas.train.sequences import PanelTraining, ddp_touch
 from moas.train.signals import GracefulStop, TrainingInterrupted
-from moas.train.state import TrainResult, TrainState, emergency_checkpoint_name, step_checkpoint_name
+from moas.train.state import (
+    MicroResult,
+    TrainResult,
+    TrainState,
+    emergency_checkpoint_name,
+    step_checkpoint_name,
+)
 
 log = logging.getLogger(__name__)
 error_log = logging.getLogger("moas.errors")
@@ -97,12 +103,8 @@ class Trainer:
         self._autocast = autocast_factory(self.device, runtime.amp_dtype)
         self.stopper: GracefulStop | None = None
         self.draws: StepDraws | None = None  # the current optimizer step's random numbers
-        self.loss_terms: dict[str, float] = {}  # the last micro-batch's loss terms, for TensorBoard
-        self.domain_logs: dict[str, float] = {}
-        self.x0_batch = self.x0_pred = None  # the last micro-batch's images and predicted x0 (critic)
         self.last_loss, self.ips = float("nan"), 0.0
         self.oom_message = ""  # the out-of-memory error's first line (the error would keep its activations)
-        self.group_bad = False
         self._batches = RunBatchSampler()  # moved to each epoch's position; the loader stays
         self._data_loader: DataLoader | None = None
 
@@ -128,7 +130,7 @@ class Trainer:
                         finished = None  # recovered below, once the error and what its frames hold are gone
                     except _RedoStep:  # the compiled U-Net failed inside a step: redo it uncompiled
                         self.parts.opt.zero_grad(set_to_none=True)
-                        self.x0_batch = self.x0_pred = self.draws = None
+                        self.draws = None
                         self.state = self.state.at_boundary()
                         continue
                     if finished is None:
@@ -169,19 +171,20 @@ class Trainer:
         )
         self.parts.model.train()
         self.parts.opt.zero_grad(set_to_none=True)
-        self.group_bad = False
         stop = False
         t_data = time.perf_counter()
-        group_loss, t_step, data_time = 0.0, t_data, 0.0
+        group_loss, group_ok, t_step, data_time = 0.0, True, t_data, 0.0
         for batch in bar:
             t_batch = time.perf_counter()
             j = st.micro_in_step
             if j == 0:  # a new optimizer step
-                group_loss, t_step, data_time = 0.0, t_data, 0.0
+                group_loss, group_ok, t_step, data_time = 0.0, True, t_data, 0.0
             data_time += t_batch - t_data
             try:
                 self.faults.next_batch()
-                group_loss += self._micro_step(batch, last_of_group=j + 1 == st.grad_accum) / st.grad_accum
+                micro = self._micro_step(batch, last_of_group=j + 1 == st.grad_accum)
+                group_loss += micro.loss / st.grad_accum
+                group_ok = group_ok and micro.ok
             except Exception as exc:
                 compiled = self.parts.compiled
                 if compiled is not None and compiled.caused(exc):  # e.g. in the compiled backward
@@ -197,7 +200,7 @@ class Trainer:
             t_data = time.perf_counter()
             if j + 1 < st.grad_accum:
                 continue
-            self._optimizer_step(group_loss, batch["pixels"].shape[0], t_step, data_time, bar)
+            self._optimizer_step(group_loss, group_ok, micro, t_step, data_time, bar)
             stop = self._at_boundary()
             if stop:
                 break
@@ -209,8 +212,9 @@ class Trainer:
         self.save(step_checkpoint_name(st.global_step))  # max_steps mid-epoch
         return True
 
-    def _micro_step(self, batch: dict, last_of_group: bool) -> float:
-        """Forward + backward of one micro-batch; returns its loss (NaN when it was not finite)."""
+    def _micro_step(self, batch: dict, last_of_group: bool) -> MicroResult:
+        """Forward + backward of one micro-batch: its random draws, the generator's inputs, the objective,
+        the extra losses, the NaN/Inf guard, backward."""
         st, s, device = self.state, self.settings, self.device
         x0, augment = self.inputs.images(batch, st.epoch, device)  # (B, 3, H, W), (B, AUG_DIM) | None
         b, j = x0.shape[0], st.micro_in_step
@@ -232,55 +236,61 @@ class Trainer:
         sync = nullcontext() if last_of_group or not self.dist.enabled else self.parts.ddp_model.no_sync()
         with sync:
             out = self.objective(self.parts.ddp_model, x0, cond, t, noise, self._autocast)
-            loss = self._guard(self._losses(out, x0, panel_in), out.pred)
-            self.parts.scaler.scale(loss / st.grad_accum).backward()
+            loss, result = self._losses(out, x0, panel_in)
+            loss = self._guard(loss, out.pred, result)
+            self.parts.net.backward(loss / st.grad_accum)
         if self.faults.fires("inf_grad"):
             grad = next(p for p in self.parts.model.parameters() if p.grad is not None).grad
             grad.view(-1)[0] = float("inf")
-        return float("nan") if self.group_bad else loss.item()
+        result.loss = loss.item() if result.ok else float("nan")
+        return result
 
-    def _losses(self, out: ObjectiveOutput, x0: torch.Tensor, panel_in: dict) -> torch.Tensor:
-        """The diffusion loss + the brain's auxiliary loss + domain losses + temporal consistency."""
+    def _losses(
+        self, out: ObjectiveOutput, x0: torch.Tensor, panel_in: dict
+    ) -> tuple[torch.Tensor, MicroResult]:
+        """The diffusion loss + the brain's auxiliary loss + domain losses + temporal consistency, and what
+        the step reports. The predicted x0 is computed only when a loss or the monitor uses it."""
         schedule, step = self.objective.schedule, self.state.global_step
+        domain, panels, monitor = self.parts.domain, self.panels, self.monitor
+        measured = monitor is not None and monitor.measures(step + 1)
+        x0_pred = out.x0(schedule) if domain.uses_x0 or measured else None
         aux = out.aux  # MoE load balance (+ compression reconstruction)
         loss = out.loss + aux
-        self.loss_terms = {
-            "diffusion": out.loss.item(),
-            "aux": float(aux.detach() if torch.is_tensor(aux) else aux),
-        }
-        extra, self.domain_logs, self.x0_pred = self.parts.domain.generator_loss(
-            x0, out.x_t, out.pred, out.t, schedule, step
-        )
+        terms = {"diffusion": out.loss.item(), "aux": float(aux.detach() if torch.is_tensor(aux) else aux)}
+        extra, logs = domain.generator_loss(x0, x0_pred, out.t, schedule, step)
         loss = loss if extra is None else loss + extra
-        temporal, t_logs = self.panels.loss(panel_in, out.x_t, out.pred, out.t, schedule)
+        # The temporal loss takes its own graph branch of x0: gradients then reach the prediction summed in
+        # the order they always have, which keeps training bit-identical to earlier releases.
+        temporal_x0 = out.x0(schedule) if panels.uses_x0(panel_in) else None
+        temporal, t_logs = panels.loss(panel_in, temporal_x0, out.t, schedule)
         if temporal is not None:
             loss = loss + temporal
-            self.domain_logs = {**self.domain_logs, **t_logs}
+            logs = {**logs, **t_logs}
         if self.dist.enabled:
             loss = loss + ddp_touch(self.parts.model, panel_in)
-        self.x0_batch = x0
-        if self.monitor is not None:
-            x0_pred = self.x0_pred
-            if x0_pred is None:
-                x0_pred = schedule.predict_x0(out.x_t, out.pred.detach().float(), out.t)  # (B, 3, H, W)
-            self.monitor.observe_batch(step + 1, x0, x0_pred, out.t, out.per_sample)
-        return loss
+        critic = x0_pred.detach() if x0_pred is not None else None  # (B, 3, H, W)
+        if measured:
+            monitor.observe_batch(step + 1, x0, critic, out.t, out.per_sample)
+        return loss, MicroResult(terms, logs, x0, critic)
 
-    def _guard(self, loss: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    def _guard(self, loss: torch.Tensor, pred: torch.Tensor, result: MicroResult) -> torch.Tensor:
         """The NaN/Inf guard's first two parts: bound the loss, and never learn from a non-finite one."""
         loss = loss.clamp(max=self.settings.loss_clamp)
         if self.faults.fires("nan_loss"):
             loss = loss * float("nan")
         if not torch.isfinite(loss):
-            self.group_bad = True
+            result.ok = False
             log.warning("Non-finite loss at step %d; the step will be skipped.", self.state.global_step + 1)
             loss = pred.sum() * 0.0  # keeps DDP's collective backward in step on every rank
         return loss
 
-    def _optimizer_step(self, loss: float, b: int, t_step: float, data_time: float, bar) -> None:
+    def _optimizer_step(
+        self, loss: float, ok: bool, micro: MicroResult, t_step: float, data_time: float, bar
+    ) -> None:
+        """Apply the accumulated step (``ok``: every micro-batch's loss was finite; ``micro``: the last
+        micro-batch's result) and the side networks' steps, and report them."""
         st, p = self.state, self.parts
-        grad_norm = p.net.apply(not self.group_bad)  # the NaN/Inf guard's third part: skip a bad step
-        self.group_bad = False
+        grad_norm = p.net.apply(ok)  # the NaN/Inf guard's third part: skip a bad step
         if grad_norm is None:  # no optimizer, schedule or EMA update from this step
             st.skipped_steps += 1
             return
@@ -292,9 +302,9 @@ class Trainer:
             for g in p.opt.param_groups:
                 g["lr"] = lr
         st.mark_boundary()  # the generator has learned from this step: an emergency checkpoint continues after it
-        scalars = {**self.domain_logs, **self._side_steps()}
+        scalars = {**micro.logs, **self._side_steps(micro)}
         now = time.perf_counter()
-        self.ips = b * st.grad_accum * self.dist.world_size / max(now - t_step, 1e-9)
+        self.ips = micro.x0.shape[0] * st.grad_accum * self.dist.world_size / max(now - t_step, 1e-9)
         report = StepReport(
             step=st.global_step,
             epoch=st.epoch + 1,
@@ -307,7 +317,7 @@ class Trainer:
             step_time=now - t_step - data_time,
             data_time=data_time,
             grad_norm=float(grad_norm),
-            terms=self.loss_terms,
+            terms=micro.terms,
             lrs=p.lrs(),
             scalars=scalars,
         )
@@ -318,7 +328,7 @@ class Trainer:
         if self.runtime.governor is not None:
             self.runtime.governor.poll()
 
-    def _side_steps(self) -> dict[str, float]:
+    def _side_steps(self, micro: MicroResult) -> dict[str, float]:
         """The discriminator's and the enhancer's steps. They recover from out of memory themselves (the same
         batch in more chunks); one that runs out even one image at a time ends the run after an emergency
         checkpoint."""
@@ -326,7 +336,7 @@ class Trainer:
         sr = self.parts.sr
         try:
             with self.clock("enhancer and discriminator"):
-                scalars = self.parts.domain.after_step(self.x0_batch, self.x0_pred, st.global_step)
+                scalars = self.parts.domain.after_step(micro.x0, micro.x0_pred, st.global_step)
             if sr is not None and st.global_step % sr.cfg.every == 0:
                 with self.clock("super-resolution stage"):
                     scalars.update(sr.step())
@@ -335,7 +345,6 @@ class Trainer:
             if not is_oom(exc):
                 raise
             message = first_line(exc)
-        self.x0_batch = self.x0_pred = None
         free_memory(self.device)
         path = self.save(emergency_checkpoint_name(st, oom=True), kind="emergency_oom")
         error_log.error("Out of memory in a side network's step at step %d: %s.", st.global_step, message)
@@ -405,7 +414,7 @@ class Trainer:
         st, message = self.state, self.oom_message
         self.oom_message = ""
         self.parts.opt.zero_grad(set_to_none=True)
-        self.x0_batch = self.x0_pred = self.draws = None  # redrawn when the step is redone
+        self.draws = None  # redrawn when the step is redone
         free_memory(self.device)
         path = self.save(emergency_checkpoint_name(st, oom=True), kind="emergency_oom")
         shrunk = shrink_micro_batch(st.micro_batch, st.grad_accum, self.settings.min_batch_size)

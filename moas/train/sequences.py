@@ -72,20 +72,23 @@ class PanelTraining:
             return {}
         return {"panel_images": batch["panels"].to(device), "panel_mask": mask.to(device)}
 
+    def uses_x0(self, panel_in: dict) -> bool:
+        """True when this micro-batch's temporal loss needs the predicted x0."""
+        return bool(panel_in) and self.weight > 0
+
     def loss(
         self,
         panel_in: dict[str, torch.Tensor],
-        x_t: torch.Tensor,
-        pred: torch.Tensor,
+        x0_pred: torch.Tensor | None,
         t: torch.Tensor,
         schedule: NoiseSchedule,
     ) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """(weighted temporal loss or None, TensorBoard scalars) for the rows that have a previous panel."""
-        if not panel_in or self.weight <= 0:
+        """(weighted temporal loss or None, TensorBoard scalars) for the rows that have a previous panel;
+        ``x0_pred``: the step's predicted x0 (B, 3, H, W), float32 with its graph."""
+        if not self.uses_x0(panel_in) or x0_pred is None:
             return None, {}
         has_prev = panel_in["panel_mask"][:, 0]  # (B,) slot 0 = the panel just before
         prev = panel_in["panel_images"][:, 0].float().div(127.5).sub(1.0)  # (B, 3, H, W) in [-1, 1]
-        x0_pred = schedule.predict_x0(x_t.float(), pred.float(), t)  # (B, 3, H, W)
         w = schedule.alpha.to(t.device)[t] ** (2 * self.power) * has_prev.to(x0_pred.dtype)  # (B,)
         res = self.loss_fn(x0_pred, prev, sample_weight=w)
         scalars = {f"loss/temporal_{k}": float(v) for k, v in res.terms.items()}
