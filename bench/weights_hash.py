@@ -40,8 +40,15 @@ EVERYTHING = {
     "losses": {"domain": True, "adversarial": True, "disc_warmup_steps": 5},
 }
 SR = {
-    "sr": {"train": True, "every": 2, "crop": 32, "block_channels": [16, 32], "attention": [False, True],
-           "batch_size": 2, "scale": 2},
+    "sr": {
+        "train": True,
+        "every": 2,
+        "crop": 32,
+        "block_channels": [16, 32],
+        "attention": [False, True],
+        "batch_size": 2,
+        "scale": 2,
+    },
 }
 
 

@@ -251,8 +251,32 @@ def load_checkpoint_mapped(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _check_format(state, p)
 
 
+# --- file names: every checkpoint name a run writes, and the patterns that find them again ----------------
+# (kept compatible with the original system's layout)
+EPOCH_PATTERN, STEP_PATTERN = "epoch_*.pt", "checkpoint_*.pt"
+REGULAR_PATTERNS = (EPOCH_PATTERN, STEP_PATTERN)
+EMERGENCY_PATTERNS = ("emergency_epoch_*.pt", "emergency_oom_epoch_*.pt")  # out of memory, crashes
+CHECKPOINT_PATTERNS = (*REGULAR_PATTERNS, *EMERGENCY_PATTERNS, "best_model*.pt")
+SR_STAGE_PATTERN = "sr_step_*.pt"  # ``moas train --stage sr``, in its own folder
+
+
 def epoch_checkpoint_name(epoch: int) -> str:
     """Return the file name for an epoch checkpoint, e.g. ``epoch_0040.pt``."""
     if type(epoch) is not int or epoch < 0:
         raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
     return f"epoch_{epoch:04d}.pt"
+
+
+def step_checkpoint_name(step: int) -> str:
+    """Mid-epoch checkpoints (``save_every_steps``, signals, ``max_steps``): ``checkpoint_00000120.pt``."""
+    return f"checkpoint_{step:08d}.pt"
+
+
+def emergency_checkpoint_name(epoch: int, oom: bool = False) -> str:
+    """``emergency_epoch_0003.pt`` (``emergency_oom_…`` after out of memory) for the 1-based ``epoch``."""
+    return f"emergency{'_oom' if oom else ''}_epoch_{epoch:04d}.pt"
+
+
+def sr_stage_checkpoint_name(step: int) -> str:
+    """A ``moas train --stage sr`` checkpoint: ``sr_step_0000200.pt``."""
+    return f"sr_step_{step:07d}.pt"

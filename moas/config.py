@@ -18,6 +18,7 @@ from typing import Any
 from moas.config_sections import BrainConfig, EnhanceConfig, LossConfig, MonitorConfig, SRConfig, _check
 from moas.diffusion.registry import SAMPLER_NAMES
 from moas.errors import ConfigError
+from moas.text import TEXT_WIDTH
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -97,7 +98,7 @@ class ModelConfig:
     )  # cross-attn at each level
     layers_per_block: int = 1
     attention_head_dim: int = 32  # channels per attention head: a level of C channels has C // this heads
-    cross_attention_dim: int = 768  # text/context width (the original's 768)
+    cross_attention_dim: int = TEXT_WIDTH  # text/context width (the original's 768)
     norm_num_groups: int = 32
     conditioning_layers: int = 1  # zero-initialised residual MLP blocks in the ConditioningEncoder
     patch_size: int = 1  # fold p×p pixel patches into channels before the U-Net (p² cheaper top level)
@@ -129,8 +130,8 @@ class ModelConfig:
             "model.attention_head_dim (channels per head) must divide the width of every cross-attention level",
         )
         _check(
-            self.cross_attention_dim == 768,
-            "model.cross_attention_dim must be 768 (the text encoder's width)",
+            self.cross_attention_dim == TEXT_WIDTH,
+            f"model.cross_attention_dim must be {TEXT_WIDTH} (the text encoder's width)",
         )
 
 

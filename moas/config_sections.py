@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moas.errors import ConfigError
+from moas.text import TEXT_WIDTH
 
 
 def _check(ok: bool, message: str) -> None:
@@ -72,7 +73,9 @@ class BrainConfig:
             and self.expert_dim % self.gnn_heads == 0,
             "brain.expert_dim must be divisible by expert_heads, cross_expert_heads and gnn_heads",
         )
-        _check(768 % self.understanding_heads == 0, "brain.understanding_heads must divide 768")
+        _check(
+            TEXT_WIDTH % self.understanding_heads == 0, f"brain.understanding_heads must divide {TEXT_WIDTH}"
+        )
         _check(
             self.understanding_token_dim is None
             or (

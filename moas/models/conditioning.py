@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moas.dataflow import DataFlow
+from moas.text import TEXT_WIDTH
 
-CONTEXT_DIM = 768
+CONTEXT_DIM = TEXT_WIDTH  # the brain's context vectors are as wide as the text vectors they start from
 
 
 class ResidualMLP(nn.Module):

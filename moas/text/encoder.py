@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from moas.errors import TextEncoderError
+from moas.text import TEXT_WIDTH
 from moas.text.hashing import BASE_DIM, _cached_hash
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2"
 BUNDLED_ID = "st:all-MiniLM-L6-v2"
 HASH_ID = "hash-sha256-v1"
-EMBED_DIM = 768
+EMBED_DIM = TEXT_WIDTH
 
 _BATCH_SIZE = 64
 _WORD_RE = re.compile(r"\w+", re.UNICODE)

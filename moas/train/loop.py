@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from moas.checkpoint import epoch_checkpoint_name
+from moas.checkpoint import emergency_checkpoint_name, epoch_checkpoint_name, step_checkpoint_name
 from moas.data.dataset import smart_collate_fn
 from moas.data.loader import loader_kwargs
 from moas.diffusion.objective import DiffusionObjective, ObjectiveOutput
@@ -53,13 +53,7 @@ from moas.train.saving import (
 )
 from moas.train.sequences import PanelTraining, ddp_touch
 from moas.train.signals import GracefulStop, TrainingInterrupted
-from moas.train.state import (
-    MicroResult,
-    TrainResult,
-    TrainState,
-    emergency_checkpoint_name,
-    step_checkpoint_name,
-)
+from moas.train.state import MicroResult, TrainResult, TrainState
 
 log = logging.getLogger(__name__)
 error_log = logging.getLogger("moas.errors")
@@ -346,7 +340,7 @@ class Trainer:
                 raise
             message = first_line(exc)
         free_memory(self.device)
-        path = self.save(emergency_checkpoint_name(st, oom=True), kind="emergency_oom")
+        path = self.save(emergency_checkpoint_name(st.boundary.epoch + 1, oom=True), kind="emergency_oom")
         error_log.error("Out of memory in a side network's step at step %d: %s.", st.global_step, message)
         raise MoasError(
             f"Out of memory in the discriminator or enhancer step even one image at a time, or in the "
@@ -416,7 +410,7 @@ class Trainer:
         self.parts.opt.zero_grad(set_to_none=True)
         self.draws = None  # redrawn when the step is redone
         free_memory(self.device)
-        path = self.save(emergency_checkpoint_name(st, oom=True), kind="emergency_oom")
+        path = self.save(emergency_checkpoint_name(st.boundary.epoch + 1, oom=True), kind="emergency_oom")
         shrunk = shrink_micro_batch(st.micro_batch, st.grad_accum, self.settings.min_batch_size)
         error_log.error(
             "Out of memory at epoch %d, batch %d, step %d (micro-batch %d × %d): %s; emergency checkpoint %s; %s.",
@@ -446,7 +440,7 @@ class Trainer:
         """An unrecoverable error: write ``emergency_epoch_<N>.pt`` from the last boundary."""
         st = self.state
         try:
-            path = self.save(emergency_checkpoint_name(st), kind="emergency")
+            path = self.save(emergency_checkpoint_name(st.boundary.epoch + 1), kind="emergency")
             status = f"emergency checkpoint {path} saved"
         except Exception as save_exc:  # the original error matters more; report both
             status = f"emergency checkpoint failed too ({save_exc})"

@@ -19,6 +19,7 @@ from moas.models.discriminator import AnimeStyleDiscriminator
 from moas.models.enhance import QualityEnhancer
 from moas.models.generator import MoasGenerator
 from moas.models.sr_diffusion import SuperResDiffusion
+from moas.text import TEXT_WIDTH
 from moas.text.encoder import HASH_ID, TextEncoder
 from moas.text.inputs import caption_inputs
 from moas.train.builders import generator_args
@@ -33,7 +34,7 @@ from moas.train.memory_plan import (
     traced_activation_bytes,
 )
 from moas.train.saving import milestone_epochs
-from moas.train.sr_stage import TEXT_DIM, build_sr_model
+from moas.train.sr_stage import build_sr_model
 
 # A long caption: the planned text length is the longest the encoder gives.
 _PLAN_CAPTION = ", ".join(f"tag{i} word" for i in range(64))
@@ -99,7 +100,7 @@ def _sr_activations(cfg: MoasConfig, stage: SuperResDiffusion, batch: int) -> in
     cond = {
         "low": torch.empty_like(x),
         "level": torch.empty(batch, device="meta"),
-        "text": torch.empty(batch, TEXT_DIM, device="meta", dtype=dtype),
+        "text": torch.empty(batch, TEXT_WIDTH, device="meta", dtype=dtype),
     }
     t = torch.zeros(batch, dtype=torch.long, device="meta")
     stage.train()

@@ -15,16 +15,20 @@ from typing import Any
 
 import torch
 
-from moas.checkpoint import CHECKPOINT_FORMAT, rewrite_checkpoint, verify_checkpoint
+from moas.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_PATTERNS,
+    EMERGENCY_PATTERNS,
+    EPOCH_PATTERN,
+    REGULAR_PATTERNS,
+    rewrite_checkpoint,
+    verify_checkpoint,
+)
 from moas.errors import CheckpointError
 from moas.io import SIDECAR_RESERVED, clean_stray_temp_files, read_sidecar, sidecar_path
 
 logger = logging.getLogger(__name__)
 
-# File names the training loop writes (kept compatible with the original system's layout).
-REGULAR_PATTERNS = ("epoch_*.pt", "checkpoint_*.pt")
-EMERGENCY_PATTERNS = ("emergency_epoch_*.pt", "emergency_oom_epoch_*.pt")  # out of memory, crashes
-CHECKPOINT_PATTERNS = (*REGULAR_PATTERNS, *EMERGENCY_PATTERNS, "best_model*.pt")
 CONTENTS = ("ema_bf16", "thinned", "full")  # what a checkpoint holds, smallest first
 # What a weights-only checkpoint keeps beside the weights: what generation and `moas inspect` read.
 WEIGHTS_ONLY_KEYS = (
@@ -220,7 +224,7 @@ def rotate_emergency_checkpoints(directory: str | os.PathLike[str], keep: int = 
 def rotate_checkpoints(
     directory: str | os.PathLike[str],
     keep: int = 30,
-    pattern: str = "epoch_*.pt",
+    pattern: str = EPOCH_PATTERN,
     protect: set[str] | frozenset[str] = frozenset(),
 ) -> list[Path]:
     """Delete the oldest complete checkpoints matching ``pattern`` beyond the newest ``keep``.

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moas.checkpoint import epoch_checkpoint_name, save_checkpoint
+from moas.checkpoint import STEP_PATTERN, epoch_checkpoint_name, save_checkpoint
 from moas.errors import CheckpointError
 from moas.inference.model_card import link_model, save_model
 from moas.inference.model_file import ModelFile, model_file_path, provenance
@@ -150,7 +150,7 @@ def save_at_boundary(
     # Rotation only now that the new checkpoint (and its sidecar) is complete.
     protect = {epoch_checkpoint_name(m) for m in policy.milestones}
     rotate_checkpoints(policy.directory, keep=policy.keep_last, protect=protect)
-    rotate_checkpoints(policy.directory, keep=policy.keep_last, pattern="checkpoint_*.pt")
+    rotate_checkpoints(policy.directory, keep=policy.keep_last, pattern=STEP_PATTERN)
     rotate_emergency_checkpoints(policy.directory, policy.keep_emergency)
     reduce_old_checkpoints(policy.directory, policy.keep_optimizer_last, policy.old_checkpoint)
     log.info(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from moas.checkpoint import load_checkpoint, save_checkpoint
+from moas.checkpoint import SR_STAGE_PATTERN, load_checkpoint, save_checkpoint, sr_stage_checkpoint_name
 from moas.config import MoasConfig, deep_merge
 from moas.device import seed_everything
 from moas.errors import MoasError
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SAVE_EVERY = 200
 KEEP = 2  # stage checkpoints kept
-PATTERN = "sr_step_*.pt"
 
 
 def base_model_path(cfg: MoasConfig) -> Path:
@@ -56,11 +55,13 @@ def total_steps(cfg: MoasConfig, n_images: int) -> int:
 def _save(stage: SRStageTraining, directory: Path, seconds: float) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = save_checkpoint(
-        directory / f"sr_step_{stage.steps:07d}.pt",
+        directory / sr_stage_checkpoint_name(stage.steps),
         {"sr": stage.state_dict(), "train_seconds": seconds},
         {"global_step": stage.steps, "kind": "sr"},
     )
-    rotate_checkpoints(directory, keep=KEEP, pattern=PATTERN)  # only now that the new one is complete
+    rotate_checkpoints(
+        directory, keep=KEEP, pattern=SR_STAGE_PATTERN
+    )  # only now that the new one is complete
     return path
 
 
@@ -79,7 +80,9 @@ def train_sr(cfg: MoasConfig, progress: bool = True) -> Path:
     stage = build_sr_stage(cfg, data, runtime.device, runtime.amp_dtype)
     directory = Path(cfg.train.checkpoint_dir) / "sr"
     seconds = 0.0
-    latest = find_latest_checkpoint(directory, patterns=(PATTERN,)) if cfg.train.auto_resume else None
+    latest = (
+        find_latest_checkpoint(directory, patterns=(SR_STAGE_PATTERN,)) if cfg.train.auto_resume else None
+    )
     if latest is not None:
         state = load_checkpoint(latest)
         stage.load_state_dict(state["sr"])

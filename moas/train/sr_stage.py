@@ -26,6 +26,7 @@ from moas.diffusion.objective import DiffusionObjective
 from moas.diffusion.schedule import NoiseSchedule, make_scheduler
 from moas.diffusion.sr_condition import crop_offsets, sr_inputs, tag_vector, take_crops
 from moas.models.sr_diffusion import SuperResDiffusion
+from moas.text import TEXT_WIDTH
 from moas.text.bank import TextBank
 from moas.train.ema import EMA
 from moas.train.optim import adamw
@@ -34,7 +35,6 @@ from moas.train.trained_net import StateKeys, TrainedNet
 
 log = logging.getLogger(__name__)
 
-TEXT_DIM = 768  # the text encoder's embedding width (moas.text.encoder)
 # The stage's parts in its checkpoint dict (``sr`` of a run's checkpoint, or a ``--stage sr`` checkpoint).
 SR_KEYS = StateKeys(
     module="model", optimizer="optimizer", scaler="scaler", ema="ema", rng="rng", steps="steps"
@@ -49,7 +49,7 @@ def sr_objective(cfg: SRConfig) -> DiffusionObjective:
 
 def build_sr_model(cfg: SRConfig) -> SuperResDiffusion:
     return SuperResDiffusion(
-        cfg.block_channels, cfg.attention, cfg.layers_per_block, cfg.patch_size, TEXT_DIM, cfg.scale
+        cfg.block_channels, cfg.attention, cfg.layers_per_block, cfg.patch_size, TEXT_WIDTH, cfg.scale
     )
 
 

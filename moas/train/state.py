@@ -97,16 +97,6 @@ class TrainState:
         return new
 
 
-def step_checkpoint_name(step: int) -> str:
-    """Mid-epoch checkpoints (``save_every_steps``, signals, ``max_steps``): ``checkpoint_00000120.pt``."""
-    return f"checkpoint_{step:08d}.pt"
-
-
-def emergency_checkpoint_name(state: TrainState, oom: bool = False) -> str:
-    """``emergency_epoch_0003.pt`` (``emergency_oom_…`` after out of memory): the epoch of the boundary."""
-    return f"emergency{'_oom' if oom else ''}_epoch_{state.boundary.epoch + 1:04d}.pt"
-
-
 @dataclass
 class TrainResult:
     """What a finished run reports: its folders and files, where it ended, its last speed."""
