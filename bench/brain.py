@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from moas.config import load_config  # noqa: E402
 from moas.models.generator import MoasGenerator  # noqa: E402
 from moas.text.language import language_batch  # noqa: E402
-from moas.train.optim import adamw  # noqa: E402
+from moas.train.trained_net import adamw  # noqa: E402
 
 CAPTIONS = [
     "1girl, red hair, blue eyes, forest",

@@ -29,8 +29,8 @@ from moas.text.encoder import HASH_ID, TextEncoder  # noqa: E402
 from moas.text.inputs import caption_inputs  # noqa: E402
 from moas.train.builders import generator_args  # noqa: E402
 from moas.train.memory_plan import BACKWARD_FACTOR, state_bytes, traced_activation_bytes  # noqa: E402
-from moas.train.optim import adamw  # noqa: E402
 from moas.train.plans import memory_plan  # noqa: E402
+from moas.train.trained_net import adamw  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20

@@ -22,8 +22,8 @@ from moas.device import autocast_dtype
 from moas.train import trained_net as trained_net_mod
 from moas.train.builders import build_domain
 from moas.train.loop import Trainer, train
-from moas.train.precision import grad_scaler, load_scaler_state
 from moas.train.rotation import find_latest_checkpoint
+from moas.train.trained_net import grad_scaler, load_scaler_state
 
 from .conftest import TINY_CONFIG, tiny
 

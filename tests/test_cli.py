@@ -166,7 +166,7 @@ def test_auto_resume_continues_from_the_last_checkpoint(session_run, workdir):
     # every epoch validated, the resumed one included
     assert [e.step for e in ea.Scalars("val/loss")] == [k * per_epoch for k in (1, 2, 3, 4)]
     assert ea.Scalars("loss/total")[-1].step == state["global_step"]
-    from moas.train.schedule import WarmupCosineRestarts
+    from moas.train.lr_schedule import WarmupCosineRestarts
 
     tc = load_config(None, "session.toml", use_env=False).train
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=tc.lr)

@@ -19,7 +19,7 @@ from moas.losses import (
     ssim_loss,
 )
 from moas.models.discriminator import AnimeStyleDiscriminator
-from moas.train.optim import discriminator_optimizer
+from moas.train.trained_net import discriminator_optimizer
 
 NO_VGG = {"perceptual": 0.0}
 

@@ -7,7 +7,7 @@ import copy
 
 import torch
 
-from moas.train.optim import adamw, load_optimizer_state
+from moas.train.trained_net import adamw, load_optimizer_state
 
 
 def _model() -> torch.nn.Module:

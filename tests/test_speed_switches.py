@@ -27,11 +27,11 @@ from moas.train import loop as loop_mod
 from moas.train import oom as oom_mod
 from moas.train.builders import build_generator
 from moas.train.domain import DomainTraining
-from moas.train.ema import EMA
 from moas.train.loop import train
 from moas.train.oom import retry_in_chunks
 from moas.train.rotation import find_latest_checkpoint
 from moas.train.speed import compile_forward, resolve_switch, speed_up_unet
+from moas.train.trained_net import EMA
 
 from .conftest import TINY_CONFIG, tiny
 from .test_golden import tensorboard_scalars
@@ -152,7 +152,7 @@ def test_foreach_ema_equals_the_per_tensor_loop_bit_for_bit(generator):
 
 
 def test_fused_adamw_is_used_where_torch_has_it(generator):
-    from moas.train.optim import adamw
+    from moas.train.trained_net import adamw
 
     opt = adamw(generator.parameters(), lr=1e-3)
     assert opt.param_groups[0]["fused"] is True  # CPU fused AdamW since torch 2.4

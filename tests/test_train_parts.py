@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from moas.text.bank import TextBank
-from moas.train.ema import EMA
+from moas.train.lr_schedule import WarmupCosineRestarts
 from moas.train.saving import milestone_epochs
-from moas.train.schedule import WarmupCosineRestarts
+from moas.train.trained_net import EMA
 
 
 def _opt(lr=1.0):

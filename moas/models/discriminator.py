@@ -3,7 +3,7 @@
 Four stride-2 3×3 convolutions (48 → 96 → 192 → 384) with LeakyReLU(0.2), BatchNorm after all but the
 first and Dropout2d(0.25) after the first two; ``anime_features`` (1×1 convs 384 → 192 → 96); a classifier
 of global average pooling, Linear(96 → 1) and Sigmoid. Training gives it its own AdamW
-(``moas.train.optim.discriminator_optimizer``).
+(``moas.train.trained_net.discriminator_optimizer``).
 """
 
 from __future__ import annotations

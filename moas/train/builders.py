@@ -49,7 +49,6 @@ from moas.train.data_setup import (
 from moas.train.disk import SavePolicy, bytes_of, check_disk_space, plan_disk
 from moas.train.distributed import DistContext, init_distributed
 from moas.train.domain import DomainTraining, hr_dataset
-from moas.train.ema import EMA
 from moas.train.faults import FaultInjector
 from moas.train.init_from import (
     base_record,
@@ -59,18 +58,16 @@ from moas.train.init_from import (
     read_base_model,
 )
 from moas.train.inputs import TrainingInputs
-from moas.train.optim import adamw
+from moas.train.lr_schedule import WarmupCosineRestarts
 from moas.train.parts import GENERATOR_KEYS, LoopSettings, Runtime, TrainingData, TrainingParts
-from moas.train.precision import grad_scaler
 from moas.train.resume import find_resume, resume_state
 from moas.train.saving import CheckpointPolicy, RunRecord, model_paths
-from moas.train.schedule import WarmupCosineRestarts
 from moas.train.sequences import PanelTraining
 from moas.train.speed import speed_up_unet
 from moas.train.sr_stage import SRStageTraining
 from moas.train.state import TrainState
 from moas.train.threads import thread_governor
-from moas.train.trained_net import TrainedNet
+from moas.train.trained_net import EMA, TrainedNet, adamw, grad_scaler
 
 log = logging.getLogger("moas.train.loop")
 

@@ -35,9 +35,14 @@ from moas.losses import AdvancedLossFunctions, discriminator_loss
 from moas.models.discriminator import AnimeStyleDiscriminator
 from moas.models.enhance import QualityEnhancer
 from moas.train.degrade import degrade
-from moas.train.optim import adamw, discriminator_optimizer
-from moas.train.precision import autocast_factory, grad_scaler
-from moas.train.trained_net import StateKeys, TrainedNet
+from moas.train.trained_net import (
+    StateKeys,
+    TrainedNet,
+    adamw,
+    autocast_factory,
+    discriminator_optimizer,
+    grad_scaler,
+)
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ losses, the NaN/Inf guard, backward; ``_optimizer_step`` applies an accumulated 
 everything from the config; where the run is lives in a :class:`~moas.train.state.TrainState`.
 
 The objective is min-SNR-weighted v-prediction (or ε) with null-prompt dropout for classifier-free
-guidance; AMP (bf16, else fp16 + GradScaler; ``moas.train.precision``) on CUDA, fp32 on CPU unless asked;
+guidance; AMP (bf16, else fp16 + GradScaler; ``moas.train.trained_net``) on CUDA, fp32 on CPU unless asked;
 gradient accumulation, clipping, a NaN/Inf guard, EMA.
 
 Exact resume: everything random in a step comes from the state's generator, whose state is checkpointed
@@ -43,7 +43,6 @@ from moas.train.faults import FaultInjector
 from moas.train.inputs import TrainingInputs
 from moas.train.oom import first_line, free_memory, is_oom, shrink_micro_batch
 from moas.train.parts import LoopSettings, Runtime, TrainingData, TrainingParts
-from moas.train.precision import autocast_factory
 from moas.train.saving import (
     CheckpointPolicy,
     RunRecord,
@@ -54,6 +53,7 @@ from moas.train.saving import (
 from moas.train.sequences import PanelTraining, ddp_touch
 from moas.train.signals import GracefulStop, TrainingInterrupted
 from moas.train.state import MicroResult, TrainResult, TrainState
+from moas.train.trained_net import autocast_factory
 
 log = logging.getLogger(__name__)
 error_log = logging.getLogger("moas.errors")

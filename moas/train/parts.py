@@ -20,12 +20,11 @@ from moas.train.adaptive import AdaptiveTrainingSystem
 from moas.train.continuous import AdvancedContinuousLearning
 from moas.train.distributed import DistContext
 from moas.train.domain import DomainTraining
-from moas.train.ema import EMA
-from moas.train.schedule import WarmupCosineRestarts
+from moas.train.lr_schedule import WarmupCosineRestarts
 from moas.train.speed import CompiledForward
 from moas.train.sr_stage import SRStageTraining
 from moas.train.threads import ThreadGovernor
-from moas.train.trained_net import StateKeys, TrainedNet
+from moas.train.trained_net import EMA, StateKeys, TrainedNet
 
 # The generator's parts at the top level of a checkpoint, as since the first release.
 GENERATOR_KEYS = StateKeys(

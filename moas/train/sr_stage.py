@@ -28,10 +28,7 @@ from moas.diffusion.sr_condition import crop_offsets, sr_inputs, tag_vector, tak
 from moas.models.sr_diffusion import SuperResDiffusion
 from moas.text import TEXT_WIDTH
 from moas.text.bank import TextBank
-from moas.train.ema import EMA
-from moas.train.optim import adamw
-from moas.train.precision import autocast_factory, grad_scaler
-from moas.train.trained_net import StateKeys, TrainedNet
+from moas.train.trained_net import EMA, StateKeys, TrainedNet, adamw, autocast_factory, grad_scaler
 
 log = logging.getLogger(__name__)
 
