@@ -1,4 +1,5 @@
-"""``moas generate``'s flags (split from ``moas.cli_args`` to keep files short)."""
+"""``moas generate``'s flags: the model, the prompt, the sampler, the size, image-to-image, panels and
+batches. The other commands' flags are in ``moas.cli_args``."""
 
 from __future__ import annotations
 

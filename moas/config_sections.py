@@ -1,6 +1,8 @@
-"""Config sections of the newer subsystems: the conditioning brain, monitoring, the domain losses and the
-enhancer. Split from ``moas.config`` (which re-exports them) only to keep files short; the rules there
-apply here too (dataclass defaults are the original's values, profiles override them).
+"""The config sections of the networks that train beside the generator or shape its conditioning: the
+brain, the domain losses, the enhancer, the super-resolution stage, and the run's monitoring. ``moas.config``
+holds the core sections (data, text, model, diffusion, train, sample, resources), the whole ``MoasConfig``
+and its loading, and re-exports these; the same rules apply (dataclass defaults are the original's values,
+profiles override them).
 """
 
 from __future__ import annotations

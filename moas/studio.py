@@ -1,4 +1,7 @@
-"""MultiverseOriginStudioAI: the top-level orchestrator that builds, wires and places every subsystem.
+"""MultiverseOriginStudioAI: the original's top-level object — the whole system built from a config and
+placed on its devices the original's way — for ``moas inspect``, which prints it. Training builds its parts
+through ``moas.train.builders`` and generation through ``moas.inference.pipeline``; this is the view of
+them together.
 
 It builds the generator (conditioning brain on its DataFlow + U-Net), exposes the VisionEncoder for image
 inputs (the one inside the generator's PanelMemory, trained on panel sequences and fed the previous panels
@@ -25,7 +28,7 @@ from torch import nn
 
 from moas.models.generator import CPU_PLACED, MoasGenerator
 from moas.models.vision import VisionEncoder
-from moas.train.continuous import AdvancedContinuousLearning
+from moas.train.adaptive import AdvancedContinuousLearning
 
 
 def count(module: nn.Module) -> int:

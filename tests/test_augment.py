@@ -111,7 +111,6 @@ def test_training_inputs_mirror_captions_and_pass_the_parameters(demo_dir, text_
     from moas.data.captions import CaptionAugment
     from moas.data.dataset import ArtDataset, collate
     from moas.text.bank import TextBank
-    from moas.train.draws import StepDraws
     from moas.train.sequences import PanelTraining
 
     ds = ArtDataset(demo_dir / "train", 16, None, hr_margin=1.25)
@@ -126,7 +125,7 @@ def test_training_inputs_mirror_captions_and_pass_the_parameters(demo_dir, text_
     x0, params = inputs.images(batch, 0, torch.device("cpu"))
     assert x0.shape == (4, 3, 16, 16) and params.shape == (4, AUG_DIM)
     params[:, 0] = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    draws = StepDraws.draw(torch.Generator().manual_seed(0), 4, (3, 16, 16), 1000, 0.0, None)
+    draws = mod.StepDraws.draw(torch.Generator().manual_seed(0), 4, (3, 16, 16), 1000, 0.0, None)
     seen: list[list[str]] = []
     real = mod.caption_inputs
 
@@ -135,7 +134,7 @@ def test_training_inputs_mirror_captions_and_pass_the_parameters(demo_dir, text_
         return real(bank, captions, device, cache=cache)
 
     monkeypatch.setattr(mod, "caption_inputs", record)
-    cond, _ = inputs(batch, draws, 0, torch.device("cpu"), params)
+    cond, _ = inputs(batch, draws, 0, torch.device("cpu"), x0, params)
     assert seen[0] == ["red hair, right hand up", "red hair, left hand up"] * 2
     assert torch.equal(cond["augment"], aug.conditioning(params))
 

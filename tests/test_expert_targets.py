@@ -140,8 +140,7 @@ def test_generator_aux_loss_includes_the_weighted_target_loss_only_with_an_image
 
 def test_training_inputs_carry_the_image_only_when_asked():
     from moas.data.captions import CaptionAugment
-    from moas.train.draws import StepDraws
-    from moas.train.inputs import TrainingInputs
+    from moas.train.inputs import StepDraws, TrainingInputs
     from moas.train.sequences import PanelTraining
 
     pixels = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
@@ -151,15 +150,15 @@ def test_training_inputs_carry_the_image_only_when_asked():
     cpu = torch.device("cpu")
     plain = TrainingInputs(StubSource(), CaptionAugment(), 0, panels)
     x0, _ = plain.images(batch, 0, cpu)
-    cond, _ = plain(batch, draws, 0, cpu)
+    cond, _ = plain(batch, draws, 0, cpu, x0)
     assert "aux_image" not in cond and "aux_mask" not in cond
     assert cond["tag_category"].shape == cond["tag_mask"].shape
     wired = TrainingInputs(StubSource(), CaptionAugment(), 0, panels, aux_image=True)
     x0, _ = wired.images(batch, 0, cpu)
-    cond, _ = wired(batch, draws, 0, cpu)
+    cond, _ = wired(batch, draws, 0, cpu, x0)
     assert torch.equal(cond["aux_image"], x0) and cond["aux_mask"].tolist() == [True, True, False]
     dropped = StepDraws.draw(torch.Generator().manual_seed(0), 3, (3, 16, 16), 1000, 1.0, None)
-    assert wired(batch, dropped, 0, cpu)[0]["aux_mask"].tolist() == [False, False, False]
+    assert wired(batch, dropped, 0, cpu, x0)[0]["aux_mask"].tolist() == [False, False, False]
 
 
 def test_tensorboard_gets_the_heads_losses(tmp_path):

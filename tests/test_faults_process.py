@@ -94,7 +94,7 @@ def test_kill_9_at_random_points_and_during_a_save_then_resume_bit_identically(
 def test_sigterm_saves_at_a_step_boundary_and_exits_128_plus_n(demo_dir, workdir):
     """The real process: the handler saves a checkpoint at the next step boundary (a second signal during
     the save changes nothing), and the command exits 128 + 15 with one line and no traceback. SIGINT takes
-    the same path (moas.train.signals; tests/test_training_system.py)."""
+    the same path (moas.train.faults; tests/test_training_system.py)."""
     args = [sys.executable, "-m", "moas", "train", "--config", str(TINY_CONFIG), "--quiet"]
     args += ["--data_dir", str(demo_dir / "train"), "--max_steps", "1000", "--epochs", "50"]
     env = base_env(MOAS_TRAIN_GRAD_ACCUM_STEPS="2", MOAS_RESOURCES_CPU_THREADS="1", MOAS_INJECT="slow_save@5")

@@ -8,7 +8,7 @@ import torch
 from moas.models.expert_agents import BatchedExperts, EnhancedExpertAgent
 from moas.models.gnn import EnhancedGNN
 from moas.models.moe import EXPERT_NAMES, EnhancedMoE, describe_routing
-from moas.train.continuous import AdvancedContinuousLearning
+from moas.train.adaptive import AdvancedContinuousLearning
 
 
 def small_moe(**kw) -> EnhancedMoE:

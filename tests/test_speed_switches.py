@@ -23,12 +23,12 @@ from moas.config import TrainConfig, load_config
 from moas.diffusion.objective import DiffusionObjective
 from moas.errors import ConfigError, MoasError
 from moas.models.unet import DiffusionModel
+from moas.train import faults as faults_mod
 from moas.train import loop as loop_mod
-from moas.train import oom as oom_mod
 from moas.train.builders import build_generator
 from moas.train.domain import DomainTraining
+from moas.train.faults import retry_in_chunks
 from moas.train.loop import train
-from moas.train.oom import retry_in_chunks
 from moas.train.rotation import find_latest_checkpoint
 from moas.train.speed import compile_forward, resolve_switch, speed_up_unet
 from moas.train.trained_net import EMA
@@ -283,7 +283,7 @@ def test_only_errors_from_the_compiler_are_taken_for_compile_failures():
 
 
 def test_retry_in_chunks_doubles_the_chunks_until_the_step_fits(monkeypatch):
-    monkeypatch.setattr(oom_mod, "free_memory", lambda device: None)
+    monkeypatch.setattr(faults_mod, "free_memory", lambda device: None)
     seen = []
 
     def step(chunks):
@@ -324,7 +324,7 @@ def failing_pass(probe: dict) -> None:
 def test_an_oom_in_the_enhancer_step_is_recovered_in_chunks(tmp_path, demo_dir, monkeypatch, caplog):
     """Step 2's enhancer pass runs out of memory on its whole batch: the step is redone on the same pairs
     in two chunks after the failed pass's activations are freed; the chunk count is kept and saved."""
-    probe = activations_alive_at_cleanup(monkeypatch, oom_mod)
+    probe = activations_alive_at_cleanup(monkeypatch, faults_mod)
     calls = []
     real = DomainTraining.enhancer_loss
 

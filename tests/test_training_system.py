@@ -14,11 +14,9 @@ from moas.resources import EnhancedResourceManager, L3CacheManager
 from moas.train.adaptive import AdaptiveTrainingSystem
 from moas.train.batches import ResumableBatchSampler, RunBatchSampler, steps_per_epoch
 from moas.train.distributed import context_from_env
-from moas.train.faults import FaultInjector
+from moas.train.faults import FaultInjector, GracefulStop, is_oom, shrink_micro_batch
 from moas.train.hpo import BATCH_CHOICES, CONTINUOUS, AutomaticHyperparameterOptimizer, Trial
-from moas.train.oom import is_oom, shrink_micro_batch
 from moas.train.saving import milestone_epochs
-from moas.train.signals import GracefulStop
 
 
 def test_batch_plan_is_a_pure_function_of_seed_and_epoch():

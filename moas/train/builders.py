@@ -36,9 +36,8 @@ from moas.monitor.phases import PhaseClock
 from moas.monitor.run_folder import new_run_dir
 from moas.monitor.run_monitor import RunMonitor
 from moas.resources import EnhancedResourceManager
-from moas.train.adaptive import AdaptiveTrainingSystem
+from moas.train.adaptive import AdaptiveTrainingSystem, AdvancedContinuousLearning
 from moas.train.batches import steps_per_epoch
-from moas.train.continuous import AdvancedContinuousLearning
 from moas.train.data_setup import (
     build_data,
     build_folder_scorer,
@@ -50,17 +49,18 @@ from moas.train.disk import SavePolicy, bytes_of, check_disk_space, plan_disk
 from moas.train.distributed import DistContext, init_distributed
 from moas.train.domain import DomainTraining, hr_dataset
 from moas.train.faults import FaultInjector
-from moas.train.init_from import (
-    base_record,
-    check_compatible,
-    load_base_enhancer,
-    load_base_weights,
-    read_base_model,
-)
 from moas.train.inputs import TrainingInputs
 from moas.train.lr_schedule import WarmupCosineRestarts
 from moas.train.parts import GENERATOR_KEYS, LoopSettings, Runtime, TrainingData, TrainingParts
-from moas.train.resume import find_resume, resume_state
+from moas.train.resume import (
+    base_record,
+    check_compatible,
+    find_resume,
+    load_base_enhancer,
+    load_base_weights,
+    read_base_model,
+    resume_state,
+)
 from moas.train.saving import CheckpointPolicy, RunRecord, model_paths
 from moas.train.sequences import PanelTraining
 from moas.train.speed import speed_up_unet

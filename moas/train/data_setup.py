@@ -1,5 +1,6 @@
-"""Data builders: the training folder, its validation split, the text bank and the augmentations, from
-the config (split from ``moas.train.builders``, the other readers of the whole config)."""
+"""A run's data, from the config: the training folder (validated and cached), its validation split, the
+text encoder and caption bank, and the image and caption augmentations. ``moas.train.builders`` builds the
+trained networks around it; ``moas train --stage sr`` uses it alone."""
 
 from __future__ import annotations
 

@@ -1,5 +1,11 @@
-"""A training micro-batch → the generator's inputs.
+"""A training micro-batch → the generator's inputs: the step's random draws, the images, the text.
 
+**The step's draws** (:class:`StepDraws`): everything random in one optimizer step, drawn at its start for
+all of its images. Drawing per step rather than per micro-batch means a smaller micro-batch (after an
+out-of-memory error) gets exactly the same numbers for every image; the order of draws is fixed because
+checkpoints pin it.
+
+**The inputs** (:class:`TrainingInputs`).
 Captions get the per-epoch augmentation (a pure function of seed, epoch and image, so resuming repeats
 it), condition dropout empties them for classifier-free guidance, and :func:`moas.text.inputs.caption_inputs`
 turns them into the text tensors, as for validation and generation. The style token is hidden for
@@ -9,12 +15,14 @@ With image augmentation on (``moas.data.augment``), :meth:`TrainingInputs.images
 the cache's larger copy, a mirrored image's caption has left and right swapped, and the generator's
 inputs carry the scaled parameters as ``augment`` (B, AUG_DIM), which sampling never passes (zeros).
 
-With ``aux_image`` (for a generator built with ``brain.aux_targets``) the inputs also carry the images of
-the last :meth:`TrainingInputs.images` call as ``aux_image`` (B, 3, H, W) — the expert heads' targets are
-computed from them — and ``aux_mask`` (B,), False where the caption is empty (dropped).
+With ``aux_image`` (for a generator built with ``brain.aux_targets``) the inputs also carry the micro-batch's
+images (what :meth:`TrainingInputs.images` returned) as ``aux_image`` (B, 3, H, W) — the expert heads'
+targets are computed from them — and ``aux_mask`` (B,), False where the caption is empty (dropped).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -23,8 +31,40 @@ from moas.data.captions import CaptionAugment
 from moas.data.dataset import to_model_range
 from moas.text.bank import TextBank
 from moas.text.inputs import caption_inputs
-from moas.train.draws import StepDraws
 from moas.train.sequences import PanelTraining, memory_keep
+
+
+@dataclass
+class StepDraws:
+    """In the order drawn: a seed for torch's global RNG, condition dropout, style-token dropout,
+    timesteps, noise."""
+
+    seed: int
+    drop: torch.Tensor  # (N,) bool: train on the null prompt
+    style_keep: torch.Tensor | None  # (N,) bool; None when the data has no style tokens
+    t: torch.Tensor  # (N,)
+    noise: torch.Tensor  # (N, 3, H, W)
+
+    @classmethod
+    def draw(
+        cls,
+        gen: torch.Generator,
+        n: int,
+        shape: tuple[int, ...],
+        num_timesteps: int,
+        cond_dropout: float,
+        style_dropout: float | None,
+    ) -> StepDraws:
+        seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        drop = torch.rand(n, generator=gen) < cond_dropout
+        style_keep = None if style_dropout is None else torch.rand(n, generator=gen) >= style_dropout
+        t = torch.randint(0, num_timesteps, (n,), generator=gen)
+        return cls(seed, drop, style_keep, t, torch.randn((n, *shape), generator=gen))
+
+    def rows(self, start: int, stop: int) -> StepDraws:
+        """The draws of images ``start:stop`` of the step (one micro-batch)."""
+        keep = None if self.style_keep is None else self.style_keep[start:stop]
+        return StepDraws(self.seed, self.drop[start:stop], keep, self.t[start:stop], self.noise[start:stop])
 
 
 class TrainingInputs:
@@ -40,7 +80,6 @@ class TrainingInputs:
         self.bank, self.augment, self.seed, self.panels = bank, augment, seed, panels
         self.image = image or ImageAugment()
         self.aux_image = aux_image
-        self._last_images: torch.Tensor | None = None  # what ``images`` returned last (for aux_image)
 
     def images(
         self, batch: dict, epoch: int, device: torch.device
@@ -52,7 +91,6 @@ class TrainingInputs:
             h, w = batch["pixels"].shape[-2:]
             params = self.image.draw(self.seed, epoch, batch["index"], aspect=h / w)  # (B, AUG_DIM)
             x0 = self.image.apply(batch["pixels_hr"].to(device), params, (h, w))
-        self._last_images = x0 if self.aux_image else None
         return x0, params
 
     def __call__(
@@ -61,9 +99,11 @@ class TrainingInputs:
         draws: StepDraws,
         epoch: int,
         device: torch.device,
+        images: torch.Tensor,
         augment: torch.Tensor | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(the generator's inputs, the panel-memory part of them — empty when no row has a panel)."""
+        """(the generator's inputs, the panel-memory part of them — empty when no row has a panel);
+        ``images`` and ``augment`` are what :meth:`images` returned for this micro-batch."""
         originals = list(batch["captions"])
         if augment is not None:  # a mirrored picture's left is the caption's right
             flipped = (augment[:, 0] > 0.5).tolist()
@@ -79,11 +119,8 @@ class TrainingInputs:
             keep = batch["has_style"] & draws.style_keep  # (B,)
             cond.update({"style": batch["style"].to(device), "style_mask": keep.to(device)})
         if self.aux_image:
-            x0 = self._last_images
-            if x0 is None or x0.shape[0] != len(captions):
-                raise RuntimeError("TrainingInputs.images must be called for the same micro-batch first.")
             has_text = torch.tensor([bool(c.strip()) for c in captions], device=device)  # (B,)
-            cond.update({"aux_image": x0, "aux_mask": has_text})
+            cond.update({"aux_image": images, "aux_mask": has_text})
         keep = memory_keep(draws.drop, captions, originals)  # the memory goes with the text
         panel_in = self.panels.inputs(batch, keep, device)
         cond.update(panel_in)

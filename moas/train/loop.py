@@ -12,7 +12,7 @@ guidance; AMP (bf16, else fp16 + GradScaler; ``moas.train.trained_net``) on CUDA
 gradient accumulation, clipping, a NaN/Inf guard, EMA.
 
 Exact resume: everything random in a step comes from the state's generator, whose state is checkpointed
-(``moas.train.draws``); the batch plan is a pure function of (seed, epoch); checkpoints are taken at
+(``moas.train.inputs.StepDraws``); the batch plan is a pure function of (seed, epoch); checkpoints are taken at
 optimizer-step boundaries only, and the boundary is what every checkpoint records — also the emergency
 ones (out of memory, signals, crashes) — so every checkpoint continues bit-identically.
 """
@@ -38,10 +38,16 @@ from moas.monitor.step_log import StepReport, report_step
 from moas.train.batches import ResumableBatchSampler, RunBatchSampler
 from moas.train.builders import build_run
 from moas.train.distributed import broadcast_from_main
-from moas.train.draws import StepDraws
-from moas.train.faults import FaultInjector
-from moas.train.inputs import TrainingInputs
-from moas.train.oom import first_line, free_memory, is_oom, shrink_micro_batch
+from moas.train.faults import (
+    FaultInjector,
+    GracefulStop,
+    TrainingInterrupted,
+    first_line,
+    free_memory,
+    is_oom,
+    shrink_micro_batch,
+)
+from moas.train.inputs import StepDraws, TrainingInputs
 from moas.train.parts import LoopSettings, Runtime, TrainingData, TrainingParts
 from moas.train.saving import (
     CheckpointPolicy,
@@ -51,7 +57,6 @@ from moas.train.saving import (
     write_final_models,
 )
 from moas.train.sequences import PanelTraining, ddp_touch
-from moas.train.signals import GracefulStop, TrainingInterrupted
 from moas.train.state import MicroResult, TrainResult, TrainState
 from moas.train.trained_net import autocast_factory
 
@@ -225,7 +230,7 @@ class Trainer:
         # masks as an uninterrupted one whatever consumed the global RNG in between (sample grids,
         # validation and eval at checkpoints).
         torch.manual_seed(draws.seed + j)
-        cond, panel_in = self.inputs(batch, draws, st.epoch, device, augment)
+        cond, panel_in = self.inputs(batch, draws, st.epoch, device, x0, augment)
         t, noise = draws.t.to(device), draws.noise.to(device)  # (B,), (B, 3, H, W)
         sync = nullcontext() if last_of_group or not self.dist.enabled else self.parts.ddp_model.no_sync()
         with sync:

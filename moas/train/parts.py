@@ -16,8 +16,7 @@ from moas.models.generator import MoasGenerator
 from moas.resources import EnhancedResourceManager
 from moas.text.bank import TextBank
 from moas.text.encoder import TextEncoder
-from moas.train.adaptive import AdaptiveTrainingSystem
-from moas.train.continuous import AdvancedContinuousLearning
+from moas.train.adaptive import AdaptiveTrainingSystem, AdvancedContinuousLearning
 from moas.train.distributed import DistContext
 from moas.train.domain import DomainTraining
 from moas.train.lr_schedule import WarmupCosineRestarts

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from moas.models.generator import MoasGenerator
-from moas.train.oom import first_line, is_oom
+from moas.train.faults import first_line, is_oom
 
 log = logging.getLogger("moas.train.loop")
 

@@ -26,8 +26,8 @@ from moas.errors import MoasError
 from moas.inference.model_file import read_model_file, write_model_file
 from moas.train.builders import build_runtime, build_sr_stage
 from moas.train.data_setup import build_data
+from moas.train.faults import GracefulStop, TrainingInterrupted
 from moas.train.rotation import find_latest_checkpoint, rotate_checkpoints
-from moas.train.signals import GracefulStop, TrainingInterrupted
 from moas.train.sr_stage import SRStageTraining
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """TrainState: where a training run is. Checkpointing, out-of-memory recovery and resume take and return it.
 
 The position is (epoch, micro-batch index inside the epoch, optimizer steps so far) plus the run's own
-random stream ``gen`` (everything random in a step is drawn from it; see ``moas.train.draws``). The batch
+random stream ``gen`` (everything random in a step is drawn from it; see ``moas.train.inputs.StepDraws``). The batch
 plan is a pure function of (seed, epoch), so nothing else about the data order is needed. Checkpoints
 are only taken at optimizer-step boundaries: ``boundary`` is the position and generator state after the
 last completed step, and it is what every checkpoint records — also the emergency ones written in the

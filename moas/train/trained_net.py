@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from moas.train.distributed import all_ranks_agree, average_gradients
-from moas.train.oom import retry_in_chunks
+from moas.train.faults import retry_in_chunks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
