@@ -51,7 +51,7 @@ from moas.inference.pipeline import Pipeline  # noqa: E402
 from moas.inference.sr_upscale import DiffusionUpscaler, saved_sr_config  # noqa: E402
 from moas.inference.upscale import cascade  # noqa: E402
 from moas.text.bank import TextBank  # noqa: E402
-from moas.train.domain import DomainTraining, hr_dataset  # noqa: E402
+from moas.train.side_networks import SideNetworks, hr_dataset  # noqa: E402
 from moas.train.sr_stage import SRStageTraining  # noqa: E402
 
 VARIANTS = {
@@ -108,7 +108,7 @@ def build_trainers(args, pipe: Pipeline, hr_train: ArtDataset, base_train: ArtDa
     saved = pipe.model_config.get("enhance") or {}
     ec = EnhanceConfig(**{k: v for k, v in saved.items() if k in EnhanceConfig.__dataclass_fields__})
     ec = replace(ec, train=True, scale=sr_cfg.scale)
-    domain = DomainTraining(
+    domain = SideNetworks(
         LossConfig(domain=False, adversarial=False),
         ec,
         base_train,

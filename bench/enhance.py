@@ -3,7 +3,7 @@
     python bench/enhance.py                          # cpu_tiny enhancer, the demo training's step count
     python bench/enhance.py --steps 100 --max_minutes 10
 
-Trains the enhancer with the training loop's own enhancer step (``DomainTraining.enhancer_step``: the
+Trains the enhancer with the training loop's own enhancer step (``SideNetworks.enhancer_step``: the
 same degraded pairs, losses and optimizer as ``moas train``) on the demo training images, then scores it
 on held-out demo images drawn with another seed, which training never saw. The base-resolution input is
 the held-out image downscaled ×2 or ×4, either cleanly (antialiased bicubic) or with the training
@@ -31,10 +31,10 @@ from moas.data.dataset import ArtDataset, collate, to_model_range  # noqa: E402
 from moas.data.synthetic import generate_demo_dataset  # noqa: E402
 from moas.device import seed_everything, set_threads  # noqa: E402
 from moas.losses import ssim  # noqa: E402
-from moas.models.superres import bicubic  # noqa: E402
+from moas.models.enhance_sr import bicubic  # noqa: E402
 from moas.train.builders import build_domain  # noqa: E402
 from moas.train.degrade import degrade  # noqa: E402
-from moas.train.domain import DomainTraining  # noqa: E402
+from moas.train.side_networks import SideNetworks  # noqa: E402
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(dom: DomainTraining, hr: torch.Tensor, factor: int, degraded: bool) -> dict[str, float]:
+def score(dom: SideNetworks, hr: torch.Tensor, factor: int, degraded: bool) -> dict[str, float]:
     size = tuple(hr.shape[-2:])
     if degraded:
         lr = degrade(hr, factor, torch.Generator().manual_seed(99))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moas.models.enhance import MODES, QualityEnhancer, staged_max_side
-from moas.models.superres import SuperResolutionSystem, bicubic
+from moas.models.enhance_sr import SuperResolutionSystem, bicubic
 from moas.train.degrade import degrade, jpeg_like
 
 

@@ -26,10 +26,10 @@ from moas.models.unet import DiffusionModel
 from moas.train import faults as faults_mod
 from moas.train import loop as loop_mod
 from moas.train.builders import build_generator
-from moas.train.domain import DomainTraining
 from moas.train.faults import retry_in_chunks
 from moas.train.loop import train
 from moas.train.rotation import find_latest_checkpoint
+from moas.train.side_networks import SideNetworks
 from moas.train.speed import compile_forward, resolve_switch, speed_up_unet
 from moas.train.trained_net import EMA
 
@@ -326,7 +326,7 @@ def test_an_oom_in_the_enhancer_step_is_recovered_in_chunks(tmp_path, demo_dir, 
     in two chunks after the failed pass's activations are freed; the chunk count is kept and saved."""
     probe = activations_alive_at_cleanup(monkeypatch, faults_mod)
     calls = []
-    real = DomainTraining.enhancer_loss
+    real = SideNetworks.enhancer_loss
 
     def enhancer_loss(self, hr, lr, factor):
         calls.append(hr.shape[0])
@@ -334,7 +334,7 @@ def test_an_oom_in_the_enhancer_step_is_recovered_in_chunks(tmp_path, demo_dir, 
             failing_pass(probe)
         return real(self, hr, lr, factor)
 
-    monkeypatch.setattr(DomainTraining, "enhancer_loss", enhancer_loss)
+    monkeypatch.setattr(SideNetworks, "enhancer_loss", enhancer_loss)
     with caplog.at_level(logging.ERROR, logger="moas.errors"):
         r = train(tiny(tmp_path, demo_dir / "train", max_steps=4), progress=False)
     assert r.global_step == 4 and r.micro_batch == 4  # the generator's batch is untouched
@@ -353,7 +353,7 @@ def test_an_enhancer_oom_even_one_image_at_a_time_ends_with_a_checkpoint_that_re
 ):
     """The emergency checkpoint is taken after the generator's step 2 (which was applied), so resuming it
     continues with step 3."""
-    real = DomainTraining.enhancer_loss
+    real = SideNetworks.enhancer_loss
 
     def enhancer_loss(self, hr, lr, factor):
         if self.enh_net.steps == 1:
@@ -361,7 +361,7 @@ def test_an_enhancer_oom_even_one_image_at_a_time_ends_with_a_checkpoint_that_re
         return real(self, hr, lr, factor)
 
     with monkeypatch.context() as mp:
-        mp.setattr(DomainTraining, "enhancer_loss", enhancer_loss)
+        mp.setattr(SideNetworks, "enhancer_loss", enhancer_loss)
         with pytest.raises(MoasError, match="even one image at a time"):
             train(tiny(tmp_path, demo_dir / "train", max_steps=4), progress=False)
     emergency = tmp_path / "ckpt" / "emergency_oom_epoch_0001.pt"

@@ -96,7 +96,7 @@ def tiny_stage() -> SuperResDiffusion:
 def test_conditioning_noise_is_drawn_in_training_and_fixed_at_sampling(tmp_path, demo_dir, text_encoder):
     from moas.data.dataset import ArtDataset
     from moas.text.bank import TextBank
-    from moas.train.domain import hr_dataset
+    from moas.train.side_networks import hr_dataset
     from moas.train.sr_stage import SRStageTraining
 
     ds = ArtDataset(demo_dir / "train", 16, tmp_path / "cache")

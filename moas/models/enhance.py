@@ -28,7 +28,7 @@ from moas.models.enhance_parts import (
     conv_stack,
     zero_last,
 )
-from moas.models.superres import SuperResolutionSystem, bicubic
+from moas.models.enhance_sr import SuperResolutionSystem, bicubic
 
 log = logging.getLogger(__name__)
 

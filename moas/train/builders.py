@@ -47,7 +47,6 @@ from moas.train.data_setup import (
 )
 from moas.train.disk import SavePolicy, bytes_of, check_disk_space, plan_disk
 from moas.train.distributed import DistContext, init_distributed
-from moas.train.domain import DomainTraining, hr_dataset
 from moas.train.faults import FaultInjector
 from moas.train.inputs import TrainingInputs
 from moas.train.lr_schedule import WarmupCosineRestarts
@@ -63,6 +62,7 @@ from moas.train.resume import (
 )
 from moas.train.saving import CheckpointPolicy, RunRecord, model_paths
 from moas.train.sequences import PanelTraining
+from moas.train.side_networks import SideNetworks, hr_dataset
 from moas.train.speed import speed_up_unet
 from moas.train.sr_stage import SRStageTraining
 from moas.train.state import TrainState
@@ -164,9 +164,9 @@ def build_plan(cfg: MoasConfig, dataset: ArtDataset, micro_batch: int, grad_accu
 
 def build_domain(
     cfg: MoasConfig, dataset: ArtDataset, device: torch.device, amp_dtype: torch.dtype | None = None
-) -> DomainTraining:
+) -> SideNetworks:
     tc = cfg.train
-    return DomainTraining(
+    return SideNetworks(
         cfg.losses,
         cfg.enhance,
         dataset,

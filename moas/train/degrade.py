@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from moas.models.superres import bicubic
+from moas.models.enhance_sr import bicubic
 
 
 def _dct_matrix(n: int = 8) -> torch.Tensor:

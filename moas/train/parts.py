@@ -18,8 +18,8 @@ from moas.text.bank import TextBank
 from moas.text.encoder import TextEncoder
 from moas.train.adaptive import AdaptiveTrainingSystem, AdvancedContinuousLearning
 from moas.train.distributed import DistContext
-from moas.train.domain import DomainTraining
 from moas.train.lr_schedule import WarmupCosineRestarts
+from moas.train.side_networks import SideNetworks
 from moas.train.speed import CompiledForward
 from moas.train.sr_stage import SRStageTraining
 from moas.train.threads import ThreadGovernor
@@ -38,7 +38,7 @@ class TrainingParts:
     sched: WarmupCosineRestarts
     adaptive: AdaptiveTrainingSystem | None  # the original's loss-curve lr rules (off by default)
     continuous: AdvancedContinuousLearning | None  # routing/expert-weight adjustment between epochs
-    domain: DomainTraining  # domain losses, discriminator, enhancer
+    domain: SideNetworks  # domain losses, discriminator, enhancer
     compiled: CompiledForward | None = None  # the U-Net's torch.compile'd forward, when on
     sr: SRStageTraining | None = None  # the cascade's super-resolution stage, when it trains
 

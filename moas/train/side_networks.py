@@ -1,6 +1,6 @@
 """Training of everything beyond the diffusion loss: domain losses, the discriminator and the enhancer.
 
-``DomainTraining`` is built once by the training loop and called at three points of a step:
+``SideNetworks`` is built once by the training loop and called at three points of a step:
   ``generator_loss``    the domain losses (``AdvancedLossFunctions``) on the step's predicted x0, each sample
                         weighted by ᾱ_t^p so low-noise timesteps (where x0 is meaningful) count most;
                         plus the GAN term once the discriminator is past its warm-up;
@@ -78,7 +78,7 @@ def hr_dataset(dataset: ArtDataset, resolution: int) -> ArtDataset:
     return hr
 
 
-class DomainTraining:
+class SideNetworks:
     def __init__(
         self,
         losses: LossConfig,
