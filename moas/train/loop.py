@@ -179,22 +179,9 @@ class Trainer:
             if j == 0:  # a new optimizer step
                 group_loss, group_ok, t_step, data_time = 0.0, True, t_data, 0.0
             data_time += t_batch - t_data
-            try:
-                self.faults.next_batch()
-                micro = self._micro_step(batch, last_of_group=j + 1 == st.grad_accum)
-                group_loss += micro.loss / st.grad_accum
-                group_ok = group_ok and micro.ok
-            except Exception as exc:
-                compiled = self.parts.compiled
-                if compiled is not None and compiled.caused(exc):  # e.g. in the compiled backward
-                    compiled.fall_back(exc)
-                    bar.close()
-                    raise _RedoStep from None
-                if not is_oom(exc):
-                    raise
-                self.oom_message = first_line(exc)
-                bar.close()
-                raise _OOMSignal from None
+            micro = self._protected_micro_step(batch, j + 1 == st.grad_accum, bar)
+            group_loss += micro.loss / st.grad_accum
+            group_ok = group_ok and micro.ok
             st.batch_pos += 1
             t_data = time.perf_counter()
             if j + 1 < st.grad_accum:
@@ -210,6 +197,25 @@ class Trainer:
             return stop or st.epoch >= self.settings.epochs
         self.save(step_checkpoint_name(st.global_step))  # max_steps mid-epoch
         return True
+
+    def _protected_micro_step(self, batch: dict, last_of_group: bool, bar) -> MicroResult:
+        """One micro-step inside the run's fault handling: an injected fault fires here; an error of the
+        compiled U-Net leaves the epoch to redo the step uncompiled (``_RedoStep``); an out-of-memory error
+        leaves it to recover (``_OOMSignal``) once the failed pass's frames are gone."""
+        try:
+            self.faults.next_batch()
+            return self._micro_step(batch, last_of_group)
+        except Exception as exc:
+            compiled = self.parts.compiled
+            if compiled is not None and compiled.caused(exc):  # e.g. in the compiled backward
+                compiled.fall_back(exc)
+                bar.close()
+                raise _RedoStep from None
+            if not is_oom(exc):
+                raise
+            self.oom_message = first_line(exc)
+            bar.close()
+            raise _OOMSignal from None
 
     def _micro_step(self, batch: dict, last_of_group: bool) -> MicroResult:
         """Forward + backward of one micro-batch: its random draws, the generator's inputs, the objective,
