@@ -1,4 +1,4 @@
-"""Tests for moas.dataflow: ordering, wiring, errors, parameters and thread-safety."""
+"""Tests for moas.models.dataflow: ordering, wiring, errors, parameters and thread-safety."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from moas.dataflow import DataFlow
 from moas.errors import DataFlowError
+from moas.models.dataflow import DataFlow
 
 
 class Linear(nn.Module):

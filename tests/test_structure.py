@@ -21,7 +21,6 @@ LAYERS = {
     "checkpoint": 1,
     "device": 1,
     "resources": 1,
-    "dataflow": 1,
     "safety": 1,
     "config": 2,
     "config_sections": 2,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moas.dataflow import DataFlow
+from moas.models.dataflow import DataFlow
 from moas.text import TEXT_WIDTH
 
 CONTEXT_DIM = TEXT_WIDTH  # the brain's context vectors are as wide as the text vectors they start from
