@@ -33,6 +33,11 @@ def features_missing(model_args: dict[str, Any]) -> tuple[str, ...]:
     return tuple(k for k in LATER_BRAIN_FEATURES if k not in brain)
 
 
+def switched_off(model_args: dict[str, Any]) -> dict[str, Any]:
+    """The later brain features ``model_args`` predates, each with the value that switches it off."""
+    return {k: FEATURE_OFF.get(k, False) for k in features_missing(model_args)}
+
+
 def upgrade_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
     """``model_args`` of any release → arguments for this release's ``MoasGenerator`` (same weights).
 
@@ -44,9 +49,8 @@ def upgrade_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
     if "model" in out and "legacy_head_count" not in out["model"]:
         # Saved before heads = channels // attention_head_dim: keep the head split it was trained with.
         out["model"] = {**out["model"], "legacy_head_count": True}
-    missing = features_missing(model_args)
-    if missing:
-        off = {k: FEATURE_OFF.get(k, False) for k in missing}
+    off = switched_off(model_args)
+    if off:
         settings = {k: v for k, v in LATER_BRAIN_SETTINGS.items() if k not in model_args["brain"]}
         out["brain"] = {**model_args["brain"], **off, **settings}
     return out

@@ -30,7 +30,7 @@ from moas.eval.validate import Validator, find_demo_manifest
 from moas.inference.model_file import ModelFile
 from moas.inference.prompt_file import read_sample_prompts
 from moas.models.generator import MoasGenerator
-from moas.models.upgrade import features_missing, upgrade_model_args
+from moas.models.upgrade import switched_off, upgrade_model_args
 from moas.monitor.dashboard import Dashboard
 from moas.monitor.phases import PhaseClock
 from moas.monitor.run_folder import new_run_dir
@@ -107,9 +107,8 @@ def generator_args(cfg: MoasConfig, saved_args: dict | None = None) -> dict:
     feature (``saved_args``) is rebuilt without it, so its weights load strictly, and one from before the
     per-level head rule (or a fine-tune of such a model) keeps the head split it was trained with."""
     brain, model = asdict(cfg.brain), asdict(cfg.model)
-    if saved_args is not None:
-        for key in features_missing(saved_args):
-            brain[key] = False
+    if saved_args is not None:  # old-file rules: moas.models.upgrade
+        brain.update(switched_off(saved_args))
         model["legacy_head_count"] = upgrade_model_args(saved_args)["model"]["legacy_head_count"]
     style_dim = STYLE_DIM if cfg.data.extract_style else 0
     augment_dim = AUG_DIM if cfg.data.augment > 0 else 0
