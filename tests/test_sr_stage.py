@@ -261,6 +261,22 @@ def test_stage_sr_alone_adds_the_stage_and_resumes_bit_for_bit(session_run, tmp_
     assert Pipeline.from_file(tmp_path / "a" / "with_sr.safetensors", torch.device("cpu")).sr is not None
 
 
+def test_stage_sr_stops_with_one_sentence_when_its_loss_is_never_finite(
+    session_run, tmp_path, workdir, monkeypatch, capsys
+):
+    """A skipped step does not count toward --max_steps, so a loss that is never finite would loop forever:
+    after MAX_SKIPS_IN_A_ROW skips the run saves and ends with one sentence."""
+    from moas.train.sr_stage import SRStageTraining
+
+    real = SRStageTraining.loss
+    monkeypatch.setattr(SRStageTraining, "loss", lambda self, batch: real(self, batch) * float("nan"))
+    assert sr_only(tmp_path / "nan", session_run / "models" / "best_model.safetensors", 4) != 0
+    assert "was not finite for 20 steps in a row" in capsys.readouterr().err
+    saved = sorted((tmp_path / "nan" / "ckpt" / "sr").glob("sr_step_*.pt"))
+    assert saved and load_checkpoint(saved[-1])["sr"]["steps"] == 0
+    assert not (tmp_path / "nan" / "with_sr.safetensors").exists()
+
+
 def test_stage_sr_without_a_base_model_is_one_sentence(tmp_path, workdir, capsys):
     args = [
         "train",

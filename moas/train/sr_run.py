@@ -33,6 +33,7 @@ from moas.train.sr_stage import SRStageTraining
 log = logging.getLogger(__name__)
 
 DEFAULT_SAVE_EVERY = 200
+MAX_SKIPS_IN_A_ROW = 20  # a stage whose loss stays non-finite this long will not recover by itself
 KEEP = 2  # stage checkpoints kept
 
 
@@ -95,10 +96,20 @@ def train_sr(cfg: MoasConfig, progress: bool = True) -> Path:
         bar = tqdm(
             total=total, initial=stage.steps, desc="super-resolution", unit="step", disable=not progress
         )
+        in_a_row = 0
         while stage.steps < total:
             scalars = stage.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{scalars.get('sr/loss', float('nan')):.4f}")
+            in_a_row = 0 if scalars else in_a_row + 1
+            if in_a_row >= MAX_SKIPS_IN_A_ROW:
+                path = _save(stage, directory, time.perf_counter() - start)
+                raise MoasError(
+                    f"The super-resolution stage's loss or gradient was not finite for {in_a_row} steps in a "
+                    f"row (at its step {stage.steps}); checkpoint {path} was saved. Lower sr.lr, or train "
+                    'with train.mixed_precision = "auto" (fp32 on the CPU), then resume with --auto_resume.'
+                )
+            if scalars:
+                bar.update(1)
+                bar.set_postfix(loss=f"{scalars['sr/loss']:.4f}")
             if stopper.signum:
                 path = _save(stage, directory, time.perf_counter() - start)
                 raise TrainingInterrupted(
@@ -106,7 +117,7 @@ def train_sr(cfg: MoasConfig, progress: bool = True) -> Path:
                     f"{path} was saved; rerun the same command with --auto_resume to continue.",
                     stopper.signum,
                 )
-            if stage.steps % every == 0:
+            if scalars and stage.steps % every == 0:
                 _save(stage, directory, time.perf_counter() - start)
         bar.close()
     _save(stage, directory, time.perf_counter() - start)
