@@ -14,8 +14,9 @@ from pathlib import Path
 
 import psutil
 import torch
+from torch.utils.data import DataLoader
 
-from moas.data.dataset import ArtDataset
+from moas.data.dataset import ArtDataset, smart_collate_fn
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,14 @@ def loader_kwargs(workers: int, device: torch.device) -> dict:
         kw["persistent_workers"] = True
         kw["prefetch_factor"] = 2 if psutil.virtual_memory().available > 2 * 1024**3 else 1
     return kw
+
+
+def batch_loader(dataset: ArtDataset, batch_sampler, workers: int, device: torch.device) -> DataLoader:
+    """A DataLoader of ``dataset`` over ``batch_sampler``'s batches with ``workers`` spawned, persistent
+    worker processes (they live as long as the loader)."""
+    return DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=smart_collate_fn, **loader_kwargs(workers, device)
+    )
 
 
 def save_style_db(dataset: ArtDataset, run_dir: Path) -> Path | None:

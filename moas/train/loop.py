@@ -2,8 +2,9 @@
 
 ``Trainer.run`` loops over epochs; ``_run_epoch`` over one epoch's micro-batches; ``_micro_step`` is one
 forward/backward — the step's random draws, the generator's inputs, the diffusion objective, the extra
-losses, the NaN/Inf guard, backward; ``_optimizer_step`` applies an accumulated step and reports it;
-``_at_boundary`` reacts to signals and periodic saves; ``_end_epoch`` does the work between epochs
+losses, the NaN/Inf guard, backward; ``_optimizer_step`` applies an accumulated step, ``_side_steps``
+trains the side networks on it and ``_report_step`` reports it; ``_at_boundary`` reacts to signals and
+periodic saves; ``_end_epoch`` does the work between epochs
 (continuous learning, checkpoint, validation, sample grid). ``moas.train.builders.build_trainer`` builds
 everything from the config; where the run is lives in a :class:`~moas.train.state.TrainState`.
 
@@ -29,8 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from moas.checkpoint import emergency_checkpoint_name, epoch_checkpoint_name, step_checkpoint_name
-from moas.data.dataset import smart_collate_fn
-from moas.data.loader import loader_kwargs
+from moas.data.loader import batch_loader
 from moas.diffusion.objective import DiffusionObjective, ObjectiveOutput
 from moas.errors import MoasError
 from moas.monitor.phases import PhaseClock, save_timings
@@ -110,10 +110,8 @@ class Trainer:
     def _loader(self) -> DataLoader:
         """The run's one DataLoader: its worker processes (spawned, persistent) live as long as the run."""
         if self._data_loader is None:
-            kw = loader_kwargs(self.settings.loader_workers, self.device)
-            self._data_loader = DataLoader(
-                self.data.dataset, batch_sampler=self._batches, collate_fn=smart_collate_fn, **kw
-            )
+            s = self.settings
+            self._data_loader = batch_loader(self.data.dataset, self._batches, s.loader_workers, self.device)
         return self._data_loader
 
     # ----------------------------------------------------------------------------------- the loop
@@ -186,7 +184,10 @@ class Trainer:
             t_data = time.perf_counter()
             if j + 1 < st.grad_accum:
                 continue
-            self._optimizer_step(group_loss, group_ok, micro, t_step, data_time, bar)
+            grad_norm = self._optimizer_step(group_loss, group_ok)
+            if grad_norm is not None:  # the side networks learn from the step's images and predicted x0
+                scalars = {**micro.logs, **self._side_steps(micro)}
+                self._report_step(micro, grad_norm, scalars, t_step, data_time, bar)
             stop = self._at_boundary()
             if stop:
                 break
@@ -289,16 +290,14 @@ class Trainer:
             loss = pred.sum() * 0.0  # keeps DDP's collective backward in step on every rank
         return loss
 
-    def _optimizer_step(
-        self, loss: float, ok: bool, micro: MicroResult, t_step: float, data_time: float, bar
-    ) -> None:
-        """Apply the accumulated step (``ok``: every micro-batch's loss was finite; ``micro``: the last
-        micro-batch's result) and the side networks' steps, and report them."""
+    def _optimizer_step(self, loss: float, ok: bool) -> torch.Tensor | None:
+        """Apply the accumulated step (``ok``: every micro-batch's loss was finite) and the schedule; the
+        gradient norm, or None when the guard skipped the step."""
         st, p = self.state, self.parts
         grad_norm = p.net.apply(ok)  # the NaN/Inf guard's third part: skip a bad step
         if grad_norm is None:  # no optimizer, schedule or EMA update from this step
             st.skipped_steps += 1
-            return
+            return None
         p.sched.step()
         st.global_step += 1
         self.last_loss = self.dist.all_mean(loss)
@@ -307,7 +306,14 @@ class Trainer:
             for g in p.opt.param_groups:
                 g["lr"] = lr
         st.mark_boundary()  # the generator has learned from this step: an emergency checkpoint continues after it
-        scalars = {**micro.logs, **self._side_steps(micro)}
+        return grad_norm
+
+    def _report_step(
+        self, micro: MicroResult, grad_norm: torch.Tensor, scalars: dict, t_step: float, data_time: float, bar
+    ) -> None:
+        """The step's log line, TensorBoard scalars and progress bar; then the resource manager's cleanup
+        check and the thread governor."""
+        st, p = self.state, self.parts
         now = time.perf_counter()
         self.ips = micro.x0.shape[0] * st.grad_accum * self.dist.world_size / max(now - t_step, 1e-9)
         report = StepReport(
@@ -441,11 +447,8 @@ class Trainer:
                 "data.resolution or the model size, then resume."
             )
         self.state = st.at_boundary(*shrunk)
-        log.warning(
-            "Recovered from out of memory: micro-batch %d × accumulation %d (effective batch kept).",
-            self.state.micro_batch,
-            self.state.grad_accum,
-        )
+        split = f"micro-batch {self.state.micro_batch} × accumulation {self.state.grad_accum}"
+        log.warning("Recovered from out of memory: %s (effective batch kept).", split)
 
     def _emergency_save(self, exc: BaseException) -> None:
         """An unrecoverable error: write ``emergency_epoch_<N>.pt`` from the last boundary."""
