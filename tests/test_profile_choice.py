@@ -44,14 +44,14 @@ def test_detect_reads_the_first_gpu(monkeypatch):
 
 
 def dry_run(capsys, *args: str) -> tuple[str, str]:
-    import moas.cli
+    import moas.cli.train
 
     # The plans need nothing of the machine (tests/test_memory_plan.py); with CUDA faked they are skipped.
-    real, moas.cli._plans_text = moas.cli._plans_text, lambda cfg: "# plans"
+    real, moas.cli.train._plans_text = moas.cli.train._plans_text, lambda cfg: "# plans"
     try:
         assert main(["train", "--dry-run", *args]) == 0
     finally:
-        moas.cli._plans_text = real
+        moas.cli.train._plans_text = real
     out = capsys.readouterr().out
     return out.splitlines()[0], out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from moas.cli_generate_args import EPILOG_GENERATE, _add_generate
+from moas.cli.generate_args import EPILOG_GENERATE, _add_generate
 from moas.demo import DEMO_PROMPT, demo_commands
 from moas.diffusion.registry import SAMPLER_NAMES
 

@@ -1,5 +1,5 @@
 """``moas generate``'s flags: the model, the prompt, the sampler, the size, image-to-image, panels and
-batches. The other commands' flags are in ``moas.cli_args``."""
+batches. The other commands' flags are in ``moas.cli.args``."""
 
 from __future__ import annotations
 
