@@ -243,7 +243,7 @@ class Trainer:
         with sync:
             out = self.objective(self.parts.ddp_model, x0, cond, t, noise, self._autocast)
             loss, result = self._losses(out, x0, panel_in)
-            loss = self._guard(loss, out.pred, result)
+            loss, result.ok = self._guard(loss, out.pred)
             self.parts.net.backward(loss / st.grad_accum)
         if self.faults.fires("inf_grad"):
             grad = next(p for p in self.parts.model.parameters() if p.grad is not None).grad
@@ -279,16 +279,16 @@ class Trainer:
             monitor.observe_batch(step + 1, x0, critic, out.t, out.per_sample)
         return loss, MicroResult(terms, logs, x0, critic)
 
-    def _guard(self, loss: torch.Tensor, pred: torch.Tensor, result: MicroResult) -> torch.Tensor:
-        """The NaN/Inf guard's first two parts: bound the loss, and never learn from a non-finite one."""
+    def _guard(self, loss: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The NaN/Inf guard's first two parts: bound the loss, and never learn from a non-finite one;
+        (the loss to backpropagate, whether it was finite)."""
         loss = loss.clamp(max=self.settings.loss_clamp)
         if self.faults.fires("nan_loss"):
             loss = loss * float("nan")
-        if not torch.isfinite(loss):
-            result.ok = False
-            log.warning("Non-finite loss at step %d; the step will be skipped.", self.state.global_step + 1)
-            loss = pred.sum() * 0.0  # keeps DDP's collective backward in step on every rank
-        return loss
+        if torch.isfinite(loss):
+            return loss, True
+        log.warning("Non-finite loss at step %d; the step will be skipped.", self.state.global_step + 1)
+        return pred.sum() * 0.0, False  # the zero keeps DDP's collective backward in step on every rank
 
     def _optimizer_step(self, loss: float, ok: bool) -> torch.Tensor | None:
         """Apply the accumulated step (``ok``: every micro-batch's loss was finite) and the schedule; the

@@ -120,7 +120,6 @@ class SideNetworks:
         if ec.train:
             enhancer = QualityEnhancer(ec.width, ec.sr_channels, ec.sr_blocks).to(device)
             opt = adamw(enhancer.parameters(), lr=ec.lr, betas=(0.9, 0.999), amsgrad=True)
-            self.hr_gen = torch.Generator().manual_seed(seed + 17)
             self.enh_net = TrainedNet(
                 "enhancer",
                 enhancer,
@@ -128,7 +127,7 @@ class SideNetworks:
                 grad_scaler(device, amp_dtype),
                 ENH_KEYS,
                 max_grad_norm=1.0,
-                gen=self.hr_gen,
+                gen=torch.Generator().manual_seed(seed + 17),
             )
             enh_weights = dict(ENHANCER_WEIGHTS, perceptual=lc.perceptual)
             self.enh_stack = AdvancedLossFunctions(
@@ -228,7 +227,7 @@ class SideNetworks:
                 self.hr,
                 batch_size=min(self.enhance_batch, len(self.hr)),
                 shuffle=True,
-                generator=self.hr_gen,
+                generator=self.enh_net.gen,
                 drop_last=True,
                 collate_fn=collate,
             )
@@ -256,7 +255,7 @@ class SideNetworks:
         factor = 2 if net.steps % 2 == 0 else 4  # alternate the ×2 and ×4 heads
         hr = self._hr_batch()  # (B, 3, H, W)
         # Degraded once for the whole batch, so a redo in chunks trains on the same pairs.
-        lr = degrade(hr.cpu(), factor, self.hr_gen).to(self.device)  # (B, 3, H/f, W/f)
+        lr = degrade(hr.cpu(), factor, net.gen).to(self.device)  # (B, 3, H/f, W/f)
         scalars = net.chunked(lambda k: self._enhancer_backward(hr, lr, factor, k), hr.shape[0], self.device)
         return scalars if net.apply(scalars is not None) is not None else {}
 

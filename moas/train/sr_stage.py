@@ -76,7 +76,6 @@ class SRStageTraining:
         )
         self._autocast = autocast_factory(device, amp_dtype) or nullcontext
         self.objective = sr_objective(cfg)
-        self.gen = self.net.gen
         n = sum(p.numel() for p in self.model.parameters())
         log.info(
             "Super-resolution stage: %.2fM parameters, x%d, %d px crops of %d px images, %s.",
@@ -89,7 +88,7 @@ class SRStageTraining:
 
     def batch(self) -> dict[str, torch.Tensor]:
         """The next step's crops, their captions' tag vector and every random draw of the step."""
-        g, cfg = self.gen, self.cfg
+        g, cfg = self.net.gen, self.cfg
         idx = torch.randint(len(self.hr), (cfg.batch_size,), generator=g).tolist()
         items = [self.hr[i] for i in idx]
         images = [to_model_range(it["pixels"]) for it in items]  # (3, H, W) each
