@@ -32,7 +32,7 @@ from moas.data.synthetic import generate_demo_dataset  # noqa: E402
 from moas.device import seed_everything, set_threads  # noqa: E402
 from moas.losses import ssim  # noqa: E402
 from moas.models.enhance_sr import bicubic  # noqa: E402
-from moas.train.builders import build_domain  # noqa: E402
+from moas.train.builders import build_side_networks  # noqa: E402
 from moas.train.degrade import degrade  # noqa: E402
 from moas.train.side_networks import SideNetworks  # noqa: E402
 
@@ -91,7 +91,7 @@ def main() -> int:
     train_set = ArtDataset(work / "train" / "train", cfg.data.resolution, cfg.data.cache_dir)
     train_set.validate(progress=False)
     cfg.losses.domain, cfg.losses.adversarial = False, False
-    dom = build_domain(cfg, train_set, torch.device("cpu"))
+    dom = build_side_networks(cfg, train_set, torch.device("cpu"))
     steps_per_epoch = len(train_set) // min(cfg.train.batch_size, len(train_set))
     steps = a.steps or cfg.train.epochs * steps_per_epoch // cfg.enhance.every
     held = ArtDataset(work / "heldout" / "train", hr_side, cfg.data.cache_dir)

@@ -37,7 +37,7 @@ from moas.losses import sobel_magnitude  # noqa: E402
 from moas.models.generator import MoasGenerator  # noqa: E402
 from moas.monitor.logs import setup_logging  # noqa: E402
 from moas.text.encoder import TextEncoder  # noqa: E402
-from moas.train.builders import build_domain  # noqa: E402
+from moas.train.builders import build_side_networks  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 
 ARMS = {
@@ -60,8 +60,8 @@ def step_cost_ratio(cfg_off, cfg_on, rounds: int = 4) -> float:
     model = MoasGenerator(cfg_off.data.resolution, asdict(cfg_off.model), asdict(cfg_off.text))
     sched = NoiseSchedule(make_train_scheduler(cfg_off.diffusion), cfg_off.diffusion.prediction_type, 5.0)
     doms = {
-        "off": build_domain(cfg_off, ds, torch.device("cpu")),
-        "on": build_domain(cfg_on, ds, torch.device("cpu")),
+        "off": build_side_networks(cfg_off, ds, torch.device("cpu")),
+        "on": build_side_networks(cfg_on, ds, torch.device("cpu")),
     }
     times = {"off": [], "on": []}
     for r in range(rounds + 1):

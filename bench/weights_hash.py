@@ -103,24 +103,29 @@ def run(root: Path, data: Path, extra: dict) -> str:
 
 
 def run_stage_sr(root: Path, data: Path, base_model: Path) -> str:
-    """``moas train --stage sr`` for STEPS steps on ``base_model``: the hash of its last stage checkpoint."""
-    from moas.train.sr_run import train_sr
-
+    """``moas train --stage sr`` for STEPS steps on ``base_model``: the hash of the stage in its last
+    checkpoint."""
     over = {
         "data": {"data_dir": str(data), "cache_dir": str(root / "cache")},
         "train": {
             "checkpoint_dir": str(root / "ckpt"),
             "save_path": str(root / "models" / "with_sr.safetensors"),
+            "run_dir": str(root / "runs"),
+            "log_dir": str(root / "logs"),
             "init_from": str(base_model),
+            "stage": "sr",
             "max_steps": STEPS,
             "seed": 5,
         },
         "resources": {"cpu_threads": 1},
         **SR,
     }
-    train_sr(load_config(None, TINY, over, use_env=False), progress=False)
-    newest = sorted((root / "ckpt").rglob("*.pt"))[-1]
-    state = torch.load(newest, map_location="cpu", weights_only=True)
+    result = train(load_config(None, TINY, over, use_env=False), progress=False)
+    assert result.global_step == STEPS, result.global_step
+    sidecars = [
+        p for p in (root / "ckpt").rglob("*.json") if json.loads(p.read_text())["global_step"] == STEPS
+    ]
+    state = torch.load(sidecars[0].with_suffix(""), map_location="cpu", weights_only=True)
     h = hashlib.sha256()
     digest(state["sr"], h)
     return h.hexdigest()

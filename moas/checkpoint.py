@@ -257,7 +257,6 @@ EPOCH_PATTERN, STEP_PATTERN = "epoch_*.pt", "checkpoint_*.pt"
 REGULAR_PATTERNS = (EPOCH_PATTERN, STEP_PATTERN)
 EMERGENCY_PATTERNS = ("emergency_epoch_*.pt", "emergency_oom_epoch_*.pt")  # out of memory, crashes
 CHECKPOINT_PATTERNS = (*REGULAR_PATTERNS, *EMERGENCY_PATTERNS, "best_model*.pt")
-SR_STAGE_PATTERN = "sr_step_*.pt"  # ``moas train --stage sr``, in its own folder
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
@@ -275,8 +274,3 @@ def step_checkpoint_name(step: int) -> str:
 def emergency_checkpoint_name(epoch: int, oom: bool = False) -> str:
     """``emergency_epoch_0003.pt`` (``emergency_oom_…`` after out of memory) for the 1-based ``epoch``."""
     return f"emergency{'_oom' if oom else ''}_epoch_{epoch:04d}.pt"
-
-
-def sr_stage_checkpoint_name(step: int) -> str:
-    """A ``moas train --stage sr`` checkpoint: ``sr_step_0000200.pt``."""
-    return f"sr_step_{step:07d}.pt"

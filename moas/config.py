@@ -194,6 +194,7 @@ class TrainConfig:
     save_path: str = "models/best_model.safetensors"  # the model for generation (EMA weights, arguments)
     auto_resume: bool = False
     init_from: str = ""  # a model file whose weights start this run (fine-tuning); fresh optimizer + schedule
+    stage: str = "all"  # all | sr: only the super-resolution stage, added to the init_from model (--stage)
     run_dir: str = "runs"
     log_dir: str = "logs"
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit; for tests and benchmarks)
@@ -232,6 +233,7 @@ class TrainConfig:
         )
         _check(self.keep_emergency >= 0, "train.keep_emergency must be 0 or more")
         _check(self.min_batch_size >= 1, "train.min_batch_size must be at least 1")
+        _check(self.stage in ("all", "sr"), "train.stage must be all or sr")
         _check(self.adaptive_window >= 4, "train.adaptive_window must be at least 4")
         _check(self.max_steps >= 0, "train.max_steps must be 0 or more")
         _check(0 <= self.panel_context <= 8, "train.panel_context must be between 0 and 8")

@@ -20,7 +20,7 @@ from moas.config import load_config
 from moas.data.dataset import ArtDataset
 from moas.device import autocast_dtype
 from moas.train import trained_net as trained_net_mod
-from moas.train.builders import build_domain
+from moas.train.builders import build_side_networks
 from moas.train.loop import Trainer, train
 from moas.train.rotation import find_latest_checkpoint
 from moas.train.trained_net import grad_scaler, load_scaler_state
@@ -115,7 +115,7 @@ def test_a_side_network_overflow_halves_its_scale_and_skips_its_step(fp16_domain
     """An inf gradient (an fp16 overflow) in one side network: its scale halves, its weights and optimizer
     state stay as they were; the other network steps normally; the next step trains again."""
     cfg, ds = fp16_domain
-    dom = build_domain(cfg, ds, CPU, torch.float16)
+    dom = build_side_networks(cfg, ds, CPU, torch.float16)
     mine, theirs = (dom.disc_net, dom.enh_net) if net == "disc" else (dom.enh_net, dom.disc_net)
     module, scaler = mine.module, mine.scaler
     other, other_scaler = theirs.module, theirs.scaler
@@ -175,7 +175,7 @@ def test_fp16_training_steps_every_optimizer_through_its_scaler(tmp_path, demo_d
     r = train(amp_config(tmp_path, demo_dir / "train", max_steps=4), progress=False)
     assert r.global_step == 4 and r.skipped_steps == 0 and math.isfinite(r.final_loss)
     p = seen["parts"]
-    d = p.domain
+    d = p.side
     pairs = [(p.scaler, p.opt), (d.disc_net.scaler, d.disc_net.opt), (d.enh_net.scaler, d.enh_net.opt)]
     assert len({id(s) for s, _ in pairs}) == 3
     for scaler, opt in pairs:

@@ -12,7 +12,7 @@ from moas.config import load_config
 from moas.data.dataset import ArtDataset, to_model_range
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.inference.model_file import read_model_file
-from moas.train.builders import build_domain
+from moas.train.builders import build_side_networks
 
 from .conftest import TINY_CONFIG
 
@@ -25,7 +25,7 @@ def test_domain_training_parts(demo_dir, tmp_path):
     )
     ds = ArtDataset(demo_dir / "train", cfg.data.resolution, cfg.data.cache_dir)
     ds.validate(progress=False)
-    dom = build_domain(cfg, ds, torch.device("cpu"))
+    dom = build_side_networks(cfg, ds, torch.device("cpu"))
     sched = NoiseSchedule(make_train_scheduler(cfg.diffusion), "v_prediction", 5.0)
     x0 = to_model_range(torch.stack([ds[i]["pixels"] for i in range(4)]))  # (4, 3, 16, 16)
     t = torch.tensor([10, 200, 500, 990])
@@ -62,7 +62,7 @@ def test_domain_training_parts(demo_dir, tmp_path):
     assert "enhance/sr_x4" in out  # ×2 and ×4 pairs alternate
 
     state = dom.state_dict()
-    fresh = build_domain(cfg, ds, torch.device("cpu"))
+    fresh = build_side_networks(cfg, ds, torch.device("cpu"))
     fresh.load_state_dict(state)
     for a, b in zip(fresh.enhancer.state_dict().values(), dom.enhancer.state_dict().values(), strict=True):
         assert torch.equal(a, b)
@@ -72,7 +72,7 @@ def test_domain_training_parts(demo_dir, tmp_path):
 def test_losses_off_by_default_costs_nothing(demo_dir, tmp_path):
     cfg = load_config(config_file=TINY_CONFIG, overrides={"enhance": {"train": False}}, use_env=False)
     ds = ArtDataset(demo_dir / "train", cfg.data.resolution, str(tmp_path))
-    dom = build_domain(cfg, ds, torch.device("cpu"))
+    dom = build_side_networks(cfg, ds, torch.device("cpu"))
     x = torch.zeros(2, 3, 16, 16)
     assert not dom.uses_x0  # the step computes no predicted x0 for it
     assert dom.generator_loss(x, x, torch.tensor([1, 2]), None, 0) == (None, {})

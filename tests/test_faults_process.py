@@ -137,7 +137,7 @@ def _ddp_worker(rank: int, port: int, root: str, data: str, max_steps: int) -> N
         state = {
             "model": parts.model.state_dict(),
             "ema": parts.ema.model.state_dict(),
-            "enhancer": parts.domain.enhancer.state_dict(),
+            "enhancer": parts.side.enhancer.state_dict(),
             "step": torch.tensor(self.state.global_step),
         }
         torch.save(state, f"{root}/rank{rank}_{max_steps}.pt")

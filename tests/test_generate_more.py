@@ -132,7 +132,7 @@ def test_init_from_starts_a_fresh_run_from_the_models_weights(model, session_run
         assert torch.equal(parts.model.state_dict()[k], v), k
         assert torch.equal(parts.ema.model.state_dict()[k], v), k
     for k, v in base.enhancer_weights.items():
-        assert torch.equal(parts.domain.enhancer.state_dict()[k], v), k
+        assert torch.equal(parts.side.enhancer.state_dict()[k], v), k
     assert state.global_step == 0 and not parts.opt.state and parts.sched.step_count == 0
     assert kw["record"].base_model["path"] == model and Path(kw["record"].run_dir).name.startswith("000-")
     kw["monitor"].close()

@@ -148,6 +148,19 @@ def test_non_finite_step_is_skipped_and_never_saved(tmp_path, demo_dir, monkeypa
     assert load_checkpoint(find_latest_checkpoint(tmp_path / "ckpt"))["skipped_steps"] == 1
 
 
+def test_a_generator_that_never_gets_a_finite_loss_stops_with_a_checkpoint(tmp_path, demo_dir, monkeypatch):
+    """20 skipped steps in a row: the run saves its last boundary and ends with one sentence instead of
+    spending its epochs on nothing."""
+    from moas.train.faults import FaultInjector
+
+    monkeypatch.setattr(FaultInjector, "fires", lambda self, kind: kind == "nan_loss")
+    cfg = tiny(tmp_path, demo_dir / "train", epochs=4, grad_accum_steps=1)  # 24 steps
+    with pytest.raises(MoasError, match="generator's loss or gradient was not finite for 20 steps in a row"):
+        train(cfg, progress=False)
+    saved = load_checkpoint(tmp_path / "ckpt" / "checkpoint_00000000.pt")
+    assert saved["global_step"] == 0 and saved["skipped_steps"] == 20
+
+
 def test_non_finite_weights_are_refused_at_save(tmp_path, demo_dir):
     t = build_trainer(tiny(tmp_path, demo_dir / "train"), progress=False)
     t.save("checkpoint_00000000.pt")

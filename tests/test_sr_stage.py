@@ -20,6 +20,7 @@ from moas.inference.model_file import read_model_file
 from moas.inference.pipeline import Pipeline
 from moas.inference.sr_upscale import DiffusionUpscaler
 from moas.models.sr_diffusion import SuperResDiffusion
+from moas.train.rotation import find_latest_checkpoint
 
 from .conftest import REFERENCE_STEPS, module_tmp, reference_checkpoint
 
@@ -257,7 +258,10 @@ def test_stage_sr_alone_adds_the_stage_and_resumes_bit_for_bit(session_run, tmp_
     assert a.sr_args is not None and original.sr_args is None
     assert all(torch.equal(a.weights[k], v) for k, v in original.weights.items())  # the base is kept
     assert all(torch.equal(a.sr_weights[k], b.sr_weights[k]) for k in a.sr_weights)
-    assert load_checkpoint(tmp_path / "b" / "ckpt" / "sr" / "sr_step_0000004.pt")["sr"]["steps"] == 4
+    # The run's own loop wrote the checkpoints: its position, the stage, and no copy of the frozen generator.
+    saved = load_checkpoint(find_latest_checkpoint(tmp_path / "b" / "ckpt" / "sr"))
+    assert saved["global_step"] == 4 and saved["sr"]["steps"] == 4
+    assert "model" not in saved and "optimizer" not in saved
     assert Pipeline.from_file(tmp_path / "a" / "with_sr.safetensors", torch.device("cpu")).sr is not None
 
 
@@ -272,7 +276,7 @@ def test_stage_sr_stops_with_one_sentence_when_its_loss_is_never_finite(
     monkeypatch.setattr(SRStageTraining, "loss", lambda self, batch: real(self, batch) * float("nan"))
     assert sr_only(tmp_path / "nan", session_run / "models" / "best_model.safetensors", 4) != 0
     assert "was not finite for 20 steps in a row" in capsys.readouterr().err
-    saved = sorted((tmp_path / "nan" / "ckpt" / "sr").glob("sr_step_*.pt"))
+    saved = sorted((tmp_path / "nan" / "ckpt" / "sr").glob("checkpoint_*.pt"))
     assert saved and load_checkpoint(saved[-1])["sr"]["steps"] == 0
     assert not (tmp_path / "nan" / "with_sr.safetensors").exists()
 

@@ -51,7 +51,6 @@ CONFIG_READERS = {
     "moas.train.data_setup",
     "moas.train.hpo",
     "moas.train.plans",
-    "moas.train.sr_run",
 }
 
 

@@ -37,6 +37,7 @@ def _train_overrides(a: argparse.Namespace) -> dict:
     if a.auto_resume:
         put("train", "auto_resume", True)
     put("train", "init_from", a.init_from)
+    put("train", "stage", None if getattr(a, "stage", "all") == "all" else a.stage)
     put("resources", "device", a.device)
     for key, value in brain_overrides(a).items():
         put("brain", key, value)
@@ -127,14 +128,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         run_checks(cfg, quick=True)  # writes logs/diagnosis.log; problems are warnings here
         if (warning := lr_batch_warning(cfg)) is not None:
             log.warning(warning)
-    if a.stage == "sr":
-        from moas.train.sr_run import train_sr
-
-        print(
-            f"Model with its super-resolution stage: {train_sr(cfg, progress=sys.stderr.isatty() and not a.quiet)}"
-        )
-        return 0
-    cfg = _plan_for_gpu(cfg)
+    if cfg.train.stage == "all":  # the stage alone leaves the generator's batch as it is
+        cfg = _plan_for_gpu(cfg)
     # tqdm bars redraw with carriage returns, so they only go to a terminal; a log file gets the
     # dashboard's plain lines instead.
     tty = sys.stderr.isatty()

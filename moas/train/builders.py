@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moas.config import MoasConfig
+from moas.config import MoasConfig, deep_merge
 from moas.data.artist_style import STYLE_DIM
 from moas.data.augment import AUG_DIM
 from moas.data.dataset import ArtDataset
@@ -25,22 +25,17 @@ from moas.device import autocast_dtype, hardware_name, resolve_device, seed_ever
 from moas.diffusion.objective import DiffusionObjective
 from moas.diffusion.schedule import NoiseSchedule, make_train_scheduler
 from moas.errors import MoasError
-from moas.eval.best import BestModelKeeper
-from moas.eval.validate import Validator, find_demo_manifest
-from moas.inference.model_file import ModelFile
-from moas.inference.prompt_file import read_sample_prompts
+from moas.inference.model_file import ModelFile, read_model_file
 from moas.models.generator import MoasGenerator
 from moas.models.upgrade import switched_off, upgrade_model_args
-from moas.monitor.dashboard import Dashboard
 from moas.monitor.phases import PhaseClock
 from moas.monitor.run_folder import new_run_dir
-from moas.monitor.run_monitor import RunMonitor
 from moas.resources import EnhancedResourceManager
 from moas.train.adaptive import AdaptiveTrainingSystem, AdvancedContinuousLearning
 from moas.train.batches import steps_per_epoch
 from moas.train.data_setup import (
     build_data,
-    build_folder_scorer,
+    build_monitor,
     caption_augment,
     image_augment,
     training_data_summary,
@@ -64,7 +59,7 @@ from moas.train.saving import CheckpointPolicy, RunRecord, model_paths
 from moas.train.sequences import PanelTraining
 from moas.train.side_networks import SideNetworks, hr_dataset
 from moas.train.speed import speed_up_unet
-from moas.train.sr_stage import SRStageTraining
+from moas.train.sr_stage import SRStageTraining, stage_steps_per_epoch
 from moas.train.state import TrainState
 from moas.train.threads import thread_governor
 from moas.train.trained_net import EMA, TrainedNet, adamw, grad_scaler
@@ -86,6 +81,43 @@ def build_runtime(cfg: MoasConfig, dist_ctx: DistContext | None = None) -> Runti
     governor = thread_governor(rc.adapt_threads, device, threads)
     amp = autocast_dtype(device, cfg.train.mixed_precision)
     return Runtime(dist_ctx, device, threads, resources, amp, governor)
+
+
+FROZEN_DATA = ("resolution", "extract_style", "augment")  # data settings that shape the generator
+
+
+def stage_config(cfg: MoasConfig) -> tuple[MoasConfig, ModelFile]:
+    """The config of a run that trains the super-resolution stage alone, and the base model it adds it to."""
+    path = Path(cfg.train.init_from or cfg.train.save_path)
+    if not path.is_file():
+        raise MoasError(
+            f"--stage sr adds a super-resolution stage to a trained model, and there is none at {path}; "
+            "train the base model first or name it with --init_from."
+        )
+    base = read_model_file(path)
+    over: dict = {
+        "sr": {"train": True},
+        "train": {
+            "init_from": str(path),
+            "checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / "sr"),  # apart from the base run's
+            "sample_every": 0,
+            "milestones": False,
+            "compile": False,
+        },
+        "monitor": {"select_best": False, "folder_eval": False},
+    }
+    # The frozen generator is the base model's: its architecture and its inputs come from the base's config.
+    saved = base.config
+    over |= {k: saved[k] for k in ("model", "brain", "text") if k in saved}
+    over["data"] = {k: v for k, v in saved.get("data", {}).items() if k in FROZEN_DATA}
+    if over["data"].get("resolution", cfg.data.resolution) != cfg.data.resolution:
+        log.info(
+            "Base resolution %s from %s (not the profile's %d).",
+            saved["data"]["resolution"],
+            path,
+            cfg.data.resolution,
+        )
+    return MoasConfig.from_dict(deep_merge(cfg.to_dict(), over)), base
 
 
 def build_base(cfg: MoasConfig, resume_path: Path | None) -> ModelFile | None:
@@ -161,7 +193,7 @@ def build_plan(cfg: MoasConfig, dataset: ArtDataset, micro_batch: int, grad_accu
     )
 
 
-def build_domain(
+def build_side_networks(
     cfg: MoasConfig, dataset: ArtDataset, device: torch.device, amp_dtype: torch.dtype | None = None
 ) -> SideNetworks:
     tc = cfg.train
@@ -227,53 +259,6 @@ def build_ema(cfg: MoasConfig, model: torch.nn.Module) -> EMA:
     return EMA(model, cfg.train.ema_decay)
 
 
-def build_monitor(
-    cfg: MoasConfig,
-    run_dir: Path,
-    data: TrainingData,
-    objective: DiffusionObjective,
-    device: torch.device,
-    batch_size: int,
-    progress: bool,
-    model_path: Path,
-) -> RunMonitor:
-    """The run's monitor with its validator (held-out/--val_dir images, demo eval) and best-model keeper."""
-    mc = cfg.monitor
-    prompts = read_sample_prompts(mc.sample_prompts) if mc.sample_prompts else None
-    manifest = find_demo_manifest(cfg.data.data_dir)
-    validator = Validator(
-        data.val_set,
-        data.bank,
-        objective,
-        device,
-        cfg.train.seed,
-        batch_size,
-        caption_pool=list(data.bank.entries),
-        demo_dir=manifest.parent if manifest else None,
-        diffusion=cfg.diffusion,
-        sample=cfg.sample,
-        eval_n=mc.eval_n,
-        folder=build_folder_scorer(cfg, data, progress),
-    )
-    keeper = BestModelKeeper(run_dir, model_path, mc.memorisation_limit) if mc.select_best else None
-    dashboard = Dashboard(interval_s=mc.dashboard_every_s, enabled=progress and mc.dashboard)
-    return RunMonitor(
-        run_dir,
-        cfg.to_toml(),
-        data.captions,
-        data.encoder,
-        sample=cfg.sample,
-        diffusion=cfg.diffusion,
-        creativity_samples=mc.creativity_samples,
-        sample_prompts=prompts,
-        validator=validator,
-        keeper=keeper,
-        dashboard=dashboard,
-        measure_every=mc.measure_every,
-        device=device,
-    )
-
-
 def build_parts(
     cfg: MoasConfig,
     runtime: Runtime,
@@ -283,8 +268,10 @@ def build_parts(
 ) -> tuple[TrainingParts, TrainState, Callable[[int, int], BucketBatchSampler], int]:
     """(the trained objects, the starting state, the batch plan for a micro-batch split, steps per epoch).
 
-    ``base``: the ``--init_from`` model whose weights the generator (and its EMA copy) start from."""
+    ``base``: the ``--init_from`` model whose weights the generator (and its EMA copy) start from; with
+    ``train.stage = "sr"`` they stay frozen, and the stage is built first, as it always has been."""
     tc, dist, device = cfg.train, runtime.dist, runtime.device
+    stage_only = build_sr_stage(cfg, data, device, runtime.amp_dtype) if tc.stage == "sr" else None
     model = build_generator(cfg, device, saved_args)
     if base is not None:
         load_base_weights(model, base, tc.init_from)
@@ -311,12 +298,12 @@ def build_parts(
         )
     sched = build_schedule(cfg, opt, steps)
     scaler = grad_scaler(device, runtime.amp_dtype)
-    domain = build_domain(cfg, data.dataset, device, runtime.amp_dtype)
+    side = build_side_networks(cfg, data.dataset, device, runtime.amp_dtype)
     if base is not None:
         log.info(
             "Starting from the weights of %s%s; optimizer, schedule and step count are new.",
             tc.init_from,
-            " (and its enhancer)" if load_base_enhancer(domain.enhancer, base) else "",
+            " (and its enhancer)" if load_base_enhancer(side.enhancer, base) else "",
         )
     adaptive = build_adaptive(cfg)
     net = TrainedNet(
@@ -329,8 +316,9 @@ def build_parts(
         ema=ema,
         average=False,
     )
-    parts = TrainingParts(net, model, sched, adaptive, continuous, domain, compiled)
-    parts.sr = build_sr_stage(cfg, data, device, runtime.amp_dtype)
+    parts = TrainingParts(net, model, sched, adaptive, continuous, side, compiled)
+    parts.sr = stage_only or build_sr_stage(cfg, data, device, runtime.amp_dtype)
+    parts.frozen = base if stage_only else None
     log.info(
         "Generator: %.1fM parameters; %d steps/epoch × %d epochs; micro-batch %d × accumulation %d%s.",
         sum(p.numel() for p in model.parameters()) / 1e6,
@@ -353,9 +341,9 @@ def build_run_folder(
 ) -> Path:
     """Rank 0: the disk check (before anything is written, so a disk too small leaves nothing behind),
     then the run folder — the previous one for a resumed run, so its TensorBoard curves continue."""
-    tc, domain = cfg.train, parts.domain
+    tc, side = cfg.train, parts.side
     saves = SavePolicy.of(tc, policy.milestones)
-    nets = (bytes_of(parts.model), bytes_of(domain.enhancer), bytes_of(domain.disc))
+    nets = (bytes_of(parts.model), bytes_of(side.enhancer), bytes_of(side.disc))
     sr = bytes_of(parts.sr.model if parts.sr is not None else None)
     check_disk_space(policy.directory, plan_disk(saves, *nets, amsgrad=tc.amsgrad, sr=sr))
     resumed_run = state.global_step > 0 and previous_run.name and previous_run.is_dir()
@@ -365,7 +353,7 @@ def build_run_folder(
     return run_dir
 
 
-def loop_settings(cfg: MoasConfig) -> LoopSettings:
+def loop_settings(cfg: MoasConfig, stage_steps: int = 0) -> LoopSettings:
     tc = cfg.train
     return LoopSettings(
         epochs=tc.epochs,
@@ -379,6 +367,7 @@ def loop_settings(cfg: MoasConfig) -> LoopSettings:
         cond_dropout=cfg.diffusion.cond_dropout,
         style_dropout=cfg.data.style_dropout,
         loader_workers=loader_workers(cfg.data.num_workers, cfg.resources.loader_workers),
+        stage_steps=stage_steps,
     )
 
 
@@ -396,10 +385,17 @@ def restore(
 ) -> tuple[TrainState, Path]:
     """Every part of the run from its checkpoint; (the position, the previous run folder)."""
     state, previous_run = resume_state(resume, path, state, parts, dist.rank, dist.world_size)
-    parts.domain.load_state_dict(resume.get("domain"))
+    if parts.frozen is None:
+        parts.side.load_state_dict(resume.get("domain"))
     if parts.sr is not None:
         parts.sr.load_state_dict(resume.get("sr"))
     return state, previous_run
+
+
+def ddp_wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def build_run(
@@ -407,13 +403,15 @@ def build_run(
 ) -> dict:
     """Every piece of a run, as the Trainer's keyword arguments; a checkpoint is restored with
     ``train.auto_resume``. The order is fixed (see the module docstring)."""
+    # --stage sr: the super-resolution stage alone, on a frozen base model
+    cfg, frozen = stage_config(cfg) if cfg.train.stage == "sr" else (cfg, None)
     tc, clock = cfg.train, PhaseClock()
     runtime = build_runtime(cfg, dist_ctx)
     dist, device = runtime.dist, runtime.device
     seed_everything(tc.seed)
     faults = FaultInjector()
     resume_path, resume = find_resume(tc.checkpoint_dir, tc.auto_resume)
-    base = build_base(cfg, resume_path)
+    base = frozen or build_base(cfg, resume_path)
     encoder_id = resume["text_encoder"] if resume else base.text_encoder if base else None
     with clock("data and captions"):  # validation, the cache, caption embeddings
         data = build_data(cfg, encoder_id, progress, runtime)
@@ -434,10 +432,8 @@ def build_run(
         del resume
     state.mark_boundary()
     if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        parts.ddp_model = DistributedDataParallel(model, device_ids=ids)
+        parts.ddp_model = ddp_wrap(model, device)
+    steps = stage_steps_per_epoch(cfg.sr, len(data.dataset)) if frozen is not None else steps
     policy = CheckpointPolicy.of(tc)
     monitor, run_dir, paths = None, previous_run, model_paths(tc.save_path)
     if dist.is_main:
@@ -465,7 +461,7 @@ def build_run(
         base_record(tc.init_from, base) if tc.init_from else None,
     )
     return {
-        "settings": loop_settings(cfg),
+        "settings": loop_settings(cfg, steps if frozen is not None else 0),
         "state": state,
         "parts": parts,
         "data": data,

@@ -1,21 +1,30 @@
 """A run's data, from the config: the training folder (validated and cached), its validation split, the
-text encoder and caption bank, and the image and caption augmentations. ``moas.train.builders`` builds the
-trained networks around it; ``moas train --stage sr`` uses it alone."""
+text encoder and caption bank, the image and caption augmentations, and the monitor that judges training
+on them (validation, the folder's own tag model, the best-step keeper). ``moas.train.builders`` builds the
+trained networks around it."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+
+import torch
 
 from moas.config import MoasConfig
 from moas.data.augment import ImageAugment
 from moas.data.captions import CaptionAugment
 from moas.data.dataset import ArtDataset
 from moas.data.summary import data_summary
+from moas.diffusion.objective import DiffusionObjective
 from moas.errors import DataError
+from moas.eval.best import BestModelKeeper
 from moas.eval.folder_score import FolderScorer
 from moas.eval.tagger import load_or_train_tagger
-from moas.eval.validate import join_subsets, split_holdout
+from moas.eval.validate import Validator, find_demo_manifest, join_subsets, split_holdout
+from moas.inference.prompt_file import read_sample_prompts
 from moas.models.generator import MoasGenerator
+from moas.monitor.dashboard import Dashboard
+from moas.monitor.run_monitor import RunMonitor
 from moas.text.bank import TextBank
 from moas.text.encoder import TextEncoder
 from moas.train.parts import Runtime, TrainingData
@@ -131,3 +140,50 @@ def build_folder_scorer(cfg: MoasConfig, data: TrainingData, progress: bool) -> 
         log.info("Folder eval off: %s", e)
         return None
     return FolderScorer(joined, tagger, heldout_idx, train_idx, mc.folder_eval_n, cfg.train.seed)
+
+
+def build_monitor(
+    cfg: MoasConfig,
+    run_dir: Path,
+    data: TrainingData,
+    objective: DiffusionObjective,
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+    model_path: Path,
+) -> RunMonitor:
+    """The run's monitor with its validator (held-out/--val_dir images, demo eval) and best-model keeper."""
+    mc = cfg.monitor
+    prompts = read_sample_prompts(mc.sample_prompts) if mc.sample_prompts else None
+    manifest = find_demo_manifest(cfg.data.data_dir)
+    validator = Validator(
+        data.val_set,
+        data.bank,
+        objective,
+        device,
+        cfg.train.seed,
+        batch_size,
+        caption_pool=list(data.bank.entries),
+        demo_dir=manifest.parent if manifest else None,
+        diffusion=cfg.diffusion,
+        sample=cfg.sample,
+        eval_n=mc.eval_n,
+        folder=build_folder_scorer(cfg, data, progress),
+    )
+    keeper = BestModelKeeper(run_dir, model_path, mc.memorisation_limit) if mc.select_best else None
+    dashboard = Dashboard(interval_s=mc.dashboard_every_s, enabled=progress and mc.dashboard)
+    return RunMonitor(
+        run_dir,
+        cfg.to_toml(),
+        data.captions,
+        data.encoder,
+        sample=cfg.sample,
+        diffusion=cfg.diffusion,
+        creativity_samples=mc.creativity_samples,
+        sample_prompts=prompts,
+        validator=validator,
+        keeper=keeper,
+        dashboard=dashboard,
+        measure_every=mc.measure_every,
+        device=device,
+    )

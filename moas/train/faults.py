@@ -70,6 +70,32 @@ def shrink_micro_batch(micro: int, accum: int, min_batch: int = 1) -> tuple[int,
     return None
 
 
+def recovery_split(
+    micro: int, accum: int, min_batch: int, where: str, message: str, saved
+) -> tuple[int, int]:
+    """After an out-of-memory error ``where`` (epoch, batch, step) and the emergency checkpoint ``saved``:
+    the smaller split of the same effective batch, logged; a MoasError when there is none."""
+    shrunk = shrink_micro_batch(micro, accum, min_batch)
+    error_log.error(
+        "Out of memory at %s (micro-batch %d × %d): %s; emergency checkpoint %s; %s.",
+        where,
+        micro,
+        accum,
+        message,
+        saved,
+        f"recovering with micro-batch {shrunk[0]} × {shrunk[1]}" if shrunk else "cannot recover",
+    )
+    if shrunk is None:
+        raise MoasError(
+            f"Out of memory even at micro-batch {micro} (the minimum is {min_batch}); emergency checkpoint "
+            f"{saved} was saved. Lower data.resolution or the model size, then resume."
+        )
+    log.warning(
+        "Recovered from out of memory: micro-batch %d × accumulation %d (effective batch kept).", *shrunk
+    )
+    return shrunk
+
+
 def free_memory(device: torch.device) -> None:
     """The original's aggressive cleanup: two collections, then give cached CUDA blocks back."""
     gc.collect()

@@ -1,12 +1,13 @@
 """The training run, top to bottom.
 
-``Trainer.run`` loops over epochs; ``_run_epoch`` over one epoch's micro-batches; ``_micro_step`` is one
-forward/backward — the step's random draws, the generator's inputs, the diffusion objective, the extra
-losses, the NaN/Inf guard, backward; ``_optimizer_step`` applies an accumulated step, ``_side_steps``
-trains the side networks on it and ``_report_step`` reports it; ``_at_boundary`` reacts to signals and
-periodic saves; ``_end_epoch`` does the work between epochs
-(continuous learning, checkpoint, validation, sample grid). ``moas.train.builders.build_trainer`` builds
-everything from the config; where the run is lives in a :class:`~moas.train.state.TrainState`.
+``Trainer.run`` loops over epochs; ``_run_epoch`` over one epoch's micro-batches, each one step of the
+generator (``moas.train.step``: the micro-step, the optimizer step, the side networks' steps, the report);
+``_run_stage_epoch`` over the super-resolution stage's steps when only the stage trains (``--stage sr``,
+the generator frozen); ``_at_boundary`` reacts to signals, periodic saves and max_steps; ``_end_epoch`` does
+the work between epochs (continuous learning, checkpoint, validation, sample grid). Both kinds of run share
+this loop: one signal handler, one checkpoint writer with its rotation, one resume, one emergency save.
+``moas.train.builders.build_run`` builds everything from the config; where the run is lives in a
+:class:`~moas.train.state.TrainState`.
 
 The objective is min-SNR-weighted v-prediction (or ε) with null-prompt dropout for classifier-free
 guidance; AMP (bf16, else fp16 + GradScaler; ``moas.train.trained_net``) on CUDA, fp32 on CPU unless asked;
@@ -22,19 +23,16 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from moas.checkpoint import emergency_checkpoint_name, epoch_checkpoint_name, step_checkpoint_name
 from moas.data.loader import batch_loader
-from moas.diffusion.objective import DiffusionObjective, ObjectiveOutput
+from moas.diffusion.objective import DiffusionObjective
 from moas.errors import MoasError
 from moas.monitor.phases import PhaseClock, save_timings
-from moas.monitor.step_log import StepReport, report_step
 from moas.train.batches import ResumableBatchSampler, RunBatchSampler
 from moas.train.builders import build_run
 from moas.train.distributed import broadcast_from_main
@@ -42,10 +40,8 @@ from moas.train.faults import (
     FaultInjector,
     GracefulStop,
     TrainingInterrupted,
-    first_line,
     free_memory,
-    is_oom,
-    shrink_micro_batch,
+    recovery_split,
 )
 from moas.train.inputs import StepDraws, TrainingInputs
 from moas.train.parts import LoopSettings, Runtime, TrainingData, TrainingParts
@@ -56,23 +52,18 @@ from moas.train.saving import (
     save_at_boundary,
     write_final_models,
 )
-from moas.train.sequences import PanelTraining, ddp_touch
-from moas.train.state import MicroResult, TrainResult, TrainState
+from moas.train.sequences import PanelTraining
+from moas.train.state import TrainResult, TrainState
+from moas.train.step import GeneratorStep, OOMSignal, RedoStep
 from moas.train.trained_net import autocast_factory
 
 log = logging.getLogger(__name__)
 error_log = logging.getLogger("moas.errors")
 
-
-class _OOMSignal(Exception):
-    """Raised inside the batch loop to leave it and recover from an out-of-memory error."""
+MAX_SKIPS_IN_A_ROW = 20  # skipped steps after which a network will not recover by itself
 
 
-class _RedoStep(Exception):
-    """Raised inside the batch loop to leave it and redo the current optimizer step from its start."""
-
-
-class Trainer:
+class Trainer(GeneratorStep):
     def __init__(
         self,
         *,
@@ -123,9 +114,9 @@ class Trainer:
                     try:
                         with self.clock("generator steps"):  # the phases inside are timed apart
                             finished = self._run_epoch()
-                    except _OOMSignal:
+                    except OOMSignal:
                         finished = None  # recovered below, once the error and what its frames hold are gone
-                    except _RedoStep:  # the compiled U-Net failed inside a step: redo it uncompiled
+                    except RedoStep:  # the compiled U-Net failed inside a step: redo it uncompiled
                         self.parts.opt.zero_grad(set_to_none=True)
                         self.draws = None
                         self.state = self.state.at_boundary()
@@ -146,6 +137,8 @@ class Trainer:
 
     def _run_epoch(self) -> bool:
         """Train from the current position to the end of the epoch; True when the run should stop."""
+        if self.parts.frozen is not None:
+            return self._run_stage_epoch()
         st = self.state
         sampler = ResumableBatchSampler(
             self.plan(st.micro_batch, st.grad_accum),
@@ -193,177 +186,62 @@ class Trainer:
                 break
             t_data = time.perf_counter()
         bar.close()
-        if st.batch_pos >= n_batches:  # the epoch is complete
+        return self._leave_epoch(stop, st.batch_pos >= n_batches)
+
+    def _run_stage_epoch(self) -> bool:
+        """``--stage sr``: the super-resolution stage's steps to the end of the epoch, the generator frozen.
+        A step the guard skips does not count: the stage draws new crops and tries again."""
+        st, s, sr = self.state, self.settings, self.parts.sr
+        bar = tqdm(
+            desc=f"super-resolution epoch {st.epoch + 1}/{s.epochs}",
+            unit="step",
+            disable=not self.progress or not self.dist.is_main,
+            leave=False,
+            initial=st.batch_pos,
+            total=s.stage_steps,
+        )
+        stop = False
+        while st.batch_pos < s.stage_steps and not stop:
+            t_step = time.perf_counter()
+            with self.clock("super-resolution stage"):
+                scalars = sr.step()
+            if not scalars:
+                self._count_skip(sr.net, "sr.lr")
+                continue
+            st.batch_pos += 1
+            st.global_step += 1
+            self.last_loss = scalars["sr/loss"]
+            self.ips = sr.cfg.batch_size / max(time.perf_counter() - t_step, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.last_loss:.4f}")
+            if self.monitor is not None:
+                for name, value in scalars.items():
+                    self.monitor.scalar(name, value, st.global_step)
+            stop = self._at_boundary()
+        bar.close()
+        return self._leave_epoch(stop, st.batch_pos >= s.stage_steps)
+
+    def _leave_epoch(self, stop: bool, complete: bool) -> bool:
+        """The end of ``_run_epoch`` or ``_run_stage_epoch``: the epoch's work when it is complete, else a
+        checkpoint (max_steps mid-epoch); True when the run should stop."""
+        if complete:
             self._end_epoch(stop)
-            return stop or st.epoch >= self.settings.epochs
-        self.save(step_checkpoint_name(st.global_step))  # max_steps mid-epoch
+            return stop or self.state.epoch >= self.settings.epochs
+        self.save(step_checkpoint_name(self.state.global_step))
         return True
 
-    def _protected_micro_step(self, batch: dict, last_of_group: bool, bar) -> MicroResult:
-        """One micro-step inside the run's fault handling: an injected fault fires here; an error of the
-        compiled U-Net leaves the epoch to redo the step uncompiled (``_RedoStep``); an out-of-memory error
-        leaves it to recover (``_OOMSignal``) once the failed pass's frames are gone."""
-        try:
-            self.faults.next_batch()
-            return self._micro_step(batch, last_of_group)
-        except Exception as exc:
-            compiled = self.parts.compiled
-            if compiled is not None and compiled.caused(exc):  # e.g. in the compiled backward
-                compiled.fall_back(exc)
-                bar.close()
-                raise _RedoStep from None
-            if not is_oom(exc):
-                raise
-            self.oom_message = first_line(exc)
-            bar.close()
-            raise _OOMSignal from None
-
-    def _micro_step(self, batch: dict, last_of_group: bool) -> MicroResult:
-        """Forward + backward of one micro-batch: its random draws, the generator's inputs, the objective,
-        the extra losses, the NaN/Inf guard, backward."""
-        st, s, device = self.state, self.settings, self.device
-        x0, augment = self.inputs.images(batch, st.epoch, device)  # (B, 3, H, W), (B, AUG_DIM) | None
-        b, j = x0.shape[0], st.micro_in_step
-        if j == 0:  # the whole step's random numbers at once: a smaller micro-batch gets the same ones
-            style_dropout = s.style_dropout if "style" in batch else None
-            shape = tuple(x0.shape[1:])
-            n = b * st.grad_accum
-            self.draws = StepDraws.draw(
-                st.gen, n, shape, self.objective.num_timesteps, s.cond_dropout, style_dropout
-            )
-        draws = self.draws.rows(j * b, (j + 1) * b)
-        # Dropout (the brain's) and the degradations draw from torch's global RNG. Reseeding it from the
-        # checkpointed stream makes them a function of that stream alone, so a resumed run draws the same
-        # masks as an uninterrupted one whatever consumed the global RNG in between (sample grids,
-        # validation and eval at checkpoints).
-        torch.manual_seed(draws.seed + j)
-        cond, panel_in = self.inputs(batch, draws, st.epoch, device, x0, augment)
-        t, noise = draws.t.to(device), draws.noise.to(device)  # (B,), (B, 3, H, W)
-        sync = nullcontext() if last_of_group or not self.dist.enabled else self.parts.ddp_model.no_sync()
-        with sync:
-            out = self.objective(self.parts.ddp_model, x0, cond, t, noise, self._autocast)
-            loss, result = self._losses(out, x0, panel_in)
-            loss, result.ok = self._guard(loss, out.pred)
-            self.parts.net.backward(loss / st.grad_accum)
-        if self.faults.fires("inf_grad"):
-            grad = next(p for p in self.parts.model.parameters() if p.grad is not None).grad
-            grad.view(-1)[0] = float("inf")
-        result.loss = loss.item() if result.ok else float("nan")
-        return result
-
-    def _losses(
-        self, out: ObjectiveOutput, x0: torch.Tensor, panel_in: dict
-    ) -> tuple[torch.Tensor, MicroResult]:
-        """The diffusion loss + the brain's auxiliary loss + domain losses + temporal consistency, and what
-        the step reports. The predicted x0 is computed only when a loss or the monitor uses it."""
-        schedule, step = self.objective.schedule, self.state.global_step
-        domain, panels, monitor = self.parts.domain, self.panels, self.monitor
-        measured = monitor is not None and monitor.measures(step + 1)
-        x0_pred = out.x0(schedule) if domain.uses_x0 or measured else None
-        aux = out.aux  # MoE load balance (+ compression reconstruction)
-        loss = out.loss + aux
-        terms = {"diffusion": out.loss.item(), "aux": float(aux.detach() if torch.is_tensor(aux) else aux)}
-        extra, logs = domain.generator_loss(x0, x0_pred, out.t, schedule, step)
-        loss = loss if extra is None else loss + extra
-        # The temporal loss takes its own graph branch of x0: gradients then reach the prediction summed in
-        # the order they always have, which keeps training bit-identical to earlier releases.
-        temporal_x0 = out.x0(schedule) if panels.uses_x0(panel_in) else None
-        temporal, t_logs = panels.loss(panel_in, temporal_x0, out.t, schedule)
-        if temporal is not None:
-            loss = loss + temporal
-            logs = {**logs, **t_logs}
-        if self.dist.enabled:
-            loss = loss + ddp_touch(self.parts.model, panel_in)
-        critic = x0_pred.detach() if x0_pred is not None else None  # (B, 3, H, W)
-        if measured:
-            monitor.observe_batch(step + 1, x0, critic, out.t, out.per_sample)
-        return loss, MicroResult(terms, logs, x0, critic)
-
-    def _guard(self, loss: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """The NaN/Inf guard's first two parts: bound the loss, and never learn from a non-finite one;
-        (the loss to backpropagate, whether it was finite)."""
-        loss = loss.clamp(max=self.settings.loss_clamp)
-        if self.faults.fires("nan_loss"):
-            loss = loss * float("nan")
-        if torch.isfinite(loss):
-            return loss, True
-        log.warning("Non-finite loss at step %d; the step will be skipped.", self.state.global_step + 1)
-        return pred.sum() * 0.0, False  # the zero keeps DDP's collective backward in step on every rank
-
-    def _optimizer_step(self, loss: float, ok: bool) -> torch.Tensor | None:
-        """Apply the accumulated step (``ok``: every micro-batch's loss was finite) and the schedule; the
-        gradient norm, or None when the guard skipped the step."""
-        st, p = self.state, self.parts
-        grad_norm = p.net.apply(ok)  # the NaN/Inf guard's third part: skip a bad step
-        if grad_norm is None:  # no optimizer, schedule or EMA update from this step
-            st.skipped_steps += 1
-            return None
-        p.sched.step()
-        st.global_step += 1
-        self.last_loss = self.dist.all_mean(loss)
-        if p.adaptive is not None:
-            lr = p.adaptive.observe(self.last_loss, p.sched.get_last_lr()[0])
-            for g in p.opt.param_groups:
-                g["lr"] = lr
-        st.mark_boundary()  # the generator has learned from this step: an emergency checkpoint continues after it
-        return grad_norm
-
-    def _report_step(
-        self, micro: MicroResult, grad_norm: torch.Tensor, scalars: dict, t_step: float, data_time: float, bar
-    ) -> None:
-        """The step's log line, TensorBoard scalars and progress bar; then the resource manager's cleanup
-        check and the thread governor."""
-        st, p = self.state, self.parts
-        now = time.perf_counter()
-        self.ips = micro.x0.shape[0] * st.grad_accum * self.dist.world_size / max(now - t_step, 1e-9)
-        report = StepReport(
-            step=st.global_step,
-            epoch=st.epoch + 1,
-            batch_pos=st.batch_pos,
-            micro_batch=st.micro_batch,
-            grad_accum=st.grad_accum,
-            loss=self.last_loss,
-            lr=p.lr(),
-            images_per_sec=self.ips,
-            step_time=now - t_step - data_time,
-            data_time=data_time,
-            grad_norm=float(grad_norm),
-            terms=micro.terms,
-            lrs=p.lrs(),
-            scalars=scalars,
-        )
-        resources = self.runtime.resources
-        snap = resources.snapshot()  # one reading per step serves the log line and the cleanup check
-        report_step(self.monitor, report, resources.brief(snap), bar)
-        resources.maybe_cleanup(snap)
-        if self.runtime.governor is not None:
-            self.runtime.governor.poll()
-
-    def _side_steps(self, micro: MicroResult) -> dict[str, float]:
-        """The discriminator's and the enhancer's steps. They recover from out of memory themselves (the same
-        batch in more chunks); one that runs out even one image at a time ends the run after an emergency
-        checkpoint."""
+    def _count_skip(self, net, lr_key: str) -> None:
+        """A step the guard skipped. A network whose loss or gradient stays non-finite for
+        MAX_SKIPS_IN_A_ROW steps will not recover by itself: the run saves its last boundary and stops."""
         st = self.state
-        sr = self.parts.sr
-        try:
-            with self.clock("enhancer and discriminator"):
-                scalars = self.parts.domain.after_step(micro.x0, micro.x0_pred, st.global_step)
-            if sr is not None and st.global_step % sr.cfg.every == 0:
-                with self.clock("super-resolution stage"):
-                    scalars.update(sr.step())
-            return scalars
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            message = first_line(exc)
-        free_memory(self.device)
-        path = self.save(emergency_checkpoint_name(st.boundary.epoch + 1, oom=True), kind="emergency_oom")
-        error_log.error("Out of memory in a side network's step at step %d: %s.", st.global_step, message)
+        st.skipped_steps += 1
+        if net.in_a_row < MAX_SKIPS_IN_A_ROW:
+            return
+        path = self.save(step_checkpoint_name(st.global_step))
         raise MoasError(
-            f"Out of memory in the discriminator or enhancer step even one image at a time, or in the "
-            f"super-resolution step ({message}); emergency checkpoint {path} was saved. Lower "
-            "enhance.batch_size, sr.batch_size or sr.crop (or turn enhance.train, sr.train or "
-            "losses.adversarial off), then resume."
+            f"The {net.name}'s loss or gradient was not finite for {net.in_a_row} steps in a row (after "
+            f"step {st.global_step}); checkpoint {path} was saved. Lower {lr_key}, or train with "
+            'train.mixed_precision = "no" (fp32), then resume with --auto_resume.'
         )
 
     def _at_boundary(self) -> bool:
@@ -388,25 +266,24 @@ class Trainer:
         st.epoch += 1
         st.batch_pos = 0
         st.mark_boundary()
-        done = st.epoch
+        done, trains = st.epoch, p.frozen is None  # the generator trains (else it is the base model's)
         moe = p.model.stage("moe")
-        if p.continuous is not None and moe is not None:  # between epochs, no gradients
+        if trains and p.continuous is not None and moe is not None:  # between epochs, no gradients
             p.continuous.update(moe)
             broadcast_from_main([moe.balance_bias, moe.experts.expert_weights])  # rank 0's adjustment
             p.ema.model.stage("moe").balance_bias.copy_(moe.balance_bias)  # keep the last adjustment
-        if self.monitor is not None:
+        if trains and self.monitor is not None:
             self.monitor.log_brain(st.global_step, p.model)
         last = done == s.epochs or stop
-        log.info(
-            "Epoch %d/%d: loss %.4f, lr %.2e, %.1f img/s.", done, s.epochs, self.last_loss, p.lr(), self.ips
-        )
+        lr = p.lr() if trains else p.sr.net.opt.param_groups[0]["lr"]
+        log.info("Epoch %d/%d: loss %.4f, lr %.2e, %.1f img/s.", done, s.epochs, self.last_loss, lr, self.ips)
         # The grid first, so the model card of a model chosen at this epoch shows this epoch's samples.
         if self.monitor is not None and s.sample_every and (done % s.sample_every == 0 or last):
             with self.clock("sample grids"):
                 self.monitor.sample_grid(p.ema.model, done, st.global_step, self.device)
         if done % s.save_every == 0 or last or done in self.policy.milestones:
             self.save(epoch_checkpoint_name(done), kind="epoch")
-            if self.monitor is not None:  # validation, best-model file, progress.png (rank 0)
+            if trains and self.monitor is not None:  # validation, best-model file, progress.png (rank 0)
                 with self.clock("validation and best step"):
                     self.monitor.on_checkpoint(done, st.global_step, p.ema.model, self._model_file)
 
@@ -428,27 +305,11 @@ class Trainer:
         self.draws = None  # redrawn when the step is redone
         free_memory(self.device)
         path = self.save(emergency_checkpoint_name(st.boundary.epoch + 1, oom=True), kind="emergency_oom")
-        shrunk = shrink_micro_batch(st.micro_batch, st.grad_accum, self.settings.min_batch_size)
-        error_log.error(
-            "Out of memory at epoch %d, batch %d, step %d (micro-batch %d × %d): %s; emergency checkpoint %s; %s.",
-            st.boundary.epoch + 1,
-            st.batch_pos,
-            st.global_step,
-            st.micro_batch,
-            st.grad_accum,
-            message,
-            path,
-            f"recovering with micro-batch {shrunk[0]} × {shrunk[1]}" if shrunk else "cannot recover",
+        where = f"epoch {st.boundary.epoch + 1}, batch {st.batch_pos}, step {st.global_step}"
+        min_batch = self.settings.min_batch_size
+        self.state = st.at_boundary(
+            *recovery_split(st.micro_batch, st.grad_accum, min_batch, where, message, path)
         )
-        if shrunk is None:
-            raise MoasError(
-                f"Out of memory even at micro-batch {st.micro_batch} (the minimum is "
-                f"{self.settings.min_batch_size}); emergency checkpoint {path} was saved. Lower "
-                "data.resolution or the model size, then resume."
-            )
-        self.state = st.at_boundary(*shrunk)
-        split = f"micro-batch {self.state.micro_batch} × accumulation {self.state.grad_accum}"
-        log.warning("Recovered from out of memory: %s (effective batch kept).", split)
 
     def _emergency_save(self, exc: BaseException) -> None:
         """An unrecoverable error: write ``emergency_epoch_<N>.pt`` from the last boundary."""
@@ -475,7 +336,9 @@ class Trainer:
         model_path, last_path = self.model_paths
         if self.dist.is_main:
             with self.clock("model files"):
-                write_final_models(self.model_paths, self._model_file(), self.monitor.keeper, st.global_step)
+                stage_only = self.parts.frozen is not None
+                keeper = self.monitor.keeper
+                write_final_models(self.model_paths, self._model_file(), keeper, st.global_step, stage_only)
             if self.record.style_db is not None:  # also beside the model file, readable without torch
                 self.data.dataset.style_db.save(model_path.with_name(model_path.stem + ".styles.json"))
             self.monitor.close()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moas.data.dataset import ArtDataset
+from moas.inference.model_file import ModelFile
 from moas.models.generator import MoasGenerator
 from moas.resources import EnhancedResourceManager
 from moas.text.bank import TextBank
@@ -38,9 +39,12 @@ class TrainingParts:
     sched: WarmupCosineRestarts
     adaptive: AdaptiveTrainingSystem | None  # the original's loss-curve lr rules (off by default)
     continuous: AdvancedContinuousLearning | None  # routing/expert-weight adjustment between epochs
-    domain: SideNetworks  # domain losses, discriminator, enhancer
+    side: SideNetworks  # the domain losses, discriminator and enhancer (checkpoint key "domain")
     compiled: CompiledForward | None = None  # the U-Net's torch.compile'd forward, when on
     sr: SRStageTraining | None = None  # the cascade's super-resolution stage, when it trains
+    # The base model when only the stage trains (``--stage sr``): the generator and enhancer are its own,
+    # frozen, and neither is in the run's checkpoints.
+    frozen: ModelFile | None = None
 
     @property
     def model(self) -> MoasGenerator:
@@ -59,6 +63,8 @@ class TrainingParts:
         return self.net.scaler
 
     def state_dict(self) -> dict[str, Any]:
+        if self.frozen is not None:
+            return {}
         return {
             **self.net.state_dict(),
             "scheduler": self.sched.state_dict(),
@@ -67,6 +73,8 @@ class TrainingParts:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Raises KeyError, RuntimeError, ValueError or TypeError when ``state`` does not fit these parts."""
+        if self.frozen is not None:
+            return
         self.net.load_state_dict(state)
         self.sched.load_state_dict(state["scheduler"])
         if self.adaptive is not None and "adaptive" in state:
@@ -116,3 +124,4 @@ class LoopSettings:
     cond_dropout: float  # null-prompt probability
     style_dropout: float  # probability of hiding the style token
     loader_workers: int
+    stage_steps: int = 0  # steps per epoch of the super-resolution stage alone; 0: the generator trains

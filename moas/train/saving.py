@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ def checkpoint_contents(
         "model_args": parts.model.init_args,
         "text_encoder": record.text_encoder,
         "run_dir": str(record.run_dir),
-        "domain": parts.domain.state_dict(),
+        "domain": parts.side.state_dict() if parts.frozen is None else {},
         **({"sr": parts.sr.state_dict()} if parts.sr is not None else {}),
     }
 
@@ -161,8 +161,13 @@ def save_at_boundary(
 
 def model_file_contents(state: TrainState, parts: TrainingParts, record: RunRecord) -> ModelFile:
     """What generation needs now: the EMA weights, the constructor arguments, config, text encoder, the
-    trained enhancer, and where the weights come from."""
-    enhancer, sr = parts.domain.enhancer, parts.sr
+    trained enhancer, and where the weights come from. With the stage alone: the base model, unchanged,
+    with the stage's EMA weights and settings."""
+    enhancer, sr = parts.side.enhancer, parts.sr
+    if parts.frozen is not None:
+        config = {**parts.frozen.config, "sr": record.config["sr"]}
+        sr_weights = sr.ema.model.state_dict()
+        return replace(parts.frozen, sr_args=sr.model.init_args, sr_weights=sr_weights, config=config)
     return ModelFile(
         model_args=parts.model.init_args,
         weights=parts.ema.model.state_dict(),
@@ -190,12 +195,18 @@ def model_file_contents(state: TrainState, parts: TrainingParts, record: RunReco
     )
 
 
-def write_final_models(paths: tuple[Path, Path], contents: ModelFile, keeper, global_step: int) -> None:
+def write_final_models(
+    paths: tuple[Path, Path], contents: ModelFile, keeper, global_step: int, stage_only: bool = False
+) -> None:
     """The end of a run: the last weights go to the last-model file; the model for generation keeps the
     best-scoring checkpoint's weights (``keeper``: a BestModelKeeper or None), or gets the last ones when
     selection is off or never ran. When the best is the last step the two are one file under two names
-    (a hard link where the file system has them): same weights, no second copy on disk."""
+    (a hard link where the file system has them): same weights, no second copy on disk. ``stage_only``
+    (``--stage sr``): only the model file, so the base run's last-model file beside it stays its own."""
     model_path, last_path = paths
+    if stage_only:
+        save_model(model_path, contents)
+        return
     best = keeper.best if keeper is not None else None
     if best is None or not model_path.is_file():
         save_model(last_path, contents)

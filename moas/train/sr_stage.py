@@ -9,6 +9,13 @@ objective is the run's :class:`~moas.diffusion.objective.DiffusionObjective` ove
 A step draws everything from the stage's own ``torch.Generator`` (checkpointed): which images, where each
 crop sits, the timesteps, the noise and the conditioning-noise levels. The images are read straight from
 the high-resolution cache entries, so a resumed run continues with the very same crops.
+
+**The stage alone** (``train.stage = "sr"``, ``moas train --stage sr``) is a run of the same loop
+(``moas.train.loop``) in which the generator is frozen: it and the enhancer are the base model's
+(``--init_from``, else the model at ``--save_path``), only read, and written back unchanged beside the
+trained stage. ``moas.train.builders.stage_config`` turns a run's config into the stage's: the base model's resolution,
+checkpoints in ``<checkpoint_dir>/sr``, no sample grids or folder evaluation of the frozen generator.
+An epoch is one pass of ``sr.batch_size`` crops over the training images.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ def sr_objective(cfg: SRConfig) -> DiffusionObjective:
     """The stage's objective: its own prediction target and (resolution-shifted) schedule."""
     scheduler = make_scheduler(cfg.prediction_type, shift=cfg.noise_shift)
     return DiffusionObjective(NoiseSchedule(scheduler, cfg.prediction_type, cfg.min_snr_gamma))
+
+
+def stage_steps_per_epoch(cfg: SRConfig, n_images: int) -> int:
+    return max(1, math.ceil(n_images / cfg.batch_size))
 
 
 def build_sr_model(cfg: SRConfig) -> SuperResDiffusion:

@@ -161,6 +161,7 @@ class TrainedNet:
         self.max_grad_norm, self.ema, self.gen, self.average = max_grad_norm, ema, gen, average
         self.steps = 0  # optimizer steps taken
         self.skipped = 0  # steps skipped by the guard
+        self.in_a_row = 0  # skipped since the last step taken (a network stuck there will not recover)
         self.chunks = 1  # pieces a batch is cut into (more after an out-of-memory error)
 
     def parameters(self) -> list[nn.Parameter]:
@@ -188,6 +189,7 @@ class TrainedNet:
                 self.scaler.update()  # lowers the fp16 loss scale
             self.opt.zero_grad(set_to_none=True)
             self.skipped += 1
+            self.in_a_row += 1
             log.warning(
                 "Skipped a %s step (non-finite loss or gradient; %d so far).", self.name, self.skipped
             )
@@ -198,6 +200,7 @@ class TrainedNet:
         if self.ema is not None:
             self.ema.update(self.module)
         self.steps += 1
+        self.in_a_row = 0
         return norm
 
     # --- checkpoint state ---------------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""One optimizer step of the generator, top to bottom: the part of :class:`~moas.train.loop.Trainer` that
+learns from a batch.
+
+``_micro_step`` is one forward/backward — the step's random draws (``moas.train.inputs.StepDraws``), the
+generator's inputs, the diffusion objective, the extra losses, the NaN/Inf guard, backward — and returns
+what it computed as a :class:`~moas.train.state.MicroResult`; ``_optimizer_step`` applies the accumulated
+step (the generator's :class:`~moas.train.trained_net.TrainedNet` guards it), ``_side_steps`` trains the
+discriminator, enhancer and super-resolution stage on the result and ``_report_step`` reports it.
+``_protected_micro_step`` is the one wrapper that holds fault injection, the compile fallback and
+out-of-memory handling around the step; it leaves the epoch with :class:`OOMSignal` or :class:`RedoStep`,
+which the loop handles.
+
+:class:`GeneratorStep` is a mixin of the Trainer, which provides the state, the parts, the settings and
+``save``/``_count_skip``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+
+import torch
+
+from moas.checkpoint import emergency_checkpoint_name
+from moas.diffusion.objective import ObjectiveOutput
+from moas.errors import MoasError
+from moas.monitor.step_log import StepReport, report_step
+from moas.train.faults import first_line, free_memory, is_oom
+from moas.train.inputs import StepDraws
+from moas.train.sequences import ddp_touch
+from moas.train.state import MicroResult
+
+log = logging.getLogger("moas.train.loop")
+error_log = logging.getLogger("moas.errors")
+
+
+class OOMSignal(Exception):
+    """Raised inside the batch loop to leave it and recover from an out-of-memory error."""
+
+
+class RedoStep(Exception):
+    """Raised inside the batch loop to leave it and redo the current optimizer step from its start."""
+
+
+class GeneratorStep:
+    def _protected_micro_step(self, batch: dict, last_of_group: bool, bar) -> MicroResult:
+        """One micro-step inside the run's fault handling: an injected fault fires here; an error of the
+        compiled U-Net leaves the epoch to redo the step uncompiled (``RedoStep``); an out-of-memory error
+        leaves it to recover (``OOMSignal``) once the failed pass's frames are gone."""
+        try:
+            self.faults.next_batch()
+            return self._micro_step(batch, last_of_group)
+        except Exception as exc:
+            compiled = self.parts.compiled
+            if compiled is not None and compiled.caused(exc):  # e.g. in the compiled backward
+                compiled.fall_back(exc)
+                bar.close()
+                raise RedoStep from None
+            if not is_oom(exc):
+                raise
+            self.oom_message = first_line(exc)
+            bar.close()
+            raise OOMSignal from None
+
+    def _micro_step(self, batch: dict, last_of_group: bool) -> MicroResult:
+        """Forward + backward of one micro-batch: its random draws, the generator's inputs, the objective,
+        the extra losses, the NaN/Inf guard, backward."""
+        st, s, device = self.state, self.settings, self.device
+        x0, augment = self.inputs.images(batch, st.epoch, device)  # (B, 3, H, W), (B, AUG_DIM) | None
+        b, j = x0.shape[0], st.micro_in_step
+        if j == 0:  # the whole step's random numbers at once: a smaller micro-batch gets the same ones
+            style_dropout = s.style_dropout if "style" in batch else None
+            shape = tuple(x0.shape[1:])
+            n = b * st.grad_accum
+            self.draws = StepDraws.draw(
+                st.gen, n, shape, self.objective.num_timesteps, s.cond_dropout, style_dropout
+            )
+        draws = self.draws.rows(j * b, (j + 1) * b)
+        # Dropout (the brain's) and the degradations draw from torch's global RNG. Reseeding it from the
+        # checkpointed stream makes them a function of that stream alone, so a resumed run draws the same
+        # masks as an uninterrupted one whatever consumed the global RNG in between (sample grids,
+        # validation and eval at checkpoints).
+        torch.manual_seed(draws.seed + j)
+        cond, panel_in = self.inputs(batch, draws, st.epoch, device, x0, augment)
+        t, noise = draws.t.to(device), draws.noise.to(device)  # (B,), (B, 3, H, W)
+        sync = nullcontext() if last_of_group or not self.dist.enabled else self.parts.ddp_model.no_sync()
+        with sync:
+            out = self.objective(self.parts.ddp_model, x0, cond, t, noise, self._autocast)
+            loss, result = self._losses(out, x0, panel_in)
+            loss, result.ok = self._guard(loss, out.pred)
+            self.parts.net.backward(loss / st.grad_accum)
+        if self.faults.fires("inf_grad"):
+            grad = next(p for p in self.parts.model.parameters() if p.grad is not None).grad
+            grad.view(-1)[0] = float("inf")
+        result.loss = loss.item() if result.ok else float("nan")
+        return result
+
+    def _losses(
+        self, out: ObjectiveOutput, x0: torch.Tensor, panel_in: dict
+    ) -> tuple[torch.Tensor, MicroResult]:
+        """The diffusion loss + the brain's auxiliary loss + domain losses + temporal consistency, and what
+        the step reports. The predicted x0 is computed only when a loss or the monitor uses it."""
+        schedule, step = self.objective.schedule, self.state.global_step
+        side, panels, monitor = self.parts.side, self.panels, self.monitor
+        measured = monitor is not None and monitor.measures(step + 1)
+        x0_pred = out.x0(schedule) if side.uses_x0 or measured else None
+        aux = out.aux  # MoE load balance (+ compression reconstruction)
+        loss = out.loss + aux
+        terms = {"diffusion": out.loss.item(), "aux": float(aux.detach() if torch.is_tensor(aux) else aux)}
+        extra, logs = side.generator_loss(x0, x0_pred, out.t, schedule, step)
+        loss = loss if extra is None else loss + extra
+        # The temporal loss takes its own graph branch of x0: gradients then reach the prediction summed in
+        # the order they always have, which keeps training bit-identical to earlier releases.
+        temporal_x0 = out.x0(schedule) if panels.uses_x0(panel_in) else None
+        temporal, t_logs = panels.loss(panel_in, temporal_x0, out.t, schedule)
+        if temporal is not None:
+            loss = loss + temporal
+            logs = {**logs, **t_logs}
+        if self.dist.enabled:
+            loss = loss + ddp_touch(self.parts.model, panel_in)
+        critic = x0_pred.detach() if x0_pred is not None else None  # (B, 3, H, W)
+        if measured:
+            monitor.observe_batch(step + 1, x0, critic, out.t, out.per_sample)
+        return loss, MicroResult(terms, logs, x0, critic)
+
+    def _guard(self, loss: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The NaN/Inf guard's first two parts: bound the loss, and never learn from a non-finite one;
+        (the loss to backpropagate, whether it was finite)."""
+        loss = loss.clamp(max=self.settings.loss_clamp)
+        if self.faults.fires("nan_loss"):
+            loss = loss * float("nan")
+        if torch.isfinite(loss):
+            return loss, True
+        log.warning("Non-finite loss at step %d; the step will be skipped.", self.state.global_step + 1)
+        return pred.sum() * 0.0, False  # the zero keeps DDP's collective backward in step on every rank
+
+    def _optimizer_step(self, loss: float, ok: bool) -> torch.Tensor | None:
+        """Apply the accumulated step (``ok``: every micro-batch's loss was finite) and the schedule; the
+        gradient norm, or None when the guard skipped the step."""
+        st, p = self.state, self.parts
+        grad_norm = p.net.apply(ok)  # the NaN/Inf guard's third part: skip a bad step
+        if grad_norm is None:  # no optimizer, schedule or EMA update from this step
+            self._count_skip(p.net, "train.lr")
+            return None
+        p.sched.step()
+        st.global_step += 1
+        self.last_loss = self.dist.all_mean(loss)
+        if p.adaptive is not None:
+            lr = p.adaptive.observe(self.last_loss, p.sched.get_last_lr()[0])
+            for g in p.opt.param_groups:
+                g["lr"] = lr
+        st.mark_boundary()  # the generator has learned from this step: an emergency checkpoint continues after it
+        return grad_norm
+
+    def _report_step(
+        self, micro: MicroResult, grad_norm: torch.Tensor, scalars: dict, t_step: float, data_time: float, bar
+    ) -> None:
+        """The step's log line, TensorBoard scalars and progress bar; then the resource manager's cleanup
+        check and the thread governor."""
+        st, p = self.state, self.parts
+        now = time.perf_counter()
+        self.ips = micro.x0.shape[0] * st.grad_accum * self.dist.world_size / max(now - t_step, 1e-9)
+        report = StepReport(
+            step=st.global_step,
+            epoch=st.epoch + 1,
+            batch_pos=st.batch_pos,
+            micro_batch=st.micro_batch,
+            grad_accum=st.grad_accum,
+            loss=self.last_loss,
+            lr=p.lr(),
+            images_per_sec=self.ips,
+            step_time=now - t_step - data_time,
+            data_time=data_time,
+            grad_norm=float(grad_norm),
+            terms=micro.terms,
+            lrs=p.lrs(),
+            scalars=scalars,
+        )
+        resources = self.runtime.resources
+        snap = resources.snapshot()  # one reading per step serves the log line and the cleanup check
+        report_step(self.monitor, report, resources.brief(snap), bar)
+        resources.maybe_cleanup(snap)
+        if self.runtime.governor is not None:
+            self.runtime.governor.poll()
+
+    def _side_steps(self, micro: MicroResult) -> dict[str, float]:
+        """The discriminator's and the enhancer's steps. They recover from out of memory themselves (the same
+        batch in more chunks); one that runs out even one image at a time ends the run after an emergency
+        checkpoint."""
+        st = self.state
+        sr = self.parts.sr
+        try:
+            with self.clock("enhancer and discriminator"):
+                scalars = self.parts.side.after_step(micro.x0, micro.x0_pred, st.global_step)
+            if sr is not None and st.global_step % sr.cfg.every == 0:
+                with self.clock("super-resolution stage"):
+                    scalars.update(sr.step())
+            return scalars
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            message = first_line(exc)
+        free_memory(self.device)
+        path = self.save(emergency_checkpoint_name(st.boundary.epoch + 1, oom=True), kind="emergency_oom")
+        error_log.error("Out of memory in a side network's step at step %d: %s.", st.global_step, message)
+        raise MoasError(
+            f"Out of memory in the discriminator or enhancer step even one image at a time, or in the "
+            f"super-resolution step ({message}); emergency checkpoint {path} was saved. Lower "
+            "enhance.batch_size, sr.batch_size or sr.crop (or turn enhance.train, sr.train or "
+            "losses.adversarial off), then resume."
+        )
