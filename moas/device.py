@@ -64,7 +64,9 @@ def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
         if mode == "native":
             return torch.bfloat16 if cpu_has_native_bf16() else None
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+    # Only native bf16 (Ampere and later): Turing and Volta emulate it, slower than fp16 with a scaler.
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    if mode == "bf16" or (mode in ("auto", "native") and native):
         return torch.bfloat16
     return torch.float16
 

@@ -62,6 +62,19 @@ def test_auto_stays_fp32_on_the_cpu_and_an_explicit_mode_is_honoured():
     assert autocast_dtype(CPU, "fp16") == torch.float16 and autocast_dtype(CPU, "bf16") == torch.bfloat16
 
 
+def test_auto_on_cuda_takes_bf16_only_where_the_card_has_it_natively(monkeypatch):
+    """Turing and Volta report bf16 as supported through emulation: there fp16 with a scaler is faster."""
+    cuda = torch.device("cuda")
+    for native, want in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(
+            torch.cuda,
+            "is_bf16_supported",
+            lambda including_emulation=True, n=native: n or including_emulation,
+        )
+        assert autocast_dtype(cuda, "auto") == want and autocast_dtype(cuda, "native") == want
+        assert autocast_dtype(cuda, "bf16") == torch.bfloat16 and autocast_dtype(cuda, "no") is None
+
+
 def test_native_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch, tmp_path):
     import builtins
 

@@ -124,7 +124,9 @@ def test_speed_up_unet_applies_the_switches_to_the_model_and_its_ema_copy(genera
     speed_up_unet(model, ema, CPU, "auto", "auto", False)  # the CPU defaults: nothing changes
     assert not model.unet.channels_last and not model.unet.unet.is_gradient_checkpointing
     speed_up_unet(model, ema, torch.device("cuda"), "auto", "auto", False, planned_checkpointing=True)
-    assert model.unet.channels_last and ema.unet.channels_last  # auto on CUDA
+    assert not model.unet.channels_last and not ema.unet.channels_last  # auto: off until measured on a GPU
+    speed_up_unet(model, ema, torch.device("cuda"), True, "auto", False)
+    assert model.unet.channels_last and ema.unet.channels_last
     assert model.unet.unet.is_gradient_checkpointing and not ema.unet.unet.is_gradient_checkpointing
 
 

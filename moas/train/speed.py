@@ -3,8 +3,10 @@
 They change how the U-Net computes, not what: channels_last and checkpointing match the default path to
 float rounding (``tests/test_speed_switches.py``), so the CPU defaults (all off) keep the pinned numbers.
 
-* ``channels_last`` — ``auto``: on for CUDA (cuDNN's convolutions are fastest in NHWC on tensor cores), off
-  elsewhere (on the CPU the formats trade places by layer and the pinned numbers are NCHW's);
+* ``channels_last`` — ``auto``: off everywhere until a GPU measurement says otherwise. cuDNN's convolutions
+  prefer NHWC on tensor cores, but the CUDA GroupNorm kernel works in NCHW and the attention blocks call
+  ``.contiguous()``, so every block would convert back and forth; on the CPU the formats trade places by
+  layer and the pinned numbers are NCHW's. ``true`` turns it on;
 * ``gradient_checkpointing`` — ``auto``: off unless a memory planner asks for it (``planned``), since it
   costs about a third more compute for the activations it saves;
 * ``compile`` — ``torch.compile`` of the U-Net's forward. Compilation is lazy, so it can fail at once, at
@@ -45,7 +47,7 @@ def speed_up_unet(
     """Apply the switches to the trained model's U-Net; its EMA copy (what generation samples) gets the
     same memory format, so the averaging runs over tensors of equal strides, and stays uncompiled. Returns
     the compiled forward, if any, for the loop to fall back from."""
-    cl = resolve_switch(channels_last, device.type == "cuda")
+    cl = resolve_switch(channels_last, False)  # unmeasured on a GPU: see the module docstring
     gc = resolve_switch(gradient_checkpointing, planned_checkpointing)
     if cl:
         model.unet.use_channels_last()
