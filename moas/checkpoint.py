@@ -6,7 +6,9 @@ written atomically by :mod:`moas.io`, the sidecar last. Old ``.pt`` model files 
 same format.
 
 Loading always uses ``torch.load(..., weights_only=True)``; nothing here ever unpickles arbitrary
-objects. To keep that possible, :func:`save_checkpoint` only accepts tensors and plain Python values.
+objects. Host memory stays near one copy of the state: a save streams ``torch.save`` into the temp file
+(hashed on the way), and a load memory-maps the verified file (a private mapping: changing a loaded
+tensor never changes the file). To keep that possible, :func:`save_checkpoint` only accepts tensors and plain Python values.
 :func:`rewrite_checkpoint` shrinks a checkpoint in place (the training run's old ones), reading it
 memory-mapped.
 
@@ -18,8 +20,6 @@ checkpoint. ``verify=False`` skips the sidecar entirely.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import os
@@ -92,19 +92,16 @@ def _check_savable(state: dict[str, Any], meta: dict[str, Any]) -> None:
         raise TypeError(f"checkpoint meta is not JSON-serialisable: {exc}") from exc
 
 
-def _serialise(state: dict[str, Any]) -> io.BytesIO:
-    buf = io.BytesIO()
-    torch.save({**state, "moas_format": CHECKPOINT_FORMAT}, buf)
-    return buf
+def _write(target: Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    # torch.save streams into the temp file (hashed on the way): the checkpoint is never assembled in host
+    # memory, and a CUDA tensor is copied to the host one storage at a time.
+    def write(f) -> None:
+        torch.save({**state, "moas_format": CHECKPOINT_FORMAT}, f)
 
-
-def _write(target: Path, buf: io.BytesIO, meta: dict[str, Any]) -> Path:
-    # A memoryview of the buffer avoids copying a possibly multi-GB checkpoint once more.
-    with buf.getbuffer() as data:
-        try:
-            write_with_sidecar(target, data, CHECKPOINT_FORMAT, meta)
-        except OSError as exc:
-            raise CheckpointError(f"Could not write checkpoint {target}: {exc.strerror or exc}.") from exc
+    try:
+        write_with_sidecar(target, write, CHECKPOINT_FORMAT, meta)
+    except OSError as exc:
+        raise CheckpointError(f"Could not write checkpoint {target}: {exc.strerror or exc}.") from exc
     return target
 
 
@@ -122,7 +119,7 @@ def save_checkpoint(
     _check_savable(state, meta)
     if target.is_dir():
         raise CheckpointError(f"Cannot save a checkpoint to {target} because it is a directory.")
-    return _write(target, _serialise(state), meta)
+    return _write(target, state, meta)
 
 
 def rewrite_checkpoint(
@@ -133,8 +130,9 @@ def rewrite_checkpoint(
     """Replace a verified checkpoint by ``reduce(its contents)``, atomically and with a new sidecar.
 
     For shrinking old checkpoints (dropping the optimizer state, keeping bf16 weights): the file is read
-    once, memory-mapped, so only what ``reduce`` keeps is ever serialised in memory — never the whole file
-    twice. Raises CheckpointError when the file does not verify or cannot be read or written.
+    memory-mapped and what ``reduce`` keeps streams into the new file (POSIX keeps the mapped old file
+    readable until it is closed). Raises CheckpointError when the file does not verify or cannot be read or
+    written.
     """
     target = Path(path)
     state = load_checkpoint_mapped(target)
@@ -142,10 +140,7 @@ def rewrite_checkpoint(
     del state
     meta = dict(meta)
     _check_savable(kept, meta)
-    buf = _serialise(kept)
-    # The last views of the mapped file go before it is replaced (Windows cannot replace a mapped file).
-    del kept
-    return _write(target, buf, meta)
+    return _write(target, kept, meta)
 
 
 def checkpoint_record(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -182,39 +177,56 @@ def load_checkpoint(
     if p.is_dir():
         raise CheckpointError(f"{p} is a directory, not a model file.")
     try:
-        data = p.read_bytes()
+        size = p.stat().st_size
     except OSError as exc:
         raise CheckpointError(f"Could not read model file {p}: {exc.strerror or exc}.") from exc
-    if not data:
+    if not size:
         raise CheckpointError(
             f"Model file {p} is empty (0 bytes), probably from an interrupted copy or save."
         )
-
     if verify:
-        side = sidecar_path(p)
-        if side.exists():
-            record = read_sidecar(p, CHECKPOINT_FORMAT)
-            if record is None:
-                raise CheckpointError(
-                    f"Checkpoint {p} is incomplete or corrupt (its record {side.name} is unreadable)."
-                )
-            if record["size"] != len(data) or record["sha256"] != hashlib.sha256(data).hexdigest():
-                raise CheckpointError(
-                    f"Checkpoint {p} is incomplete or corrupt (checksum mismatch against {side.name}); "
-                    "re-copy it or use another checkpoint."
-                )
-        else:
-            logger.warning(
-                "%s has no %s record, so its integrity cannot be checked; loading anyway.", p, side.name
-            )
-
+        _verify(p)
     try:
-        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        # Memory-mapped: the tensors are read from the file's pages as they are used, never from a second
+        # copy of the whole file in memory. Files of the old (pre-zip) torch format cannot be mapped.
+        state = torch.load(p, map_location=map_location, weights_only=True, mmap=_is_zip(p))
     except MemoryError:
         raise
     except Exception as exc:  # torch raises many types (RuntimeError, EOFError, UnpicklingError, ...)
-        raise CheckpointError(_describe_load_failure(p, data, exc)) from exc
+        raise CheckpointError(_describe_load_failure(p, _head(p), exc)) from exc
     return _check_format(state, p)
+
+
+def _head(p: Path) -> bytes:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
+def _is_zip(p: Path) -> bool:
+    return _head(p) == b"PK\x03\x04"
+
+
+def _verify(p: Path) -> None:
+    """A present sidecar must match the file (hashed in chunks); a missing one is only a warning."""
+    side = sidecar_path(p)
+    if not side.exists():
+        logger.warning(
+            "%s has no %s record, so its integrity cannot be checked; loading anyway.", p, side.name
+        )
+        return
+    record = read_sidecar(p, CHECKPOINT_FORMAT)
+    if record is None:
+        raise CheckpointError(
+            f"Checkpoint {p} is incomplete or corrupt (its record {side.name} is unreadable)."
+        )
+    if not matches_sidecar(p, record):
+        raise CheckpointError(
+            f"Checkpoint {p} is incomplete or corrupt (checksum mismatch against {side.name}); "
+            "re-copy it or use another checkpoint."
+        )
 
 
 def _check_format(state: Any, p: Path) -> dict[str, Any]:
@@ -228,27 +240,15 @@ def _check_format(state: Any, p: Path) -> dict[str, Any]:
 
 
 def load_checkpoint_mapped(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint whose sidecar matches it, memory-mapped (weights-only, on the CPU).
-
-    Its tensors stay in the file's pages (the OS page cache) until read, so a multi-GB checkpoint is not
-    copied into process memory; reading from the file while it is replaced is safe on POSIX only, hence
-    :func:`rewrite_checkpoint` drops them first. A missing or mismatching sidecar is a CheckpointError.
-    """
+    """Load a checkpoint whose sidecar matches it (memory-mapped, weights-only, on the CPU, as
+    :func:`load_checkpoint` does); a missing or mismatching sidecar is a CheckpointError."""
     p = Path(path)
     record = read_sidecar(p, CHECKPOINT_FORMAT)
     if record is None or not matches_sidecar(p, record):
         raise CheckpointError(
             f"Checkpoint {p} is incomplete or corrupt (it does not match its record {sidecar_path(p).name})."
         )
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except MemoryError:
-        raise
-    except Exception as exc:  # as in load_checkpoint; the first bytes tell a foreign file from a broken one
-        with open(p, "rb") as f:
-            head = f.read(4)
-        raise CheckpointError(_describe_load_failure(p, head, exc)) from exc
-    return _check_format(state, p)
+    return load_checkpoint(p, verify=False)
 
 
 # --- file names: every checkpoint name a run writes, and the patterns that find them again ----------------

@@ -113,14 +113,32 @@ def _restore_sidecar(target: Path, side: Path, old_sidecar: bytes) -> None:
             atomic_write_bytes(side, old_sidecar)
 
 
-def write_with_sidecar(target: Path, data: bytes | memoryview, fmt: str, meta: dict[str, Any]) -> None:
+class _HashingWriter:
+    """A file's ``write`` that also counts and hashes what passes through it: the sidecar's size and SHA-256
+    come without holding the data in memory or reading the file back."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += memoryview(data).nbytes
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def write_with_sidecar(
+    target: Path, data: bytes | memoryview | Callable[[IO[bytes]], None], fmt: str, meta: dict[str, Any]
+) -> None:
     """Write ``data`` atomically to ``target``, then its sidecar (format, size, SHA-256, ``meta``).
 
+    ``data`` may be a function that writes the file (``torch.save`` into it): it streams to the temp file
+    and is hashed on the way, so a multi-GB checkpoint is never assembled in memory.
     Raises OSError when the file cannot be written; the previous file and its sidecar are then kept.
     """
     side = sidecar_path(target)
-    record = {"format": fmt, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), **meta}
-    sidecar = json.dumps(record, indent=2, sort_keys=True).encode("utf-8")
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         old_sidecar = side.read_bytes()
@@ -131,14 +149,16 @@ def write_with_sidecar(target: Path, data: bytes | memoryview, fmt: str, meta: d
         # slow write: a kill in that short window leaves a complete but unrecorded file rather than one
         # whose stale sidecar makes it look corrupt.
         with atomic_open(target, before_replace=lambda: side.unlink(missing_ok=True)) as f:
-            f.write(data)
+            out = _HashingWriter(f)
+            data(out) if callable(data) else out.write(data)
     except BaseException:
         # The rename failed (e.g. disk full): put the old sidecar back if it still matches.
         if old_sidecar is not None and not side.exists():
             _restore_sidecar(target, side, old_sidecar)
         raise
+    record = {"format": fmt, "sha256": out.sha.hexdigest(), "size": out.size, **meta}
     # Written last: its presence is what marks the file complete.
-    atomic_write_bytes(side, sidecar)
+    atomic_write_bytes(side, json.dumps(record, indent=2, sort_keys=True).encode("utf-8"))
 
 
 def link_with_sidecar(src: Path, target: Path) -> None:

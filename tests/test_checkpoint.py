@@ -401,6 +401,34 @@ def _save_training_like(directory: Path, name: str, step: int) -> Path:
     )
 
 
+def test_saving_streams_into_the_file_and_loading_maps_it(tmp_path, monkeypatch):
+    """Host RAM by construction: torch.save writes straight into the temp file (hashed on the way, never a
+    whole copy in memory), and load_checkpoint memory-maps the verified file instead of reading it in."""
+    targets, loads = [], []
+    real_save, real_load = torch.save, torch.load
+
+    def save_spy(obj, f, *args, **kwargs):
+        targets.append(f)
+        return real_save(obj, f, *args, **kwargs)
+
+    def load_spy(*args, **kwargs):
+        loads.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_spy)
+    monkeypatch.setattr(torch, "load", load_spy)
+    state = {"w": torch.randn(1000), "step": 3}
+    path = save_checkpoint(tmp_path / "c.pt", state, {"global_step": 3})
+    assert len(targets) == 1 and not hasattr(targets[0], "getbuffer")  # not an in-memory buffer
+    record = json.loads(sidecar_path(path).read_text())
+    assert record["size"] == path.stat().st_size and record["sha256"] == file_sha256(path)
+    loaded = load_checkpoint(path)
+    assert loads == [{"map_location": "cpu", "weights_only": True, "mmap": True}]
+    assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3
+    loaded["w"] += 1  # a private mapping: the file keeps what was saved
+    assert torch.equal(load_checkpoint(path)["w"], state["w"])
+
+
 def test_old_checkpoints_are_reduced_to_bf16_ema_weights_read_memory_mapped(tmp_path, monkeypatch):
     paths = [_save_training_like(tmp_path, epoch_checkpoint_name(e), 10 * e) for e in range(1, 5)]
     calls = []
