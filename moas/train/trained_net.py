@@ -143,6 +143,11 @@ class StateKeys:
     scaler_always: bool = False  # write the scaler's state even when it is disabled (an empty dict)
 
 
+def is_finite(norm: torch.Tensor) -> bool:
+    """The guarded step's one read of a value on the host (a device sync on CUDA)."""
+    return bool(torch.isfinite(norm))
+
+
 class TrainedNet:
     def __init__(
         self,
@@ -184,7 +189,7 @@ class TrainedNet:
             average_gradients(params)  # collective: every rank calls it, also before a skip
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        if not all_ranks_agree(loss_ok and bool(torch.isfinite(norm))):
+        if not all_ranks_agree(loss_ok and is_finite(norm)):
             if self.scaler.is_enabled():
                 self.scaler.update()  # lowers the fp16 loss scale
             self.opt.zero_grad(set_to_none=True)
