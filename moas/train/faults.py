@@ -54,11 +54,20 @@ T = TypeVar("T")
 # --- out of memory --------------------------------------------------------------------------------
 
 
+# What the CUDA libraries say when their own allocation fails (cuBLAS handles and workspaces, cuDNN
+# workspaces, cuFFT plans): memory ran out as surely as in torch's allocator.
+_LIBRARY_OOM = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED")
+
+
 def is_oom(exc: BaseException) -> bool:
-    """True for CUDA/CPU out-of-memory errors (the typed one, or a RuntimeError saying so)."""
+    """True for CUDA/CPU out-of-memory errors: the typed one, a RuntimeError saying so, or a CUDA library's
+    allocation failure."""
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return "out of memory" in text.lower() or any(code in text for code in _LIBRARY_OOM)
 
 
 def shrink_micro_batch(micro: int, accum: int, min_batch: int = 1) -> tuple[int, int] | None:
@@ -94,6 +103,19 @@ def recovery_split(
         "Recovered from out of memory: micro-batch %d × accumulation %d (effective batch kept).", *shrunk
     )
     return shrunk
+
+
+MIN_EFFICIENT_MICRO_BATCH = 4  # below this a GPU step is launch-bound (the memory plan uses it too)
+
+
+def checkpointing_first(
+    micro: int, accum: int, min_batch: int, device_type: str, checkpointing: bool
+) -> bool:
+    """After an out-of-memory error on a GPU: turn gradient checkpointing on instead of shrinking the
+    micro-batch, when shrinking would go below the efficient minimum and checkpointing is still off."""
+    shrunk = shrink_micro_batch(micro, accum, min_batch)
+    small = shrunk is None or shrunk[0] < MIN_EFFICIENT_MICRO_BATCH
+    return device_type == "cuda" and not checkpointing and small
 
 
 def free_memory(device: torch.device) -> None:

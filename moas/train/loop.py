@@ -40,7 +40,10 @@ from moas.train.faults import (
     FaultInjector,
     GracefulStop,
     TrainingInterrupted,
+    checkpointing_first,
+    first_line,
     free_memory,
+    is_oom,
     recovery_split,
 )
 from moas.train.inputs import StepDraws, TrainingInputs
@@ -278,14 +281,35 @@ class Trainer(GeneratorStep):
         lr = p.lr() if trains else p.sr.net.opt.param_groups[0]["lr"]
         log.info("Epoch %d/%d: loss %.4f, lr %.2e, %.1f img/s.", done, s.epochs, self.last_loss, lr, self.ips)
         # The grid first, so the model card of a model chosen at this epoch shows this epoch's samples.
-        if self.monitor is not None and s.sample_every and (done % s.sample_every == 0 or last):
+        m = self.monitor
+        if m is not None and s.sample_every and (done % s.sample_every == 0 or last):
             with self.clock("sample grids"):
-                self.monitor.sample_grid(p.ema.model, done, st.global_step, self.device)
+                self._unless_oom(
+                    "the sample grid", m.sample_grid, p.ema.model, done, st.global_step, self.device
+                )
         if done % s.save_every == 0 or last or done in self.policy.milestones:
             self.save(epoch_checkpoint_name(done), kind="epoch")
-            if trains and self.monitor is not None:  # validation, best-model file, progress.png (rank 0)
+            if trains and m is not None:  # validation, best-model file, progress.png (rank 0)
                 with self.clock("validation and best step"):
-                    self.monitor.on_checkpoint(done, st.global_step, p.ema.model, self._model_file)
+                    args = (done, st.global_step, p.ema.model, self._model_file)
+                    self._unless_oom("validation and the folder evaluation", m.on_checkpoint, *args)
+
+    def _unless_oom(self, what: str, work, *args) -> None:
+        """Work between epochs that training does not need: out of memory skips it this time (logged)."""
+        try:
+            work(*args)
+            return
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            message = first_line(exc)
+        free_memory(self.device)  # outside the except block: the failed pass's frames are gone
+        error_log.error(
+            "Out of memory in %s at step %d (%s); skipped this time, training goes on.",
+            what,
+            self.state.global_step,
+            message,
+        )
 
     # ----------------------------------------------------------------------------------- files
     def save(self, name: str, kind: str = "checkpoint") -> Path | None:
@@ -306,7 +330,21 @@ class Trainer(GeneratorStep):
         free_memory(self.device)
         path = self.save(emergency_checkpoint_name(st.boundary.epoch + 1, oom=True), kind="emergency_oom")
         where = f"epoch {st.boundary.epoch + 1}, batch {st.batch_pos}, step {st.global_step}"
-        min_batch = self.settings.min_batch_size
+        min_batch, unet = self.settings.min_batch_size, self.parts.model.unet
+        on = unet.unet.is_gradient_checkpointing
+        if checkpointing_first(st.micro_batch, st.grad_accum, min_batch, self.device.type, on):
+            unet.use_gradient_checkpointing()  # cheaper than a micro-batch too small to keep the GPU busy
+            split = f"micro-batch {st.micro_batch} × {st.grad_accum}"
+            error_log.error(
+                "Out of memory at %s (%s); emergency checkpoint %s; recovering with gradient checkpointing "
+                "at %s.",
+                where,
+                message,
+                path,
+                split,
+            )
+            self.state = st.at_boundary()
+            return
         self.state = st.at_boundary(
             *recovery_split(st.micro_batch, st.grad_accum, min_batch, where, message, path)
         )

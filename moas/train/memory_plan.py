@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from moas.train.faults import MIN_EFFICIENT_MICRO_BATCH
+
 GB = 1024**3
 # Peak of a step ≈ state (gradients included) + BACKWARD_FACTOR × traced kept activations: gradients are
 # allocated while the backward frees activations, so the two never peak together (bench/memory_plan.py).
 BACKWARD_FACTOR = 0.85
 # Allocator overhead: fragmentation and the CUDA context, as a share of the budget kept free.
 RESERVE_FRACTION = 0.05
-# Below this micro-batch a GPU step is launch-bound; gradient checkpointing is preferred to going lower.
-MIN_EFFICIENT_MICRO_BATCH = 4
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

@@ -139,21 +139,37 @@ class SRStageTraining:
         return self.net.steps
 
     def step(self) -> dict[str, float]:
-        """One optimizer step of the stage; its TensorBoard scalars (none when the step was skipped)."""
+        """One optimizer step of the stage; its TensorBoard scalars (none when the step was skipped). After an
+        out-of-memory error the same batch is redone in more chunks (``TrainedNet.chunked``)."""
         net = self.net
         net.module.train()
-        net.opt.zero_grad(set_to_none=True)
-        loss = self.loss(self.batch())
-        ok = bool(torch.isfinite(loss))
-        if ok:
-            net.backward(loss)
-        norm = net.apply(ok)
+        batch = self.batch()
+        n = batch["x0"].shape[0]
+        loss = net.chunked(lambda k: self._backward(batch, k), n, self.device)
+        norm = net.apply(loss is not None)
         if norm is None:
             return {}
-        scalars = {"sr/loss": float(loss.detach())}
+        scalars = {"sr/loss": loss}
         if math.isfinite(float(norm)):
             scalars["sr/grad_norm"] = float(norm)
         return scalars
+
+    def _backward(self, batch: dict[str, torch.Tensor], chunks: int) -> float | None:
+        """The stage's gradients over ``chunks`` pieces of the batch, each weighted by its share; the loss, or
+        None when it is not finite (nothing is backpropagated then)."""
+        self.net.opt.zero_grad(set_to_none=True)
+        n = batch["x0"].shape[0]
+        split = {k: v.tensor_split(chunks) for k, v in batch.items()}
+        pieces = [batch] if chunks == 1 else [{k: v[i] for k, v in split.items()} for i in range(chunks)]
+        total = 0.0
+        for piece in pieces:
+            loss = self.loss(piece)
+            if not bool(torch.isfinite(loss)):
+                return None
+            w = piece["x0"].shape[0] / n
+            self.net.backward(loss if chunks == 1 else loss * w)
+            total += float(loss.detach()) * w
+        return total
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.net.state_dict(), "args": self.model.init_args}

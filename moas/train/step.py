@@ -205,8 +205,8 @@ class GeneratorStep:
         path = self.save(emergency_checkpoint_name(st.boundary.epoch + 1, oom=True), kind="emergency_oom")
         error_log.error("Out of memory in a side network's step at step %d: %s.", st.global_step, message)
         raise MoasError(
-            f"Out of memory in the discriminator or enhancer step even one image at a time, or in the "
-            f"super-resolution step ({message}); emergency checkpoint {path} was saved. Lower "
+            f"Out of memory in the discriminator, enhancer or super-resolution step even one image at a "
+            f"time ({message}); emergency checkpoint {path} was saved. Lower "
             "enhance.batch_size, sr.batch_size or sr.crop (or turn enhance.train, sr.train or "
             "losses.adversarial off), then resume."
         )
