@@ -6,7 +6,10 @@ the side networks' states, autocast's low-precision weight copies) plus what the
 backward, plus the backward's own working set. The kept activations are *traced*, not guessed: one forward
 runs on the meta device (shapes only, no memory, a fraction of a second even at 300 M parameters) under a
 saved-tensors hook that adds up every tensor autograd keeps. Attention is traced as the fused kernels run
-it on a GPU (query, key, value, output and the log-sum-exp; not the full attention matrix). The backward's
+it on a GPU (query, key, value, output and the log-sum-exp; not the full attention matrix), and the
+precision as CUDA autocast keeps it: normalisations in fp32 (their outputs and the SiLU after them kept in
+fp32), convolutions, linear layers and matrix products on low-precision copies of their inputs. On top: the
+cuBLAS/cuDNN workspaces (``WORKSPACE_BYTES``) and at least 10 % of the budget kept free. The backward's
 working set is a measured multiple of the kept activations (``BACKWARD_FACTOR``, calibrated on the CPU
 against allocator peaks; ``bench/memory_plan.py`` re-measures it and the predictor's error).
 """
@@ -27,7 +30,9 @@ GB = 1024**3
 # allocated while the backward frees activations, so the two never peak together (bench/memory_plan.py).
 BACKWARD_FACTOR = 0.85
 # Allocator overhead: fragmentation and the CUDA context, as a share of the budget kept free.
-RESERVE_FRACTION = 0.05
+RESERVE_FRACTION = 0.10  # the plan keeps at least this share of the budget free
+# cuBLAS and cuDNN workspaces (per-handle matmul workspace, convolution algorithms' scratch), not traced.
+WORKSPACE_BYTES = GB // 4
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -63,6 +68,62 @@ def _fused_attention_shapes():
         F.scaled_dot_product_attention = real
 
 
+def _floats(values, dtype: torch.dtype) -> list:
+    return [v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for v in values]
+
+
+@contextmanager
+def _autocast_shapes():
+    """On the meta device, what CUDA autocast keeps: normalisations run in float32, so their outputs (and
+    the SiLU after them) are kept in fp32; convolutions and linear layers cast their inputs to the weights'
+    low precision and keep the cast copy. In fp32 both rules change nothing."""
+    real = {name: getattr(F, name) for name in ("group_norm", "layer_norm", "conv2d", "linear")}
+
+    def norm(name: str):
+        def run(x, *args, **kwargs):
+            if x.device.type != "meta":
+                return real[name](x, *args, **kwargs)
+            kw = dict(zip(kwargs, _floats(kwargs.values(), torch.float32), strict=True))
+            return real[name](x.float(), *_floats(args, torch.float32), **kw)
+
+        return run
+
+    def cast(name: str):
+        def run(x, weight, *args, **kwargs):
+            if x.device.type != "meta":
+                return real[name](x, weight, *args, **kwargs)
+            low = weight.dtype
+            kw = dict(zip(kwargs, _floats(kwargs.values(), low), strict=True))
+            return real[name](x.to(low), weight, *_floats(args, low), **kw)
+
+        return run
+
+    def lowest(fn):  # matrix products: every float operand in the lowest precision among them
+        def run(*args, **kwargs):
+            tensors = [a for a in args if torch.is_tensor(a) and a.is_floating_point()]
+            if not tensors or tensors[0].device.type != "meta":
+                return fn(*args, **kwargs)
+            low = min((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
+            return fn(*_floats(args, low), **kwargs)
+
+        return run
+
+    products = {name: getattr(torch, name) for name in ("einsum", "matmul", "bmm", "baddbmm")}
+    for name in ("group_norm", "layer_norm"):
+        setattr(F, name, norm(name))
+    for name in ("conv2d", "linear"):
+        setattr(F, name, cast(name))
+    for name, fn in products.items():
+        setattr(torch, name, lowest(fn))
+    try:
+        yield
+    finally:
+        for name, fn in real.items():
+            setattr(F, name, fn)
+        for name, fn in products.items():
+            setattr(torch, name, fn)
+
+
 def traced_activation_bytes(forward: Callable[[], torch.Tensor]) -> int:
     """Bytes of every tensor autograd keeps for the backward of ``forward()`` (views counted once, the
     trained weights not at all: they are state)."""
@@ -76,7 +137,8 @@ def traced_activation_bytes(forward: Callable[[], torch.Tensor]) -> int:
             hold.append(base)
         return t
 
-    with _fused_attention_shapes(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with _fused_attention_shapes(), _autocast_shapes(), hooks:
         out = forward()
     del out
     hold.clear()
@@ -176,7 +238,7 @@ def plan_memory(
     ``budget``, first without gradient checkpointing, then with it (``checkpointing`` "auto"; True/False
     force it); the enhancer's and the super-resolution stage's batches halve until their steps fit.
     ``activations(m, ckpt)``, ``enhancer(b)`` and ``sr(b)`` return traced kept-activation bytes."""
-    usable = int(budget * (1 - RESERVE_FRACTION))
+    usable = int(budget * (1 - RESERVE_FRACTION)) - WORKSPACE_BYTES
     effective = batch_size * grad_accum
     modes = [False, True] if checkpointing == "auto" else [bool(checkpointing)]
     options = []  # (micro-batch, checkpointing, activations, peak) of the largest fitting micro-batch per mode
