@@ -60,9 +60,19 @@ def usable(budget_gb: float) -> float:
 
 
 def test_plan_keeps_the_batch_when_it_fits():
-    p = plan_memory(int(40 * GB), STATE, per_sample(1.0, 0.25), 16, 2)
+    p = plan_memory(int(30 * GB), STATE, per_sample(1.0, 0.25), 16, 2)
     assert (p.micro_batch, p.grad_accum, p.checkpointing, p.fits) == (16, 2, False, True)
     assert p.step_peak == STATE.total + int(BACKWARD_FACTOR * 16 * GB)
+
+
+def test_a_large_card_takes_the_effective_batch_in_fewer_micro_batches():
+    """On an 80 GB card the profile's 16 × 2 becomes 32 × 1: same effective batch and learning rate."""
+    p = plan_memory(int(80 * GB), STATE, per_sample(1.0, 0.25), 16, 2)
+    assert (p.micro_batch, p.grad_accum, p.checkpointing, p.fits) == (32, 1, False, True)
+    assert "room for micro-batch 32 × 1 (the profile's 16 × 2)" in p.describe()
+    cfg = load_config("rtx3060_12gb", use_env=False)
+    large = apply_memory_plan(cfg, memory_plan(cfg, 79.4))  # choose_profile's budget for an 80 GB card
+    assert large.train.batch_size * large.train.grad_accum_steps == 32 and large.train.grad_accum_steps == 1
 
 
 def test_plan_lowers_the_micro_batch_and_keeps_the_effective_batch():

@@ -216,8 +216,10 @@ class MemoryPlan:
 
 
 def _micro_batches(batch_size: int, effective: int, min_batch: int) -> list[int]:
-    """Candidate micro-batches, largest first: divisors of the effective batch up to ``batch_size``."""
-    found = [m for m in range(min(batch_size, effective), min_batch - 1, -1) if effective % m == 0]
+    """Candidate micro-batches, largest first: divisors of the effective batch, up to the whole effective
+    batch in one micro-batch (a large card needs less accumulation; the effective batch, and with it the
+    learning rate, stays the profile's)."""
+    found = [m for m in range(effective, min_batch - 1, -1) if effective % m == 0]
     return found or [max(min_batch, 1)]
 
 
@@ -259,6 +261,11 @@ def plan_memory(
     if m < batch_size:
         notes.append(
             f"micro-batch {batch_size} does not fit; {m} × {effective // m} keeps the effective batch of {effective}"
+        )
+    elif m > batch_size:
+        notes.append(
+            f"room for micro-batch {m} × {effective // m} (the profile's {batch_size} × {grad_accum}): the same "
+            f"effective batch of {effective} and learning rate, less accumulation"
         )
     enh_peak, eb = _side_fit(state, usable, enhancer, enhance_batch, "enhancer pairs", notes)
     sr_peak, sb = _side_fit(state, usable, sr, sr_batch, "super-resolution crops", notes)
