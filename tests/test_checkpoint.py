@@ -429,6 +429,24 @@ def test_saving_streams_into_the_file_and_loading_maps_it(tmp_path, monkeypatch)
     assert torch.equal(load_checkpoint(path)["w"], state["w"])
 
 
+def test_a_resumed_optimizer_owns_its_state_instead_of_the_mapped_file(tmp_path):
+    """The optimizer's moments must not stay backed by the checkpoint's file (rotation deletes it)."""
+    from moas.train.trained_net import adamw, load_optimizer_state
+
+    w = torch.nn.Parameter(torch.randn(64))
+    opt = adamw([w], lr=1e-3)
+    w.grad = torch.randn(64)
+    opt.step()
+    path = save_checkpoint(tmp_path / "o.pt", {"optimizer": opt.state_dict()})
+    loaded = load_checkpoint(path)["optimizer"]
+    fresh = adamw([w], lr=1e-3)
+    load_optimizer_state(fresh, loaded)
+    mapped = {t.untyped_storage().data_ptr() for st in loaded["state"].values() for t in st.values()}
+    own = [t for st in fresh.state.values() for t in st.values() if torch.is_tensor(t)]
+    assert own and all(t.untyped_storage().data_ptr() not in mapped for t in own)
+    assert all(torch.equal(fresh.state[w][k], v) for k, v in loaded["state"][0].items())
+
+
 def test_old_checkpoints_are_reduced_to_bf16_ema_weights_read_memory_mapped(tmp_path, monkeypatch):
     paths = [_save_training_like(tmp_path, epoch_checkpoint_name(e), 10 * e) for e in range(1, 5)]
     calls = []

@@ -59,6 +59,12 @@ def load_optimizer_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> N
     writer's, which this machine may not support)."""
     impl = [{k: g.get(k) for k in _IMPL_KEYS if k in g} for g in opt.param_groups]
     opt.load_state_dict(state)
+    # Checkpoints load memory-mapped, and on the CPU the optimizer would keep the mapped tensors: the file's
+    # disk blocks would stay taken after rotation deletes it. The moments get their own memory.
+    for per_param in opt.state.values():
+        for key, value in per_param.items():
+            if torch.is_tensor(value) and value.device.type == "cpu":
+                per_param[key] = value.clone()
     for group, own in zip(opt.param_groups, impl, strict=True):
         group.update(own)
 
