@@ -1,5 +1,6 @@
-"""The code map in docs/architecture.md names every module of the package, so it cannot silently fall
-behind the code: a module added, merged or renamed without the map is a failing test."""
+"""The code maps cannot silently fall behind the code: docs/architecture.md names every module of the
+package, and the README's table every top-level module and subpackage; a module added, merged or renamed
+without them is a failing test, and so is a name in them that no longer exists."""
 
 from __future__ import annotations
 
@@ -45,3 +46,22 @@ def test_every_module_of_a_package_is_named_in_its_entry():
             if module.stem != "__init__" and not re.search(rf"\b{module.stem}\b", entry):
                 missing.append(f"{package.name}/{module.name}")
     assert not missing, f"docs/architecture.md's code map does not name {missing}"
+
+
+def readme_rows() -> list[str]:
+    """The first cells of the README's code-map table: "`moas/cli/`, `demo.py`" → ["cli/", "demo.py"]."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("## Code map") :].split("\n\n")[1]
+    names = []
+    for line in table.splitlines()[2:]:
+        cell = line.split("|")[1]
+        names += [n.removeprefix("moas/") for n in re.findall(r"`([^`]+)`", cell)]
+    return names
+
+
+def test_the_readme_table_names_every_top_level_module_and_package_and_nothing_else():
+    named = set(readme_rows())
+    present = {p.name for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    present |= {p.name + "/" for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert not present - named, f"README.md's code map does not name {sorted(present - named)}"
+    assert not named - present, f"README.md's code map names what does not exist: {sorted(named - present)}"
