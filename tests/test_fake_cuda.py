@@ -65,7 +65,7 @@ def generator(cfg, fake):
 def on(device: torch.device, tree) -> list[str]:
     """The paths of the tensors in ``tree`` that are not on ``device``."""
     if isinstance(tree, torch.Tensor):
-        return [] if tree.device.type == device.type else ["" + str(tree.device)]
+        return [] if tree.device.type == device.type else [str(tree.device)]
     if isinstance(tree, dict):
         return [f"{k}/{p}" for k, v in tree.items() for p in on(device, v)]
     if isinstance(tree, list | tuple):

@@ -53,8 +53,9 @@ def _fused_attention_shapes():
             return out
 
         @staticmethod
-        def backward(ctx, grad):  # never run: the trace stops after the forward
-            raise NotImplementedError
+        def backward(ctx, grad):
+            # A shape-only stand-in on the meta device: the plan traces the forward and never backpropagates.
+            raise RuntimeError("the memory plan's attention stand-in has no backward; it only traces shapes")
 
     def fused(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
         if q.device.type != "meta" or dropout_p > 0:

@@ -159,8 +159,10 @@ class SRStageTraining:
         None when it is not finite (nothing is backpropagated then)."""
         self.net.opt.zero_grad(set_to_none=True)
         n = batch["x0"].shape[0]
-        split = {k: v.tensor_split(chunks) for k, v in batch.items()}
-        pieces = [batch] if chunks == 1 else [{k: v[i] for k, v in split.items()} for i in range(chunks)]
+        pieces = [batch]
+        if chunks > 1:
+            split = {k: v.tensor_split(chunks) for k, v in batch.items()}
+            pieces = [{k: v[i] for k, v in split.items()} for i in range(chunks)]
         total = 0.0
         for piece in pieces:
             loss = self.loss(piece)
