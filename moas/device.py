@@ -37,6 +37,15 @@ def set_threads(cpu_threads: int) -> int:
     return n
 
 
+def host_work():
+    """A context for the work that runs on the host with real values (the sampler's schedule, text encoding).
+    In a run it changes nothing. Under the fake-CUDA checks (``FakeTensorMode``: tensors without storage, so
+    nothing can be read) it steps out of the fake mode, as this work steps off the GPU in a real run."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast is ~20 % faster
     than fp32 per step; elsewhere it is emulated and slower. Read from /proc/cpuinfo (False elsewhere)."""

@@ -5,14 +5,20 @@ storage; an op that mixes a CPU and a CUDA tensor raises ``FakeTensorDeviceMisma
 Covered: the generator's training forward through the real inputs and objective (128 px, its 201 M
 parameters), the predicted x0 the side networks and the monitor take, the super-resolution stage's batch
 and loss (128-px crops), the enhancer's and the discriminator's forward, the guarded optimizer step
-(clipping, fused AdamW with AMSGrad, the fp16 GradScaler, the EMA) and the checkpoint state it leaves.
+(clipping, fused AdamW with AMSGrad, the fp16 GradScaler, the EMA) and the checkpoint state it leaves; and
+generation: a 128-px base image with classifier-free guidance, brought to 512 px by the cascade's
+super-resolution stage, and the samplers' steps (text-to-image and image-to-image).
 
 What the fake mode cannot cover, checked on a GPU by ``bench/gpu.py`` instead:
 * the autograd backward (it asks for a CUDA context), so gradients are made up here;
 * autocast: without CUDA ``torch.autocast("cuda")`` turns itself off, so every dtype here is fp32;
 * values: nothing is computed, so there are no NaN checks and no host reads — the guarded step's one read
   of the gradient norm is answered "finite" here, and host-side bookkeeping on CPU tensors (random draws,
-  batch indexes) runs outside the mode, as it runs on the CPU in training;
+  batch indexes) runs outside the mode, as it runs on the CPU in training; at generation the sampler's
+  schedule and the text encoding are host work (``moas.device.host_work`` steps out of the mode there),
+  and the inference cache of the brain's graph network, which keys on its inputs' contents (one host read
+  per prompt by design), is detached; the DDIM and DDPM samplers, whose step compares the timestep with
+  their schedule's values, are left out;
 * ``_foreach`` ops do not notice a CPU tensor in a list of CUDA tensors: the EMA and optimizer tests
   assert the devices of their states themselves;
 * speed, memory, kernels (cuDNN/cuBLAS algorithms, fused attention), streams, pinned memory and NCCL.
@@ -25,6 +31,12 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
 from moas.config import load_config
+from moas.diffusion.registry import SAMPLERS
+from moas.diffusion.sampling import make_sampler, sample
+from moas.diffusion.schedule import make_train_scheduler
+from moas.inference.pipeline import Pipeline
+from moas.inference.sr_upscale import DiffusionUpscaler
+from moas.inference.upscale import upscale
 from moas.models.discriminator import AnimeStyleDiscriminator
 from moas.models.enhance import QualityEnhancer
 from moas.text.bank import TextBank
@@ -34,7 +46,7 @@ from moas.train.builders import build_ema, build_generator, build_objective, bui
 from moas.train.data_setup import caption_augment, image_augment
 from moas.train.inputs import StepDraws, TrainingInputs
 from moas.train.parts import GENERATOR_KEYS
-from moas.train.sr_stage import SRStageTraining
+from moas.train.sr_stage import SRStageTraining, build_sr_model
 from moas.train.trained_net import TrainedNet, grad_scaler
 
 CUDA = torch.device("cuda")
@@ -189,6 +201,65 @@ def test_the_enhancer_and_the_discriminator_run_on_the_gpu(cfg, fake):
         full = enhancer.refine(enhancer.upscale(lr, (side, side), "full"), "full")
         score = disc(full)
     assert full.device.type == "cuda" and full.shape == (2, 3, side, side) and score.device.type == "cuda"
+
+
+def cascade_pipeline(cfg, fake: FakeTensorMode) -> Pipeline:
+    """A generator and a super-resolution stage built on the CPU and placed on the (fake) GPU by the
+    pipeline, as ``moas generate`` loads them."""
+    torch.manual_seed(0)
+    generator, stage = build_generator(cfg, torch.device("cpu")), build_sr_model(cfg.sr)
+    encoder = TextEncoder(require_id=HASH_ID, max_tokens=cfg.text.max_tokens)
+    with fake:
+        pipe = Pipeline(generator, encoder, cfg.diffusion, CUDA, sample_defaults=cfg.sample)
+        pipe.sr = DiffusionUpscaler(stage, cfg.sr, CUDA)
+    for m in pipe.model.modules():
+        if getattr(m, "cache", None) is not None:
+            m.cache = None  # keys on its inputs' contents: a host read (see the module's docstring)
+    return pipe
+
+
+def test_a_whole_generation_through_the_cascade_runs_on_the_gpu(cfg, fake):
+    prompts, seeds = ["1girl, long hair, forest"], [3]
+    pipe = cascade_pipeline(cfg, fake)
+    with fake:
+        base = pipe(prompts, seeds, steps=2)  # guidance: both branches in one batch of two
+        out, stages = upscale(pipe, base, "diffusion", (512, 512), prompts, seeds, "full")
+    assert base.shape == (1, 3, 128, 128) and base.dtype == torch.uint8
+    assert out.shape == (1, 3, 512, 512) and out.dtype == torch.uint8 and "diffusion x4" in stages
+    assert not on(CUDA, list(pipe.sr.stage.parameters()))
+
+
+def test_an_upscaler_left_on_the_cpu_is_caught(cfg, fake):
+    base = torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8)
+    pipe = cascade_pipeline(cfg, fake)
+    pipe.sr.stage = build_sr_model(cfg.sr).eval()  # never moved: its weights on the CPU
+    with fake:
+        with pytest.raises((FakeTensorDeviceMismatchError, RuntimeError)):
+            upscale(pipe, base, "diffusion", (512, 512), ["1girl"], [3], "full")
+
+
+# DDIM and DDPM compare the timestep with their schedule inside ``step`` (``prev_t >= 0``, a ``nonzero``
+# lookup): values of CPU tables, which the fake mode has not got. Their steps run in the CPU sampler tests.
+VALUE_READING = {"ddim", "ddpm"}
+
+
+@pytest.mark.parametrize("name", sorted(set(SAMPLERS) - VALUE_READING))
+def test_every_sampler_steps_on_the_gpu(cfg, fake, name):
+    """Each sampler's tables stay on the CPU (host work); what meets the image on the GPU must be a number
+    or moved there. Text-to-image and image-to-image (its noised start)."""
+    scheduler = make_sampler(name, dict(make_train_scheduler(cfg.diffusion).config))
+    seen = []
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append((x.device.type, t.device.type))
+        return x * 0.5
+
+    with fake:
+        init = torch.zeros(2, 3, 64, 64, device=CUDA)
+        for strength in (1.0, 0.5):
+            x = sample(model_fn, scheduler, [1, 2], (3, 64, 64), 4, 1.0, CUDA, init=init, strength=strength)
+            assert x.device.type == "cuda" and x.shape == (2, 3, 64, 64)
+    assert len(seen) == 4 + 2 and set(seen) == {("cuda", "cuda")}
 
 
 class HRImages:

@@ -13,18 +13,21 @@ import diffusers
 import torch
 from tqdm.auto import tqdm
 
+from moas.device import host_work
 from moas.diffusion.registry import SAMPLERS
 
 STOCHASTIC = {spec.scheduler for spec in SAMPLERS.values() if spec.stochastic}
 
 
 def make_sampler(name: str, train_config: dict):
-    """The registry's sampler ``name``, built from the training scheduler's config."""
+    """The registry's sampler ``name``, built from the training scheduler's config (host work: its tables
+    live on the CPU)."""
     try:
         spec = SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}") from None
-    return getattr(diffusers, spec.scheduler).from_config(train_config, **spec.options)
+    with host_work():
+        return getattr(diffusers, spec.scheduler).from_config(train_config, **spec.options)
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -36,18 +39,31 @@ def initial_noise(seeds: list[int], shape: tuple[int, ...], device: torch.device
 
 def start_from(
     scheduler, init: torch.Tensor, noise: torch.Tensor, strength: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-to-image (SDEdit): ``init`` noised to the level ``strength`` of the schedule, and the timesteps
-    left to run from there. The number of steps run is ``round(strength · steps)``; 0 keeps ``init``."""
+) -> tuple[torch.Tensor, int]:
+    """Image-to-image (SDEdit): ``init`` noised to the level ``strength`` of the schedule, and the index of
+    the first timestep left to run. The number of steps run is ``round(strength · steps)``; 0 keeps ``init``."""
     timesteps = scheduler.timesteps
     run = min(len(timesteps), round(strength * len(timesteps)))
     if run == 0:
-        return init, timesteps[:0]
+        return init, len(timesteps)
     begin = len(timesteps) - run
     if hasattr(scheduler, "set_begin_index"):  # sigma schedulers index their tables from the first step
         scheduler.set_begin_index(begin)
     t0 = timesteps[begin : begin + 1].expand(init.shape[0])
-    return scheduler.add_noise(init, noise, t0), timesteps[begin:]
+    return scheduler.add_noise(init, noise, t0), begin
+
+
+def schedule(scheduler, steps: int) -> list[int]:
+    """Set ``scheduler`` for ``steps`` steps from pure noise; its timesteps as Python ints.
+
+    Host work: diffusers computes the tables in numpy, and the timesteps stay on the CPU, so the loop reads
+    each as a number without waiting for the GPU. The schedulers that count their own steps start at the
+    first (the same index they would look up for the first timestep, without the lookup)."""
+    with host_work():
+        scheduler.set_timesteps(steps)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        return [int(t) for t in scheduler.timesteps.tolist()]
 
 
 @torch.no_grad()
@@ -70,19 +86,20 @@ def sample(
     ``strength`` < 1 starts from that image instead of pure noise (``start_from``); strength 1 ignores it,
     so it equals text-to-image with the same seeds.
     """
-    scheduler.set_timesteps(steps, device=device)
+    ints = schedule(scheduler, steps)
     noise = initial_noise(seeds, shape, device)
     if init is None or strength >= 1.0:
-        x, timesteps = noise * scheduler.init_noise_sigma, scheduler.timesteps
+        x, first = noise * scheduler.init_noise_sigma, 0
     else:
-        x, timesteps = start_from(scheduler, init.to(device=device, dtype=noise.dtype), noise, strength)
+        x, first = start_from(scheduler, init.to(device=device, dtype=noise.dtype), noise, strength)
     # CPU generators: diffusers draws one noise tensor per generator, so each image keeps its own stream.
     step_kwargs = {}
     if type(scheduler).__name__ in STOCHASTIC:
         step_kwargs["generator"] = [torch.Generator().manual_seed(int(s) + 1) for s in seeds]
-    for t in tqdm(timesteps, desc="sampling", disable=not progress, leave=False):
+    for i in tqdm(range(first, len(ints)), desc="sampling", disable=not progress, leave=False):
+        t = scheduler.timesteps[i]  # on the CPU: the schedulers step with it as a tensor
         x_in = scheduler.scale_model_input(x, t)
-        tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+        tt = torch.full((x.shape[0],), ints[i], device=device, dtype=torch.long)
         pred = model_fn(x_in, tt)
         x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
     return x.clamp(-1, 1)

@@ -13,6 +13,7 @@ import torch
 
 from moas.config import DiffusionConfig, SampleConfig
 from moas.data.dataset import to_model_range, to_uint8
+from moas.device import host_work
 from moas.diffusion.sampling import guided, make_sampler, sample
 from moas.diffusion.schedule import make_train_scheduler
 from moas.errors import CheckpointError, MoasError
@@ -139,8 +140,10 @@ class Pipeline:
         return self.model.resolution
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The generator's text inputs for ``prompts``, on the pipeline's device."""
-        return caption_inputs(self.encoder, prompts, self.device)
+        """The generator's text inputs for ``prompts``, on the pipeline's device. Encoding is host work."""
+        with host_work():
+            text = caption_inputs(self.encoder, prompts, "cpu")
+        return {k: v.to(self.device) for k, v in text.items()}
 
     @torch.no_grad()
     def explain(self, prompt: str) -> str:
