@@ -1,22 +1,33 @@
 """Out of memory where it can happen besides the generator's micro-step (which ``tests/test_resume.py``
-covers): a CUDA library's allocation failure, the super-resolution stage's step, the sample grid, validation
-and the folder evaluation, and the GPU's rule of gradient checkpointing before a micro-batch too small."""
+covers; the enhancer's, ``tests/test_speed_switches.py``): a CUDA library's allocation failure, the
+super-resolution stage's and the discriminator's steps, the optimizer, the EMA, the sample grid, validation
+and the folder evaluation, an error no site recovers from, and the GPU's rule of gradient checkpointing
+before a micro-batch too small."""
 
 from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
+from moas.checkpoint import load_checkpoint
+from moas.config import load_config
 from moas.config_sections import SRConfig
+from moas.data.dataset import ArtDataset, to_model_range
+from moas.errors import MoasError
 from moas.monitor.run_monitor import RunMonitor
 from moas.text.bank import TextBank
 from moas.text.encoder import HASH_ID, TextEncoder
+from moas.train.builders import build_side_networks
 from moas.train.faults import checkpointing_first, is_oom
 from moas.train.loop import train
 from moas.train.sr_stage import SRStageTraining
+from moas.train.trained_net import EMA, StateKeys, TrainedNet, adamw, grad_scaler
 
-from .conftest import tiny
+from .conftest import TINY_CONFIG, tiny
+
+CPU = torch.device("cpu")
 
 CAPTIONS = ["1girl, red hair", "1boy, blue eyes", "1girl, forest", "1boy, city"]
 
@@ -102,3 +113,121 @@ def test_out_of_memory_in_the_sample_grid_or_validation_skips_it_and_training_go
     assert text.count("Out of memory in the sample grid") == 2
     assert text.count("Out of memory in validation and the folder evaluation") == 2
     assert "training goes on" in text
+
+
+# --- the optimizer, the EMA and the discriminator -----------------------------------------------------
+def small_net(amp: torch.dtype | None, seed: int = 0) -> TrainedNet:
+    torch.manual_seed(seed)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU(), torch.nn.Linear(16, 4))
+    opt = adamw(module.parameters(), lr=1e-2, amsgrad=True)
+    ema = EMA(module, 0.9)
+    keys = StateKeys("model", "optimizer", "scaler", "ema")
+    return TrainedNet("generator", module, opt, grad_scaler(CPU, amp), keys, max_grad_norm=1.0, ema=ema)
+
+
+def one_step(net: TrainedNet, seed: int) -> torch.Tensor | None:
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed))
+    net.backward(net.module(x).pow(2).mean())
+    return net.apply(True)
+
+
+def weights(net: TrainedNet) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in [*net.module.parameters(), *net.ema.model.parameters()]]
+
+
+@pytest.mark.parametrize("amp", [None, torch.float16], ids=["fp32", "fp16-scaler"])
+def test_an_oom_while_the_optimizer_makes_its_moments_is_redone(monkeypatch, caplog, amp):
+    """The moments are made at the first step, for every parameter before any is updated: an error there
+    changed nothing, so the step is redone (per tensor) and lands where the uninterrupted one does."""
+    straight, hit = small_net(amp), small_net(amp)
+    for seed in (1, 2):
+        one_step(straight, seed)
+    real, fired = torch.optim.AdamW._init_group, []
+
+    def init_group(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if not fired:  # after the moments of the first group are made, before the update
+            fired.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB (injected)")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "_init_group", init_group)
+    with caplog.at_level(logging.ERROR, logger="moas.errors"):
+        assert one_step(hit, 1) is not None
+    one_step(hit, 2)
+    assert fired and hit.steps == 2 and "redone with per-tensor updates" in caplog.text
+    assert all(g["fused"] is False and g["foreach"] is False for g in hit.opt.param_groups)
+    for a, b in zip(weights(straight), weights(hit), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)  # fused and per-tensor agree up to rounding
+
+
+def test_an_oom_after_the_update_began_is_not_redone(monkeypatch):
+    net, real = small_net(None), torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        real(self, *args, **kwargs)  # the weights have moved: a redo would move them twice
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(torch.OutOfMemoryError):
+        one_step(net, 1)
+    assert net.steps == 0 and all(g["fused"] is not False for g in net.opt.param_groups)
+
+
+def test_an_oom_in_the_ema_update_is_redone_tensor_by_tensor(monkeypatch, caplog):
+    straight, hit = small_net(None), small_net(None)
+    one_step(straight, 1)
+    real, fired = torch._foreach_lerp_, []
+
+    def lerp(*args, **kwargs):
+        if not fired:
+            fired.append(True)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_lerp_", lerp)
+    with caplog.at_level(logging.ERROR, logger="moas.errors"):
+        one_step(hit, 1)
+    assert fired and "EMA update" in caplog.text and hit.ema.num_updates == 1
+    for a, b in zip(weights(straight), weights(hit), strict=True):
+        assert torch.equal(a, b)  # the per-tensor lerp gives the list update's bits
+
+
+def test_the_discriminator_step_redoes_its_batch_in_chunks_after_out_of_memory(demo_dir, tmp_path, monkeypatch):
+    overrides = {"losses": {"domain": True, "adversarial": True}, "data": {"cache_dir": str(tmp_path)}}
+    cfg = load_config(config_file=TINY_CONFIG, overrides=overrides, use_env=False)
+    ds = ArtDataset(demo_dir / "train", cfg.data.resolution, cfg.data.cache_dir)
+    side = build_side_networks(cfg, ds, CPU)
+    real_images = to_model_range(torch.stack([ds[i]["pixels"] for i in range(4)]))  # (4, 3, 16, 16)
+    fake_images = real_images.flip(0) * 0.5
+    sizes, disc = [], side.disc.forward
+
+    def forward(x):
+        sizes.append(x.shape[0])
+        if len(sizes) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+        return disc(x)
+
+    monkeypatch.setattr(side.disc, "forward", forward)
+    logs = side.discriminator_step(real_images, fake_images)
+    assert sizes == [4, 2, 2, 2, 2] and side.disc_net.chunks == 2 and side.disc_net.steps == 1
+    assert "disc/loss" in logs and all(torch.isfinite(p).all() for p in side.disc.parameters())
+
+
+@pytest.mark.slow
+def test_an_oom_no_site_can_recover_from_ends_with_one_sentence_and_a_checkpoint(
+    tmp_path, demo_dir, monkeypatch
+):
+    real = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if self.state and max(float(s["step"]) for s in self.state.values()) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (injected)")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(MoasError, match=r"Out of memory where the run cannot recover .*emergency checkpoint"):
+        train(tiny(tmp_path, demo_dir / "train", max_steps=4), progress=False)
+    e = load_checkpoint(tmp_path / "ckpt" / "emergency_epoch_0001.pt")
+    assert e["global_step"] == 1  # the last boundary: step 2 never finished

@@ -131,7 +131,12 @@ class Trainer(GeneratorStep):
             except (MoasError, KeyboardInterrupt):
                 raise
             except Exception as exc:
-                self._emergency_save(exc)
+                status = self._emergency_save(exc)
+                if is_oom(exc):  # where no recovery applies (e.g. the optimizer's step): one sentence
+                    raise MoasError(
+                        f"Out of memory where the run cannot recover ({first_line(exc)}); {status}. Lower "
+                        "data.resolution, train.batch_size or the model size, then resume."
+                    ) from None
                 raise
             finally:
                 # The loader's iterator stops its persistent workers when it is freed.
@@ -349,8 +354,9 @@ class Trainer(GeneratorStep):
             *recovery_split(st.micro_batch, st.grad_accum, min_batch, where, message, path)
         )
 
-    def _emergency_save(self, exc: BaseException) -> None:
-        """An unrecoverable error: write ``emergency_epoch_<N>.pt`` from the last boundary."""
+    def _emergency_save(self, exc: BaseException) -> str:
+        """An unrecoverable error: write ``emergency_epoch_<N>.pt`` from the last boundary; what became of
+        it, in words."""
         st = self.state
         try:
             path = self.save(emergency_checkpoint_name(st.boundary.epoch + 1), kind="emergency")
@@ -366,6 +372,7 @@ class Trainer(GeneratorStep):
             status,
             exc_info=exc,
         )
+        return status
 
     def _finish(self) -> TrainResult:
         """Rank 0 at the end: the last weights always go to the last-model file; the model for generation

@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from moas.train.distributed import all_ranks_agree, average_gradients
-from moas.train.faults import retry_in_chunks
+from moas.train.faults import first_line, free_memory, is_oom, retry_in_chunks
 
 log = logging.getLogger(__name__)
+error_log = logging.getLogger("moas.errors")
 T = TypeVar("T")
 AutocastFactory = Callable[[], AbstractContextManager]
 _IMPL_KEYS = ("fused", "foreach")
@@ -76,6 +77,31 @@ def discriminator_optimizer(
     return adamw(
         disc.parameters(), lr=generator_lr / 2, betas=(0.5, 0.999), weight_decay=weight_decay, amsgrad=True
     )
+
+
+def per_tensor(opt: torch.optim.Optimizer) -> None:
+    """Switch ``opt`` to its per-tensor implementation: slower, but no temporaries the size of all the
+    weights (the list implementation's), and no fused kernel state."""
+    for group in opt.param_groups:
+        group.update({k: False for k in _IMPL_KEYS if k in group})
+    if getattr(opt, "_step_supports_amp_scaling", False):
+        opt._step_supports_amp_scaling = False
+    for attr in ("grad_scale", "found_inf"):  # a failed fused step leaves the scaler's arguments behind
+        if hasattr(opt, attr):
+            delattr(opt, attr)
+
+
+def undo_unfinished_init(opt: torch.optim.Optimizer, known: int) -> bool:
+    """After an out-of-memory error in ``opt.step()``: True when nothing was updated yet — it failed while
+    it made the moments of parameters at their first step (``known`` states existed before), which every
+    implementation does for all parameters before it changes any — and the half-made states are dropped
+    so the step can be redone. False when the update had begun: redoing it would move some weights twice."""
+    new = list(opt.state)[known:]
+    if not new or any(float(opt.state[p].get("step", 0)) > 0 for p in new):
+        return False
+    for p in new:
+        del opt.state[p]
+    return True
 
 
 # --- mixed precision --------------------------------------------------------------------------------
@@ -122,7 +148,19 @@ class EMA:
             ema_list.append(e)
             model_list.append(p.detach())
         for ema_list, model_list in groups.values():
-            torch._foreach_lerp_(ema_list, model_list, 1.0 - d)
+            try:
+                torch._foreach_lerp_(ema_list, model_list, 1.0 - d)
+                continue
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                message = first_line(exc)
+            # The list update allocates nothing the size of the weights, so it failed before it changed one;
+            # tensor by tensor it needs no more memory than each tensor's own.
+            free_memory(ema_list[0].device)
+            error_log.error("Out of memory in the EMA update (%s); redone tensor by tensor.", message)
+            for e, p in zip(ema_list, model_list, strict=True):
+                e.lerp_(p, 1.0 - d)
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
 
@@ -205,7 +243,7 @@ class TrainedNet:
                 "Skipped a %s step (non-finite loss or gradient; %d so far).", self.name, self.skipped
             )
             return None
-        self.scaler.step(self.opt)
+        self._optimizer_step()
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -213,6 +251,28 @@ class TrainedNet:
         self.steps += 1
         self.in_a_row = 0
         return norm
+
+    def _optimizer_step(self) -> None:
+        """The optimizer's step through the scaler. Its moments are made at a parameter's first step; an
+        out-of-memory error then (before any weight changed) is redone once, with memory freed and the
+        per-tensor implementation. An error after the update began escapes: the run ends with an
+        emergency checkpoint."""
+        known = len(self.opt.state)
+        try:
+            self.scaler.step(self.opt)
+            return
+        except Exception as exc:
+            if not is_oom(exc) or not undo_unfinished_init(self.opt, known):
+                raise
+            message = first_line(exc)
+        free_memory(self.parameters()[0].device)
+        per_tensor(self.opt)
+        error_log.error(
+            "Out of memory while the %s's optimizer made its moments (%s); redone with per-tensor updates.",
+            self.name,
+            message,
+        )
+        self.scaler.step(self.opt)
 
     # --- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
