@@ -207,6 +207,7 @@ def phase_env(a) -> dict:
     cfg = run_config(a, a.tmp / "env", None)
     out["plan_12gb"] = memory_plan(cfg, 12.0).describe()
     out["plan_card"] = memory_plan(cfg, card_gb(a)).describe()
+    out["budgets"] = load_config(choice.profile, use_env=False).resources.describe()
     return out
 
 

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moas.config_sections import BrainConfig, EnhanceConfig, LossConfig, MonitorConfig, SRConfig, _check
+from moas.config_sections import (
+    BrainConfig,
+    EnhanceConfig,
+    LossConfig,
+    MonitorConfig,
+    ResourceConfig,
+    SRConfig,
+    _check,
+)
 from moas.diffusion.registry import SAMPLER_NAMES
 from moas.errors import ConfigError
 from moas.text import TEXT_WIDTH
@@ -256,21 +264,6 @@ class SampleConfig:
         _check(self.sampler in SAMPLER_NAMES, f"sample.sampler must be one of {', '.join(SAMPLER_NAMES)}")
         _check(1 <= self.steps <= 1000, "sample.steps must be between 1 and 1000")
         _check(self.guidance_scale >= 0, "sample.guidance_scale must be 0 or more")
-
-
-@dataclass
-class ResourceConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    max_ram_gb: float = 14.4  # the original's budget: 16 GB - 1.6 GB OS reserve
-    max_vram_gb: float = 11.4  # 12 GB - 0.6 GB reserve
-    cpu_threads: int = 10  # torch intra-op threads (capped at the machine's cores)
-    # On the CPU, use fewer threads while other processes hold cores (moas.train.threads): spinning OpenMP
-    # threads on a shared core make a step ~3x slower. Off: the thread count never changes.
-    adapt_threads: bool = True
-    loader_workers: int = 8  # upper bound for DataLoader workers
-
-    def __post_init__(self) -> None:
-        _check(self.cpu_threads >= 1 and self.loader_workers >= 0, "resources.cpu_threads must be at least 1")
 
 
 @dataclass

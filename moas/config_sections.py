@@ -1,6 +1,7 @@
 """The config sections of the networks that train beside the generator or shape its conditioning: the
-brain, the domain losses, the enhancer, the super-resolution stage, and the run's monitoring. ``moas.config``
-holds the core sections (data, text, model, diffusion, train, sample, resources), the whole ``MoasConfig``
+brain, the domain losses, the enhancer, the super-resolution stage; the run's monitoring and its budgets
+(resources). ``moas.config`` holds the core sections (data, text, model, diffusion, train, sample), the whole
+``MoasConfig``
 and its loading, and re-exports these; the same rules apply (dataclass defaults are the original's values,
 profiles override them).
 """
@@ -253,3 +254,69 @@ class SRConfig:
             "sr.lr, batch_size, every must be positive",
         )
         _check(0 <= self.ema_decay < 1 and self.steps >= 1, "sr.ema_decay must be in [0, 1), sr.steps ≥ 1")
+
+
+# --- the run's budgets --------------------------------------------------------------------------------
+AUTO = "auto"
+OS_RESERVE_GB = 1.6  # the original's reserve for the OS on its 16-GB machine (14.4 GB for the run)
+MAX_AUTO_WORKERS = 8  # the original's DataLoader workers; more only add start-up time and RAM
+
+
+def this_machine() -> tuple[float, int]:
+    """(RAM in GB, the cores this process may use)."""
+    import os
+
+    import psutil
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return psutil.virtual_memory().total / 2**30, cores
+
+
+def machine_budgets(ram_gb: float, cores: int) -> dict[str, float | int]:
+    """The budgets ``auto`` stands for on a machine with ``ram_gb`` GB and ``cores`` cores: RAM less the
+    OS's share (1.6 GB or a tenth, whichever is more: 14.4 of 16 GB, as the original), every core for
+    torch's threads, and workers for the cores the main process leaves (up to 8)."""
+    return {
+        "max_ram_gb": round(max(ram_gb - max(OS_RESERVE_GB, 0.1 * ram_gb), 0.5 * ram_gb), 1),
+        "cpu_threads": max(1, cores),
+        "loader_workers": max(0, min(MAX_AUTO_WORKERS, cores - 2)),
+    }
+
+
+@dataclass
+class ResourceConfig:
+    """The run's device and budgets. ``auto`` (the default) sizes a budget from the machine the run finds
+    (``machine_budgets``), so the same profile fits a 16-GB desktop and a 128-GB server; a number pins it."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_ram_gb: float | str = AUTO  # the process's RAM budget (the resource manager cleans up near it)
+    max_vram_gb: float = 11.4  # 12 GB - 0.6 GB reserve (a larger card: moas.device.choose_profile)
+    cpu_threads: int | str = AUTO  # torch intra-op threads (capped at the machine's cores)
+    # On the CPU, use fewer threads while other processes hold cores (moas.train.threads): spinning OpenMP
+    # threads on a shared core make a step ~3x slower. Off: the thread count never changes.
+    adapt_threads: bool = True
+    loader_workers: int | str = AUTO  # upper bound for DataLoader workers (0: load in the main process)
+
+    def __post_init__(self) -> None:
+        auto = [k for k in ("max_ram_gb", "cpu_threads", "loader_workers") if getattr(self, k) == AUTO]
+        found = machine_budgets(*this_machine()) if auto else {}
+        for key, kind in (("max_ram_gb", float), ("cpu_threads", int), ("loader_workers", int)):
+            value = getattr(self, key)
+            try:
+                setattr(self, key, found[key] if key in auto else kind(value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"resources.{key} must be a number or \"auto\", got {value!r}.") from None
+        self.from_machine = tuple(auto)  # not a field: the saved config holds the numbers used
+        _check(self.max_ram_gb >= 0, "resources.max_ram_gb must be 0 or more")
+        _check(self.cpu_threads >= 1, "resources.cpu_threads must be at least 1")
+        _check(self.loader_workers >= 0, "resources.loader_workers must be 0 or more")
+
+    def describe(self) -> str:
+        """The budgets, and which came from this machine."""
+        text = (
+            f"RAM {self.max_ram_gb:g} GB, {self.cpu_threads} threads, {self.loader_workers} loader workers"
+        )
+        return text + (f" ({', '.join(self.from_machine)} sized to this machine)" if self.from_machine else "")

@@ -1,6 +1,8 @@
 import pytest
 
+from moas import config_sections
 from moas.config import MoasConfig, load_config, read_toml
+from moas.config_sections import machine_budgets
 from moas.errors import ConfigError
 
 
@@ -19,8 +21,30 @@ def test_profiles_load_and_validate(workdir):
     )
     assert orig.train.max_grad_norm == 0.5 and orig.train.loss_clamp == 50.0 and orig.train.keep_last == 30
     rtx = load_config("rtx3060_12gb")
-    assert (rtx.resources.max_ram_gb, rtx.resources.max_vram_gb) == (14.4, 11.4)
-    assert (rtx.resources.cpu_threads, rtx.resources.loader_workers) == (10, 8)
+    assert rtx.resources.max_vram_gb == 11.4
+    assert rtx.resources.from_machine == ("max_ram_gb", "cpu_threads", "loader_workers")
+
+
+def test_budgets_follow_the_machine_found():
+    assert machine_budgets(16, 12) == {"max_ram_gb": 14.4, "cpu_threads": 12, "loader_workers": 8}  # the 3060's
+    assert machine_budgets(128, 16) == {"max_ram_gb": 115.2, "cpu_threads": 16, "loader_workers": 8}
+    assert machine_budgets(24, 2) == {"max_ram_gb": 21.6, "cpu_threads": 2, "loader_workers": 0}
+    assert machine_budgets(3, 1) == {"max_ram_gb": 1.5, "cpu_threads": 1, "loader_workers": 0}
+
+
+def test_auto_budgets_are_sized_when_the_config_is_made_and_a_number_pins_one(monkeypatch):
+    monkeypatch.setattr(config_sections, "this_machine", lambda: (128.0, 16))  # an 80-GB card's server
+    rc = load_config("rtx3060_12gb", use_env=False).resources
+    assert (rc.max_ram_gb, rc.cpu_threads, rc.loader_workers) == (115.2, 16, 8)
+    assert "sized to this machine" in rc.describe()
+    assert load_config("rtx3060_12gb", use_env=False).to_dict()["resources"]["max_ram_gb"] == 115.2
+    tiny = load_config("cpu_tiny", use_env=False, overrides={"resources": {"max_ram_gb": 6}}).resources
+    assert (tiny.max_ram_gb, tiny.cpu_threads, tiny.loader_workers) == (6.0, 16, 0)
+    assert tiny.from_machine == ("cpu_threads",)
+    monkeypatch.setenv("MOAS_RESOURCES_CPU_THREADS", "3")
+    assert load_config("cpu_tiny").resources.cpu_threads == 3
+    with pytest.raises(ConfigError, match="resources.max_ram_gb must be a number or \"auto\""):
+        load_config("cpu_tiny", use_env=False, overrides={"resources": {"max_ram_gb": "lots"}})
 
 
 def test_precedence_profile_file_env_flags(workdir, monkeypatch):

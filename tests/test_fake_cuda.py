@@ -4,7 +4,9 @@ storage; an op that mixes a CPU and a CUDA tensor raises ``FakeTensorDeviceMisma
 
 Covered: the generator's training forward through the real inputs and objective (128 px, its 201 M
 parameters), the predicted x0 the side networks and the monitor take, the super-resolution stage's batch
-and loss (128-px crops), the enhancer's and the discriminator's forward, the guarded optimizer step
+and loss (128-px crops), the enhancer's and the discriminator's forward, every loss term of a step with
+the domain losses, the critic and the enhancer's pairs on (the terms' sum reads each on the host to drop a
+non-finite one: not run here), the guarded optimizer step
 (clipping, fused AdamW with AMSGrad, the fp16 GradScaler, the EMA) and the checkpoint state it leaves; and
 generation: a 128-px base image with classifier-free guidance, brought to 512 px by the cascade's
 super-resolution stage, and the samplers' steps (text-to-image and image-to-image).
@@ -31,6 +33,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
 from moas.config import load_config
+from moas.data.dataset import ArtDataset
 from moas.diffusion.registry import SAMPLERS
 from moas.diffusion.sampling import make_sampler, sample
 from moas.diffusion.schedule import make_train_scheduler
@@ -39,10 +42,18 @@ from moas.inference.sr_upscale import DiffusionUpscaler
 from moas.inference.upscale import upscale
 from moas.models.discriminator import AnimeStyleDiscriminator
 from moas.models.enhance import QualityEnhancer
+from moas.losses.gan import discriminator_loss
 from moas.text.bank import TextBank
 from moas.text.encoder import HASH_ID, TextEncoder
 from moas.train import trained_net as trained_net_mod
-from moas.train.builders import build_ema, build_generator, build_objective, build_optimizer, build_panels
+from moas.train.builders import (
+    build_ema,
+    build_generator,
+    build_objective,
+    build_optimizer,
+    build_panels,
+    build_side_networks,
+)
 from moas.train.data_setup import caption_augment, image_augment
 from moas.train.inputs import StepDraws, TrainingInputs
 from moas.train.parts import GENERATOR_KEYS
@@ -260,6 +271,34 @@ def test_every_sampler_steps_on_the_gpu(cfg, fake, name):
             x = sample(model_fn, scheduler, [1, 2], (3, 64, 64), 4, 1.0, CUDA, init=init, strength=strength)
             assert x.device.type == "cuda" and x.shape == (2, 3, 64, 64)
     assert len(seen) == 4 + 2 and set(seen) == {("cuda", "cuda")}
+
+
+def test_the_side_networks_losses_run_on_the_gpu(cfg, tmp_path):
+    """Every loss of a step with everything on (domain losses, the critic, the enhancer's pairs) at the
+    profile's sizes: the per-sample terms, where the work and the tensors are. Their sum reads each term on
+    the host to drop a non-finite one (the NaN guard), which the fake mode cannot answer."""
+    everything = {"losses": {"domain": True, "adversarial": True}}
+    full = load_config("rtx3060_12gb", None, overrides=everything, use_env=False)
+    dataset = ArtDataset(tmp_path, full.data.resolution, str(tmp_path / "cache"))
+    side = build_side_networks(full, dataset, torch.device("cpu"))
+    schedule = build_objective(full).schedule
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    side_hr = full.data.resolution * full.enhance.scale
+    with fake:
+        for m in (side.stack, side.disc, side.enhancer, side.enh_stack):
+            m.to(CUDA)
+        x0 = torch.rand(2, 3, 128, 128, device=CUDA) * 2 - 1
+        x0_pred = (torch.rand(2, 3, 128, 128, device=CUDA) * 2 - 1).requires_grad_(True)
+        t = torch.tensor([10, 900], device=CUDA)
+        w = schedule.alpha.to(t.device)[t] ** (2 * side.low_noise_power)
+        terms = side.stack.per_sample_terms(x0_pred, x0, side.disc(x0_pred))
+        critic = discriminator_loss(side.disc(x0), side.disc(x0_pred.detach()))
+        hr = torch.rand(2, 3, side_hr, side_hr, device=CUDA) * 2 - 1
+        up = side.enhancer.upscale(hr[..., ::2, ::2], (side_hr, side_hr), "full")
+        enh_terms = side.enh_stack.per_sample_terms(side.enhancer.refine(up, "full"), hr, None)
+    assert {"pixel", "ssim", "line_art", "color", "style", "anatomy", "gan"} <= set(terms)
+    assert not on(CUDA, terms) and not on(CUDA, enh_terms) and critic.device.type == "cuda"
+    assert all(v.shape == (2,) for v in terms.values()) and w.device.type == "cuda"
 
 
 class HRImages:

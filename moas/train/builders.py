@@ -78,6 +78,7 @@ def build_runtime(cfg: MoasConfig, dist_ctx: DistContext | None = None) -> Runti
     resources = EnhancedResourceManager(
         rc.max_ram_gb, rc.max_vram_gb, rc.cpu_threads, rc.loader_workers, device
     )
+    log.info("Budgets: %s.", rc.describe())
     governor = thread_governor(rc.adapt_threads, device, threads)
     amp = autocast_dtype(device, cfg.train.mixed_precision)
     return Runtime(dist_ctx, device, threads, resources, amp, governor)
