@@ -124,6 +124,18 @@ def test_conditioning_noise_is_drawn_in_training_and_fixed_at_sampling(tmp_path,
     assert torch.equal(out, again)  # a function of the seeds
 
 
+def test_the_upscaler_gives_the_same_images_in_chunks():
+    """A batch is upscaled a few images at a time (memory); each image depends on its seed only."""
+    torch.manual_seed(0)
+    up = DiffusionUpscaler(tiny_stage(), SRConfig(**{**SR, "cond_noise": 0.1}), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=g)
+    text = {"tags": torch.randn(3, 3, 8, generator=g), "tag_mask": torch.ones(3, 3, dtype=torch.bool)}
+    whole = up(images, text, seeds=[4, 5, 6], steps=2)
+    up.chunk = 2
+    assert torch.equal(up(images, text, seeds=[4, 5, 6], steps=2), whole)
+
+
 # --- the two-stage run -------------------------------------------------------------------------------------
 
 

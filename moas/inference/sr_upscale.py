@@ -14,6 +14,7 @@ import torch
 
 from moas.config_sections import SRConfig
 from moas.data.dataset import to_model_range, to_uint8
+from moas.device import inference_autocast
 from moas.diffusion.sampling import initial_noise, make_sampler, sample
 from moas.diffusion.schedule import make_scheduler
 from moas.diffusion.sr_condition import noisy_condition, tag_vector, upsample
@@ -39,6 +40,8 @@ class DiffusionUpscaler:
     def __init__(self, stage: SuperResDiffusion, cfg: SRConfig, device: torch.device) -> None:
         self.stage = stage.eval().to(device)
         self.cfg, self.device, self.scale = cfg, device, stage.scale
+        self.chunk = 4  # images upscaled at once
+        self.precision = "auto"  # bf16 on a GPU where it is native (moas.device.inference_autocast)
         self.train_config = dict(make_scheduler(cfg.prediction_type, shift=cfg.noise_shift).config)
 
     def describe(self, steps: int | None = None) -> str:
@@ -59,7 +62,10 @@ class DiffusionUpscaler:
         steps: int | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """uint8 (B, 3, h, w) and the prompts' text inputs (``tags``, ``tag_mask``) -> uint8 (B, 3, s·h, s·w)."""
+        """uint8 (B, 3, h, w) and the prompts' text inputs (``tags``, ``tag_mask``) -> uint8 (B, 3, s·h, s·w).
+
+        Upscaled ``chunk`` images at a time: at 512 px a whole batch's activations would not fit a 12 GB
+        card, and an image depends on its seed only, so the chunks give the same images."""
         h, w = images.shape[-2:]
         size = (h * self.scale, w * self.scale)
         if size[0] % self.stage.unit or size[1] % self.stage.unit:
@@ -67,6 +73,22 @@ class DiffusionUpscaler:
                 f"The super-resolution stage needs image sides that are multiples of {self.stage.unit}; "
                 f"{size[1]}x{size[0]} is not."
             )
+        out = []
+        for i in range(0, len(seeds), self.chunk):
+            part = slice(i, i + self.chunk)
+            tags = {k: text[k][part] for k in ("tags", "tag_mask")}
+            out.append(self._upscale(images[part], tags, seeds[part], size, steps, progress))
+        return torch.cat(out, 0)
+
+    def _upscale(
+        self,
+        images: torch.Tensor,
+        text: dict[str, torch.Tensor],
+        seeds: list[int],
+        size: tuple[int, int],
+        steps: int | None,
+        progress: bool,
+    ) -> torch.Tensor:
         dev = self.device
         up = upsample(to_model_range(images).to(dev), size)  # (B, 3, H, W)
         level = torch.full((len(seeds),), self.cfg.cond_noise, device=dev)
@@ -76,8 +98,13 @@ class DiffusionUpscaler:
             "level": level,
             "text": tag_vector(text["tags"], text["tag_mask"]).to(dev),
         }
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with inference_autocast(dev, self.precision):
+                return self.stage(x, t, cond)[0].float()
+
         x = sample(
-            lambda x, t: self.stage(x, t, cond)[0].float(),
+            denoise,
             make_sampler(self.cfg.sampler, self.train_config),
             [s + SAMPLE_SEED for s in seeds],
             (3, *size),
