@@ -50,6 +50,10 @@ class DataConfig:
     max_bad_fraction: float = 0.5  # stop before epoch 1 if more than this fraction of files is unreadable
     bucketing: bool = False  # aspect-ratio buckets (area ≈ resolution²) instead of the square centre crop
     bucket_max_aspect: float = 2.0  # most elongated bucket allowed (long side / short side)
+    # Images without a .txt/.caption file are captioned from their folder and file names (elves/archer.png:
+    # "elves, archer"); numbers, hashes and camera names give nothing. On: a folder sorted by character or
+    # kind says what its images show, and an uncaptioned image otherwise trains on the empty prompt.
+    captions_from_names: bool = True
     keep_tokens: int = 0  # leading caption tags never shuffled or dropped (e.g. the character name)
     shuffle_tags: bool = False  # shuffle the other comma-separated tags every epoch
     tag_dropout: float = 0.0  # per-epoch probability of dropping each non-kept tag

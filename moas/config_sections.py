@@ -308,7 +308,7 @@ class ResourceConfig:
             try:
                 setattr(self, key, found[key] if key in auto else kind(value))
             except (TypeError, ValueError):
-                raise ConfigError(f"resources.{key} must be a number or \"auto\", got {value!r}.") from None
+                raise ConfigError(f'resources.{key} must be a number or "auto", got {value!r}.') from None
         self.from_machine = tuple(auto)  # not a field: the saved config holds the numbers used
         _check(self.max_ram_gb >= 0, "resources.max_ram_gb must be 0 or more")
         _check(self.cpu_threads >= 1, "resources.cpu_threads must be at least 1")
@@ -316,7 +316,7 @@ class ResourceConfig:
 
     def describe(self) -> str:
         """The budgets, and which came from this machine."""
-        text = (
-            f"RAM {self.max_ram_gb:g} GB, {self.cpu_threads} threads, {self.loader_workers} loader workers"
+        text = f"RAM {self.max_ram_gb:g} GB, {self.cpu_threads} threads, {self.loader_workers} loader workers"
+        return text + (
+            f" ({', '.join(self.from_machine)} sized to this machine)" if self.from_machine else ""
         )
-        return text + (f" ({', '.join(self.from_machine)} sized to this machine)" if self.from_machine else "")

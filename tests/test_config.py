@@ -26,7 +26,11 @@ def test_profiles_load_and_validate(workdir):
 
 
 def test_budgets_follow_the_machine_found():
-    assert machine_budgets(16, 12) == {"max_ram_gb": 14.4, "cpu_threads": 12, "loader_workers": 8}  # the 3060's
+    assert machine_budgets(16, 12) == {
+        "max_ram_gb": 14.4,
+        "cpu_threads": 12,
+        "loader_workers": 8,
+    }  # the 3060's
     assert machine_budgets(128, 16) == {"max_ram_gb": 115.2, "cpu_threads": 16, "loader_workers": 8}
     assert machine_budgets(24, 2) == {"max_ram_gb": 21.6, "cpu_threads": 2, "loader_workers": 0}
     assert machine_budgets(3, 1) == {"max_ram_gb": 1.5, "cpu_threads": 1, "loader_workers": 0}
@@ -43,7 +47,7 @@ def test_auto_budgets_are_sized_when_the_config_is_made_and_a_number_pins_one(mo
     assert tiny.from_machine == ("cpu_threads",)
     monkeypatch.setenv("MOAS_RESOURCES_CPU_THREADS", "3")
     assert load_config("cpu_tiny").resources.cpu_threads == 3
-    with pytest.raises(ConfigError, match="resources.max_ram_gb must be a number or \"auto\""):
+    with pytest.raises(ConfigError, match='resources.max_ram_gb must be a number or "auto"'):
         load_config("cpu_tiny", use_env=False, overrides={"resources": {"max_ram_gb": "lots"}})
 
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
+from moas.config import load_config
 from moas.data import dataset as ds
+from moas.data.captions import caption_from_names
 from moas.data.dataset import ArtDataset, collate, read_caption, to_model_range, to_uint8
 from moas.errors import DataError
 
@@ -83,6 +85,21 @@ def test_caption_encodings(tmp_path, caplog):
     assert read_caption(p) == "1girl"
 
 
+@pytest.mark.parametrize(
+    "text, tags",
+    [
+        ("1girl long_hair blue_eyes ^_^\n", "1girl, long hair, blue eyes, ^_^"),  # booru: spaces, underscores
+        ("1girl, long_hair, school_uniform", "1girl, long hair, school uniform"),
+        ("1girl, long hair, forest", "1girl, long hair, forest"),  # already moas's form
+        ("a girl standing in a forest at night", "a girl standing in a forest at night"),  # a sentence
+    ],
+)
+def test_booru_style_tag_files_become_comma_separated_tags(tmp_path, text, tags):
+    p = _img(tmp_path / "a.png", (0, 0, 0))
+    p.with_suffix(".txt").write_text(text)
+    assert read_caption(p) == tags
+
+
 def test_collate_and_ranges():
     items = [
         {"pixels": torch.full((3, 4, 4), v, dtype=torch.uint8), "caption": c, "index": i}
@@ -93,3 +110,30 @@ def test_collate_and_ranges():
     x = to_model_range(b["pixels"])
     assert x.min() == -1 and x.max() == 1
     assert torch.equal(to_uint8(x), b["pixels"])
+
+
+@pytest.mark.parametrize(
+    "name, caption",
+    [
+        ("elves/elvish_archer-2.png", "elves, elvish archer"),
+        ("Hatsune Miku/miku (3).png", "hatsune miku, miku"),
+        ("IMG_2031.jpg", ""),  # a camera's name says nothing
+        ("a1b2c3d4e5f6a7b8.png", ""),  # nor a content hash
+        ("humans/transparent/mage-red.png", "humans, mage red"),
+    ],
+)
+def test_a_caption_from_folder_and_file_names(tmp_path, name, caption):
+    assert caption_from_names(tmp_path / name, tmp_path) == caption
+
+
+def test_images_without_a_caption_file_are_captioned_from_their_names_when_asked(tmp_path):
+    _img(tmp_path / "elves" / "archer.png", (255, 0, 0))
+    _img(tmp_path / "humans" / "mage.png", (0, 255, 0)).with_suffix(".txt").write_text("1boy, robe")
+    _img(tmp_path / "orcs" / "grunt.png", (0, 0, 255)).with_suffix(".txt").write_text("")  # the user's file
+    named = ArtDataset(tmp_path, 16, None, captions_from_names=True)
+    named.validate(progress=False)
+    by_name = dict(zip((p.stem for p in named.paths), named.captions(), strict=True))
+    assert by_name == {"archer": "elves, archer", "mage": "1boy, robe", "grunt": ""}
+    plain = ArtDataset(tmp_path, 16, None)
+    assert sorted(plain.captions()) == ["", "", "1boy, robe"]
+    assert load_config("cpu_tiny", use_env=False).data.captions_from_names  # on by default (config.py says why)

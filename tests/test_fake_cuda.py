@@ -40,9 +40,9 @@ from moas.diffusion.schedule import make_train_scheduler
 from moas.inference.pipeline import Pipeline
 from moas.inference.sr_upscale import DiffusionUpscaler
 from moas.inference.upscale import upscale
+from moas.losses.gan import discriminator_loss
 from moas.models.discriminator import AnimeStyleDiscriminator
 from moas.models.enhance import QualityEnhancer
-from moas.losses.gan import discriminator_loss
 from moas.text.bank import TextBank
 from moas.text.encoder import HASH_ID, TextEncoder
 from moas.train import trained_net as trained_net_mod

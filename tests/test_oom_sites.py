@@ -193,7 +193,9 @@ def test_an_oom_in_the_ema_update_is_redone_tensor_by_tensor(monkeypatch, caplog
         assert torch.equal(a, b)  # the per-tensor lerp gives the list update's bits
 
 
-def test_the_discriminator_step_redoes_its_batch_in_chunks_after_out_of_memory(demo_dir, tmp_path, monkeypatch):
+def test_the_discriminator_step_redoes_its_batch_in_chunks_after_out_of_memory(
+    demo_dir, tmp_path, monkeypatch
+):
     overrides = {"losses": {"domain": True, "adversarial": True}, "data": {"cache_dir": str(tmp_path)}}
     cfg = load_config(config_file=TINY_CONFIG, overrides=overrides, use_env=False)
     ds = ArtDataset(demo_dir / "train", cfg.data.resolution, cfg.data.cache_dir)

@@ -230,3 +230,29 @@ def test_graceful_stop_sets_a_flag_and_restores_handlers():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested and stop.signum == signal.SIGTERM and stop.count == 2
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_real_folder_run_on_a_machine_with_ram_to_spare_cleans_up_nothing(monkeypatch):
+    """The CPU profile with a 3.9 GB process (its RAM cache and tag model) on a 24 GB machine with 18 GB
+    free: the budget is sized to the machine, so no cleanup runs. With the old fixed 4 GB budget every step
+    ran one ("95 % of budget")."""
+    from moas import config_sections
+    from moas.config import load_config
+    from moas.resources import ResourceSnapshot
+
+    monkeypatch.setattr(config_sections, "this_machine", lambda: (24.0, 2))
+    rc = load_config("cpu_tiny", use_env=False).resources
+    snap = ResourceSnapshot(
+        process_rss_gb=3.9,
+        ram_used_gb=6.0,
+        page_cache_gb=2.0,
+        ram_available_gb=18.0,
+        ram_total_gb=24.0,
+        cpu_percent=100.0,
+    )
+    assert EnhancedResourceManager.from_config(rc, torch.device("cpu")).cleanup_level(snap) is None
+    fixed = EnhancedResourceManager(4.0, 0.0, 2, 0, "cpu")
+    assert fixed.cleanup_level(snap) == "aggressive"  # what the fixed budget did at every step
+    # A machine that is really short of RAM still cleans up, whatever the budget.
+    short = ResourceSnapshot(3.9, 15.5, 0.2, 0.5, 16.0, 100.0)
+    assert EnhancedResourceManager.from_config(rc, torch.device("cpu")).cleanup_level(short) == "aggressive"

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from moas.data.artist_style import STYLE_DIM, ArtistStyleDatabase, StyleAnalyzer, style_key
 from moas.data.buckets import make_buckets, nearest_bucket
 from moas.data.cache import cache_key, entry_path, load_entry, save_entry
-from moas.data.captions import CAPTION_SUFFIXES, read_caption, warn_coverage
+from moas.data.captions import CAPTION_SUFFIXES, count_named, read_caption, warn_coverage
 from moas.data.embeddings import _create_image_stat_embedding
 from moas.data.images import load_image, scan_image_files
 from moas.data.sampler import sample_weights
@@ -115,8 +115,12 @@ class ArtDataset(Dataset):
         panel_context: int = 0,
         ram_cache_bytes: int = 0,
         hr_margin: float = 0.0,
+        captions_from_names: bool = False,
     ) -> None:
         self.root = Path(root)
+        # Images without a caption file are captioned from their folder and file names (captions.py).
+        self.captions_from_names = captions_from_names
+        self._names_root = self.root if captions_from_names else None
         self.panel_context = panel_context  # previous panels loaded per item (0: none)
         self._links: tuple[list[Path], tuple[int, ...]] | None = None
         if not self.root.exists():
@@ -219,7 +223,7 @@ class ArtDataset(Dataset):
         )
         for path in bar:
             try:
-                caption = read_caption(path)
+                caption = read_caption(path, self._names_root)
                 data = path.read_bytes()
                 size = _oriented_size(data)
                 entry, b, ep = None, 0, None
@@ -263,7 +267,8 @@ class ArtDataset(Dataset):
                 f"{len(skipped)} of {total} image files in {self.root} are unreadable "
                 f"(more than the allowed {max_bad_fraction:.0%}); see the dataset report and warnings above."
             )
-        warn_coverage(report["captioned"], len(good), self.root)
+        named = count_named(good, captions) if self._names_root is not None else 0
+        warn_coverage(report["captioned"], len(good), self.root, named)
         if encoder is not None and self.cache_dir is not None:
             self._fill_text_embeddings(encoder, no_text, progress)
         self.style_keys = [style_key(p, self.root) for p in good]
@@ -324,7 +329,8 @@ class ArtDataset(Dataset):
         return len(self.paths)
 
     def captions(self) -> list[str]:
-        return list(self._captions) if self._captions is not None else [read_caption(p) for p in self.paths]
+        known = self._captions
+        return list(known) if known is not None else [read_caption(p, self._names_root) for p in self.paths]
 
     def weights(self) -> list[float]:
         """Per-image sample weights: ``N_name`` repeat folders × ``multiply.txt`` values."""
@@ -377,7 +383,9 @@ class ArtDataset(Dataset):
             if entry is not None:
                 return entry
         # Lazy path: not validated yet, no cache, or a damaged entry.
-        caption = self._captions[index] if self._captions is not None else read_caption(path)
+        caption = (
+            self._captions[index] if self._captions is not None else read_caption(path, self._names_root)
+        )
         data = path.read_bytes()
         size = _oriented_size(data)
         if self._entries is None and size is not None:
@@ -406,7 +414,9 @@ class ArtDataset(Dataset):
         has_style = self.extract_style and key in self._style_vecs
         item = {
             "pixels": entry["pixels"],
-            "caption": self._captions[index] if self._captions is not None else read_caption(path),
+            "caption": self._captions[index]
+            if self._captions is not None
+            else read_caption(path, self._names_root),
             "index": index,
             "image_embed": entry["image_embed"],
             "style": self._style_vecs[key] if has_style else torch.zeros(STYLE_DIM),

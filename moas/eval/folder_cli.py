@@ -69,7 +69,10 @@ def eval_folder(
 ) -> dict:
     """Validate ``data_dir``, split it, load or train its tag model and run the folder eval."""
     data_cfg = (pipe.model_config or {}).get("data") or {}
-    dataset = ArtDataset(data_dir, pipe.resolution, data_cfg.get("cache_dir", "cache/preprocessed"))
+    names = bool(data_cfg.get("captions_from_names", False))  # as the model was trained
+    dataset = ArtDataset(
+        data_dir, pipe.resolution, data_cfg.get("cache_dir", "cache/preprocessed"), captions_from_names=names
+    )
     dataset.validate(progress=progress)
     joined, train_idx, held_idx, how = folder_split(pipe, dataset, data_dir)
     # The training run's seed: the tag model it trained for best-step selection is found and reused.

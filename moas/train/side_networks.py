@@ -72,7 +72,10 @@ ENH_KEYS = StateKeys(
 
 def hr_dataset(dataset: ArtDataset, resolution: int) -> ArtDataset:
     """The same (already validated) images at another resolution, with its own cache entries."""
-    hr = ArtDataset(dataset.root, resolution, dataset.cache_dir)  # square centre crops, built lazily
+    # Square centre crops, built lazily; the same captions.
+    hr = ArtDataset(
+        dataset.root, resolution, dataset.cache_dir, captions_from_names=dataset.captions_from_names
+    )
     hr.paths = list(dataset.paths)
     hr.bucket_ids = [0] * len(hr.paths)
     return hr
