@@ -136,4 +136,22 @@ def test_images_without_a_caption_file_are_captioned_from_their_names_when_asked
     assert by_name == {"archer": "elves, archer", "mage": "1boy, robe", "grunt": ""}
     plain = ArtDataset(tmp_path, 16, None)
     assert sorted(plain.captions()) == ["", "", "1boy, robe"]
-    assert load_config("cpu_tiny", use_env=False).data.captions_from_names  # on by default (config.py says why)
+    assert load_config(
+        "cpu_tiny", use_env=False
+    ).data.captions_from_names  # on by default (config.py says why)
+
+
+def test_images_below_the_training_size_are_upscaled_with_a_note_or_skipped(tmp_path, caplog):
+    _img(tmp_path / "big.png", (255, 0, 0), size=(40, 40))
+    _img(tmp_path / "small.png", (0, 255, 0), size=(20, 40))  # narrower than the 32-px training side
+    with caplog.at_level(logging.INFO):
+        kept = ArtDataset(tmp_path, 32, None)
+        report = kept.validate(progress=False)
+    assert len(kept) == 2 and report["upscaled"] == 1 and "1 of 2 images are smaller" in caplog.text
+    skipping = ArtDataset(tmp_path, 32, None, small_images="skip")
+    report = skipping.validate(progress=False)
+    assert [p.name for p in skipping.paths] == ["big.png"] and report["upscaled"] == 0
+    assert report["by_reason"] == {"smaller than the training size": 1}
+    assert "20x40 is smaller than the 32x32 training size" in skipping.skipped_detail[0]
+    with pytest.raises(DataError, match="data.small_images"):
+        ArtDataset(tmp_path, 32, None, small_images="crop")

@@ -38,6 +38,7 @@ from moas.data.artist_style import STYLE_DIM, ArtistStyleDatabase, StyleAnalyzer
 from moas.data.buckets import make_buckets, nearest_bucket
 from moas.data.cache import cache_key, entry_path, load_entry, save_entry
 from moas.data.captions import CAPTION_SUFFIXES, count_named, read_caption, warn_coverage
+from moas.data.collate import collate, smart_collate_fn
 from moas.data.embeddings import _create_image_stat_embedding
 from moas.data.images import load_image, scan_image_files
 from moas.data.sampler import sample_weights
@@ -45,6 +46,8 @@ from moas.errors import DataError, ImageDecodeError
 from moas.io import atomic_write_bytes, clean_stray_temp_files
 
 log = logging.getLogger(__name__)
+
+SMALL_IMAGES = ("upscale", "skip")  # what happens to an image smaller than its training size
 
 __all__ = ["CAPTION_SUFFIXES", "ArtDataset", "collate", "panel_links", "read_caption", "smart_collate_fn"]
 
@@ -116,10 +119,17 @@ class ArtDataset(Dataset):
         ram_cache_bytes: int = 0,
         hr_margin: float = 0.0,
         captions_from_names: bool = False,
+        small_images: str = "upscale",
     ) -> None:
         self.root = Path(root)
         # Images without a caption file are captioned from their folder and file names (captions.py).
         self.captions_from_names = captions_from_names
+        if small_images not in SMALL_IMAGES:
+            raise DataError(
+                f"data.small_images must be one of {', '.join(SMALL_IMAGES)}, got {small_images!r}."
+            )
+        self.small_images = small_images  # images smaller than their training size: upscaled or skipped
+        self.upscaled = 0
         self._names_root = self.root if captions_from_names else None
         self.panel_context = panel_context  # previous panels loaded per item (0: none)
         self._links: tuple[list[Path], tuple[int, ...]] | None = None
@@ -191,6 +201,19 @@ class ArtDataset(Dataset):
         )
         return b, entry_path(self.cache_dir, path, key)
 
+    def _skip_small(self, path: Path, size: tuple[int, int], skipped: list, details: list) -> bool:
+        """Whether to leave out an image smaller than its training size (``small_images = "skip"``); one
+        that is kept is counted (it is upscaled, so it is softer than the others)."""
+        bw, bh = self.buckets[self._target(size)]
+        if size[0] >= bw and size[1] >= bh:
+            return False
+        if self.small_images == "upscale":
+            self.upscaled += 1
+            return False
+        skipped.append((path, "smaller than the training size"))
+        details.append(f"{size[0]}x{size[1]} is smaller than the {bw}x{bh} training size")
+        return True
+
     def _build(self, img: Image.Image, bucket: int, caption: str) -> dict[str, torch.Tensor]:
         px = _to_tensor(center_crop_resize(img, self.buckets[bucket]))  # (3, H, W)
         entry = {"pixels": px, "image_embed": _create_image_stat_embedding(px), "style": self.analyzer(px)}
@@ -213,6 +236,7 @@ class ArtDataset(Dataset):
             )
         if encoder is not None:
             self.encoder_id = encoder.encoder_id
+        self.upscaled = 0
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             clean_stray_temp_files(self.cache_dir)
@@ -227,11 +251,15 @@ class ArtDataset(Dataset):
                 data = path.read_bytes()
                 size = _oriented_size(data)
                 entry, b, ep = None, 0, None
+                if size is not None and self._skip_small(path, size, skipped, details):
+                    continue
                 if size is not None:
                     b, ep = self._key_entry(path, data, size, caption)
                     entry = load_entry(ep, self.buckets[b], self._hr(b)) if ep is not None else None
                 if entry is None:
                     img = load_image(path)  # full decode: the safe-intake checks and their reasons
+                    if size is None and self._skip_small(path, img.size, skipped, details):
+                        continue
                     b, ep = self._key_entry(path, data, img.size, caption)
                     entry = self._build(img, b, caption)
                     if ep is not None:
@@ -266,6 +294,13 @@ class ArtDataset(Dataset):
             raise DataError(
                 f"{len(skipped)} of {total} image files in {self.root} are unreadable "
                 f"(more than the allowed {max_bad_fraction:.0%}); see the dataset report and warnings above."
+            )
+        if self.upscaled:
+            log.info(
+                "%d of %d images are smaller than the training size and are upscaled (softer than the others; "
+                'data.small_images = "skip" leaves them out).',
+                self.upscaled,
+                len(good),
             )
         named = count_named(good, captions) if self._names_root is not None else 0
         warn_coverage(report["captioned"], len(good), self.root, named)
@@ -308,6 +343,7 @@ class ArtDataset(Dataset):
             "skipped": len(self.skipped),
             "by_reason": dict(sorted(reasons.items())),
             "captioned": sum(1 for c in captions if c),
+            "upscaled": self.upscaled,
             "buckets": {f"{w}x{h}": self.bucket_ids.count(i) for i, (w, h) in enumerate(self.buckets)},
         }
 
@@ -435,56 +471,6 @@ class ArtDataset(Dataset):
                     f"A previous panel of {path} became unreadable during training: {e}"
                 ) from None
         return item
-
-
-def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(1, max(s.shape[0] for s in seqs))
-    out = seqs[0].new_zeros((len(seqs), n, *seqs[0].shape[1:]))
-    mask = torch.zeros(len(seqs), n, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        out[i, : s.shape[0]] = s
-        mask[i, : s.shape[0]] = True
-    return out, mask  # (B, N, ...), (B, N)
-
-
-def smart_collate_fn(items: list[dict]) -> dict:
-    """Batch dataset items: stack images and fixed-size vectors, zero-pad variable-length embeddings.
-
-    ``pixels`` must share one size (the bucket sampler guarantees it). ``panels`` (previous panels of
-    sequences) are padded to [B,K,3,H,W] with ``panel_mask`` [B,K] only when some item has one. ``text_embed`` may be pooled
-    [768] or per-token [L, 768]; per-token sequences are padded to the batch maximum with a
-    ``text_embed_mask`` (True = real). Style fingerprints are stacked separately with ``has_style``.
-    """
-    shapes = {tuple(it["pixels"].shape) for it in items}
-    if len(shapes) > 1:
-        raise ValueError(f"a batch mixes image sizes {sorted(shapes)}; use the bucket batch sampler")
-    batch = {
-        "pixels": torch.stack([it["pixels"] for it in items]),  # (B, 3, H, W) uint8
-        "captions": [it["caption"] for it in items],
-        "index": torch.tensor([it["index"] for it in items]),
-    }
-    if all("pixels_hr" in it for it in items):
-        batch["pixels_hr"] = torch.stack([it["pixels_hr"] for it in items])  # (B, 3, H', W') uint8
-    if all("image_embed" in it for it in items):
-        batch["image_embed"] = torch.stack([it["image_embed"] for it in items])  # (B, 768)
-    if all("style" in it for it in items):
-        batch["style"] = torch.stack([it["style"] for it in items])  # (B, STYLE_DIM)
-        batch["has_style"] = torch.tensor([bool(it.get("has_style", True)) for it in items])  # (B,)
-    if all("prev_index" in it for it in items):
-        batch["prev_index"] = torch.tensor([it["prev_index"] for it in items])  # (B,) -1 = none
-    if all("panels" in it for it in items) and any(it["panels"].shape[0] for it in items):
-        # Previous panels (nearest first), zero-padded to the batch's longest history; absent otherwise.
-        batch["panels"], batch["panel_mask"] = _pad([it["panels"] for it in items])  # (B, K, 3, H, W), (B, K)
-    if all("text_embed" in it for it in items):
-        seqs = [it["text_embed"] for it in items]
-        if seqs[0].ndim == 1:
-            batch["text_embed"] = torch.stack(seqs)  # (B, 768)
-        else:
-            batch["text_embed"], batch["text_embed_mask"] = _pad(seqs)  # (B, L, 768), (B, L)
-    return batch
-
-
-collate = smart_collate_fn
 
 
 def to_model_range(pixels: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,7 @@ def build_dataset(cfg: MoasConfig, folder: str, encoder=None, progress: bool = T
         ram_cache_bytes=int(d.ram_cache_gb * 2**30),
         hr_margin=d.augment_margin if d.augment > 0 else 0.0,
         captions_from_names=d.captions_from_names,
+        small_images=d.small_images,
         # Previous panels only matter to a model with panel memory (moas.models.panel_memory).
         panel_context=cfg.train.panel_context
         if cfg.brain.conditioning == "moas" and cfg.brain.panel_memory
