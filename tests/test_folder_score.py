@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from moas.eval.best import BestModelKeeper
-from moas.eval.folder_score import FolderScorer, folder_score
+from moas.eval.folder_eval import summary_text
+from moas.eval.folder_score import FolderScorer, folder_score, unreliable
+from moas.eval.tag_train import constant_baseline_f1, reliability
+from moas.inference.model_card import _evaluator
 from moas.eval.tagger import load_or_train_tagger
 from moas.inference.model_file import ModelFile
 
@@ -158,3 +161,70 @@ def test_eval_on_the_training_folder_reuses_the_runs_tag_model(session_run, tmp_
     with caplog.at_level(logging.INFO):
         assert main([*args, "--n_folder", "4", "--quiet", "--json", str(tmp_path / "e.json")]) == 0
     assert "Tag model loaded" in caplog.text and "Tag model trained" not in caplog.text
+
+
+# --- an evaluator that cannot see the pictures --------------------------------------------------------
+def test_a_tag_model_must_beat_the_commonest_tags_to_be_trusted():
+    train = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 0, 1], [1, 1, 0]])
+    heldout = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    # the best constant answer is tags 0 and 1 for every image: P 3/4, R 1 (tag 0 alone: P 1, R 2/3)
+    assert constant_baseline_f1(train, heldout) == pytest.approx(6 / 7, abs=1e-4)
+    good = {"heldout": {"f1": 0.72}, "baseline_f1": 0.2}
+    assert reliability(good)[0] and "0.720" in reliability(good)[1]
+    noise = {"heldout": {"f1": 0.069}, "baseline_f1": 0.05}
+    ok, why = reliability(noise)
+    assert not ok and "0.069" in why and "under 0.3" in why
+    assert not reliability({"heldout": {"f1": 0.55}, "baseline_f1": 0.5})[0]  # no better than a constant
+    assert reliability({"heldout": {"f1": 0.55}})[0]  # an older cached model: the F1 bar alone
+
+
+class Noise:
+    """A tag model as a run gets it: only its metrics matter here."""
+
+    metrics = {"heldout": {"f1": 0.069, "n_images": 20}, "baseline_f1": 0.05}
+
+
+def test_an_unreliable_evaluator_says_so_and_leaves_best_step_selection(tmp_path, monkeypatch, caplog):
+    with caplog.at_level(logging.WARNING):
+        scorer = FolderScorer(None, Noise(), [], [], n=4, seed=0)
+    assert not scorer.reliable and "The folder evaluator is unreliable" in caplog.text
+    mem = {
+        "combined": {"rate": 0.5},
+        "features": {"rate": 0.5},
+        "pixels": {"rate": 0.125},
+        "real_heldout": {"combined": 0.3, "pixels": 0.1},
+        "excess": 0.2,
+    }
+    out = unreliable({"folder_score": 0.8, "memorised": 0.5, "memorised_excess": 0.2}, mem)
+    assert out["folder_score"] is None and out["folder_score_unreliable"] == 0.8
+    assert out["memorised"] == 0.125 and out["memorised_excess"] == 0.025  # pixels alone
+    saved: list = []
+    monkeypatch.setattr("moas.eval.best.save_model", lambda path, contents: saved.append(contents.provenance))
+    keeper = BestModelKeeper(tmp_path, tmp_path / "best.safetensors", memorisation_limit=0.1)
+    metrics = {**out, "prompt_adherence": 0.4, "tagger_f1": 0.069, "folder_reliable": 0.0}
+    assert keeper.update(1, 10, metrics, _model_file)
+    assert keeper.metric == "prompt_adherence" and not keeper.history[0]["vetoed"]
+    assert saved[0]["evaluator_reliable"] is False and saved[0]["evaluator_f1"] == 0.069
+    card = "\n".join(_evaluator(saved[0]))
+    assert "**unreliable**" in card and "0.069" in card and "folder score was not used" in card
+
+
+def test_moas_eval_prints_the_evaluators_verdict_next_to_its_numbers():
+    result = {
+        "settings": {
+            "n": 4,
+            "n_prompts": 4,
+            "seed": 0,
+            "steps": 2,
+            "guidance_scale": 1.0,
+            "sampler": "ddim",
+            "model_hash": "x",
+        },
+        "adherence": {"precision": 0.1, "recall": 0.1, "f1": 0.1, "n_images": 4},
+        "adherence_real": {"precision": 0.1, "recall": 0.1, "f1": 0.1, "n_images": 4},
+        "kid": {"mean": None, "reason": "too few"},
+        "memorisation": {"reason": "too few"},
+        "tagger": Noise.metrics,
+    }
+    text = summary_text(result)
+    assert "F1 0.069" in text and "UNRELIABLE" in text and "commonest tags: 0.050" in text

@@ -110,6 +110,11 @@ class BestModelKeeper:
             self.best = entry
             contents = model_file()
             contents.provenance |= {"score": score, "metric": name}
+            if metrics.get("folder_reliable") is not None:  # the folder evaluator's own quality, for the card
+                contents.provenance |= {
+                    "evaluator_f1": metrics.get("tagger_f1"),
+                    "evaluator_reliable": bool(metrics["folder_reliable"]),
+                }
             save_model(self.save_path, contents)
             if score is None:
                 log.info("No validation score available; kept the newest model as %s.", self.save_path)

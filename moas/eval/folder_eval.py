@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from moas.errors import DataError
 from moas.eval.kid import kid
 from moas.eval.memorisation import PIXEL_SIZE, THRESHOLD, memorisation_report
+from moas.eval.tag_train import reliability
 from moas.eval.tagger import (
     INPUT_SIZE,
     TrainedTagger,
@@ -197,7 +198,12 @@ def run_folder_eval(
         "adherence_tags": int(keep.sum()),
         "kid": _kid_entry(gen_feats, real_feats),
         "memorisation": mem,
-        "tagger": {"heldout": tagger.metrics.get("heldout"), "n_tags": len(vocab), "path": str(tagger.path)},
+        "tagger": {
+            "heldout": tagger.metrics.get("heldout"),
+            "baseline_f1": tagger.metrics.get("baseline_f1"),
+            "n_tags": len(vocab),
+            "path": str(tagger.path),
+        },
         "settings": {
             "n": n,
             "steps": settings[0],
@@ -260,10 +266,14 @@ def summary_text(result: dict) -> str:
                 f"  {'  real held-out images':<26}features {r['features']:.1%}, pixels {r['pixels']:.1%}, "
                 f"either {r['combined']:.1%}   (the rule's false alarms; excess {m['excess']:.1%})"
             )
-    tag = (result.get("tagger") or {}).get("heldout") or {}
+    metrics = result.get("tagger") or {}
+    tag = metrics.get("heldout") or {}
     if "f1" in tag:
         lines.append(
             f"  {'tag model, own held-out':<26}F1 {tag['f1']:.3f}   ({tag['n_images']} images it never trained on)"
         )
+        ok, why = reliability(metrics)
+        verdict = "reliable" if ok else "UNRELIABLE: the numbers above are close to noise on this folder"
+        lines.append(f"  {'evaluator':<26}{verdict} ({why})")
     lines.append(f"  {result.get('note', NOTE)}")
     return "\n".join(lines)

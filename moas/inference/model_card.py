@@ -114,6 +114,17 @@ def _data(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _evaluator(prov: dict) -> list[str]:
+    """The folder evaluator's own quality, when the run had one: its numbers mean little when unreliable."""
+    if prov.get("evaluator_reliable") is None:
+        return []
+    f1 = prov.get("evaluator_f1")
+    own = f"its tag model's held-out F1 {f1:.3f}" if f1 is not None else "its tag model"
+    if prov["evaluator_reliable"]:
+        return [f"- folder evaluator: reliable ({own})"]
+    return [f"- folder evaluator: **unreliable** on this folder ({own}); the folder score was not used"]
+
+
 def _training(mf: ModelFile) -> list[str]:
     prov = mf.provenance
     score, metric = prov.get("score"), prov.get("metric")
@@ -128,6 +139,7 @@ def _training(mf: ModelFile) -> list[str]:
         f"- {prov.get('epoch', '?')} epochs, {prov.get('global_step', '?')} optimizer steps, "
         f"{_duration(prov.get('train_seconds'))} of training on {prov.get('hardware') or 'unrecorded hardware'}",
         f"- weights: the EMA average; {chosen}",
+        *_evaluator(prov),
         f"- seed {prov.get('seed')}, moas {prov.get('moas_version')}, written {prov.get('created')}",
         f"- run folder: `{prov.get('run_dir')}` (TensorBoard: `tensorboard --logdir {prov.get('run_dir')}`)",
     ]
