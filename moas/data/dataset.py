@@ -201,6 +201,40 @@ class ArtDataset(Dataset):
         )
         return b, entry_path(self.cache_dir, path, key)
 
+    def _check_one(self, path: Path, skipped: list, details: list) -> tuple | None:
+        """(caption, cache entry, bucket, entry path) of one image, its entry built when missing; None when
+        it is skipped (the reason added to ``skipped`` and ``details``)."""
+        try:
+            caption = read_caption(path, self._names_root)
+            data = path.read_bytes()
+            size = _oriented_size(data)
+            entry, b, ep = None, 0, None
+            if size is not None and self._skip_small(path, size, skipped, details):
+                return None
+            if size is not None:
+                b, ep = self._key_entry(path, data, size, caption)
+                entry = load_entry(ep, self.buckets[b], self._hr(b)) if ep is not None else None
+            if entry is None:
+                img = load_image(path)  # full decode: the safe-intake checks and their reasons
+                if size is None and self._skip_small(path, img.size, skipped, details):
+                    return None
+                b, ep = self._key_entry(path, data, img.size, caption)
+                entry = self._build(img, b, caption)
+                if ep is not None:
+                    save_entry(ep, entry)
+                    self.rebuilt += 1
+        except ImageDecodeError as exc:
+            skipped.append((path, getattr(exc, "reason", "unreadable")))
+            details.append(getattr(exc, "detail", str(exc)))
+            log.warning("Skipping image %s: %s", path, getattr(exc, "detail", exc))
+            return None
+        except OSError as exc:
+            skipped.append((path, "unreadable"))
+            details.append(f"cannot read file ({exc.strerror or exc})")
+            log.warning("Skipping image %s: %s", path, exc)
+            return None
+        return caption, entry, b, ep
+
     def _skip_small(self, path: Path, size: tuple[int, int], skipped: list, details: list) -> bool:
         """Whether to leave out an image smaller than its training size (``small_images = "skip"``); one
         that is kept is counted (it is upscaled, so it is softer than the others)."""
@@ -246,35 +280,10 @@ class ArtDataset(Dataset):
             self.paths, desc="checking images", unit="img", disable=not progress or len(self.paths) < 50
         )
         for path in bar:
-            try:
-                caption = read_caption(path, self._names_root)
-                data = path.read_bytes()
-                size = _oriented_size(data)
-                entry, b, ep = None, 0, None
-                if size is not None and self._skip_small(path, size, skipped, details):
-                    continue
-                if size is not None:
-                    b, ep = self._key_entry(path, data, size, caption)
-                    entry = load_entry(ep, self.buckets[b], self._hr(b)) if ep is not None else None
-                if entry is None:
-                    img = load_image(path)  # full decode: the safe-intake checks and their reasons
-                    if size is None and self._skip_small(path, img.size, skipped, details):
-                        continue
-                    b, ep = self._key_entry(path, data, img.size, caption)
-                    entry = self._build(img, b, caption)
-                    if ep is not None:
-                        save_entry(ep, entry)
-                        self.rebuilt += 1
-            except ImageDecodeError as exc:
-                skipped.append((path, getattr(exc, "reason", "unreadable")))
-                details.append(getattr(exc, "detail", str(exc)))
-                log.warning("Skipping image %s: %s", path, getattr(exc, "detail", exc))
+            checked = self._check_one(path, skipped, details)
+            if checked is None:
                 continue
-            except OSError as exc:
-                skipped.append((path, "unreadable"))
-                details.append(f"cannot read file ({exc.strerror or exc})")
-                log.warning("Skipping image %s: %s", path, exc)
-                continue
+            caption, entry, b, ep = checked
             good.append(path)
             entries.append(ep)
             buckets.append(b)

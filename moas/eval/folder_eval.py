@@ -198,12 +198,8 @@ def run_folder_eval(
         "adherence_tags": int(keep.sum()),
         "kid": _kid_entry(gen_feats, real_feats),
         "memorisation": mem,
-        "tagger": {
-            "heldout": tagger.metrics.get("heldout"),
-            "baseline_f1": tagger.metrics.get("baseline_f1"),
-            "n_tags": len(vocab),
-            "path": str(tagger.path),
-        },
+        "tagger": {**{k: tagger.metrics.get(k) for k in ("heldout", "baseline_f1")}, "n_tags": len(vocab)}
+        | {"path": str(tagger.path)},
         "settings": {
             "n": n,
             "steps": settings[0],

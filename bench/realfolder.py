@@ -1,0 +1,192 @@
+"""Real illustrations, not drawn circles: the folder evaluator's own quality on human-drawn art, and what a
+short CPU run learns from it, judged per checkpoint by that evaluator.
+
+    sudo apt-get install wesnoth-1.16-data          # 238 painted portraits (GPL art; never committed)
+    python bench/realfolder.py                      # evaluator + moas and text conditioning, 64 px
+    python bench/realfolder.py --phases evaluator   # the evaluator alone (a minute)
+    python bench/realfolder.py --source DIR         # any folder of images, as a user would give it
+
+The folder is copied as it is installed (RGBA PNGs in folders by race, files named by unit, no caption
+files), so the captions come from the folder and file names (``data.captions_from_names``): for example
+``undead, zombie troll``. Phases:
+
+* ``evaluator``: the folder's tag model as a training run gets it (``load_or_train_tagger``, the step
+  budget, the seed-fixed split): held-out micro F1, the F1 of the best constant answer, the verdict of
+  ``moas.eval.tag_train.reliability``;
+* ``moas`` / ``text``: the CPU profile trained on the folder for ``--epochs`` with the brain's conditioning
+  and with text-only conditioning (same seed, same steps, timed), every checkpoint scored by the run's own
+  monitor (folder adherence, KID, memorisation with the real held-out baseline, prompt adherence on the
+  validation images) and the step best-step selection kept. The last sample grid of each run is copied to
+  ``docs/realfolder_<phase>.png``.
+
+Not here yet: the bare diffusers loop on the same folder at equal wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from moas.config import load_config  # noqa: E402
+from moas.data.dataset import ArtDataset  # noqa: E402
+from moas.eval.tag_train import reliability  # noqa: E402
+from moas.eval.tagger import load_or_train_tagger  # noqa: E402
+from moas.monitor.logs import setup_logging  # noqa: E402
+from moas.train.loop import train  # noqa: E402
+
+WESNOTH = "/usr/share/games/wesnoth/1.16/data/core/images/portraits"
+COLUMNS = (
+    "folder_adherence",
+    "folder_score_unreliable",
+    "folder_kid",
+    "memorised",
+    "memorised_real",
+    "memorised_excess",
+    "prompt_adherence",
+    "loss",
+)
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def copy_folder(source: Path, dest: Path) -> Path:
+    """The source's images with their folders, as a user's folder (nothing else copied)."""
+    if dest.is_dir():
+        return dest
+    for p in sorted(source.rglob("*")):
+        if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+            target = dest / p.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, target)
+    return dest
+
+
+def evaluator(a: argparse.Namespace, folder: Path) -> dict:
+    cfg = load_config(a.profile, use_env=False, overrides={"data": {"resolution": a.resolution}})
+    ds = ArtDataset(folder, a.resolution, "cache/preprocessed", captions_from_names=True)
+    ds.validate(progress=False)
+    t0 = time.perf_counter()
+    tagger = load_or_train_tagger(ds, seed=0, progress=False, max_steps=cfg.monitor.tagger_steps)
+    ok, why = reliability(tagger.metrics)
+    captions = ds.captions()
+    return {
+        "images": len(ds),
+        "captioned": sum(1 for c in captions if c),
+        "caption_examples": captions[:: max(1, len(captions) // 6)][:6],
+        "tags": len(tagger.vocab),
+        "heldout": tagger.metrics["heldout"],
+        "baseline_f1": tagger.metrics.get("baseline_f1"),
+        "reliable": ok,
+        "why": why,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def run(a: argparse.Namespace, name: str, folder: Path) -> dict:
+    for sub in (f"ckpt_{name}", f"runs_{name}", f"models_{name}"):
+        shutil.rmtree(sub, ignore_errors=True)
+    overrides = {
+        "data": {"data_dir": str(folder), "resolution": a.resolution},
+        "brain": {"conditioning": "moas" if name == "moas" else "text"},
+        "train": {
+            "epochs": a.epochs,
+            "save_every": a.save_every,
+            "keep_last": 1000,
+            "checkpoint_dir": f"ckpt_{name}",
+            "run_dir": f"runs_{name}",
+            "save_path": f"models_{name}/best_model.safetensors",
+            "sample_every": a.save_every,
+            "seed": a.seed,
+        },
+        "monitor": {"folder_eval_n": a.n_folder},
+    }
+    cfg = load_config(a.profile, overrides=overrides, use_env=False)
+    t0 = time.perf_counter()
+    result = train(cfg, progress=False)
+    wall = time.perf_counter() - t0
+    history = json.loads((result.run_dir / "best_steps.json").read_text())
+    grids = sorted((result.run_dir / "samples").glob("*.png"))
+    if grids:
+        shutil.copy2(grids[-1], DOCS / f"realfolder_{name}.png")
+    rows = [
+        {"epoch": h["epoch"], "step": h["global_step"], "score": h.get("score"), "metric": h.get("metric")}
+        | {k: h.get(k) for k in COLUMNS}
+        | {"vetoed": h.get("vetoed")}
+        for h in history["history"]
+    ]
+    best = history.get("best") or {}
+    return {"train_wall_s": round(wall, 1), "best_epoch": best.get("epoch"), "rows": rows}
+
+
+def show(name: str, r: dict) -> None:
+    print(f"\n== {name}: {r['train_wall_s'] / 60:.1f} min, best epoch {r['best_epoch']} ==")
+    print(" epoch  step  F1(tag)  score(unrel)  KID     mem   real  excess  prompt_adh  val_loss")
+    for row in r["rows"]:
+
+        def f(v, w=7, d=3):
+            return f"{v:{w}.{d}f}" if isinstance(v, float | int) and v is not None else " " * (w - 1) + "—"
+
+        print(
+            f" {row['epoch']:>5} {row['step']:>5} {f(row['folder_adherence'])} "
+            f"{f(row['folder_score_unreliable'], 12)} {f(row['folder_kid'], 7, 4)} {f(row['memorised'], 6)} "
+            f"{f(row['memorised_real'], 6)} {f(row['memorised_excess'], 6)} {f(row['prompt_adherence'], 10)} "
+            f"{f(row['loss'])}"
+        )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", default=WESNOTH, help="folder of images (default: the Wesnoth portraits)")
+    ap.add_argument("--phases", nargs="+", default=["evaluator", "moas", "text"])
+    ap.add_argument("--workdir", default="bench/_work_real", help="scratch folder (never committed)")
+    ap.add_argument("--profile", default="cpu_tiny")
+    ap.add_argument("--resolution", type=int, default=64, help="training side in pixels")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--save_every", type=int, default=10)
+    ap.add_argument("--n_folder", type=int, default=32, help="images per checkpoint for the folder eval")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="bench/realfolder.json")
+    a = ap.parse_args()
+    source = Path(a.source)
+    if not source.is_dir():
+        print(f"{source} does not exist; install wesnoth-1.16-data or give --source.", file=sys.stderr)
+        return 2
+    out, work = Path(a.out).resolve(), Path(a.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)
+    setup_logging(None)
+    folder = copy_folder(source, work / "data")
+    report: dict = {
+        "source": str(source),
+        "settings": {k: v for k, v in vars(a).items() if k not in ("workdir", "out", "source")},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": psutil.cpu_count(),
+            "load_1min_at_start": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__,
+        },
+    }
+    for phase in a.phases:
+        if phase == "evaluator":
+            report["evaluator"] = evaluator(a, folder)
+            print(json.dumps(report["evaluator"], indent=2))
+        else:
+            report[phase] = run(a, phase, folder)
+            show(phase, report[phase])
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
