@@ -198,8 +198,7 @@ def run_folder_eval(
         "adherence_tags": int(keep.sum()),
         "kid": _kid_entry(gen_feats, real_feats),
         "memorisation": mem,
-        "tagger": {**{k: tagger.metrics.get(k) for k in ("heldout", "baseline_f1")}, "n_tags": len(vocab)}
-        | {"path": str(tagger.path)},
+        "tagger": _tagger_entry(tagger, len(vocab)),
         "settings": {
             "n": n,
             "steps": settings[0],
@@ -226,6 +225,17 @@ def _prf_row(name: str, m: dict | None) -> str:
     return (
         f"  {name:<26}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}   ({m['n_images']} images)"
     )
+
+
+def _tagger_entry(tagger: TrainedTagger, n_tags: int) -> dict:
+    """The tag model's own quality (held-out, and the best constant answer's F1) for the result."""
+    m = tagger.metrics
+    return {
+        "heldout": m.get("heldout"),
+        "baseline_f1": m.get("baseline_f1"),
+        "n_tags": n_tags,
+        "path": str(tagger.path),
+    }
 
 
 def summary_text(result: dict) -> str:
