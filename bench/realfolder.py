@@ -128,20 +128,17 @@ def run(a: argparse.Namespace, name: str, folder: Path) -> dict:
     return {"train_wall_s": round(wall, 1), "best_epoch": best.get("epoch"), "rows": rows}
 
 
+def cell(value, decimals: int = 3) -> str:
+    return "—" if value is None else f"{value:.{decimals}f}" if isinstance(value, float) else str(value)
+
+
 def show(name: str, r: dict) -> None:
+    """The per-checkpoint table, one tab-separated row per checkpoint."""
     print(f"\n== {name}: {r['train_wall_s'] / 60:.1f} min, best epoch {r['best_epoch']} ==")
-    print(" epoch  step  F1(tag)  score(unrel)  KID     mem   real  excess  prompt_adh  val_loss")
+    keys = ("epoch", "step", *COLUMNS, "score", "metric")
+    print("\t".join(keys))
     for row in r["rows"]:
-
-        def f(v, w=7, d=3):
-            return f"{v:{w}.{d}f}" if isinstance(v, float | int) and v is not None else " " * (w - 1) + "—"
-
-        print(
-            f" {row['epoch']:>5} {row['step']:>5} {f(row['folder_adherence'])} "
-            f"{f(row['folder_score_unreliable'], 12)} {f(row['folder_kid'], 7, 4)} {f(row['memorised'], 6)} "
-            f"{f(row['memorised_real'], 6)} {f(row['memorised_excess'], 6)} {f(row['prompt_adherence'], 10)} "
-            f"{f(row['loss'])}"
-        )
+        print("\t".join(cell(row.get(k), 4 if k == "folder_kid" else 3) for k in keys))
 
 
 def main() -> int:
