@@ -13,8 +13,8 @@ from moas.eval.best import BestModelKeeper
 from moas.eval.folder_eval import summary_text
 from moas.eval.folder_score import FolderScorer, folder_score, unreliable
 from moas.eval.tag_train import constant_baseline_f1, reliability
-from moas.inference.model_card import _evaluator
 from moas.eval.tagger import load_or_train_tagger
+from moas.inference.model_card import _evaluator
 from moas.inference.model_file import ModelFile
 
 from .test_folder_eval import CopyingPipe, DrawingPipe

@@ -179,16 +179,17 @@ class Trainer(GeneratorStep):
                 group_loss, group_ok, t_step, data_time = 0.0, True, t_data, 0.0
             data_time += t_batch - t_data
             micro = self._protected_micro_step(batch, j + 1 == st.grad_accum, bar)
-            group_loss += micro.loss / st.grad_accum
-            group_ok = group_ok and micro.ok
+            # On the device (read once per step), in float64 as the host summed it before.
+            group_loss = group_loss + micro.loss.double() / st.grad_accum
+            group_ok = group_ok & micro.ok
             st.batch_pos += 1
             t_data = time.perf_counter()
             if j + 1 < st.grad_accum:
                 continue
-            grad_norm = self._optimizer_step(group_loss, group_ok)
-            if grad_norm is not None:  # the side networks learn from the step's images and predicted x0
+            read = self._optimizer_step(group_loss, group_ok, micro)
+            if read is not None:  # the side networks learn from the step's images and predicted x0
                 scalars = {**micro.logs, **self._side_steps(micro)}
-                self._report_step(micro, grad_norm, scalars, t_step, data_time, bar)
+                self._report_step(micro, read, scalars, t_step, data_time, bar)
             stop = self._at_boundary()
             if stop:
                 break

@@ -32,12 +32,13 @@ class MicroResult:
     """What one micro-batch's forward and backward hand on: to the optimizer step (``ok``, ``loss``), the
     side networks' steps (the images and the detached predicted x0) and the step's report."""
 
-    terms: dict[str, float]  # the loss terms for TensorBoard (diffusion, aux)
+    # On the device, read on the host once per optimizer step with the finite check (TrainedNet.apply):
+    terms: dict[str, torch.Tensor]  # the loss terms for TensorBoard (diffusion, aux), 0-dim, detached
     logs: dict[str, float]  # the domain and temporal losses' scalars
     x0: torch.Tensor  # (B, 3, H, W) the images
     x0_pred: torch.Tensor | None  # (B, 3, H, W) the predicted x0, detached; None when nothing used it
-    ok: bool = True  # the loss was finite (a non-finite one was replaced by a zero that skips the step)
-    loss: float = float("nan")  # the loss that was backpropagated (NaN when not finite)
+    ok: torch.Tensor | None = None  # 0-dim bool: the loss was finite (else the step is skipped)
+    loss: torch.Tensor | None = None  # 0-dim: the loss that was backpropagated, detached
 
 
 @dataclass

@@ -17,6 +17,7 @@ which the loop handles.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import nullcontext
 
@@ -88,12 +89,12 @@ class GeneratorStep:
         with sync:
             out = self.objective(self.parts.ddp_model, x0, cond, t, noise, self._autocast)
             loss, result = self._losses(out, x0, panel_in)
-            loss, result.ok = self._guard(loss, out.pred)
+            loss, result.ok = self._guard(loss)
             self.parts.net.backward(loss / st.grad_accum)
         if self.faults.fires("inf_grad"):
             grad = next(p for p in self.parts.model.parameters() if p.grad is not None).grad
             grad.view(-1)[0] = float("inf")
-        result.loss = loss.item() if result.ok else float("nan")
+        result.loss = loss.detach()
         return result
 
     def _losses(
@@ -107,7 +108,10 @@ class GeneratorStep:
         x0_pred = out.x0(schedule) if side.uses_x0 or measured else None
         aux = out.aux  # MoE load balance (+ compression reconstruction)
         loss = out.loss + aux
-        terms = {"diffusion": out.loss.item(), "aux": float(aux.detach() if torch.is_tensor(aux) else aux)}
+        terms = {
+            "diffusion": out.loss.detach(),
+            "aux": aux.detach() if torch.is_tensor(aux) else out.loss.new_tensor(aux),
+        }
         extra, logs = side.generator_loss(x0, x0_pred, out.t, schedule, step)
         loss = loss if extra is None else loss + extra
         # The temporal loss takes its own graph branch of x0: gradients then reach the prediction summed in
@@ -124,37 +128,48 @@ class GeneratorStep:
             monitor.observe_batch(step + 1, x0, critic, out.t, out.per_sample)
         return loss, MicroResult(terms, logs, x0, critic)
 
-    def _guard(self, loss: torch.Tensor, pred: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """The NaN/Inf guard's first two parts: bound the loss, and never learn from a non-finite one;
-        (the loss to backpropagate, whether it was finite)."""
+    def _guard(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The NaN/Inf guard's first two parts: bound the loss, and flag a non-finite one on the device (no
+        host read here). A non-finite loss is still backpropagated — every rank runs the same collectives —
+        and its step is skipped by the guarded step, which reads the flag with the gradient norm."""
         loss = loss.clamp(max=self.settings.loss_clamp)
         if self.faults.fires("nan_loss"):
             loss = loss * float("nan")
-        if torch.isfinite(loss):
-            return loss, True
-        log.warning("Non-finite loss at step %d; the step will be skipped.", self.state.global_step + 1)
-        return pred.sum() * 0.0, False  # the zero keeps DDP's collective backward in step on every rank
+        return loss, torch.isfinite(loss)
 
-    def _optimizer_step(self, loss: float, ok: bool) -> torch.Tensor | None:
-        """Apply the accumulated step (``ok``: every micro-batch's loss was finite) and the schedule; the
-        gradient norm, or None when the guard skipped the step."""
+    def _optimizer_step(
+        self, loss: torch.Tensor, ok: torch.Tensor, micro: MicroResult
+    ) -> tuple[float, dict[str, float]] | None:
+        """Apply the accumulated step (``ok``: every micro-batch's loss was finite, on the device) and the
+        schedule; (the gradient norm, the last micro-batch's loss terms) as read on the host in the step's
+        one read, or None when the guard skipped the step."""
         st, p = self.state, self.parts
-        grad_norm = p.net.apply(ok)  # the NaN/Inf guard's third part: skip a bad step
+        names = list(micro.terms)
+        grad_norm = p.net.apply(ok, [loss, *micro.terms.values()])  # the guard's third part: skip a bad step
+        norm, loss_value, *terms = p.net.read
         if grad_norm is None:  # no optimizer, schedule or EMA update from this step
+            if not math.isfinite(loss_value):
+                log.warning("Non-finite loss at step %d; the step was skipped.", st.global_step + 1)
             self._count_skip(p.net, "train.lr")
             return None
         p.sched.step()
         st.global_step += 1
-        self.last_loss = self.dist.all_mean(loss)
+        self.last_loss = self.dist.all_mean(loss_value)
         if p.adaptive is not None:
             lr = p.adaptive.observe(self.last_loss, p.sched.get_last_lr()[0])
             for g in p.opt.param_groups:
                 g["lr"] = lr
         st.mark_boundary()  # the generator has learned from this step: an emergency checkpoint continues after it
-        return grad_norm
+        return norm, dict(zip(names, terms, strict=True))
 
     def _report_step(
-        self, micro: MicroResult, grad_norm: torch.Tensor, scalars: dict, t_step: float, data_time: float, bar
+        self,
+        micro: MicroResult,
+        read: tuple[float, dict[str, float]],
+        scalars: dict,
+        t_step: float,
+        data_time: float,
+        bar,
     ) -> None:
         """The step's log line, TensorBoard scalars and progress bar; then the resource manager's cleanup
         check and the thread governor."""
@@ -172,8 +187,8 @@ class GeneratorStep:
             images_per_sec=self.ips,
             step_time=now - t_step - data_time,
             data_time=data_time,
-            grad_norm=float(grad_norm),
-            terms=micro.terms,
+            grad_norm=read[0],
+            terms=read[1],
             lrs=p.lrs(),
             scalars=scalars,
         )

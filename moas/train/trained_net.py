@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -187,9 +187,24 @@ class StateKeys:
     scaler_always: bool = False  # write the scaler's state even when it is disabled (an empty dict)
 
 
-def is_finite(norm: torch.Tensor) -> bool:
-    """The guarded step's one read of a value on the host (a device sync on CUDA)."""
-    return bool(torch.isfinite(norm))
+def host_read(
+    loss_ok: bool | torch.Tensor, norm: torch.Tensor, report: Sequence[torch.Tensor] = ()
+) -> tuple[bool, list[float]]:
+    """The guarded step's one read on the host (a device sync on CUDA): whether the loss (``loss_ok``, a
+    flag on the device or a bool) and the gradient norm were finite, and the values the step reports — the
+    norm first, then ``report`` — in one transfer instead of one per value."""
+    finite = torch.isfinite(norm)
+    if torch.is_tensor(loss_ok):
+        finite = finite & loss_ok.to(finite.device)
+    elif not loss_ok:
+        finite = torch.zeros_like(finite)
+    values = [
+        finite.double(),
+        norm.double(),
+        *(t.detach().double().reshape(()).to(norm.device) for t in report),
+    ]
+    read = torch.stack(values).tolist()
+    return read[0] > 0.5, read[1:]
 
 
 class TrainedNet:
@@ -212,6 +227,7 @@ class TrainedNet:
         self.skipped = 0  # steps skipped by the guard
         self.in_a_row = 0  # skipped since the last step taken (a network stuck there will not recover)
         self.chunks = 1  # pieces a batch is cut into (more after an out-of-memory error)
+        self.read: list[float] = []  # the last step's norm and reported values, as read on the host
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.module.parameters())
@@ -225,15 +241,20 @@ class TrainedNet:
         result, self.chunks = retry_in_chunks(backward, self.chunks, batch_size, device, self.name)
         return result
 
-    def apply(self, loss_ok: bool = True) -> torch.Tensor | None:
+    def apply(
+        self, loss_ok: bool | torch.Tensor = True, report: Sequence[torch.Tensor] = ()
+    ) -> torch.Tensor | None:
         """The guarded optimizer step over the accumulated gradients; the gradient norm before clipping, or
-        None when the step was skipped (a non-finite loss here, or a non-finite norm, on any rank)."""
+        None when the step was skipped (a non-finite loss here, or a non-finite norm, on any rank).
+        ``report``: 0-dim tensors read on the host with the finite check (``host_read``), so the step
+        costs one sync; ``self.read`` holds the norm and their values afterwards, skipped or not."""
         params = self.parameters()
         if self.average:
             average_gradients(params)  # collective: every rank calls it, also before a skip
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        if not all_ranks_agree(loss_ok and is_finite(norm)):
+        ok, self.read = host_read(loss_ok, norm, report)
+        if not all_ranks_agree(ok):
             if self.scaler.is_enabled():
                 self.scaler.update()  # lowers the fp16 loss scale
             self.opt.zero_grad(set_to_none=True)

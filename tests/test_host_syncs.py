@@ -1,0 +1,68 @@
+"""Host reads in the generator's hot path: on a GPU each ``.item()``, ``float(t)``, ``bool(t)``,
+``.tolist()`` or ``.cpu()`` of a device tensor waits for the GPU to finish. The step reads the device once
+per optimizer step (the guard's finite check, with the loss, the gradient norm and the loss terms in the
+same transfer), not once per value and micro-batch.
+
+Counted on the CPU, where every tensor is a host tensor, by call site: over the micro-steps, optimizer steps
+and reports of a short run (the side networks off: their steps have reads of their own), every read must
+come from an allowed place — the step's one read, the random numbers the loop draws on the host, and the
+monitor's measurement at its steps (the first, then every ``monitor.measure_every``)."""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+
+import torch
+
+from moas.train import step as step_mod
+from moas.train.loop import train
+
+from .conftest import tiny
+
+READS = ("item", "tolist", "cpu", "__float__", "__bool__", "__int__")
+SIDE_OFF = {"enhance": {"train": False}, "sr": {"train": False}, "monitor": {"measure_every": 1000}}
+STEP_READ = "train/trained_net.py:host_read"
+HOST_DRAWN = {"train/inputs.py:__call__", "train/sequences.py:memory_keep"}  # the step's draws: on the CPU
+MEASURING = {"eval/metrics.py:art_measurements", "monitor/run_monitor.py:observe_batch"}
+
+
+def site() -> str:
+    """The innermost moas function on the stack, as ``path:function``."""
+    frames = [f for f in traceback.extract_stack()[:-2] if "/moas/" in f.filename]
+    return f"{frames[-1].filename.split('/moas/', 1)[1]}:{frames[-1].name}" if frames else "?"
+
+
+def test_the_generator_step_reads_the_device_once_per_optimizer_step(tmp_path, demo_dir, monkeypatch):
+    reads: Counter = Counter()
+    calls: Counter = Counter()
+    active = [False]
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            if active[0] and (self.is_floating_point() or self.dtype == torch.bool):
+                reads[site()] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for method in ("_micro_step", "_optimizer_step", "_report_step"):
+        real = getattr(step_mod.GeneratorStep, method)
+
+        def run(self, *args, _real=real, _method=method, **kwargs):
+            calls[_method] += 1
+            active[0] = True
+            try:
+                return _real(self, *args, **kwargs)
+            finally:
+                active[0] = False
+
+        monkeypatch.setattr(step_mod.GeneratorStep, method, run)
+    cfg = tiny(tmp_path, demo_dir / "train", SIDE_OFF, max_steps=6)  # accumulation 2: 12 micro-steps
+    assert train(cfg, progress=False).global_step == 6
+    assert calls["_micro_step"] == 12 and calls["_optimizer_step"] == 6
+    assert reads[STEP_READ] == 6  # one per optimizer step (was 2 per step and 4 per micro-step)
+    others = {k: v for k, v in reads.items() if k != STEP_READ and k not in HOST_DRAWN | MEASURING}
+    assert not others, others
+    # The monitor measures step 1's two micro-batches only (then every 1000th step).
+    assert sum(reads[k] for k in MEASURING) <= 2 * 8
