@@ -211,6 +211,26 @@ def test_decompression_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lim
     assert _reason(path) == "decompression_bomb"
 
 
+def test_a_jpeg_over_the_pixel_limit_is_decoded_at_reduced_size(tmp_path: Path, monkeypatch, caplog) -> None:
+    """The JPEG decoder scales by 1/2, 1/4 or 1/8 without decoding the whole image; a PNG cannot."""
+    jpeg = _save(_noise((256, 192)), tmp_path / "huge.jpg", "JPEG", quality=90)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 49,152 pixels: 1/4 scale fits, 1/2 does not
+    with caplog.at_level(logging.INFO):
+        img = load_image(jpeg)
+    assert img.size == (64, 48) and img.mode == "RGB" and "decoded at reduced size 64x48" in caplog.text
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # even 1/8 (32x24 = 768) is over: skipped
+    assert _reason(jpeg) == "decompression_bomb"
+
+
+def test_an_animated_image_trains_on_its_first_frame_with_a_note(tmp_path: Path, caplog) -> None:
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    path = tmp_path / "anim.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+    with caplog.at_level(logging.WARNING):
+        img = load_image(path)
+    assert img.getpixel((1, 1)) == (255, 0, 0) and "animated (3 frames)" in caplog.text
+
+
 def test_scan_image_files(tmp_path: Path) -> None:
     for rel in ["a.png", "B.JPG", "sub/c.webp", "sub/deeper/d.bmp", "x.jpeg"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

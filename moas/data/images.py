@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from moas.errors import DataError, ImageDecodeError
 
@@ -190,6 +190,23 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _reduced_jpeg(data: bytes, limit: int) -> Image.Image | None:
+    """A JPEG over the pixel limit decoded at 1/2, 1/4 or 1/8 of its size (the decoder's own scaling, so the
+    full image is never in memory) when that brings it under the limit; None when even 1/8 does not."""
+    # The plugin class reads the header without Image.open's size check (which is why we are here);
+    # nothing is decoded before draft() has chosen the scale.
+    img = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+    w, h = img.size
+    scale = next((s for s in (2, 4, 8) if (w // s) * (h // s) <= limit), None)
+    if scale is None:
+        return None
+    img.draft("RGB", (w // scale, h // scale))
+    if img.size[0] * img.size[1] > limit:
+        return None
+    img.load()
+    return img
+
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Load an image safely as a fully decoded 8-bit RGB ``PIL.Image``.
 
@@ -225,11 +242,14 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         limit = Image.MAX_IMAGE_PIXELS
-        raise _decode_error(
-            p,
-            "decompression_bomb",
-            f"image is too large to decode safely (over {limit} pixels; possible decompression bomb)",
-        ) from exc
+        img = _reduced_jpeg(data, limit) if fmt == "JPEG" else None
+        if img is None:
+            raise _decode_error(
+                p,
+                "decompression_bomb",
+                f"image is too large to decode safely (over {limit} pixels; possible decompression bomb)",
+            ) from exc
+        logger.info("%s: over %d pixels; decoded at reduced size %dx%d.", p.name, limit, *img.size)
     except MemoryError:
         raise
     except UnidentifiedImageError as exc:
@@ -240,6 +260,9 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             raise _decode_error(p, "truncated", "file is truncated (incomplete download or copy?)") from exc
         raise _decode_error(p, "unreadable", f"cannot decode {fmt} data ({exc})") from exc
 
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1:  # an animated PNG or WebP: Pillow decoded the first frame
+        logger.warning("%s is animated (%d frames); training uses its first frame.", p.name, frames)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # malformed EXIF should not cost a good image its pixels
