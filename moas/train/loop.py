@@ -58,7 +58,7 @@ from moas.train.saving import (
 from moas.train.sequences import PanelTraining
 from moas.train.state import TrainResult, TrainState
 from moas.train.step import GeneratorStep, OOMSignal, RedoStep
-from moas.train.trained_net import autocast_factory
+from moas.train.trained_net import autocast_factory, wide_float
 
 log = logging.getLogger(__name__)
 error_log = logging.getLogger("moas.errors")
@@ -180,7 +180,7 @@ class Trainer(GeneratorStep):
             data_time += t_batch - t_data
             micro = self._protected_micro_step(batch, j + 1 == st.grad_accum, bar)
             # On the device (read once per step), in float64 as the host summed it before.
-            group_loss = group_loss + micro.loss.double() / st.grad_accum
+            group_loss = group_loss + micro.loss.to(wide_float(micro.loss.device)) / st.grad_accum
             group_ok = group_ok & micro.ok
             st.batch_pos += 1
             t_data = time.perf_counter()

@@ -187,6 +187,11 @@ class StateKeys:
     scaler_always: bool = False  # write the scaler's state even when it is disabled (an empty dict)
 
 
+def wide_float(device: torch.device) -> torch.dtype:
+    """float64 for sums and reads that must match the host's arithmetic; float32 on Apple GPUs (no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def host_read(
     loss_ok: bool | torch.Tensor, norm: torch.Tensor, report: Sequence[torch.Tensor] = ()
 ) -> tuple[bool, list[float]]:
@@ -198,10 +203,11 @@ def host_read(
         finite = finite & loss_ok.to(finite.device)
     elif not loss_ok:
         finite = torch.zeros_like(finite)
+    dtype = wide_float(norm.device)
     values = [
-        finite.double(),
-        norm.double(),
-        *(t.detach().double().reshape(()).to(norm.device) for t in report),
+        finite.to(dtype),
+        norm.to(dtype),
+        *(t.detach().reshape(()).to(norm.device, dtype) for t in report),
     ]
     read = torch.stack(values).tolist()
     return read[0] > 0.5, read[1:]
