@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from contextlib import nullcontext
 from typing import Any
 
@@ -42,6 +41,7 @@ from moas.train.trained_net import (
     autocast_factory,
     discriminator_optimizer,
     grad_scaler,
+    wide_float,
 )
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class SideNetworks:
         net = self.disc_net
         net.module.train()
         logs = net.chunked(lambda k: self._discriminator_backward(real, fake, k), real.shape[0], self.device)
-        return logs if net.apply(math.isfinite(logs["disc/loss"])) is not None else {}
+        return net.apply_reporting(torch.isfinite(logs["disc/loss"]), logs) or {}
 
     def _discriminator_backward(
         self, real: torch.Tensor, fake: torch.Tensor, chunks: int
@@ -208,7 +208,8 @@ class SideNetworks:
         so the gradients are the whole batch's); its TensorBoard scalars."""
         net = self.disc_net
         net.opt.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}  # on the device: read with the step's finite check
+        wide = wide_float(real.device)
         for r, f in zip(real.tensor_split(chunks), fake.tensor_split(chunks), strict=True):
             with self._autocast():
                 real_p, fake_p = self.disc(r.float()), self.disc(f.float().clamp(-1, 1))  # (b, 1) each
@@ -217,9 +218,9 @@ class SideNetworks:
             loss = discriminator_loss(real_p, fake_p) * w
             net.backward(loss)
             scalars = {
-                "loss": loss.item(),
-                "real": real_p.mean().item() * w,
-                "fake": fake_p.mean().item() * w,
+                "loss": loss.detach().to(wide),
+                "real": real_p.detach().mean().to(wide) * w,
+                "fake": fake_p.detach().mean().to(wide) * w,
             }
             _accumulate(logs, {f"disc/{k}": v for k, v in scalars.items()})
         return logs
@@ -247,9 +248,10 @@ class SideNetworks:
             full = self.enhancer.refine(up, "full")
         up, full = up.float(), full.float()
         r_sr, r_full = self.enh_stack(up, hr), self.enh_stack(full, hr)
-        scalars = {f"enhance/{k}": float(v) for k, v in r_full.terms.items()}
-        scalars[f"enhance/sr_x{factor}"] = float(r_sr.total.detach())
-        scalars["enhance/loss"] = float(r_full.total.detach())
+        wide = wide_float(hr.device)  # the scalars stay on the device: read with the step's finite check
+        scalars = {f"enhance/{k}": v.detach().to(wide) for k, v in r_full.terms.items()}
+        scalars[f"enhance/sr_x{factor}"] = r_sr.total.detach().to(wide)
+        scalars["enhance/loss"] = r_full.total.detach().to(wide)
         return r_sr.total + r_full.total, scalars
 
     def enhancer_step(self) -> dict[str, float]:
@@ -259,24 +261,31 @@ class SideNetworks:
         hr = self._hr_batch()  # (B, 3, H, W)
         # Degraded once for the whole batch, so a redo in chunks trains on the same pairs.
         lr = degrade(hr.cpu(), factor, net.gen).to(self.device)  # (B, 3, H/f, W/f)
-        scalars = net.chunked(lambda k: self._enhancer_backward(hr, lr, factor, k), hr.shape[0], self.device)
-        return scalars if net.apply(scalars is not None) is not None else {}
+        done = net.chunked(lambda k: self._enhancer_backward(hr, lr, factor, k), hr.shape[0], self.device)
+        if done is None:
+            net.apply(False)
+            return {}
+        scalars, ok = done
+        return net.apply_reporting(ok, scalars) or {}
 
     def _enhancer_backward(
         self, hr: torch.Tensor, lr: torch.Tensor, factor: int, chunks: int
-    ) -> dict[str, float] | None:
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
         """The enhancer's gradients over ``chunks`` pieces of the batch, each weighted by its share; its
-        TensorBoard scalars, or None when a loss is not finite or has no gradient."""
+        TensorBoard scalars and whether every loss was finite (both on the device: a non-finite loss is
+        backpropagated and its step skipped by the guard), or None when a loss has no gradient."""
         self.enh_net.opt.zero_grad(set_to_none=True)
-        scalars: dict[str, float] = {}
+        scalars: dict[str, torch.Tensor] = {}
+        ok = torch.ones((), dtype=torch.bool, device=hr.device)
         for h, low in zip(hr.tensor_split(chunks), lr.tensor_split(chunks), strict=True):
             loss, terms = self.enhancer_loss(h, low, factor)
-            if not (bool(torch.isfinite(loss)) and loss.requires_grad):
+            if not loss.requires_grad:
                 return None
+            ok = ok & torch.isfinite(loss)
             w = h.shape[0] / hr.shape[0]
             self.enh_net.backward(loss * w)
             _accumulate(scalars, {k: v * w for k, v in terms.items()})
-        return scalars
+        return scalars, ok
 
     # --- persistence ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -298,7 +307,7 @@ class SideNetworks:
             net.load_state_dict(state)
 
 
-def _accumulate(total: dict[str, float], values: dict[str, float]) -> None:
+def _accumulate(total: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
     """Add ``values`` into ``total`` (the first chunk's values are taken as they are)."""
     for k, v in values.items():
         total[k] = total[k] + v if k in total else v

@@ -35,7 +35,15 @@ from moas.diffusion.sr_condition import crop_offsets, sr_inputs, tag_vector, tak
 from moas.models.sr_diffusion import SuperResDiffusion
 from moas.text import TEXT_WIDTH
 from moas.text.bank import TextBank
-from moas.train.trained_net import EMA, StateKeys, TrainedNet, adamw, autocast_factory, grad_scaler
+from moas.train.trained_net import (
+    EMA,
+    StateKeys,
+    TrainedNet,
+    adamw,
+    autocast_factory,
+    grad_scaler,
+    wide_float,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,33 +153,34 @@ class SRStageTraining:
         net.module.train()
         batch = self.batch()
         n = batch["x0"].shape[0]
-        loss = net.chunked(lambda k: self._backward(batch, k), n, self.device)
-        norm = net.apply(loss is not None)
-        if norm is None:
+        total, ok = net.chunked(lambda k: self._backward(batch, k), n, self.device)
+        read = net.apply_reporting(ok, {"sr/loss": total})  # the step's one host read
+        if read is None:
             return {}
-        scalars = {"sr/loss": loss}
-        if math.isfinite(float(norm)):
-            scalars["sr/grad_norm"] = float(norm)
-        return scalars
+        if math.isfinite(net.read[0]):
+            read["sr/grad_norm"] = net.read[0]
+        return read
 
-    def _backward(self, batch: dict[str, torch.Tensor], chunks: int) -> float | None:
-        """The stage's gradients over ``chunks`` pieces of the batch, each weighted by its share; the loss, or
-        None when it is not finite (nothing is backpropagated then)."""
+    def _backward(self, batch: dict[str, torch.Tensor], chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage's gradients over ``chunks`` pieces of the batch, each weighted by its share; the loss and
+        whether it was finite, on the device (a non-finite loss is backpropagated and its step skipped by
+        the guard, which reads both with the gradient norm)."""
         self.net.opt.zero_grad(set_to_none=True)
         n = batch["x0"].shape[0]
         pieces = [batch]
         if chunks > 1:
             split = {k: v.tensor_split(chunks) for k, v in batch.items()}
             pieces = [{k: v[i] for k, v in split.items()} for i in range(chunks)]
-        total = 0.0
+        wide = wide_float(self.device)
+        total = torch.zeros((), dtype=wide, device=self.device)
+        ok = torch.ones((), dtype=torch.bool, device=self.device)
         for piece in pieces:
             loss = self.loss(piece)
-            if not bool(torch.isfinite(loss)):
-                return None
+            ok = ok & torch.isfinite(loss)
             w = piece["x0"].shape[0] / n
             self.net.backward(loss if chunks == 1 else loss * w)
-            total += float(loss.detach()) * w
-        return total
+            total = total + loss.detach().to(wide) * w
+        return total, ok
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.net.state_dict(), "args": self.model.init_args}

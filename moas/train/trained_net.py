@@ -279,6 +279,15 @@ class TrainedNet:
         self.in_a_row = 0
         return norm
 
+    def apply_reporting(
+        self, loss_ok: bool | torch.Tensor, scalars: dict[str, torch.Tensor]
+    ) -> dict[str, float] | None:
+        """``apply`` with the step's TensorBoard ``scalars`` (0-dim tensors) read in the guard's one transfer:
+        their values, or None when the step was skipped."""
+        if self.apply(loss_ok, list(scalars.values())) is None:
+            return None
+        return dict(zip(scalars, self.read[1:], strict=True))
+
     def _optimizer_step(self) -> None:
         """The optimizer's step through the scaler. Its moments are made at a parameter's first step; an
         out-of-memory error then (before any weight changed) is redone once, with memory freed and the
