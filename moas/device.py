@@ -80,20 +80,26 @@ def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
     return torch.float16
 
 
-def inference_autocast(device: torch.device, precision: str = "auto"):
-    """The context generation runs its networks in: on a CUDA GPU with native bf16 (Ampere and later),
-    ``auto`` is bf16 autocast (the samplers still step in float32); elsewhere, and with ``fp32``, float32.
-    On CUDA, float32 matrix products may use TF32 (cuDNN convolutions already do by default)."""
-    from contextlib import nullcontext
-
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype generation runs its networks in, decided once per pipeline: on a CUDA GPU with
+    native bf16 (Ampere and later) ``auto`` is bf16 (the samplers still step in float32); elsewhere, and
+    with ``fp32``, None (float32). On CUDA, float32 matrix products are allowed TF32 (cuDNN convolutions
+    already use it by default)."""
     if precision not in ("auto", "fp32"):
         raise ConfigError(f"precision must be auto or fp32, got {precision!r}.")
     if device.type != "cuda" or not torch.cuda.is_available():
-        return nullcontext()
+        return None
     torch.backends.cuda.matmul.allow_tf32 = True
     if precision == "auto" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+        return torch.bfloat16
+    return None
+
+
+def autocast_or_not(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device`` in ``dtype``, or a context that changes nothing for None."""
+    from contextlib import nullcontext
+
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def cpu_name() -> str:

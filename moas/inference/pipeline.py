@@ -13,7 +13,7 @@ import torch
 
 from moas.config import DiffusionConfig, SampleConfig
 from moas.data.dataset import to_model_range, to_uint8
-from moas.device import host_work, inference_autocast
+from moas.device import autocast_or_not, host_work, inference_dtype
 from moas.diffusion.sampling import guided, make_sampler, sample
 from moas.diffusion.schedule import make_train_scheduler
 from moas.errors import CheckpointError, MoasError
@@ -72,7 +72,7 @@ class Pipeline:
         self.style: torch.Tensor | None = None  # fingerprint used by __call__ (set_style)
         self.enhancer = None  # the trained QualityEnhancer (moas/models/enhance.py), when the file has one
         self.enhance_mode = enhance_mode
-        self.precision = "auto"  # bf16 on a GPU where it is native; "fp32" keeps float32 (moas.device)
+        self.amp = inference_dtype(device)  # bf16 on a GPU where it is native, else None (float32)
         self.sr = (
             None  # the super-resolution diffusion stage (moas/inference/sr_upscale.py), when the file has one
         )
@@ -189,8 +189,8 @@ class Pipeline:
         the text alone (the brain has no dropout here), so it is computed once per text dict — the sampler
         passes the same one at every step — and the U-Net alone runs each step: the same numbers as
         ``self.model(x, t, text)``, without the brain's forward pass at every step. On a GPU both run in
-        bf16 where it is native (``moas.device.inference_autocast``)."""
-        with inference_autocast(self.device, self.precision):
+        bf16 where it is native (``moas.device.inference_dtype``)."""
+        with autocast_or_not(self.device, self.amp):
             if self._cond_text is not text:
                 self._cond, self._cond_text = self.model.condition(text), text
             c = self._cond

@@ -14,7 +14,7 @@ import torch
 
 from moas.config_sections import SRConfig
 from moas.data.dataset import to_model_range, to_uint8
-from moas.device import inference_autocast
+from moas.device import autocast_or_not, inference_dtype
 from moas.diffusion.sampling import initial_noise, make_sampler, sample
 from moas.diffusion.schedule import make_scheduler
 from moas.diffusion.sr_condition import noisy_condition, tag_vector, upsample
@@ -41,7 +41,7 @@ class DiffusionUpscaler:
         self.stage = stage.eval().to(device)
         self.cfg, self.device, self.scale = cfg, device, stage.scale
         self.chunk = 4  # images upscaled at once
-        self.precision = "auto"  # bf16 on a GPU where it is native (moas.device.inference_autocast)
+        self.amp = inference_dtype(device)  # bf16 on a GPU where it is native, else None (float32)
         self.train_config = dict(make_scheduler(cfg.prediction_type, shift=cfg.noise_shift).config)
 
     def describe(self, steps: int | None = None) -> str:
@@ -100,7 +100,7 @@ class DiffusionUpscaler:
         }
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            with inference_autocast(dev, self.precision):
+            with autocast_or_not(dev, self.amp):
                 return self.stage(x, t, cond)[0].float()
 
         x = sample(

@@ -144,14 +144,15 @@ class GeneratorStep:
         schedule; (the gradient norm, the last micro-batch's loss terms) as read on the host in the step's
         one read, or None when the guard skipped the step."""
         st, p = self.state, self.parts
-        names = list(micro.terms)
-        grad_norm = p.net.apply(ok, [loss, *micro.terms.values()])  # the guard's third part: skip a bad step
-        norm, loss_value, *terms = p.net.read
-        if grad_norm is None:  # no optimizer, schedule or EMA update from this step
-            if not math.isfinite(loss_value):
+        read = p.net.apply_reporting(
+            ok, {"loss": loss, **micro.terms}
+        )  # the guard's third part: skip a bad step
+        if read is None:  # no optimizer, schedule or EMA update from this step
+            if not math.isfinite(p.net.read[1]):  # the read holds the norm, then the loss
                 log.warning("Non-finite loss at step %d; the step was skipped.", st.global_step + 1)
             self._count_skip(p.net, "train.lr")
             return None
+        loss_value = read.pop("loss")
         p.sched.step()
         st.global_step += 1
         self.last_loss = self.dist.all_mean(loss_value)
@@ -160,7 +161,7 @@ class GeneratorStep:
             for g in p.opt.param_groups:
                 g["lr"] = lr
         st.mark_boundary()  # the generator has learned from this step: an emergency checkpoint continues after it
-        return norm, dict(zip(names, terms, strict=True))
+        return p.net.read[0], read
 
     def _report_step(
         self,
