@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,7 +44,10 @@ from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 from moas.config import load_config  # noqa: E402
 from moas.data.dataset import to_model_range  # noqa: E402
 from moas.data.synthetic import generate_demo_dataset  # noqa: E402
-from moas.device import cpu_name  # noqa: E402
+from moas.device import (
+    autocast_dtype,  # noqa: E402
+    cpu_name,  # noqa: E402
+)
 from moas.diffusion.schedule import make_train_scheduler  # noqa: E402
 from moas.models.generator import MoasGenerator  # noqa: E402
 from moas.text.encoder import TextEncoder  # noqa: E402
@@ -51,6 +55,10 @@ from moas.text.inputs import caption_inputs  # noqa: E402
 from moas.train.builders import generator_args  # noqa: E402
 from moas.train.data_setup import build_dataset  # noqa: E402
 from moas.train.loop import train  # noqa: E402
+from moas.train.trained_net import adamw  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_profile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,6 +81,7 @@ def bench_config(data_dir: Path, work: Path, steps: int):
         "data": {"data_dir": str(data_dir)},
         "brain": {"conditioning": "text"},
         "enhance": {"train": False},
+        "sr": {"train": False},
         "train": {
             "epochs": 1000,
             "max_steps": steps,
@@ -88,18 +97,22 @@ def bench_config(data_dir: Path, work: Path, steps: int):
     return load_config("cpu_tiny", None, overrides, use_env=False)
 
 
-def moas_round(data_dir: Path, steps: int, skip: int) -> float:
-    """Images/s of ``steps`` optimizer steps of moas's trainer (the first ``skip`` are warm-up)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = bench_config(data_dir, Path(tmp), steps)
-        train(cfg, progress=False, dashboard=False)
-        ea = EventAccumulator(str(next((Path(tmp) / "runs").iterdir())))
-        ea.Reload()
-        ev = ea.Scalars("loss/total")
-        per_step = (ev[-1].wall_time - ev[skip].wall_time) / (ev[-1].step - ev[skip].step)
-        return cfg.train.batch_size / per_step
+def moas_round(data_dir: Path, steps: int, skip: int, profile: list | None = None) -> float:
+    """Images/s of ``steps`` optimizer steps of moas's trainer (the first ``skip`` are warm-up), timed from
+    the end of step ``skip`` to the end of the last step; with ``profile`` (a list), the per-step profile of
+    those steps is appended to it."""
+    probes = step_profile.moas_probes()
+    window = step_profile.StepWindow(probes, skip, steps)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = bench_config(data_dir, Path(tmp), steps)
+            train(cfg, progress=False, dashboard=False)
+    finally:
+        probes.restore()
+    result = window.result()
+    if profile is not None:
+        profile.append(result)
+    return cfg.train.batch_size * 1000 / result["step_ms"]
 
 
 class Peer:
@@ -124,12 +137,26 @@ class Peer:
             self.unet = UNet2DConditionModel.from_config(ref.unet.config)
             self.proj = torch.nn.Linear(self.tokens.shape[-1], self.unet.config.cross_attention_dim)
             params = list(self.unet.parameters()) + list(self.proj.parameters())
-        self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        tc = cfg.train
+        # moas's optimizer settings (AMSGrad AdamW, fused where torch has it) and clipping, so the ratio
+        # measures the trainer, not two optimizers.
+        self.opt = adamw(
+            params, lr=tc.lr, betas=(0.9, 0.999), weight_decay=tc.weight_decay, amsgrad=tc.amsgrad
+        )
+        self.max_grad_norm = tc.max_grad_norm
+        amp = autocast_dtype(torch.device("cpu"), tc.mixed_precision)
+        self.autocast = (lambda: torch.autocast("cpu", dtype=amp)) if amp is not None else nullcontext
         self.ema = [p.detach().clone() for p in params]
         self.params = params
         self.sched = DDPMScheduler.from_config(make_train_scheduler(cfg.diffusion).config)
         self.batch = cfg.train.batch_size
         self.gen = torch.Generator().manual_seed(0)
+
+    def snr_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The diffusers example's ``--snr_gamma`` weights for v-prediction: min(SNR, γ) / (SNR + 1)."""
+        a = self.sched.alphas_cumprod[t]
+        snr = a / (1 - a)
+        return snr.clamp(max=self.cfg.diffusion.min_snr_gamma) / (snr + 1)
 
     def forward_loss(self, idx: torch.Tensor) -> torch.Tensor:
         x0 = self.images[idx]
@@ -137,8 +164,11 @@ class Peer:
             noise = torch.randn(x0.shape, generator=self.gen)
             t = torch.randint(0, self.sched.config.num_train_timesteps, (len(idx),), generator=self.gen)
             noisy = self.sched.add_noise(x0, noise, t)
-            pred = self.generator(noisy, t, {k: v[idx] for k, v in self.text.items()}).pred
-            return torch.nn.functional.mse_loss(pred, self.sched.get_velocity(x0, noise, t))
+            with self.autocast():
+                pred = self.generator(noisy, t, {k: v[idx] for k, v in self.text.items()}).pred
+            target = self.sched.get_velocity(x0, noise, t)
+            per_sample = torch.nn.functional.mse_loss(pred.float(), target, reduction="none").mean((1, 2, 3))
+            return (per_sample * self.snr_weight(t)).mean()
         if self.patch > 1:
             x0 = torch.nn.functional.pixel_unshuffle(x0, self.patch)
         noise = torch.randn(x0.shape, generator=self.gen)
@@ -152,19 +182,51 @@ class Peer:
     def step(self) -> None:
         idx = torch.randint(0, len(self.images), (self.batch,), generator=self.gen)
         loss = self.forward_loss(idx)
-        loss.backward()
-        self.opt.step()
+        self.backward(loss)
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.update()
         self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.cfg.train.ema_decay)
+        self.ema_update()
 
-    def images_per_sec(self, steps: int, skip: int) -> float:
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def update(self) -> None:
+        self.opt.step()
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.cfg.train.ema_decay)
+
+    def images_per_sec(self, steps: int, skip: int, profile: list | None = None) -> float:
+        """Images/s over ``steps - skip`` steps after ``skip`` warm-up steps; the per-step profile appended to
+        ``profile`` when given."""
         for _ in range(skip):
             self.step()
+        probes = self.probes()
         t = time.perf_counter()
-        for _ in range(steps - skip):
-            self.step()
-        return self.batch * (steps - skip) / (time.perf_counter() - t)
+        probes.clock.started = t
+        try:
+            for _ in range(steps - skip):
+                self.step()
+            wall = time.perf_counter() - t
+        finally:
+            probes.restore()
+        if profile is not None:
+            profile.append(step_profile.per_step_ms(probes.clock.seconds, wall, steps - skip))
+        return self.batch * (steps - skip) / wall
+
+    def probes(self) -> step_profile.Probes:
+        """The same parts as moas's profile, where the peer has them."""
+        p = step_profile.Probes()
+        p.wrap(MoasGenerator, "forward", "forward")
+        p.wrap(self, "forward_loss", "loss")
+        p.wrap(self, "backward", "backward")
+        p.wrap(torch.nn.utils, "clip_grad_norm_", "gradient clipping")
+        p.wrap(self, "update", "optimizer update")
+        p.wrap(torch.optim.Optimizer, "zero_grad", "zero_grad")
+        p.wrap(self, "ema_update", "EMA")
+        return p
 
     def step_flops(self) -> int:
         from torch.utils.flop_counter import FlopCounterMode
@@ -178,10 +240,12 @@ class Peer:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=24, help="optimizer steps per round")
-    ap.add_argument("--skip", type=int, default=4, help="warm-up steps not timed")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per round")
+    ap.add_argument(
+        "--skip", type=int, default=16, help="steps not timed: the first epoch (RAM cache filling) and warm-up"
+    )
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--n_images", type=int, default=400)
+    ap.add_argument("--n_images", type=int, default=200, help="demo images drawn (~12 steps per epoch)")
     ap.add_argument(
         "--peer_network",
         choices=("same", "unet"),
@@ -189,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         help="same: the peer trains moas's network; unet: the U-Net on a linear projection of the tokens",
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "peer.json"))
+    ap.add_argument("--profile", action="store_true", help="also write each side's per-step profile")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "demo"
@@ -198,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         threads = torch.get_num_threads()
         peer = Peer(cfg, data / "train", a.peer_network)
         moas_ips, peer_ips = [], []
+        moas_prof: list | None = [] if a.profile else None
+        peer_prof: list | None = [] if a.profile else None
         for r in range(a.rounds):
-            moas_ips.append(moas_round(data / "train", a.steps, a.skip))
+            moas_ips.append(moas_round(data / "train", a.steps, a.skip, moas_prof))
             torch.set_num_threads(threads)
-            peer_ips.append(peer.images_per_sec(a.steps, a.skip))
+            peer_ips.append(peer.images_per_sec(a.steps, a.skip, peer_prof))
             print(f"round {r + 1}: moas {moas_ips[-1]:.2f} img/s, peer {peer_ips[-1]:.2f} img/s", flush=True)
         flops = peer.step_flops()
     peak = matmul_peak(threads)
@@ -219,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         "mfu_moas": round(flops * m / cfg.train.batch_size / peak, 4),
         "mfu_peer": round(flops * p / cfg.train.batch_size / peak, 4),
     }
+    if a.profile:
+        result["profile_moas"], result["profile_peer"] = moas_prof, peer_prof
     print(json.dumps(result, indent=2))
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

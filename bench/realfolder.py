@@ -18,8 +18,14 @@ files), so the captions come from the folder and file names (``data.captions_fro
   monitor (folder adherence, KID, memorisation with the real held-out baseline, prompt adherence on the
   validation images) and the step best-step selection kept. The last sample grid of each run is copied to
   ``docs/realfolder_<phase>.png``.
-
-Not here yet: the bare diffusers loop on the same folder at equal wall time.
+* ``bare``: the diffusers-example loop of ``bench/peer.py`` (images and text encodings in memory, the
+  scheduler's ``add_noise``, the v-target with Min-SNR weights, AMSGrad AdamW at a constant lr, clipping,
+  an EMA) training the text-conditioned network of the ``text`` run on the same folder for the same wall
+  time as that run's whole training (``--bare_seconds``; default: the ``text`` run's time in ``--out``).
+  Its EMA weights go into a model file shaped like the ``text`` run's (same constructor arguments).
+* ``compare``: ``moas eval``'s folder evaluation (the same tag model, held-out captions, seeds and
+  sampler) of the three final model files — moas's and text's best steps and the bare loop's last — and a
+  grid of each one's first generated images, ``docs/realfolder_eval_<name>.png``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +49,7 @@ from moas.config import load_config  # noqa: E402
 from moas.data.dataset import ArtDataset  # noqa: E402
 from moas.eval.tag_train import reliability  # noqa: E402
 from moas.eval.tagger import load_or_train_tagger  # noqa: E402
+from moas.inference.model_file import read_model_file, write_model_file  # noqa: E402
 from moas.monitor.logs import setup_logging  # noqa: E402
 from moas.train.loop import train  # noqa: E402
 
@@ -92,9 +100,7 @@ def evaluator(a: argparse.Namespace, folder: Path) -> dict:
     }
 
 
-def run(a: argparse.Namespace, name: str, folder: Path) -> dict:
-    for sub in (f"ckpt_{name}", f"runs_{name}", f"models_{name}"):
-        shutil.rmtree(sub, ignore_errors=True)
+def run_config(a: argparse.Namespace, name: str, folder: Path):
     overrides = {
         "data": {"data_dir": str(folder), "resolution": a.resolution},
         "brain": {"conditioning": "moas" if name == "moas" else "text"},
@@ -110,7 +116,13 @@ def run(a: argparse.Namespace, name: str, folder: Path) -> dict:
         },
         "monitor": {"folder_eval_n": a.n_folder},
     }
-    cfg = load_config(a.profile, overrides=overrides, use_env=False)
+    return load_config(a.profile, overrides=overrides, use_env=False)
+
+
+def run(a: argparse.Namespace, name: str, folder: Path) -> dict:
+    for sub in (f"ckpt_{name}", f"runs_{name}", f"models_{name}"):
+        shutil.rmtree(sub, ignore_errors=True)
+    cfg = run_config(a, name, folder)
     t0 = time.perf_counter()
     result = train(cfg, progress=False)
     wall = time.perf_counter() - t0
@@ -126,6 +138,78 @@ def run(a: argparse.Namespace, name: str, folder: Path) -> dict:
     ]
     best = history.get("best") or {}
     return {"train_wall_s": round(wall, 1), "best_epoch": best.get("epoch"), "rows": rows}
+
+
+def bare(a: argparse.Namespace, folder: Path, seconds: float) -> dict:
+    """The diffusers-example loop on the folder for ``seconds`` of training; its EMA weights written as
+    ``models_bare/best_model.safetensors`` in the ``text`` run's model-file shape."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peer import Peer
+
+    template = Path("models_text/best_model.safetensors")
+    if not template.is_file():
+        raise SystemExit("run the text phase first: the bare loop's model file takes its shape")
+    torch.manual_seed(a.seed)
+    t0 = time.perf_counter()
+    peer = Peer(run_config(a, "text", folder), folder)
+    setup = time.perf_counter() - t0
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        peer.step()
+        steps += 1
+    wall = time.perf_counter() - t0
+    with torch.no_grad():
+        for p, e in zip(peer.params, peer.ema, strict=True):
+            p.copy_(e)
+    mf = read_model_file(template)
+    weights = {k: v.detach().clone() for k, v in peer.generator.state_dict().items()}
+    assert weights.keys() == mf.weights.keys(), "the bare loop's network differs from the text run's"
+    mf = replace(
+        mf,
+        weights=weights,
+        enhancer_args=None,
+        enhancer_weights=None,
+        sr_args=None,
+        sr_weights=None,
+        provenance={**mf.provenance, "trained_by": "bench/realfolder.py bare loop", "steps": steps},
+    )
+    Path("models_bare").mkdir(exist_ok=True)
+    write_model_file("models_bare/best_model.safetensors", mf)
+    return {
+        "train_wall_s": round(wall, 1),
+        "setup_s": round(setup, 1),
+        "steps": steps,
+        "images_seen": steps * peer.batch,
+    }
+
+
+def compare(a: argparse.Namespace, folder: Path) -> dict:
+    """``moas eval``'s folder evaluation of each final model file, and a grid of its first images."""
+    from PIL import Image
+
+    from moas.eval.folder_cli import eval_folder
+    from moas.eval.folder_eval import summary_text
+    from moas.inference.pipeline import Pipeline
+
+    out = {}
+    for name in ("moas", "text", "bare"):
+        path = Path(f"models_{name}/best_model.safetensors")
+        if not path.is_file():
+            continue
+        images = Path(f"eval_images_{name}")
+        shutil.rmtree(images, ignore_errors=True)
+        pipe = Pipeline.from_file(path, torch.device("cpu"))
+        r = eval_folder(pipe, folder, a.n_folder, None, None, None, a.seed, False, image_dir=images)
+        print(f"\n== {name} ==\n{summary_text(r)}")
+        out[name] = r
+        tiles = [Image.open(p).convert("RGB") for p in sorted(images.glob("*.png"))[:8]]
+        if tiles:
+            w, h = tiles[0].size
+            grid = Image.new("RGB", (w * len(tiles), h), "white")
+            for i, t in enumerate(tiles):
+                grid.paste(t, (i * w, 0))
+            grid.save(DOCS / f"realfolder_eval_{name}.png")
+    return out
 
 
 def cell(value, decimals: int = 3) -> str:
@@ -152,6 +236,12 @@ def main() -> int:
     ap.add_argument("--save_every", type=int, default=10)
     ap.add_argument("--n_folder", type=int, default=32, help="images per checkpoint for the folder eval")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--bare_seconds",
+        type=float,
+        default=None,
+        help="the bare loop's training time (default: the text run's)",
+    )
     ap.add_argument("--out", default="bench/realfolder.json")
     a = ap.parse_args()
     source = Path(a.source)
@@ -163,9 +253,12 @@ def main() -> int:
     os.chdir(work)
     setup_logging(None)
     folder = copy_folder(source, work / "data")
+    earlier = json.loads(out.read_text()) if out.is_file() else {}
+    settings = {k: v for k, v in vars(a).items() if k not in ("workdir", "out", "source")}
     report: dict = {
+        **earlier,  # a run of some phases keeps the others' results
         "source": str(source),
-        "settings": {k: v for k, v in vars(a).items() if k not in ("workdir", "out", "source")},
+        "settings": earlier.get("settings") or settings,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": psutil.cpu_count(),
@@ -177,8 +270,15 @@ def main() -> int:
         if phase == "evaluator":
             report["evaluator"] = evaluator(a, folder)
             print(json.dumps(report["evaluator"], indent=2))
+        elif phase == "bare":
+            seconds = a.bare_seconds or (report.get("text") or {}).get("train_wall_s") or 540.0
+            report["bare"] = {**bare(a, folder, seconds), "settings": settings}
+            print(json.dumps(report["bare"], indent=2))
+        elif phase == "compare":
+            report["compare"] = {**compare(a, folder), "settings": settings}
         else:
             report[phase] = run(a, phase, folder)
+            report["settings"] = settings
             show(phase, report[phase])
         out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {out}")

@@ -15,6 +15,7 @@ when written as ``by …``, ``artist:…`` or ``… style``.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -177,6 +178,10 @@ def _has_phrase(words: list[str], phrase: tuple[str, ...]) -> bool:
 _PHRASES = {cat: tuple(tuple(_words(k)) for k in keys) for cat, keys in KEYWORDS.items()}
 
 
+# A pure function of the tag's text, asked for every tag of every caption at every step (the phrase search
+# is ~10 ms of Python per training batch): the answers are kept. The bound covers a large folder's
+# vocabulary; tags beyond it are recomputed, never wrong.
+@functools.lru_cache(maxsize=1 << 16)
 def tag_category(tag: str) -> str:
     """The category of one tag (an expert's name, or ``other``)."""
     words = _words(tag)
@@ -188,9 +193,12 @@ def tag_category(tag: str) -> str:
     return OTHER
 
 
+_CATEGORY_INDEX = {name: i for i, name in enumerate(CATEGORIES)}
+
+
 def caption_categories(caption: str) -> list[int]:
     """Category index of each tag of ``caption``, in ``split_tags`` order."""
-    return [CATEGORIES.index(tag_category(t)) for t in split_tags(caption)]
+    return [_CATEGORY_INDEX[tag_category(t)] for t in split_tags(caption)]
 
 
 def tag_category_batch(captions: list[str], width: int, device: torch.device | str = "cpu") -> torch.Tensor:

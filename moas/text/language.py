@@ -6,6 +6,7 @@ function words for the Latin-script languages; English otherwise.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -83,6 +84,7 @@ _STOPWORDS = {
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)
 
 
+@functools.lru_cache(maxsize=1 << 14)  # asked for every caption of every training batch
 def detect_language(text: str) -> int:
     """Index into ``LANGUAGES`` of the prompt's language: by script, then by function words; English otherwise."""
     counts = {"ja": 0, "zh": 0, "ko": 0, "ru": 0, "th": 0}
