@@ -51,7 +51,8 @@ from moas.inference.pipeline import Pipeline  # noqa: E402
 from moas.inference.sr_upscale import DiffusionUpscaler, saved_sr_config  # noqa: E402
 from moas.inference.upscale import cascade  # noqa: E402
 from moas.text.bank import TextBank  # noqa: E402
-from moas.train.side_networks import SideNetworks, hr_dataset  # noqa: E402
+from moas.train.side_batches import hr_dataset  # noqa: E402
+from moas.train.side_networks import SideNetworks  # noqa: E402
 from moas.train.sr_stage import SRStageTraining  # noqa: E402
 
 VARIANTS = {
@@ -89,10 +90,8 @@ def split_real(dataset: ArtDataset, n_real: int, seed: int) -> tuple[list[int], 
 
 
 def subset(dataset: ArtDataset, indices: list[int]) -> ArtDataset:
-    sub = hr_dataset(dataset, dataset.resolution)
-    sub.paths = [dataset.paths[i] for i in indices]
-    sub.bucket_ids = [0] * len(sub.paths)
-    return sub
+    """The images ``indices`` of the validated folder, as a validated dataset of their own."""
+    return hr_dataset(dataset, dataset.resolution, indices=indices)
 
 
 def build_trainers(args, pipe: Pipeline, hr_train: ArtDataset, base_train: ArtDataset) -> dict:

@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per round")
     ap.add_argument(
-        "--skip", type=int, default=16, help="steps not timed: the first epoch (RAM cache filling) and warm-up"
+        "--skip",
+        type=int,
+        default=16,
+        help="steps not timed: the first epoch (RAM cache filling) and warm-up",
     )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--n_images", type=int, default=200, help="demo images drawn (~12 steps per epoch)")

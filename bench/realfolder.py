@@ -18,6 +18,8 @@ files), so the captions come from the folder and file names (``data.captions_fro
   monitor (folder adherence, KID, memorisation with the real held-out baseline, prompt adherence on the
   validation images) and the step best-step selection kept. The last sample grid of each run is copied to
   ``docs/realfolder_<phase>.png``.
+* ``moas_aug``: the ``moas`` run with the non-leaky image augmentation on (``data.augment = 0.5``, as in
+  the GPU profile): does a small real folder (238 images, tens of passes each) want it on the CPU too?
 * ``bare``: the diffusers-example loop of ``bench/peer.py`` (images and text encodings in memory, the
   scheduler's ``add_noise``, the v-target with Min-SNR weights, AMSGrad AdamW at a constant lr, clipping,
   an EMA) training the text-conditioned network of the ``text`` run on the same folder for the same wall
@@ -102,8 +104,13 @@ def evaluator(a: argparse.Namespace, folder: Path) -> dict:
 
 def run_config(a: argparse.Namespace, name: str, folder: Path):
     overrides = {
-        "data": {"data_dir": str(folder), "resolution": a.resolution},
-        "brain": {"conditioning": "moas" if name == "moas" else "text"},
+        # ``moas_aug``: the moas run with the non-leaky augmentation of the GPU profile (p = 0.5).
+        "data": {
+            "data_dir": str(folder),
+            "resolution": a.resolution,
+            "augment": 0.5 if name.endswith("_aug") else 0.0,
+        },
+        "brain": {"conditioning": "moas" if name.startswith("moas") else "text"},
         "train": {
             "epochs": a.epochs,
             "save_every": a.save_every,
@@ -192,7 +199,7 @@ def compare(a: argparse.Namespace, folder: Path) -> dict:
     from moas.inference.pipeline import Pipeline
 
     out = {}
-    for name in ("moas", "text", "bare"):
+    for name in ("moas", "moas_aug", "text", "bare"):
         path = Path(f"models_{name}/best_model.safetensors")
         if not path.is_file():
             continue

@@ -189,6 +189,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     max_grad_norm: float = 0.5
     loss_clamp: float = 50.0  # NaN/Inf guard: clamp the loss here; skip the batch if still not finite
+    # Steps between host reads of the step's values (log line, TensorBoard, the guard's skip accounting).
+    # Above 1 the guard decides on the device (moas.train.trained_net: no GPU sync per step).
+    read_every: int = 1
     ema_decay: float = 0.999  # upper bound; early steps use (1 + n) / (10 + n)
     mixed_precision: str = (
         "auto"  # auto (bf16 if supported, else fp16 + GradScaler; fp32 on CPU) | native | bf16 | fp16 | no
@@ -235,6 +238,7 @@ class TrainConfig:
         _check(0.0 < self.restart_fraction <= 1.0, "train.restart_fraction must be in (0, 1]")
         _check(self.restart_mult >= 1, "train.restart_mult must be at least 1")
         _check(self.grad_accum_steps >= 1, "train.grad_accum_steps must be at least 1")
+        _check(self.read_every >= 1, "train.read_every must be at least 1")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
         _check(
             self.mixed_precision in ("auto", "native", "bf16", "fp16", "no"),

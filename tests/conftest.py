@@ -116,8 +116,8 @@ def tiny(root: Path, data: Path, overrides: dict | None = None, *, config: Path 
 
 def weights(path: Path, *extra: str) -> dict[str, torch.Tensor]:
     """The generator and EMA tensors of a checkpoint, plus the states named in ``extra``: ``disc`` (the
-    discriminator), ``sr`` (the super-resolution stage: weights, EMA and RNG), ``scalers`` (every
-    GradScaler's state, as tensors)."""
+    discriminator), ``enh`` (the enhancer: weights and RNG), ``sr`` (the super-resolution stage: weights,
+    EMA and RNG), ``scalers`` (every GradScaler's state, as tensors)."""
     from moas.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
@@ -125,6 +125,9 @@ def weights(path: Path, *extra: str) -> dict[str, torch.Tensor]:
     out |= {f"e.{k}": v for k, v in state["ema"]["model"].items()}
     if "disc" in extra:
         out |= {f"disc.{k}": v for k, v in state["domain"]["disc"].items()}
+    if "enh" in extra:
+        out |= {f"enh.{k}": v for k, v in state["domain"]["enhancer"].items()}
+        out["enh_rng"] = state["domain"]["hr_rng"]
     if "sr" in extra:
         sr = state["sr"]
         out |= {f"sr.{k}": v for k, v in sr["model"].items()}

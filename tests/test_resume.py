@@ -34,7 +34,7 @@ from .conftest import (
 
 pytestmark = pytest.mark.slow
 
-RESUMED_STATE = ("disc", "sr", "scalers")  # beside the generator and its EMA
+RESUMED_STATE = ("disc", "enh", "sr", "scalers")  # beside the generator and its EMA
 
 
 def test_the_reference_trains_every_part_that_has_state_to_resume(reference):

@@ -57,7 +57,8 @@ from moas.train.resume import (
 )
 from moas.train.saving import CheckpointPolicy, RunRecord, model_paths
 from moas.train.sequences import PanelTraining
-from moas.train.side_networks import SideNetworks, hr_dataset
+from moas.train.side_batches import hr_dataset
+from moas.train.side_networks import SideNetworks
 from moas.train.speed import speed_up_unet
 from moas.train.sr_stage import SRStageTraining, stage_steps_per_epoch
 from moas.train.state import TrainState
@@ -194,10 +195,18 @@ def build_plan(cfg: MoasConfig, dataset: ArtDataset, micro_batch: int, grad_accu
     )
 
 
+def side_loading(cfg: MoasConfig) -> tuple[int, int]:
+    """(worker processes, RAM cache bytes) for each side network's images: at most 2 workers (a side step
+    takes 8-16 images; the main loader's count for each would triple the processes) and the main RAM cache."""
+    workers = min(2, loader_workers(cfg.data.num_workers, cfg.resources.loader_workers))
+    return workers, int(cfg.data.ram_cache_gb * 2**30)
+
+
 def build_side_networks(
     cfg: MoasConfig, dataset: ArtDataset, device: torch.device, amp_dtype: torch.dtype | None = None
 ) -> SideNetworks:
     tc = cfg.train
+    workers, ram = side_loading(cfg)
     return SideNetworks(
         cfg.losses,
         cfg.enhance,
@@ -209,6 +218,8 @@ def build_side_networks(
         max_grad_norm=tc.max_grad_norm,
         seed=tc.seed,
         amp_dtype=amp_dtype,
+        loader_workers=workers,
+        ram_cache_bytes=ram,
     )
 
 
@@ -225,8 +236,10 @@ def build_sr_stage(
             f"sr.crop ({sc.crop}) is larger than the super-resolution images ({side} px = data.resolution "
             f"× sr.scale); lower sr.crop."
         )
-    hr = hr_dataset(data.dataset, side)
-    return SRStageTraining(sc, hr, data.bank, device, cfg.train.seed, amp_dtype, cfg.train.max_grad_norm)
+    workers, ram = side_loading(cfg)
+    hr = hr_dataset(data.dataset, side, ram)
+    tc = cfg.train
+    return SRStageTraining(sc, hr, data.bank, device, tc.seed, amp_dtype, tc.max_grad_norm, workers)
 
 
 def build_panels(cfg: MoasConfig, enabled: bool) -> PanelTraining:
@@ -320,6 +333,9 @@ def build_parts(
     parts = TrainingParts(net, model, sched, adaptive, continuous, side, compiled)
     parts.sr = stage_only or build_sr_stage(cfg, data, device, runtime.amp_dtype)
     parts.frozen = base if stage_only else None
+    # The side networks' workers start while the run is still being built (the loop's run closes them); a
+    # resumed run's first side batches restart their streams at the restored step counts.
+    parts.start_loaders()
     log.info(
         "Generator: %.1fM parameters; %d steps/epoch × %d epochs; micro-batch %d × accumulation %d%s.",
         sum(p.numel() for p in model.parameters()) / 1e6,
@@ -368,6 +384,7 @@ def loop_settings(cfg: MoasConfig, stage_steps: int = 0) -> LoopSettings:
         cond_dropout=cfg.diffusion.cond_dropout,
         style_dropout=cfg.data.style_dropout,
         loader_workers=loader_workers(cfg.data.num_workers, cfg.resources.loader_workers),
+        read_every=tc.read_every,
         stage_steps=stage_steps,
     )
 

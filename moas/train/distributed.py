@@ -80,6 +80,16 @@ def all_ranks_agree(ok: bool) -> bool:
     return bool(t.item() > 0.5)
 
 
+def all_ranks_agree_on_device(ok: torch.Tensor) -> torch.Tensor:
+    """``all_ranks_agree`` for a 0-dim bool flag that stays on the device: the collective is queued, not
+    waited for."""
+    if not is_distributed():
+        return ok
+    t = ok.to(_reduce_device(), torch.float32).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return (t[0] > 0.5).to(ok.device)
+
+
 def average_gradients(params) -> None:
     """Average the gradients of modules trained outside DDP (discriminator, enhancer) over all ranks.
 

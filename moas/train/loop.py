@@ -35,6 +35,7 @@ from moas.errors import MoasError
 from moas.monitor.phases import PhaseClock, save_timings
 from moas.train.batches import ResumableBatchSampler, RunBatchSampler
 from moas.train.builders import build_run
+from moas.train.deferred import StepLedger, enable_deferred, networks
 from moas.train.distributed import broadcast_from_main
 from moas.train.faults import (
     FaultInjector,
@@ -98,6 +99,8 @@ class Trainer(GeneratorStep):
         self.draws: StepDraws | None = None  # the current optimizer step's random numbers
         self.last_loss, self.ips = float("nan"), 0.0
         self.oom_message = ""  # the out-of-memory error's first line (the error would keep its activations)
+        deferred = enable_deferred(parts, settings.read_every)
+        self.ledger = StepLedger(networks(parts), self.device) if deferred else None
         self._batches = RunBatchSampler()  # moved to each epoch's position; the loader stays
         self._data_loader: DataLoader | None = None
 
@@ -141,6 +144,7 @@ class Trainer(GeneratorStep):
             finally:
                 # The loader's iterator stops its persistent workers when it is freed.
                 self._data_loader = None
+                self.parts.close_loaders()
         return self._finish()
 
     def _run_epoch(self) -> bool:
@@ -194,6 +198,7 @@ class Trainer(GeneratorStep):
             if stop:
                 break
             t_data = time.perf_counter()
+        self._flush_reads(bar)
         bar.close()
         return self._leave_epoch(stop, st.batch_pos >= n_batches)
 
@@ -320,6 +325,7 @@ class Trainer(GeneratorStep):
     # ----------------------------------------------------------------------------------- files
     def save(self, name: str, kind: str = "checkpoint") -> Path | None:
         """Write ``name`` in the checkpoint folder from the last step boundary (rank 0; collective)."""
+        self._flush_reads()  # the skip counters a checkpoint records are settled first
         with self.clock("checkpoints"):
             args = (self.state, self.parts, self.record, self.policy, self.dist, self.faults)
             return save_at_boundary(name, kind, *args)

@@ -80,6 +80,19 @@ class TrainingParts:
         if self.adaptive is not None and "adaptive" in state:
             self.adaptive.load_state_dict(state["adaptive"])
 
+    def start_loaders(self) -> None:
+        """Start the side networks' loaders at their step counts (restored first, when the run resumes)."""
+        if self.frozen is None:
+            self.side.start_loading()
+        if self.sr is not None:
+            self.sr.start_loading()
+
+    def close_loaders(self) -> None:
+        """Stop the side networks' loader processes (the end of a run, or an error)."""
+        self.side.close()
+        if self.sr is not None:
+            self.sr.close()
+
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
 
@@ -124,4 +137,5 @@ class LoopSettings:
     cond_dropout: float  # null-prompt probability
     style_dropout: float  # probability of hiding the style token
     loader_workers: int
+    read_every: int = 1  # optimizer steps between host reads of the step's values (moas.train.deferred)
     stage_steps: int = 0  # steps per epoch of the super-resolution stage alone; 0: the generator trains

@@ -6,7 +6,10 @@
                         plus the GAN term once the discriminator is past its warm-up;
   ``after_step``        one AnimeStyleDiscriminator step (its own AdamW) and one QualityEnhancer step on
                         (degraded → original) pairs built from the training images at ``scale``× the base
-                        resolution, alternating ×2 and ×4 pairs.
+                        resolution, alternating ×2 and ×4 pairs. The images of enhancer step ``s`` are step
+                        ``s`` of its index stream, loaded ahead in worker processes
+                        (``moas.train.side_batches``); they are degraded on the training device with draws
+                        from the enhancer's own generator.
 Each returns per-term values for TensorBoard (``loss/<term>``, ``disc/*``, ``enhance/*``). ``state_dict``
 holds everything needed to resume; the model file takes the trained ``enhancer`` for generation.
 
@@ -19,21 +22,20 @@ following steps.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from contextlib import nullcontext
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from moas.config_sections import EnhanceConfig, LossConfig
-from moas.data.dataset import ArtDataset, collate, to_model_range
+from moas.data.dataset import ArtDataset, to_model_range
 from moas.diffusion.schedule import NoiseSchedule
 from moas.losses import AdvancedLossFunctions, discriminator_loss
 from moas.models.discriminator import AnimeStyleDiscriminator
 from moas.models.enhance import QualityEnhancer
 from moas.train.degrade import degrade
+from moas.train.side_batches import SideBatches, hr_dataset
 from moas.train.trained_net import (
     StateKeys,
     TrainedNet,
@@ -70,17 +72,6 @@ ENH_KEYS = StateKeys(
 )
 
 
-def hr_dataset(dataset: ArtDataset, resolution: int) -> ArtDataset:
-    """The same (already validated) images at another resolution, with its own cache entries."""
-    # Square centre crops, built lazily; the same captions.
-    hr = ArtDataset(
-        dataset.root, resolution, dataset.cache_dir, captions_from_names=dataset.captions_from_names
-    )
-    hr.paths = list(dataset.paths)
-    hr.bucket_ids = [0] * len(hr.paths)
-    return hr
-
-
 class SideNetworks:
     def __init__(
         self,
@@ -95,6 +86,8 @@ class SideNetworks:
         max_grad_norm: float,
         seed: int,
         amp_dtype: torch.dtype | None = None,  # the autocast dtype (None = fp32)
+        loader_workers: int = 0,  # processes that load the enhancer's images ahead (0: on the main thread)
+        ram_cache_bytes: int = 0,  # the enhancer's images kept in RAM (moas.data.dataset.ArtDataset)
     ) -> None:
         lc, ec = losses, enhance
         self.device = device
@@ -136,8 +129,9 @@ class SideNetworks:
             self.enh_stack = AdvancedLossFunctions(
                 enh_weights, False, vgg_weights=lc.vgg_weights, term_clamp=term_clamp
             ).to(device)
-            self.hr = hr_dataset(dataset, dataset.resolution * ec.scale)
-            self._hr_iter = None
+            self.hr = hr_dataset(dataset, dataset.resolution * ec.scale, ram_cache_bytes)
+            batch = min(self.enhance_batch, len(self.hr))
+            self.hr_batches = SideBatches(self.hr, batch, seed, "enhancer", loader_workers, device)
             n = sum(p.numel() for p in enhancer.parameters())
             log.info(
                 "QualityEnhancer: %.2fM parameters, trained on %d px pairs.", n / 1e6, self.hr.resolution
@@ -226,17 +220,9 @@ class SideNetworks:
         return logs
 
     def _hr_batch(self) -> torch.Tensor:
-        if self._hr_iter is None:
-            loader = DataLoader(
-                self.hr,
-                batch_size=min(self.enhance_batch, len(self.hr)),
-                shuffle=True,
-                generator=self.enh_net.gen,
-                drop_last=True,
-                collate_fn=collate,
-            )
-            self._hr_iter = itertools.chain.from_iterable(itertools.repeat(loader))
-        return to_model_range(next(self._hr_iter)["pixels"]).to(self.device)  # (B, 3, H, W)
+        """The images of the enhancer's next step, on the device (uint8 travels: a quarter of the bytes)."""
+        pixels = self.hr_batches.batch(self.enh_net.steps)["pixels"]  # (B, 3, H, W) uint8
+        return to_model_range(pixels.to(self.device, non_blocking=True))
 
     def enhancer_loss(
         self, hr: torch.Tensor, lr: torch.Tensor, factor: int
@@ -260,7 +246,7 @@ class SideNetworks:
         factor = 2 if net.steps % 2 == 0 else 4  # alternate the ×2 and ×4 heads
         hr = self._hr_batch()  # (B, 3, H, W)
         # Degraded once for the whole batch, so a redo in chunks trains on the same pairs.
-        lr = degrade(hr.cpu(), factor, net.gen).to(self.device)  # (B, 3, H/f, W/f)
+        lr = degrade(hr, factor, net.gen)  # (B, 3, H/f, W/f)
         done = net.chunked(lambda k: self._enhancer_backward(hr, lr, factor, k), hr.shape[0], self.device)
         if done is None:
             net.apply(False)
@@ -286,6 +272,16 @@ class SideNetworks:
             self.enh_net.backward(loss * w)
             _accumulate(scalars, {k: v * w for k, v in terms.items()})
         return scalars, ok
+
+    def start_loading(self) -> None:
+        """Start loading the images of the enhancer's next steps (its worker processes start now)."""
+        if self.enh_net is not None:
+            self.hr_batches.start(self.enh_net.steps)
+
+    def close(self) -> None:
+        """Stop the processes that load the enhancer's images."""
+        if self.enh_net is not None:
+            self.hr_batches.close()
 
     # --- persistence ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

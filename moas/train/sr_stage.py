@@ -6,9 +6,10 @@ optimizer, EMA, GradScaler and random stream. Its
 objective is the run's :class:`~moas.diffusion.objective.DiffusionObjective` over its own noise schedule
 (``sr.prediction_type``, ``sr.noise_shift``).
 
-A step draws everything from the stage's own ``torch.Generator`` (checkpointed): which images, where each
-crop sits, the timesteps, the noise and the conditioning-noise levels. The images are read straight from
-the high-resolution cache entries, so a resumed run continues with the very same crops.
+A step's images are those of its step count in the stage's index stream (``moas.train.side_batches``:
+loaded ahead in worker processes from the high-resolution cache entries); everything else is drawn from
+the stage's own ``torch.Generator`` (checkpointed) on the main thread: where each crop sits, the
+timesteps, the noise and the conditioning-noise levels. A resumed run continues with the very same crops.
 
 **The stage alone** (``train.stage = "sr"``, ``moas train --stage sr``) is a run of the same loop
 (``moas.train.loop``) in which the generator is frozen: it and the enhancer are the base model's
@@ -35,6 +36,7 @@ from moas.diffusion.sr_condition import crop_offsets, sr_inputs, tag_vector, tak
 from moas.models.sr_diffusion import SuperResDiffusion
 from moas.text import TEXT_WIDTH
 from moas.text.bank import TextBank
+from moas.train.side_batches import SideBatches
 from moas.train.trained_net import (
     EMA,
     StateKeys,
@@ -79,8 +81,11 @@ class SRStageTraining:
         seed: int,
         amp_dtype: torch.dtype | None = None,
         max_grad_norm: float = 1.0,
+        loader_workers: int = 0,  # processes that load its images ahead (0: on the main thread)
     ) -> None:
         self.cfg, self.hr, self.bank, self.device = cfg, hr, bank, device
+        # Not pinned: the crops are cut on the CPU, and only they travel to the device.
+        self.images = SideBatches(hr, cfg.batch_size, seed, "sr", loader_workers)
         model = build_sr_model(cfg).to(device)
         opt = adamw(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
         self.net = TrainedNet(
@@ -108,12 +113,11 @@ class SRStageTraining:
     def batch(self) -> dict[str, torch.Tensor]:
         """The next step's crops, their captions' tag vector and every random draw of the step."""
         g, cfg = self.net.gen, self.cfg
-        idx = torch.randint(len(self.hr), (cfg.batch_size,), generator=g).tolist()
-        items = [self.hr[i] for i in idx]
-        images = [to_model_range(it["pixels"]) for it in items]  # (3, H, W) each
+        items = self.images.batch(self.net.steps)
+        images = [to_model_range(px) for px in items["pixels"]]  # (3, H, W) each
         offsets = crop_offsets([tuple(im.shape[-2:]) for im in images], cfg.crop, g)
         x0 = take_crops(images, offsets, cfg.crop)  # (B, 3, crop, crop)
-        text = self.bank.batch([it["caption"] for it in items], "cpu")
+        text = self.bank.batch(list(items["caption"]), "cpu")
         b = x0.shape[0]
         return {
             "x0": x0,
@@ -157,8 +161,9 @@ class SRStageTraining:
         read = net.apply_reporting(ok, {"sr/loss": total})  # the step's one host read
         if read is None:
             return {}
-        if math.isfinite(net.read[0]):
-            read["sr/grad_norm"] = net.read[0]
+        norm = net.read[0]  # a device tensor when the guard decides on the device (read later)
+        if torch.is_tensor(norm) or math.isfinite(norm):
+            read["sr/grad_norm"] = norm
         return read
 
     def _backward(self, batch: dict[str, torch.Tensor], chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,6 +186,14 @@ class SRStageTraining:
             self.net.backward(loss if chunks == 1 else loss * w)
             total = total + loss.detach().to(wide) * w
         return total, ok
+
+    def start_loading(self) -> None:
+        """Start loading the images of the stage's next steps (its worker processes start now)."""
+        self.images.start(self.net.steps)
+
+    def close(self) -> None:
+        """Stop the processes that load the stage's images."""
+        self.images.close()
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.net.state_dict(), "args": self.model.init_args}

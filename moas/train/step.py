@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 
@@ -27,6 +28,7 @@ from moas.checkpoint import emergency_checkpoint_name
 from moas.diffusion.objective import ObjectiveOutput
 from moas.errors import MoasError
 from moas.monitor.step_log import StepReport, report_step
+from moas.train.deferred import PendingStep, networks
 from moas.train.faults import first_line, free_memory, is_oom
 from moas.train.inputs import StepDraws
 from moas.train.sequences import ddp_touch
@@ -34,6 +36,16 @@ from moas.train.state import MicroResult
 
 log = logging.getLogger("moas.train.loop")
 error_log = logging.getLogger("moas.errors")
+
+
+class _NoBar:
+    """A progress bar's stand-in for values read after the epoch's bar closed."""
+
+    def set_postfix(self, **_kw) -> None:
+        pass
+
+
+_NO_BAR = _NoBar()
 
 
 class OOMSignal(Exception):
@@ -144,6 +156,12 @@ class GeneratorStep:
         schedule; (the gradient norm, the last micro-batch's loss terms) as read on the host in the step's
         one read, or None when the guard skipped the step."""
         st, p = self.state, self.parts
+        if p.net.deferred:  # decided on the device; the values are read with the next ``_flush_reads``
+            norm = p.net.apply(ok)
+            p.sched.step()
+            st.global_step += 1
+            st.mark_boundary()
+            return norm, {"loss": loss, **micro.terms}
         read = p.net.apply_reporting(
             ok, {"loss": loss, **micro.terms}
         )  # the guard's third part: skip a bad step
@@ -177,28 +195,55 @@ class GeneratorStep:
         st, p = self.state, self.parts
         now = time.perf_counter()
         self.ips = micro.x0.shape[0] * st.grad_accum * self.dist.world_size / max(now - t_step, 1e-9)
+        deferred = self.ledger is not None
+        terms = dict(read[1])
+        loss = terms.pop("loss") if deferred else self.last_loss
         report = StepReport(
             step=st.global_step,
             epoch=st.epoch + 1,
             batch_pos=st.batch_pos,
             micro_batch=st.micro_batch,
             grad_accum=st.grad_accum,
-            loss=self.last_loss,
+            loss=loss,
             lr=p.lr(),
             images_per_sec=self.ips,
             step_time=now - t_step - data_time,
             data_time=data_time,
             grad_norm=read[0],
-            terms=read[1],
+            terms=terms,
             lrs=p.lrs(),
             scalars=scalars,
         )
         resources = self.runtime.resources
         snap = resources.snapshot()  # one reading per step serves the log line and the cleanup check
-        report_step(self.monitor, report, resources.brief(snap), bar)
+        if deferred:
+            self.ledger.add(PendingStep(report, resources.brief(snap), p.net.pending[-1]))
+            if st.global_step % self.settings.read_every == 0:
+                self._flush_reads(bar)
+        else:
+            report_step(self.monitor, report, resources.brief(snap), bar)
         resources.maybe_cleanup(snap)
         if self.runtime.governor is not None:
             self.runtime.governor.poll()
+
+    def _flush_reads(self, bar=None) -> None:
+        """Read the pending steps' values in one transfer (``train.read_every`` > 1), log each step, and
+        account for the steps the guard skipped on the device."""
+        ledger, p = self.ledger, self.parts
+        if ledger is None or not len(ledger):
+            return
+        steps, flags = ledger.read()
+        for net in networks(p):
+            net.settle(flags.get(net.name, []))
+        for step, ok in steps:
+            if not ok:
+                log.warning(
+                    "Non-finite loss or gradient at step %d; its update was skipped.", step.report.step
+                )
+                self._count_skip(p.net, "train.lr")
+                continue
+            self.last_loss = self.dist.all_mean(step.report.loss)
+            report_step(self.monitor, replace(step.report, loss=self.last_loss), step.brief, bar or _NO_BAR)
 
     def _side_steps(self, micro: MicroResult) -> dict[str, float]:
         """The discriminator's and the enhancer's steps. They recover from out of memory themselves (the same

@@ -21,6 +21,11 @@ enhancer and the super-resolution stage.
   earlier checkpoint still loads), and **out-of-memory retry** (:meth:`TrainedNet.chunked` runs a backward
   in as many pieces as last fitted and doubles them after an out-of-memory error; the count is kept in the
   state, so a resumed run starts with what fitted).
+* **Deferred reads** (``deferred = True``): the guard decides on the device instead — the fused AdamW kernel
+  takes the "not finite" flag as its ``found_inf`` and leaves weights and moments alone, and the EMA
+  update is weighted by the flag — so a step costs no host read; the flags wait in ``pending`` until the
+  trainer reads them (``settle``) with the step's values, once per ``train.read_every`` steps. A skipped
+  step still counts in ``steps`` (it was attempted; its update was not made).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from moas.train.distributed import all_ranks_agree, average_gradients
+from moas.train.distributed import all_ranks_agree, all_ranks_agree_on_device, average_gradients
 from moas.train.faults import first_line, free_memory, is_oom, retry_in_chunks
 
 log = logging.getLogger(__name__)
@@ -155,7 +160,9 @@ class EMA:
             # Buffers by owner and name, not as tensors: a module may reassign a buffer between steps.
             self._buffers = [
                 (e_mod, m_mod, name)
-                for (_, e_mod), (_, m_mod) in zip(self.model.named_modules(), model.named_modules(), strict=True)
+                for (_, e_mod), (_, m_mod) in zip(
+                    self.model.named_modules(), model.named_modules(), strict=True
+                )
                 for name in m_mod._buffers
                 if m_mod._buffers[name] is not None
             ]
@@ -163,12 +170,16 @@ class EMA:
         return self._groups
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, keep: torch.Tensor | None = None) -> None:
+        """One EMA step toward ``model``; with ``keep`` (a 0-dim bool on the device) a step that is made only
+        where it is true: the weight is (1 − d)·keep, so a skipped optimizer step leaves the average as it
+        was without the host reading the flag."""
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for ema_list, model_list in self._pairs(model).values():
+        for (device, dtype), (ema_list, model_list) in self._pairs(model).items():
+            w = 1.0 - d if keep is None else keep.to(device, dtype) * (1.0 - d)
             try:
-                torch._foreach_lerp_(ema_list, model_list, 1.0 - d)
+                torch._foreach_lerp_(ema_list, model_list, w)
                 continue
             except Exception as exc:
                 if not is_oom(exc):
@@ -179,7 +190,7 @@ class EMA:
             free_memory(ema_list[0].device)
             error_log.error("Out of memory in the EMA update (%s); redone tensor by tensor.", message)
             for e, p in zip(ema_list, model_list, strict=True):
-                e.lerp_(p, 1.0 - d)
+                e.lerp_(p, w)
         for e_mod, m_mod, name in self._buffers:
             getattr(e_mod, name).copy_(getattr(m_mod, name))
 
@@ -252,8 +263,10 @@ class TrainedNet:
         self.skipped = 0  # steps skipped by the guard
         self.in_a_row = 0  # skipped since the last step taken (a network stuck there will not recover)
         self.chunks = 1  # pieces a batch is cut into (more after an out-of-memory error)
-        self.read: list[float] = []  # the last step's norm and reported values, as read on the host
+        self.read: list = []  # the last step's norm and reported values as read (deferred: the norm, unread)
         self._params: list[nn.Parameter] | None = None
+        self.deferred = False  # the guard decides on the device; see the module docstring
+        self.pending: list[torch.Tensor] = []  # deferred: each step's finite flag (0-dim bool), unread
 
     def parameters(self) -> list[nn.Parameter]:
         """The module's parameters, listed once: every network creates all of its parameters when it is
@@ -283,6 +296,9 @@ class TrainedNet:
             average_gradients(params)  # collective: every rank calls it, also before a skip
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if self.deferred:
+            self._apply_on_device(loss_ok, norm)
+            return norm
         ok, self.read = host_read(loss_ok, norm, report)
         if not all_ranks_agree(ok):
             if self.scaler.is_enabled():
@@ -307,17 +323,57 @@ class TrainedNet:
         self, loss_ok: bool | torch.Tensor, scalars: dict[str, torch.Tensor]
     ) -> dict[str, float] | None:
         """``apply`` with the step's TensorBoard ``scalars`` (0-dim tensors) read in the guard's one transfer:
-        their values, or None when the step was skipped."""
+        their values, or None when the step was skipped. Deferred: the scalars themselves, unread (the
+        trainer reads them with the flags; a skipped step's non-finite values are not logged)."""
         if self.apply(loss_ok, list(scalars.values())) is None:
             return None
+        if self.deferred:
+            return dict(scalars)
         return dict(zip(scalars, self.read[1:], strict=True))
 
-    def _optimizer_step(self) -> None:
-        """The optimizer's step through the scaler. Its moments are made at a parameter's first step; an
+    def _apply_on_device(self, loss_ok: bool | torch.Tensor, norm: torch.Tensor) -> None:
+        """The guarded step decided on the device (``deferred``): the fused optimizer skips its own update
+        when the flag says "not finite" (under fp16 the GradScaler hands it its overflow flag instead), the
+        EMA update is weighted by the flag, and the flag joins ``pending``."""
+        finite = torch.isfinite(norm)
+        if torch.is_tensor(loss_ok):
+            finite = finite & loss_ok.to(finite.device)
+        elif not loss_ok:
+            finite = torch.zeros_like(finite)
+        finite = all_ranks_agree_on_device(finite)
+        self._optimizer_step(skip=None if self.scaler.is_enabled() else ~finite)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.module, keep=finite)
+        self.steps += 1
+        self.pending.append(finite)
+        self.read = [norm]  # unread: the trainer reads it with the flags
+
+    def settle(self, flags: Sequence[bool]) -> int:
+        """Account for the pending steps' flags as read by the trainer (in order); the number skipped."""
+        self.pending.clear()
+        for ok in flags:
+            if ok:
+                self.in_a_row = 0
+                continue
+            self.skipped += 1
+            self.in_a_row += 1
+            log.warning(
+                "Skipped a %s step (non-finite loss or gradient; %d so far).", self.name, self.skipped
+            )
+        return sum(1 for ok in flags if not ok)
+
+    def _optimizer_step(self, skip: torch.Tensor | None = None) -> None:
+        """The optimizer's step through the scaler; with ``skip`` (a 0-dim bool on the device) the fused
+        kernel makes no update where it is true. The moments are made at a parameter's first step; an
         out-of-memory error then (before any weight changed) is redone once, with memory freed and the
-        per-tensor implementation. An error after the update began escapes: the run ends with an
+        per-tensor implementation (which takes no device flag: that step's flag is read, and the guard
+        reads on the host from then on). An error after the update began escapes: the run ends with an
         emergency checkpoint."""
         known = len(self.opt.state)
+        if skip is not None:
+            self.opt.found_inf, self.opt.grad_scale = skip.to(torch.float32), None
         try:
             self.scaler.step(self.opt)
             return
@@ -325,6 +381,9 @@ class TrainedNet:
             if not is_oom(exc) or not undo_unfinished_init(self.opt, known):
                 raise
             message = first_line(exc)
+        finally:
+            if skip is not None:
+                self.opt.found_inf = None
         free_memory(self.parameters()[0].device)
         per_tensor(self.opt)
         error_log.error(
@@ -332,7 +391,13 @@ class TrainedNet:
             self.name,
             message,
         )
-        self.scaler.step(self.opt)
+        if self.deferred:
+            self.deferred = False
+            log.info(
+                "The %s's guard reads its flags on the host from now on (per-tensor updates).", self.name
+            )
+        if skip is None or not bool(skip):
+            self.scaler.step(self.opt)
 
     # --- checkpoint state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
