@@ -4,24 +4,29 @@ utilisation of both against this machine's measured matmul peak.
     python bench/peer.py                  # writes bench/peer.json
     python bench/peer.py --steps 20 --rounds 2
 
-Both train the ``cpu_tiny`` U-Net with text conditioning (``--conditioning text``; the enhancer off, as it
-is another network) on the demo data at the same batch, fp32, the same threads:
+Both train the ``cpu_tiny`` network with text conditioning (``--conditioning text``; the enhancer and the
+super-resolution stage off, as they are other networks) on the demo data at the same batch, the same
+threads and the same settings: AMSGrad AdamW (fused where torch has it), gradient clipping at
+``train.max_grad_norm``, Min-SNR-weighted v-prediction loss, bf16 autocast where the profile uses it, an EMA.
 
 * **moas**: ``moas.train.loop.train`` as ``moas train`` runs it — its DataLoader, the text bank, the
-  diffusion objective with Min-SNR weighting, gradient clipping, AMSGrad AdamW, the lr schedule, EMA, the
-  NaN/Inf guard and its TensorBoard logging every step. Steps/s from the wall time between the logged
-  steps (the run's set-up and final save excluded); no checkpoint, validation or sample grid falls inside.
-* **peer**: what the diffusers text-to-image example does per step, with everything precomputed: images
-  and the text encoder's outputs in memory (the example's frozen text encoder costs nothing per step
-  either), ``DDPMScheduler.add_noise``, the v-prediction target, plain MSE, AdamW and an EMA update. It
-  trains the same network as moas — ``MoasGenerator`` with text conditioning: the U-Net and the
-  ConditioningEncoder's text context (pooled + tag + token streams through a residual MLP) — so the ratio
-  measures the trainer, not two networks. (Until 2026-12-02 the peer fed the U-Net a linear projection of
-  the tokens only, a network ~25 % cheaper per step than moas's; ``--peer_network unet`` keeps that arm.)
+  diffusion objective, the lr schedule, the NaN/Inf guard, the thread governor, the resource readings and
+  its TensorBoard logging every step. Timed from the end of step ``--skip`` (past the first epoch, whose
+  cache entries are read from disk; the peer's images are in memory from the start) to the last step; no
+  checkpoint, validation or sample grid falls inside.
+* **peer**: what the diffusers text-to-image example does per step (with ``--snr_gamma``, ``--use_ema`` and
+  its default clipping), with everything precomputed: images and the text encoder's outputs in memory,
+  ``DDPMScheduler.add_noise``, ``get_velocity``, the weighted MSE, the optimizer and the EMA update. It
+  trains the same network as moas — ``MoasGenerator`` with text conditioning — so the ratio measures the
+  trainer, not two networks (``--peer_network unet`` keeps an older arm: the U-Net on a linear projection
+  of the tokens, ~25 % cheaper per step).
 
-Rounds alternate (moas, peer, moas, peer…) in one process, so a change of machine load hits both. The
-ratio is moas's images/s over the peer's. MFU: FLOPs of one training step
-(the peer's network, ``torch.utils.flop_counter``) × steps/s ÷ the peak of a 4096² fp32 matmul measured here.
+Rounds alternate (moas, peer, moas, peer…) in one process, so a change of machine load hits both. A round's
+speed is its batch over its median step time (robust to the few steps a VM's neighbours slow down); the
+ratio is the median of moas's rounds over the median of the peer's. ``--profile`` adds each round's
+per-step profile (``bench/step_profile.py``): milliseconds per part of the step, and the share of the step
+beyond the model's own work. MFU: FLOPs of one training step (``torch.utils.flop_counter``) × steps/s ÷ the
+peak of a 4096² fp32 matmul measured here.
 """
 
 from __future__ import annotations
@@ -97,12 +102,13 @@ def bench_config(data_dir: Path, work: Path, steps: int):
     return load_config("cpu_tiny", None, overrides, use_env=False)
 
 
-def moas_round(data_dir: Path, steps: int, skip: int, profile: list | None = None) -> float:
+def moas_round(data_dir: Path, steps: int, skip: int, profile: list | None = None, between=None) -> float:
     """Images/s of ``steps`` optimizer steps of moas's trainer (the first ``skip`` are warm-up), timed from
     the end of step ``skip`` to the end of the last step; with ``profile`` (a list), the per-step profile of
-    those steps is appended to it."""
-    probes = step_profile.moas_probes()
+    those steps is appended to it; ``between`` is called after each timed step, outside its timing."""
+    probes = step_profile.moas_probes() if between is None else step_profile.Probes()
     window = step_profile.StepWindow(probes, skip, steps)
+    window.between = between
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = bench_config(data_dir, Path(tmp), steps)
@@ -112,7 +118,33 @@ def moas_round(data_dir: Path, steps: int, skip: int, profile: list | None = Non
     result = window.result()
     if profile is not None:
         profile.append(result)
-    return cfg.train.batch_size * 1000 / result["step_ms"]
+    return cfg.train.batch_size * 1000 / result["median_step_ms"]
+
+
+def interleaved(peer: Peer, data_dir: Path, a: argparse.Namespace, threads: int) -> dict:
+    """moas's and the peer's steps alternated one by one (a peer step after each moas step, outside moas's
+    timing), ``a.interleave`` runs: a VM whose speed drifts over minutes slows both sides alike."""
+    peer_ms: list[float] = []
+
+    def one_peer_step() -> None:
+        torch.set_num_threads(threads)
+        t = time.perf_counter()
+        peer.step()
+        peer_ms.append(1000 * (time.perf_counter() - t))
+
+    moas_ms: list[float] = []
+    for _ in range(a.interleave):
+        prof: list = []
+        moas_round(data_dir, a.steps, a.skip, prof, between=one_peer_step)
+        moas_ms.append(prof[-1]["median_step_ms"])
+    m, p = statistics.median(moas_ms), statistics.median(peer_ms)
+    print(f"interleaved step by step: moas {m:.1f} ms, peer {p:.1f} ms per step", flush=True)
+    return {
+        "moas_median_step_ms_per_run": [round(v, 2) for v in moas_ms],
+        "peer_median_step_ms": round(p, 2),
+        "peer_steps": len(peer_ms),
+        "ratio_moas_over_peer": round(p / m, 3),
+    }
 
 
 class Peer:
@@ -206,15 +238,19 @@ class Peer:
         probes = self.probes()
         t = time.perf_counter()
         probes.clock.started = t
+        durations = []
         try:
             for _ in range(steps - skip):
+                t0 = time.perf_counter()
                 self.step()
+                durations.append(time.perf_counter() - t0)
             wall = time.perf_counter() - t
         finally:
             probes.restore()
+        result = step_profile.per_step_ms(probes.clock.seconds, wall, steps - skip, durations)
         if profile is not None:
-            profile.append(step_profile.per_step_ms(probes.clock.seconds, wall, steps - skip))
-        return self.batch * (steps - skip) / wall
+            profile.append(result)
+        return self.batch * 1000 / result["median_step_ms"]
 
     def probes(self) -> step_profile.Probes:
         """The same parts as moas's profile, where the peer has them."""
@@ -257,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "peer.json"))
     ap.add_argument("--profile", action="store_true", help="also write each side's per-step profile")
+    ap.add_argument(
+        "--interleave", type=int, default=0, help="also N runs alternating moas and peer step by step"
+    )
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "demo"
@@ -273,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
             peer_ips.append(peer.images_per_sec(a.steps, a.skip, peer_prof))
             print(f"round {r + 1}: moas {moas_ips[-1]:.2f} img/s, peer {peer_ips[-1]:.2f} img/s", flush=True)
+        stepwise = interleaved(peer, data / "train", a, threads) if a.interleave else None
         flops = peer.step_flops()
     peak = matmul_peak(threads)
     m, p = statistics.median(moas_ips), statistics.median(peer_ips)
@@ -289,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         "mfu_moas": round(flops * m / cfg.train.batch_size / peak, 4),
         "mfu_peer": round(flops * p / cfg.train.batch_size / peak, 4),
     }
+    if stepwise is not None:
+        result["interleaved"] = stepwise
     if a.profile:
         result["profile_moas"], result["profile_peer"] = moas_prof, peer_prof
     print(json.dumps(result, indent=2))

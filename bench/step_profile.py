@@ -14,6 +14,7 @@ reported as a share of the step.
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from contextlib import ExitStack
 from typing import Any
@@ -96,9 +97,12 @@ def _wrap_loader(p: Probes, loop_mod) -> None:
     p.wrap(_BaseDataLoaderIter, "__next__", "data: next batch")
 
 
-def per_step_ms(seconds: dict[str, float], wall: float, steps: int) -> dict[str, Any]:
+def per_step_ms(
+    seconds: dict[str, float], wall: float, steps: int, durations: list[float] | None = None
+) -> dict[str, Any]:
     """Milliseconds per step of each part, "other" for the wall time no probe covered, and the overhead's
-    share (every part but the model's own work) of the step."""
+    share (every part but the model's own work) of the step; with ``durations`` (seconds of each step), their
+    median too — robust to the few steps a VM's neighbours slow down."""
     parts = {k: 1000 * v / steps for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}
     parts["other (loop, Python between parts)"] = max(0.0, 1000 * wall / steps - sum(parts.values()))
     step_ms = 1000 * wall / steps
@@ -109,6 +113,7 @@ def per_step_ms(seconds: dict[str, float], wall: float, steps: int) -> dict[str,
         "model_ms": round(model, 2),
         "overhead_ms": round(step_ms - model, 2),
         "overhead_share": round((step_ms - model) / step_ms, 4),
+        "median_step_ms": round(1000 * statistics.median(durations), 2) if durations else None,
     }
 
 
@@ -120,6 +125,9 @@ class StepWindow:
         import moas.train.loop as loop_mod
 
         self.skip, self.steps, self.seen = skip, steps, 0
+        self.durations: list[float] = []  # each timed step's wall seconds
+        self.last = 0.0  # when the previous step ended
+        self.between = None  # called after each timed step, outside the timing
         self.seconds: dict[str, float] = {}
         self.wall = 0.0
         clock, original = p.clock, loop_mod.Trainer._at_boundary
@@ -128,6 +136,13 @@ class StepWindow:
         def marked(trainer, *args, **kwargs):
             out = original(trainer, *args, **kwargs)
             window.seen += 1
+            now = time.perf_counter()
+            if window.skip < window.seen <= window.steps:
+                window.durations.append(now - window.last)
+                if window.between is not None:  # e.g. one peer step, outside moas's timing
+                    window.between()
+                    now = time.perf_counter()
+            window.last = now
             if window.seen == window.skip:
                 clock.seconds, clock.started = {}, time.perf_counter()
             elif window.seen == window.steps:
@@ -138,4 +153,4 @@ class StepWindow:
         p._stack.callback(setattr, loop_mod.Trainer, "_at_boundary", original)
 
     def result(self) -> dict[str, Any]:
-        return per_step_ms(self.seconds, self.wall, self.steps - self.skip)
+        return per_step_ms(self.seconds, self.wall, self.steps - self.skip, self.durations)
