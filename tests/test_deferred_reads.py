@@ -11,13 +11,20 @@ import torch
 
 from moas.checkpoint import load_checkpoint
 from moas.errors import MoasError
-from moas.train import step as step_mod
 from moas.train.loop import train
 from moas.train.rotation import find_latest_checkpoint
 from moas.train.trained_net import EMA, StateKeys, TrainedNet, adamw, grad_scaler
 
 from .conftest import tiny, weights
-from .test_host_syncs import HOST_DRAWN, MEASURING, SIDE_KNOWN, SIDE_OFF, STEP_READ, count_reads
+from .test_host_syncs import (
+    HOST_DRAWN,
+    MEASURING,
+    SIDE_KNOWN,
+    SIDE_OFF,
+    STEP_READ,
+    count_inside,
+    count_reads,
+)
 
 LEDGER_READ = "train/deferred.py:read"
 
@@ -94,17 +101,7 @@ def test_a_run_reads_the_device_once_per_read_every_steps_and_learns_the_same(
     ref = train(tiny(tmp_path / "ref", demo_dir / "train", SIDE_OFF, max_steps=6), progress=False)
     active = [False]
     reads = count_reads(monkeypatch, active)
-    for method in ("_micro_step", "_optimizer_step", "_report_step"):
-        real = getattr(step_mod.GeneratorStep, method)
-
-        def run(self, *args, _real=real, **kwargs):
-            active[0] = True
-            try:
-                return _real(self, *args, **kwargs)
-            finally:
-                active[0] = False
-
-        monkeypatch.setattr(step_mod.GeneratorStep, method, run)
+    count_inside(monkeypatch, ("_micro_step", "_optimizer_step", "_report_step"), active)
     cfg = tiny(tmp_path / "late", demo_dir / "train", SIDE_OFF, max_steps=6, read_every=3)
     late = train(cfg, progress=False)
     assert late.global_step == 6 and late.skipped_steps == 0
@@ -141,17 +138,7 @@ def test_side_networks_and_fp16_scalers_defer_their_reads_too(tmp_path, demo_dir
     GradScaler hands each fused step its own overflow flag): the run's only reads are the ledger's."""
     active = [False]
     reads = count_reads(monkeypatch, active)
-    for method in ("_micro_step", "_optimizer_step", "_report_step", "_side_steps"):
-        real = getattr(step_mod.GeneratorStep, method)
-
-        def run(self, *args, _real=real, **kwargs):
-            active[0] = True
-            try:
-                return _real(self, *args, **kwargs)
-            finally:
-                active[0] = False
-
-        monkeypatch.setattr(step_mod.GeneratorStep, method, run)
+    count_inside(monkeypatch, ("_micro_step", "_optimizer_step", "_report_step", "_side_steps"), active)
     on = {
         "monitor": {"measure_every": 1000},
         "losses": {"adversarial": True, "disc_warmup_steps": 0},

@@ -49,11 +49,10 @@ def count_reads(monkeypatch, active: list[bool]) -> Counter:
     return reads
 
 
-def test_the_generator_step_reads_the_device_once_per_optimizer_step(tmp_path, demo_dir, monkeypatch):
+def count_inside(monkeypatch, methods: tuple[str, ...], active: list[bool]) -> Counter:
+    """Calls of the generator step's ``methods``, each counting reads (``active``) while it runs."""
     calls: Counter = Counter()
-    active = [False]
-    reads = count_reads(monkeypatch, active)
-    for method in ("_micro_step", "_optimizer_step", "_report_step"):
+    for method in methods:
         real = getattr(step_mod.GeneratorStep, method)
 
         def run(self, *args, _real=real, _method=method, **kwargs):
@@ -65,6 +64,13 @@ def test_the_generator_step_reads_the_device_once_per_optimizer_step(tmp_path, d
                 active[0] = False
 
         monkeypatch.setattr(step_mod.GeneratorStep, method, run)
+    return calls
+
+
+def test_the_generator_step_reads_the_device_once_per_optimizer_step(tmp_path, demo_dir, monkeypatch):
+    active = [False]
+    reads = count_reads(monkeypatch, active)
+    calls = count_inside(monkeypatch, ("_micro_step", "_optimizer_step", "_report_step"), active)
     cfg = tiny(tmp_path, demo_dir / "train", SIDE_OFF, max_steps=6)  # accumulation 2: 12 micro-steps
     assert train(cfg, progress=False).global_step == 6
     assert calls["_micro_step"] == 12 and calls["_optimizer_step"] == 6
