@@ -211,13 +211,17 @@ def test_best_model_keeper_keeps_highest_score(tmp_path):
 
     for epoch, acc, loss in ((1, 0.2, 0.9), (2, 0.5, 0.8), (3, 0.4, 0.1), (4, 0.5, 0.05)):
         keeper.update(epoch, epoch * 10, {"demo_accuracy": acc, "loss": loss}, lambda e=epoch: model_file(e))
-    assert keeper.best["epoch"] == 2  # not the lowest loss (4), and ties keep the earlier
-    assert read_model_file(tmp_path / "models" / "best_model.safetensors").epoch == 2
+    assert keeper.best["epoch"] == 4  # not the lowest loss (3) but the best score; a tie: the lower loss
+    assert read_model_file(tmp_path / "models" / "best_model.safetensors").epoch == 4
     data = json.loads((tmp_path / "run" / "best_steps.json").read_text())
     assert [h["score"] for h in data["history"]] == [0.2, 0.5, 0.4, 0.5] and data["metric"] == "demo_accuracy"
     again = BestModelKeeper(tmp_path / "run", tmp_path / "models" / "best_model.safetensors")  # resume
     assert again.best_score == 0.5 and len(again.history) == 4
     assert not again.update(5, 50, {"demo_accuracy": 0.45}, lambda: model_file(5))
+    assert not again.update(
+        6, 60, {"demo_accuracy": 0.5, "loss": 0.05}, lambda: model_file(6)
+    )  # full tie: earlier
+    assert not again.update(7, 70, {"demo_accuracy": 0.5}, lambda: model_file(7))  # no loss to break it
     assert math.isclose(again.best_score, 0.5)
 
 

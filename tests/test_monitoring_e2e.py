@@ -133,7 +133,9 @@ def test_best_checkpoint_has_highest_heldout_accuracy(run):
     assert [h["score"] for h in best["history"]] == [accuracy[1], accuracy[2], accuracy[3]]
     eligible = {h["epoch"]: accuracy[h["epoch"]] for h in best["history"] if not h["vetoed"]}
     top = max(eligible.values())
-    expected = min(e for e, a in eligible.items() if a == top)  # ties keep the earlier checkpoint
+    losses = {h["epoch"]: h["loss"] for h in best["history"]}
+    tied = [e for e, a in eligible.items() if a == top]
+    expected = min(tied, key=lambda e: (losses[e], e))  # a tie: the lower validation loss, then the earlier
     assert best["best"]["epoch"] == expected
     chosen = read_model_file(run / "models" / "best_model.safetensors")
     ckpt = load_checkpoint(run / "checkpoints" / f"epoch_{expected:04d}.pt")
