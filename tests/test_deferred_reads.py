@@ -152,3 +152,19 @@ def test_side_networks_and_fp16_scalers_defer_their_reads_too(tmp_path, demo_dir
         k: v for k, v in reads.items() if k != LEDGER_READ and k not in HOST_DRAWN | MEASURING | SIDE_KNOWN
     }
     assert not others, others
+
+
+def test_an_emergency_save_goes_on_when_the_pending_values_cannot_be_read(tmp_path, demo_dir, monkeypatch):
+    """After some device errors nothing on the device can be read: the emergency checkpoint is written
+    anyway (with the skip counters as last read), and the original error is what the run ends with."""
+    from moas.train.deferred import StepLedger
+
+    def broken(self):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(StepLedger, "read", broken)
+    cfg = tiny(tmp_path, demo_dir / "train", SIDE_OFF, max_steps=6, read_every=100)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        train(cfg, progress=False)
+    saved = sorted((tmp_path / "ckpt").glob("emergency_*.pt"))
+    assert saved and load_checkpoint(saved[0])["global_step"] == 3

@@ -81,6 +81,12 @@ class StepLedger:
     def __len__(self) -> int:
         return len(self.steps)
 
+    def forget(self) -> None:
+        """Drop the pending steps unread (the device cannot be read after some errors)."""
+        self.steps.clear()
+        for net in self.nets:
+            net.pending.clear()
+
     def read(self) -> tuple[list[tuple[PendingStep, bool]], dict[str, list[bool]]]:
         """One host read of every pending value: each step with its report in numbers and the generator's flag,
         and each network's flags (by name, in step order). Clears the ledger and the networks' pending

@@ -325,10 +325,23 @@ class Trainer(GeneratorStep):
     # ----------------------------------------------------------------------------------- files
     def save(self, name: str, kind: str = "checkpoint") -> Path | None:
         """Write ``name`` in the checkpoint folder from the last step boundary (rank 0; collective)."""
-        self._flush_reads()  # the skip counters a checkpoint records are settled first
+        self._settle_before_save(kind)
         with self.clock("checkpoints"):
             args = (self.state, self.parts, self.record, self.policy, self.dist, self.faults)
             return save_at_boundary(name, kind, *args)
+
+    def _settle_before_save(self, kind: str) -> None:
+        """Read the pending steps first (a checkpoint records the skip counters). After an error the device
+        may refuse the read: an emergency checkpoint is written anyway, with the counters as last read."""
+        try:
+            self._flush_reads()
+        except MoasError:
+            raise
+        except Exception as exc:
+            if not kind.startswith("emergency"):
+                raise
+            self.ledger.forget()
+            log.warning("The last steps' values could not be read before the emergency save (%s).", exc)
 
     def _model_file(self):
         return model_file_contents(self.state, self.parts, self.record)
