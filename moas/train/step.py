@@ -154,7 +154,8 @@ class GeneratorStep:
     ) -> tuple[float, dict[str, float]] | None:
         """Apply the accumulated step (``ok``: every micro-batch's loss was finite, on the device) and the
         schedule; (the gradient norm, the last micro-batch's loss terms) as read on the host in the step's
-        one read, or None when the guard skipped the step."""
+        one read, or None when the guard skipped the step. With ``train.read_every`` > 1 the guard decides on
+        the device and both are returned unread (the loss among the terms), for ``_flush_reads``."""
         st, p = self.state, self.parts
         if p.net.deferred:  # decided on the device; the values are read with the next ``_flush_reads``
             norm = p.net.apply(ok)
