@@ -161,9 +161,9 @@ class SRStageTraining:
         read = net.apply_reporting(ok, {"sr/loss": total})  # the step's one host read
         if read is None:
             return {}
-        norm = net.read[0]  # a device tensor when the guard decides on the device (read later)
-        if torch.is_tensor(norm) or math.isfinite(norm):
-            read["sr/grad_norm"] = norm
+        # Finite whenever the step was taken (the guard skips a non-finite norm); a device tensor, read
+        # later, when the guard decides on the device.
+        read["sr/grad_norm"] = net.read[0]
         return read
 
     def _backward(self, batch: dict[str, torch.Tensor], chunks: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -304,11 +304,7 @@ class TrainedNet:
             if self.scaler.is_enabled():
                 self.scaler.update()  # lowers the fp16 loss scale
             self.opt.zero_grad(set_to_none=True)
-            self.skipped += 1
-            self.in_a_row += 1
-            log.warning(
-                "Skipped a %s step (non-finite loss or gradient; %d so far).", self.name, self.skipped
-            )
+            self._count(False)
             return None
         self._optimizer_step()
         self.scaler.update()
@@ -316,7 +312,7 @@ class TrainedNet:
         if self.ema is not None:
             self.ema.update(self.module)
         self.steps += 1
-        self.in_a_row = 0
+        self._count(True)
         return norm
 
     def apply_reporting(
@@ -350,19 +346,20 @@ class TrainedNet:
         self.pending.append(finite)
         self.read = [norm]  # unread: the trainer reads it with the flags
 
-    def settle(self, flags: Sequence[bool]) -> int:
-        """Account for the pending steps' flags as read by the trainer (in order); the number skipped."""
+    def settle(self, flags: Sequence[bool]) -> None:
+        """Account for the pending steps' flags as read by the trainer (in order)."""
         self.pending.clear()
         for ok in flags:
-            if ok:
-                self.in_a_row = 0
-                continue
-            self.skipped += 1
-            self.in_a_row += 1
-            log.warning(
-                "Skipped a %s step (non-finite loss or gradient; %d so far).", self.name, self.skipped
-            )
-        return sum(1 for ok in flags if not ok)
+            self._count(ok)
+
+    def _count(self, ok: bool) -> None:
+        """A step taken (the run of skips ends) or skipped (counted and logged)."""
+        if ok:
+            self.in_a_row = 0
+            return
+        self.skipped += 1
+        self.in_a_row += 1
+        log.warning("Skipped a %s step (non-finite loss or gradient; %d so far).", self.name, self.skipped)
 
     def _optimizer_step(self, skip: torch.Tensor | None = None) -> None:
         """The optimizer's step through the scaler; with ``skip`` (a 0-dim bool on the device) the fused
